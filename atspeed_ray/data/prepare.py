@@ -1,0 +1,176 @@
+"""Turn a release (or the synthetic data set) into a prepared folder that training and eval read.
+
+Layout of ``out_dir``::
+
+    raw/                       the generated release (synthetic data only)
+    tokenizer/                 word-level tokenizer (special tokens, then code tokens by level, code)
+    index.json                 {"item_id": ["<a_1>", ...]}, the release index format
+    {train,valid,test}.parquet user int64, history list<int64>, targets list<int64>,
+                               prompt list<int32> (token ids), target_codes list<int32> (targets[0])
+    summary.json               counts, skipped users, collisions
+
+Item ids everywhere are index keys: split files that are 1-based against a 0-based index (the
+paper's Beauty release) are shifted by the loader, and ``summary["item_id_offset"]`` records it.
+``data="synthetic"`` always means the built-in generator, never a folder of that name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from transformers import PreTrainedTokenizerFast
+
+from atspeed_ray.data.errors import DataError
+from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.data.release import SPLITS, load_release, parse_code, read_index_json, write_release
+from atspeed_ray.data.synthetic import SyntheticConfig, synthesize
+from atspeed_ray.data.tokenizer import PromptFormat, build_tokenizer, codes_to_token_ids
+
+SCHEMA = pa.schema([
+    ("user", pa.int64()),
+    ("history", pa.list_(pa.int64())),
+    ("targets", pa.list_(pa.int64())),
+    ("prompt", pa.list_(pa.int32())),
+    ("target_codes", pa.list_(pa.int32())),
+])
+REQUIRED = ("summary.json", "index.json", "tokenizer", *(f"{s}.parquet" for s in SPLITS))
+
+
+def sorted_code_tokens(item_codes: dict[int, list[str]]) -> list[str]:
+    """All distinct code tokens, sorted by level then code number."""
+    return sorted({c for codes in item_codes.values() for c in codes}, key=parse_code)
+
+
+def prepare(
+    data: str | Path,
+    out_dir: str | Path,
+    history_len: int = 20,
+    synthetic: SyntheticConfig | None = None,
+) -> dict[str, Any]:
+    """Load ``data`` ("synthetic" or a release folder), write the prepared folder, return the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen: dict[str, Any] | None = None
+    if str(data) == "synthetic":
+        syn = synthesize(synthetic or SyntheticConfig())
+        gen = {"config": syn.config.model_dump(), "stats": syn.stats}
+        write_release(out / "raw", syn.item_codes, syn.train, syn.valid, syn.test, "synthetic.json")
+        release = load_release(out / "raw")
+    else:
+        if synthetic is not None:
+            raise ValueError("a synthetic config was given but data is not 'synthetic'")
+        release = load_release(data)
+
+    tok = build_tokenizer(sorted_code_tokens(release.item_codes))
+    tok.save_pretrained(out / "tokenizer")
+    item_tokens = codes_to_token_ids(tok, release.item_codes)  # item -> [L] token ids
+    index = ItemIndex.from_codes(item_tokens)
+    with (out / "index.json").open("w") as f:
+        json.dump({str(i): release.item_codes[i] for i in sorted(release.item_codes)}, f)
+
+    fmt = PromptFormat.from_tokenizer(tok)
+    counts, skipped = {}, {}
+    for split in SPLITS:
+        samples, skipped[split] = release.samples(split, history_len)
+        counts[split] = len(samples)
+        table = pa.table({
+            "user": [s.user for s in samples],
+            "history": [s.history for s in samples],
+            "targets": [s.targets for s in samples],
+            "prompt": [fmt.encode([item_tokens[i] for i in s.history]) for s in samples],
+            "target_codes": [item_tokens[s.targets[0]] for s in samples],
+        }, schema=SCHEMA)
+        pq.write_table(table, out / f"{split}.parquet")
+
+    summary: dict[str, Any] = {
+        "data": str(data),
+        "source": str(release.path),
+        "index_file": release.index_file.name,
+        "users": len(release.users),
+        "items": len(release.item_codes),
+        "L": release.L,
+        "vocab_size": len(tok),
+        "history_len": history_len,
+        "interactions": {s: release.num_interactions(s) for s in SPLITS},
+        "samples": counts,
+        "skipped": skipped,
+        "collision_groups": len(index.collisions),
+        "collisions": index.collisions,
+        "item_id_offset": release.item_id_offset,
+    }
+    if gen is not None:
+        summary["synthetic"] = gen
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@dataclass
+class PreparedData:
+    root: Path
+    index: ItemIndex
+    tokenizer: PreTrainedTokenizerFast
+    prompt_format: PromptFormat
+    item_codes: dict[int, list[str]]
+    summary: dict[str, Any]
+    _tables: dict[str, pa.Table] = field(default_factory=dict, repr=False)
+
+    def table(self, split: str) -> pa.Table:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split not in self._tables:
+            self._tables[split] = pq.read_table(self.root / f"{split}.parquet", schema=SCHEMA)
+        return self._tables[split]
+
+    def _column(self, split: str, name: str, limit: int | None) -> list:
+        t = self.table(split)
+        return (t if limit is None else t.slice(0, limit)).column(name).to_pylist()
+
+    def prompts(self, split: str, limit: int | None = None) -> list[list[int]]:
+        """Prompt token ids of each sample."""
+        return self._column(split, "prompt", limit)
+
+    def targets(self, split: str, limit: int | None = None) -> list[list[int]]:
+        """Target item ids of each sample (one for train/valid, all test items for test)."""
+        return self._column(split, "targets", limit)
+
+    def histories(self, split: str, limit: int | None = None) -> list[list[int]]:
+        """History item ids of each sample, oldest first."""
+        return self._column(split, "history", limit)
+
+    def users(self, split: str, limit: int | None = None) -> list[int]:
+        return self._column(split, "user", limit)
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    """Open a folder written by ``prepare``."""
+    root = Path(path)
+    missing = [name for name in REQUIRED if not (root / name).exists()]
+    if missing:
+        raise DataError(f"not a prepared data folder (missing {', '.join(missing)}); run prepare first", root)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer"))
+    item_codes = read_index_json(root / "index.json")
+    index = ItemIndex.from_codes(codes_to_token_ids(tok, item_codes))
+    summary = json.loads((root / "summary.json").read_text())
+    return PreparedData(root, index, tok, PromptFormat.from_tokenizer(tok), item_codes, summary)
+
+
+def popularity_topk(prepared: PreparedData, k: int) -> list[int]:
+    """The ``k`` most frequent items among train interactions (ties: smaller item id first).
+
+    Every train sequence item counts once: all train targets, plus the first item of each user's
+    sequence (the history of the user's first train sample). Users with a single train item give
+    no train sample and are not counted.
+    """
+    t = prepared.table("train")
+    users = t.column("user").to_pylist()
+    counts = Counter(i for ts in t.column("targets").to_pylist() for i in ts)
+    for row, hist in enumerate(t.column("history").to_pylist()):
+        if row == 0 or users[row] != users[row - 1]:
+            counts[hist[0]] += 1
+    return [i for i, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:k]]

@@ -1,0 +1,212 @@
+"""Trie-constrained beam search, batched over requests, on a tree-structured KV cache.
+
+Scores follow HF's constrained beam search (and the AtSpeed reference code): log-softmax over the
+full vocabulary, disallowed tokens removed, no renormalisation over the allowed set; a beam's
+score is the sum of its tokens' log-probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.tree import Nodes, TreeCache, left_pad, tree_forward
+
+
+@dataclass
+class DecodeResult:
+    items: list[list[int]]  # per request, K item ids, best first (-1 if fewer than K exist)
+    sequences: Tensor  # [B, K, L] code tokens
+    scores: Tensor  # [B, K] cumulative log-probabilities
+    stats: dict[str, list[int]] = field(default_factory=dict)  # per request counters
+
+
+def log_probs(logits: Tensor) -> Tensor:
+    """Log-softmax in at least fp32 (bf16/fp16 logits are upcast; fp64 stays fp64)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def take(x: Tensor, idx: Tensor) -> Tensor:
+    """Gather rows along dim 1: x [B, M, ...], idx [B, W] -> [B, W, ...]."""
+    view = idx.reshape(idx.shape + (1,) * (x.dim() - 2)).expand(idx.shape + x.shape[2:])
+    return x.gather(1, view)
+
+
+@dataclass
+class Candidates:
+    """All one-token extensions of M beams under the trie, in a padded column space."""
+
+    scores: Tensor  # [B, M * C] cumulative scores, -inf where the trie forbids the extension
+    child: Tensor  # [B, M * C] trie node of each extension (-1 = forbidden)
+    tokens: Tensor  # [B, C] token id of each column at this depth
+    num_columns: int
+
+
+def expand(logp: Tensor, scores: Tensor, node: Tensor, depth: Tensor, index: ItemIndex) -> Candidates:
+    """logp [B, M, V], beam scores [B, M], trie nodes [B, M], depth [B] -> candidates."""
+    B, M, _ = logp.shape
+    tokens = index.column_tokens(depth)  # [B, C]
+    C = tokens.shape[1]
+    child = index.child_table(node)  # [B, M, C]
+    cand = scores[..., None] + logp.gather(2, tokens[:, None, :].expand(B, M, C))
+    cand = cand.masked_fill(child < 0, float("-inf"))
+    return Candidates(cand.reshape(B, M * C), child.reshape(B, M * C), tokens, C)
+
+
+@dataclass
+class Step:
+    """W chosen extensions."""
+
+    parent: Tensor  # [B, W] index of the parent beam
+    token: Tensor  # [B, W]
+    score: Tensor  # [B, W] cumulative
+    node: Tensor  # [B, W] trie node (-1 = dead)
+    flat: Tensor  # [B, W] index into the candidates' flat space
+
+
+def choose(cands: Candidates, key: Tensor, width: int) -> Step:
+    """Take the ``width`` candidates with the largest ``key`` [B, M * C] (ties: lowest index)."""
+    B, F = key.shape
+    if F < width:  # fewer candidates than beams: pad with impossible ones
+        pad = key.new_full((B, width - F), float("-inf"))
+        key = torch.cat([key, pad], 1)
+    flat = key.topk(width, dim=1).indices  # [B, W], sorted by key
+    ok = flat < F
+    flat_c = flat.clamp(max=F - 1)
+    C = cands.num_columns
+    score = torch.where(ok, cands.scores.gather(1, flat_c), float("-inf"))
+    node = torch.where(ok, cands.child.gather(1, flat_c), -1)
+    token = cands.tokens.gather(1, flat_c % C)
+    return Step(flat_c // C, token, score, node, flat_c)
+
+
+def score_dtype(model: torch.nn.Module) -> torch.dtype:
+    """Beam scores are kept in fp64 for fp64 models, else fp32 (what ``log_probs`` returns)."""
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def gumbel_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    neg_log_u = (-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20)  # Exp(1) draws
+    return -torch.log(neg_log_u)
+
+
+def beam_step(cands: Candidates, width: int, sample: bool = False,
+              generator: torch.Generator | None = None) -> Step:
+    """Top-``width`` extensions; with ``sample``, ``width`` draws without replacement from the
+    softmax over cumulative sequence scores (Gumbel top-k)."""
+    key = cands.scores + gumbel_like(cands.scores, generator) if sample else cands.scores
+    return choose(cands, key, width)
+
+
+@dataclass
+class Beams:
+    """M beams per request and where their tokens sit in each model's tree cache."""
+
+    tokens: Tensor  # [B, M, L] code tokens (0 beyond the beam's depth)
+    scores: Tensor  # [B, M] cumulative target log-probs (-inf = dead beam)
+    node: Tensor  # [B, M] trie node
+    slots: dict[str, Tensor]  # cache name -> [B, M, L] slot of the token at each depth (-1 = not cached)
+
+    def take(self, idx: Tensor) -> "Beams":
+        return Beams(take(self.tokens, idx), take(self.scores, idx), take(self.node, idx),
+                     {k: take(v, idx) for k, v in self.slots.items()})
+
+    def select_rows(self, rows: Tensor) -> "Beams":
+        return Beams(self.tokens[rows], self.scores[rows], self.node[rows],
+                     {k: v[rows] for k, v in self.slots.items()})
+
+    def extend(self, step: Step, depth: Tensor) -> "Beams":
+        """The beams of ``step`` (children of self), their new token written at ``depth`` [B]."""
+        child = self.take(step.parent)
+        at = depth[:, None, None].expand(-1, step.token.shape[1], 1)
+        tokens = child.tokens.scatter(2, at, step.token[..., None])
+        slots = {k: v.scatter(2, at, -1) for k, v in child.slots.items()}
+        return Beams(tokens, step.score, step.node, slots)
+
+    def with_slots(self, name: str, depth: Tensor, slot: Tensor) -> "Beams":
+        """Record that the token at ``depth`` [B] of each beam now sits in cache slot ``slot`` [B, M]."""
+        at = depth[:, None, None].expand(-1, slot.shape[1], 1)
+        slots = dict(self.slots)
+        slots[name] = slots[name].scatter(2, at, slot[..., None])
+        return replace(self, slots=slots)
+
+
+def root_beams(B: int, K: int, L: int, names: list[str], device: torch.device,
+               dtype: torch.dtype) -> Beams:
+    """K beams per request at depth 0: beam 0 live with score 0, the others dead (as HF does)."""
+    scores = torch.full((B, K), float("-inf"), dtype=dtype, device=device)
+    scores[:, 0] = 0.0
+    node = torch.zeros(B, K, dtype=torch.long, device=device)
+    empty = torch.full((B, K, L), -1, dtype=torch.long, device=device)
+    return Beams(torch.zeros(B, K, L, dtype=torch.long, device=device), scores, node,
+                 {n: empty.clone() for n in names})
+
+
+def step_nodes(beams: Beams, depth: Tensor, name: str) -> Nodes:
+    """Nodes feeding each beam's token at ``depth`` [B] (its other tokens are cached)."""
+    B, M, L = beams.tokens.shape
+    tok = beams.tokens.gather(2, depth[:, None, None].expand(B, M, 1)).squeeze(-1)
+    return Nodes(tok, depth[:, None].expand(B, M), torch.full_like(tok, -1), beams.slots[name],
+                 torch.isfinite(beams.scores))
+
+
+def pad_id_of(model: torch.nn.Module) -> int:
+    pad = getattr(model.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def empty_nodes(B: int, device: torch.device) -> Nodes:
+    z = torch.zeros(B, 0, dtype=torch.long, device=device)
+    return Nodes(z, z, z, z[..., None], z.bool())
+
+
+def prefill(model: torch.nn.Module, prompts: list[list[int]], extra: Nodes | None = None
+            ) -> tuple[Tensor, TreeCache, Tensor, Tensor]:
+    """Feed the prompts (plus optional tree nodes) in one forward.
+
+    Returns (last-prompt-token logits [B, V], cache, node logits [B, T, V], node slots [B, T]).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    device = next(model.parameters()).device
+    tokens, valid = left_pad(prompts, pad_id_of(model), device)
+    nodes = extra if extra is not None else empty_nodes(len(prompts), device)
+    logits, cache, slots = tree_forward(model, None, nodes, prompt=(tokens, valid))
+    P = tokens.shape[1]
+    return logits[:, P - 1], cache, logits[:, P:], slots
+
+
+def finish(beams: Beams, index: ItemIndex, stats: dict[str, list[int]] | None = None) -> DecodeResult:
+    items = index.items_of(beams.tokens)  # [B, K]
+    items = torch.where(torch.isfinite(beams.scores), items, -1)
+    return DecodeResult(items.tolist(), beams.tokens, beams.scores, stats or {})
+
+
+@torch.no_grad()
+def beam_search(model: torch.nn.Module, prompts: list[list[int]], index: ItemIndex, k: int) -> DecodeResult:
+    """Top-``k`` items per prompt by trie-constrained beam search: L forwards of ``model``."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = next(model.parameters()).device
+    index = index.to(device)
+    B, L = len(prompts), index.L
+    last_logits, cache, _, _ = prefill(model, prompts)
+    logp = log_probs(last_logits)[:, None, :]  # [B, 1, V] one live root per request
+    beams = root_beams(B, 1, L, ["target"], device, score_dtype(model))
+    for d in range(L):
+        depth = torch.full((B,), d, dtype=torch.long, device=device)
+        step = beam_step(expand(logp, beams.scores, beams.node, depth, index), k)
+        beams = beams.extend(step, depth)
+        if d == L - 1:
+            break
+        logits, cache, slots = tree_forward(model, cache, step_nodes(beams, depth, "target"))
+        beams = beams.with_slots("target", depth, slots)
+        logp = log_probs(logits)  # [B, K, V]
+    calls = [L] * B
+    return finish(beams, index, {"target_calls": calls})

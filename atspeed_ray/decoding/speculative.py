@@ -1,0 +1,344 @@
+"""Speculative beam search (AtSpeed): N-to-K drafting, one tree-attention verification per round.
+
+One round, for every active request at once (each accepts and rejects on its own):
+
+1. **Draft** (``g`` forwards of the draft): starting from the K current beams, a width-N beam
+   search (strict: top N; relaxed: N samples without replacement from the softmax over
+   cumulative scores) for ``g = min(gamma, L - 1 - t)`` steps. Every step's beams and parent
+   pointers are kept.
+2. **Verify** (one forward of the target): the current beams' uncached last tokens and all
+   drafted tokens of all steps are packed after the cached prefix (on the first round: after the
+   prompt) as a tree; tree attention gives the target's distribution after every drafted beam.
+3. **Accept** step by step: strict mode accepts step j when the target's own top-K at step j are
+   all among the drafted beams; relaxed mode accepts each drafted beam with probability
+   min(1, p/q) and needs K of them. At the first rejection the target's own choice at that step is
+   taken (strict: its top-K; relaxed: the accepted ones plus draws from norm(max(p - q, 0))).
+   If all drafted steps pass, the target's distribution after the last one gives a bonus step.
+4. Both caches drop rejected branches; finished requests leave the batch.
+
+Strict mode returns exactly the target's beam search (same items, order and scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.beam import (
+    Beams, Candidates, DecodeResult, Step, beam_step, choose, expand, gumbel_like, log_probs,
+    prefill, root_beams, score_dtype, step_nodes, take,
+)
+from atspeed_ray.decoding.tree import Nodes, TreeCache, tree_forward
+
+Mode = Literal["strict", "relaxed"]
+
+
+@dataclass
+class DraftStep:
+    """The N beams the draft proposes at one step."""
+
+    beams: Beams  # [B, N] beams (scores: target prefix score + draft log-probs)
+    parent: Tensor  # [B, N] index of the parent among the previous step's beams
+    valid: Tensor  # [B, N] bool: a real proposal the target may accept
+    q: Tensor | None  # relaxed: [B, M_prev * C] draft sampling distribution over extensions
+    q_sel: Tensor | None  # relaxed: [B, N] draft probability of each proposal
+
+
+def pending_nodes(beams: Beams, t: Tensor, name: str) -> tuple[Nodes, Tensor, Tensor]:
+    """Nodes for each beam's tokens not yet in cache ``name`` (a suffix of its path).
+
+    Returns (nodes [B, M * P], index of each beam's last pending node [B, M], depth [B, M, P]).
+    """
+    B, M, L = beams.tokens.shape
+    slots = beams.slots[name]
+    at = torch.arange(L, device=t.device)
+    n_pend = ((slots < 0) & (at < t[:, None, None])).sum(-1)  # [B, M]
+    P = max(int(n_pend.max()), 1)
+    p = torch.arange(P, device=t.device)
+    depth = (t[:, None, None] - P + p).expand(B, M, P)  # right-aligned: last one at t - 1
+    live = torch.isfinite(beams.scores)[..., None]
+    valid = (depth >= (t[:, None] - n_pend)[..., None]) & (depth >= 0) & live
+    tokens = beams.tokens.gather(2, depth.clamp(min=0))
+    own = torch.arange(M * P, device=t.device).view(1, M, P)
+    parent = torch.where((p > 0) & valid.roll(1, dims=2), own - 1, -1).expand(B, M, P)
+    cached = slots[:, :, None, :].expand(B, M, P, L)
+    nodes = Nodes(tokens.reshape(B, M * P), depth.reshape(B, M * P), parent.reshape(B, M * P),
+                  cached.reshape(B, M * P, L), valid.reshape(B, M * P))
+    last = (own[..., -1]).expand(B, M)
+    return nodes, last, depth
+
+
+def record_pending(beams: Beams, name: str, nodes: Nodes, depth: Tensor, slots: Tensor) -> Beams:
+    """Write the cache slots of fed pending nodes into ``beams.slots[name]``."""
+    B, M, P = depth.shape
+    old = beams.slots[name]
+    d = depth.clamp(min=0)
+    new = torch.where(nodes.valid.view(B, M, P), slots.view(B, M, P), old.gather(2, d))
+    out = dict(beams.slots)
+    out[name] = old.scatter(2, d, new)
+    return replace(beams, slots=out)
+
+
+def where_rows(mask: Tensor, a: Beams, b: Beams) -> Beams:
+    """Per request: ``a`` where ``mask`` [B] else ``b``."""
+    def pick(x: Tensor, y: Tensor) -> Tensor:
+        return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x, y)
+    return Beams(pick(a.tokens, b.tokens), pick(a.scores, b.scores), pick(a.node, b.node),
+                 {k: pick(a.slots[k], b.slots[k]) for k in a.slots})
+
+
+def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, t: Tensor,
+                g: Tensor, G: int, prompts: list[list[int]], index: ItemIndex, N: int,
+                sample: bool, generator: torch.Generator | None
+                ) -> tuple[list[DraftStep], Beams, TreeCache]:
+    """G draft forwards: width-N beam search (or sampling) from the K current beams."""
+    B, K = beams.scores.shape
+    if dcache is None:  # first round: the prompt goes in with the first draft forward
+        last_logits, dcache, _, _ = prefill(draft, prompts)
+        logp = log_probs(last_logits)[:, None, :].expand(B, K, -1)
+    else:
+        nodes, last, depth = pending_nodes(beams, t, "draft")
+        logits, dcache, slots = tree_forward(draft, dcache, nodes, max_chain=depth.shape[2])
+        beams = record_pending(beams, "draft", nodes, depth, slots)
+        logp = log_probs(take(logits, last))
+    steps: list[DraftStep] = []
+    parents = beams
+    L = index.L
+    for j in range(1, G + 1):
+        depth = (t + j - 1).clamp(max=L - 1)  # requests with g < j draft nothing valid here
+        cands = expand(logp, parents.scores, parents.node, depth, index)
+        step = beam_step(cands, N, sample=sample, generator=generator)
+        child = parents.extend(step, depth)
+        q = q_sel = None
+        if sample:
+            q = torch.softmax(cands.scores, dim=1)
+            q_sel = q.gather(1, step.flat)
+        valid = torch.isfinite(step.score) & (j <= g)[:, None]
+        if j < G:
+            logits, dcache, slots = tree_forward(draft, dcache, step_nodes(child, depth, "draft"))
+            child = child.with_slots("draft", depth, slots)
+            logp = log_probs(logits)
+        steps.append(DraftStep(child, step.parent, valid, q, q_sel))
+        parents = child
+    return steps, beams, dcache
+
+
+def verify_phase(target: torch.nn.Module, tcache: TreeCache | None, beams: Beams, t: Tensor,
+                 steps: list[DraftStep], prompts: list[list[int]]
+                 ) -> tuple[Tensor, list[Tensor], Beams, list[DraftStep], TreeCache]:
+    """ONE target forward over [prompt | pending beam tokens] + all drafted tokens (a tree).
+
+    Returns (target log-probs after the current beams [B, K, V], after each step's drafted beams
+    [B, N, V] per step, beams and steps with target cache slots filled in, the cache).
+    """
+    B, K = beams.scores.shape
+    parts: list[Nodes] = []
+    if tcache is None:
+        last, depth, offset = None, None, 0
+    else:
+        pend, last, depth = pending_nodes(beams, t, "target")
+        parts.append(pend)
+        offset = pend.tokens.shape[1]
+    starts = []
+    L = beams.tokens.shape[2]
+    for j, s in enumerate(steps, start=1):
+        d = (t + j - 1).clamp(max=L - 1)
+        tok = s.beams.tokens.gather(2, d[:, None, None].expand(B, s.parent.shape[1], 1)).squeeze(-1)
+        if j == 1:
+            parent = last.gather(1, s.parent) if last is not None else torch.full_like(tok, -1)
+        else:
+            parent = starts[-1] + s.parent
+        starts.append(offset)
+        parts.append(Nodes(tok, d[:, None].expand_as(tok), parent, s.beams.slots["target"], s.valid))
+        offset += tok.shape[1]
+    nodes = Nodes(*(torch.cat([getattr(p, f) for p in parts], 1)
+                    for f in ("tokens", "depth", "parent", "cached", "valid")))
+    max_chain = len(steps) + (depth.shape[2] if depth is not None else 0)
+    if tcache is None:
+        root_logits, tcache, node_logits, slots = prefill(target, prompts, nodes)
+        root_logp = log_probs(root_logits)[:, None, :].expand(B, K, -1)
+    else:
+        node_logits, tcache, slots = tree_forward(target, tcache, nodes, max_chain=max_chain)
+        n_pend = parts[0].tokens.shape[1]
+        beams = record_pending(beams, "target", parts[0], depth, slots[:, :n_pend])
+        root_logp = log_probs(take(node_logits, last))
+    step_logp = []
+    parents = beams
+    new_steps = []
+    for j, (s, start) in enumerate(zip(steps, starts), start=1):
+        n = s.parent.shape[1]
+        step_logp.append(log_probs(node_logits[:, start:start + n]))
+        # target slots along the drafted path: parent's, plus this node's own
+        own = slots[:, start:start + n]
+        tslots = take(parents.slots["target"], s.parent)
+        d = (t + j - 1).clamp(max=L - 1)[:, None, None].expand(B, n, 1)
+        tslots = tslots.scatter(2, d, torch.where(s.valid, own, -1)[..., None])
+        child = replace(s.beams, slots={**s.beams.slots, "target": tslots})
+        new_steps.append(replace(s, beams=child))
+        parents = child
+    return root_logp, step_logp, beams, new_steps, tcache
+
+
+def drafted_flat(step: DraftStep, cur_idx: Tensor, n_prev: int, depth: Tensor,
+                 index: ItemIndex, C: int) -> Tensor:
+    """Index of every drafted beam in the target's candidate space [B, K * C] (-1 if its parent
+    is not among the target's current beams, or it is not a valid proposal)."""
+    B, K = cur_idx.shape
+    inv = torch.full((B, n_prev), -1, dtype=torch.long, device=cur_idx.device)
+    inv.scatter_(1, cur_idx, torch.arange(K, device=cur_idx.device).expand(B, K))
+    pos = inv.gather(1, step.parent)  # [B, N]
+    tok = step.beams.tokens.gather(2, depth[:, None, None].expand(B, pos.shape[1], 1)).squeeze(-1)
+    col = index.columns_of(tok, depth[:, None].expand_as(tok))
+    ok = (pos >= 0) & (col >= 0) & step.valid
+    return torch.where(ok, pos * C + col, -1)
+
+
+def accept_strict(cands: Candidates, d_flat: Tensor, K: int) -> tuple[Step, Tensor, Tensor]:
+    """Target's top-K; whether all are drafted [B]; which drafted beam each one is [B, K]."""
+    step = beam_step(cands, K)
+    match = step.flat[:, :, None] == d_flat[:, None, :]  # [B, K, N]
+    found = match.any(-1) | ~torch.isfinite(step.score)
+    return step, found.all(-1), match.int().argmax(-1)
+
+
+def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: Tensor, K: int,
+                   drafted: Tensor, generator: torch.Generator | None) -> tuple[Step, Tensor, Tensor]:
+    """Accept drafted beam y with probability min(1, p(y)/q(y)).
+
+    ``drafted`` [B] is False for requests with nothing drafted at this step: they sample from p.
+    Returns (the step taken if this is where the round stops: the accepted beams plus draws from
+    norm(max(p - q, 0)); whether >= K were accepted [B]; K accepted drafted beams [B, K])."""
+    B, F = cands.scores.shape
+    C = cands.num_columns
+    p = torch.softmax(cands.scores, dim=1)  # [B, K * C] target's beam-sampling distribution
+    n_prev = step.q.shape[1] // C
+    q = take(step.q.view(B, n_prev, C), cur_idx).reshape(B, F)  # draft's, in target space
+    q = q * drafted[:, None]
+    p_y = torch.where(d_flat >= 0, p.gather(1, d_flat.clamp(min=0)), 0.0)
+    u = torch.rand(p_y.shape, generator=generator, device=p_y.device, dtype=p_y.dtype)
+    accepted = (d_flat >= 0) & (u * step.q_sel < p_y)  # [B, N]
+    enough = accepted.sum(1) >= K
+    pick = torch.rand(p_y.shape, generator=generator, device=p_y.device, dtype=p_y.dtype)
+    chosen = torch.where(accepted, pick, -1.0).topk(K, dim=1).indices  # K random accepted ones
+    # where the round stops: keep every accepted beam, fill up from the residual distribution
+    is_acc = torch.zeros(B, F + 1, dtype=torch.bool, device=p.device)
+    is_acc.scatter_(1, torch.where(accepted, d_flat, F), True)
+    is_acc = is_acc[:, :F]
+    resid = (p - q).clamp(min=0).masked_fill(is_acc, 0.0)
+    empty = resid.sum(1, keepdim=True) <= 0
+    resid = torch.where(empty, p.masked_fill(is_acc, 0.0), resid)
+    key = torch.log(resid) + gumbel_like(resid, generator)
+    key = key.masked_fill(is_acc, float("inf"))
+    return choose(cands, key, K), enough, chosen
+
+
+@torch.no_grad()
+def speculative_beam_search(
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    prompts: list[list[int]],
+    index: ItemIndex,
+    k: int,
+    draft_beams: int | None = None,
+    gamma: int = 3,
+    mode: Mode = "strict",
+    generator: torch.Generator | None = None,
+) -> DecodeResult:
+    """Top-``k`` items per prompt by speculative beam search (see the module docstring).
+
+    ``stats`` holds per-request lists: target_calls, draft_calls, rounds, accepted_steps.
+    """
+    N = k if draft_beams is None else draft_beams
+    if k < 1 or N < k:
+        raise ValueError(f"need 1 <= k <= draft_beams, got k={k}, draft_beams={N}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if mode not in ("strict", "relaxed"):
+        raise ValueError(f"mode must be 'strict' or 'relaxed', got {mode!r}")
+    sample = mode == "relaxed"
+    device = next(target.parameters()).device
+    index = index.to(device)
+    B, L, K, C = len(prompts), index.L, k, index.num_columns
+    beams = root_beams(B, K, L, ["target", "draft"], device, score_dtype(target))
+    t = torch.zeros(B, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # original request of each active row
+    out_tokens = torch.zeros(B, K, L, dtype=torch.long, device=device)
+    out_scores = torch.full((B, K), float("-inf"), dtype=torch.float64, device=device)
+    stats = {n: torch.zeros(B, dtype=torch.long, device=device)
+             for n in ("target_calls", "draft_calls", "rounds", "accepted_steps")}
+    tcache = dcache = None
+    active_prompts = prompts
+    while rows.numel() > 0:
+        g = (L - 1 - t).clamp(max=gamma)  # drafted steps usable per request
+        G = int(g.max())
+        steps: list[DraftStep] = []
+        if G > 0:
+            steps, beams, dcache = draft_phase(draft, dcache, beams, t, g, G, active_prompts,
+                                               index, N, sample, generator)
+        root_logp, step_logp, beams, steps, tcache = verify_phase(
+            target, tcache, beams, t, steps, active_prompts)
+        # ---- accept, step by step
+        cur, cur_logp = beams, root_logp
+        cur_idx = torch.arange(K, device=device).expand(len(rows), K)
+        n_prev = K
+        acc = torch.zeros_like(t)
+        stopped = torch.zeros_like(t, dtype=torch.bool)
+        final = beams
+        for j in range(1, G + 2):
+            depth = (t + j - 1).clamp(max=L - 1)
+            cands = expand(cur_logp, cur.scores, cur.node, depth, index)
+            if j <= G:
+                s = steps[j - 1]
+                d_flat = drafted_flat(s, cur_idx, n_prev, depth, index, C)
+                if sample:
+                    stop_step, ok, nxt = accept_relaxed(cands, d_flat, s, cur_idx, K, j <= g,
+                                                            generator)
+                else:
+                    stop_step, ok, nxt = accept_strict(cands, d_flat, K)
+                ok = ok & (j <= g)
+            else:  # bonus step (or the last step of a request with nothing drafted)
+                stop_step = beam_step(cands, K, sample=sample, generator=generator)
+                ok = torch.zeros_like(stopped)
+            stop = ~stopped & ~ok
+            final = where_rows(stop, cur.extend(stop_step, depth), final)
+            acc += (~stopped & ok).long()
+            stopped |= stop
+            if j > G or bool(stopped.all()):
+                break
+            # continue from the accepted drafted beams, with the target's scores
+            nxt_flat = d_flat.gather(1, nxt)
+            cur = replace(s.beams.take(nxt), scores=cands.scores.gather(1, nxt_flat.clamp(min=0)))
+            cur_logp = take(step_logp[j - 1], nxt)
+            cur_idx, n_prev = nxt, s.parent.shape[1]
+        beams = final
+        t = t + acc + 1
+        stats["rounds"][rows] += 1
+        stats["target_calls"][rows] += 1
+        stats["draft_calls"][rows] += torch.where(g > 0, G, 0)
+        stats["accepted_steps"][rows] += acc
+        # ---- drop rejected branches from both caches, retire finished requests
+        beams.slots["target"] = tcache.compact(beams.slots["target"])
+        if dcache is not None:
+            beams.slots["draft"] = dcache.compact(beams.slots["draft"])
+        done = t >= L
+        if bool(done.any()):
+            out_tokens[rows[done]] = beams.tokens[done]
+            out_scores[rows[done]] = beams.scores[done].to(out_scores.dtype)
+            keep = (~done).nonzero().flatten()
+            beams, t, rows = beams.select_rows(keep), t[keep], rows[keep]
+            tcache = tcache.select_rows(keep)
+            if dcache is not None:
+                dcache = dcache.select_rows(keep)
+            if active_prompts is not None:
+                active_prompts = [active_prompts[i] for i in keep.tolist()]
+    if sample:  # best first by the target's score
+        order = out_scores.argsort(dim=1, descending=True, stable=True)
+        out_scores = out_scores.gather(1, order)
+        out_tokens = take(out_tokens, order)
+    items = torch.where(torch.isfinite(out_scores), index.items_of(out_tokens), -1)
+    return DecodeResult(items.tolist(), out_tokens, out_scores,
+                        {n: v.tolist() for n, v in stats.items()})

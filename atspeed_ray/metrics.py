@@ -1,0 +1,66 @@
+"""Top-K metrics against a target *set* per user, as in the LC-Rec / AtSpeed evaluation.
+
+For one user with ranked list r and target set T (|T| >= 1):
+
+* Recall@K = |r[:K] ∩ T| / |T|
+* NDCG@K   = DCG / IDCG, DCG = sum over hits at 0-based rank j < K of 1 / log2(j + 2),
+             IDCG = the DCG of min(|T|, K) hits at ranks 0, 1, ...
+
+Both are averaged over users. An item repeated in r counts once (at its first rank), so that a
+ranking with duplicates (e.g. after mapping colliding items to one representative) cannot score
+more than one hit per target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def _hit_ranks(ranked: Sequence[int], targets: Sequence[int], k: int) -> list[int]:
+    """0-based ranks < k at which a not-yet-hit target appears."""
+    todo, hits = set(targets), []
+    for j, item in enumerate(ranked[:k]):
+        if item in todo:
+            todo.discard(item)
+            hits.append(j)
+    return hits
+
+
+def _check(ranked: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], k: int) -> None:
+    if len(ranked) != len(targets):
+        raise ValueError(f"{len(ranked)} rankings but {len(targets)} target lists")
+    if not ranked:
+        raise ValueError("no users to evaluate")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if any(len(t) == 0 for t in targets):
+        raise ValueError("every user needs at least one target item")
+
+
+def recall_at_k(ranked: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], k: int) -> float:
+    """Mean over users of |top-k ∩ targets| / |targets|."""
+    _check(ranked, targets, k)
+    return sum(len(_hit_ranks(r, t, k)) / len(set(t)) for r, t in zip(ranked, targets)) / len(ranked)
+
+
+def ndcg_at_k(ranked: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], k: int) -> float:
+    """Mean over users of DCG@k / IDCG@k with binary relevance."""
+    _check(ranked, targets, k)
+    total = 0.0
+    for r, t in zip(ranked, targets):
+        dcg = sum(1.0 / math.log2(j + 2) for j in _hit_ranks(r, t, k))
+        idcg = sum(1.0 / math.log2(j + 2) for j in range(min(len(set(t)), k)))
+        total += dcg / idcg
+    return total / len(ranked)
+
+
+def evaluate_rankings(
+    ranked: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], ks: Sequence[int] = (5, 10, 20)
+) -> dict[str, float]:
+    """``{"recall@5": ..., "ndcg@5": ..., ...}`` for each k in ``ks``."""
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = recall_at_k(ranked, targets, k)
+        out[f"ndcg@{k}"] = ndcg_at_k(ranked, targets, k)
+    return out

@@ -1,0 +1,123 @@
+"""Model presets, device/dtype selection, and HF checkpoint save/load.
+
+A preset names a (target, draft) pair of Llama sizes. ``train-target --preset P`` builds the
+target of P, ``align --preset P`` builds the draft of P. Any local HF causal-LM directory loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class LlamaSize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None  # default: 4 * hidden (rounded Llama style is not needed)
+    max_position_embeddings: int = 512
+
+
+class Preset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    target: LlamaSize
+    draft: LlamaSize
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        # seconds to train; for tests and external checks
+        Preset(name="tiny", target=LlamaSize(hidden_size=64, num_layers=2, num_heads=4),
+               draft=LlamaSize(hidden_size=32, num_layers=1, num_heads=2)),
+        # the CPU presets used for demos and the Beauty benchmarks on a 2-core machine
+        Preset(name="cpu", target=LlamaSize(hidden_size=256, num_layers=4, num_heads=8),
+               draft=LlamaSize(hidden_size=64, num_layers=2, num_heads=4)),
+        # a GPU cluster: ~100M target, ~7M draft (the paper used LLaMA-7B / LLaMA-68M)
+        Preset(name="gpu", target=LlamaSize(hidden_size=768, num_layers=12, num_heads=12),
+               draft=LlamaSize(hidden_size=256, num_layers=2, num_heads=4)),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+class DeviceConfig(BaseModel):
+    """Where models run. ``auto`` means CUDA + bf16 when a GPU is present, else CPU + fp32."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            dev = self.torch_device()
+            return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return getattr(torch, self.dtype)
+
+
+def build_llama(size: LlamaSize, vocab_size: int, pad_token_id: int | None = None,
+                seed: int | None = None) -> LlamaForCausalLM:
+    """A randomly initialised Llama causal LM of the given size."""
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_kv_heads or size.num_heads,
+        intermediate_size=size.intermediate_size or 4 * size.hidden_size,
+        max_position_embeddings=size.max_position_embeddings,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=True,
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.eval()
+    return model
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """HF checkpoint: config + safetensors weights + tokenizer files in one directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_model(path: str | Path, device: DeviceConfig | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load any local HF causal LM directory (weights + tokenizer), in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+    device = device or DeviceConfig()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=device.torch_dtype())
+    model.to(device.torch_device()).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -1,0 +1,47 @@
+"""Shared fixtures for decoding tests: random catalogs and seeded random tiny Llamas."""
+
+from __future__ import annotations
+
+import torch
+
+from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.models import LlamaSize, build_llama
+
+N_SPECIAL = 5  # pad, bos, eos, unk, sep (as in atspeed_ray.data.tokenizer)
+
+
+def random_catalog(num_items: int, codebook: list[int], seed: int) -> ItemIndex:
+    """Items with distinct random code tuples; level d uses token ids after level d-1's."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = [N_SPECIAL]
+    for c in codebook[:-1]:
+        offsets.append(offsets[-1] + c)
+    seen: dict[tuple[int, ...], int] = {}
+    while len(seen) < num_items:
+        t = tuple(int(torch.randint(c, (1,), generator=g)) + o for c, o in zip(codebook, offsets))
+        seen.setdefault(t, len(seen))
+    return ItemIndex.from_codes({i: list(t) for t, i in seen.items()})
+
+
+def vocab_size(codebook: list[int]) -> int:
+    return N_SPECIAL + sum(codebook)
+
+
+def random_model(vocab: int, seed: int, hidden: int = 32, layers: int = 2, heads: int = 4,
+                 dtype: torch.dtype = torch.float64, scale: float = 4.0) -> torch.nn.Module:
+    """A random Llama whose logits are spread enough that beams differ (no near-ties in fp64)."""
+    model = build_llama(LlamaSize(hidden_size=hidden, num_layers=layers, num_heads=heads), vocab,
+                        pad_token_id=0, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale) if not model.config.tie_word_embeddings else \
+            model.model.embed_tokens.weight.mul_(scale)
+    return model.to(dtype).eval()
+
+
+def random_prompts(n: int, vocab: int, seed: int, min_len: int = 3, max_len: int = 12) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        out.append(torch.randint(1, vocab, (length,), generator=g).tolist())
+    return out
