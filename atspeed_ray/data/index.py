@@ -13,7 +13,8 @@ leaves (depth L, one per distinct code tuple). Every depth d has a padded column
 This is what makes trie masks vectorised: the allowed next tokens of M beams are one gather,
 ``children[node] >= 0`` ([M, C]), with no Python loop over beams.
 
-Collisions (several items sharing one code tuple; the Beauty index has 9 pairs): a generative
+Collisions (several items sharing one code tuple; the Beauty index has 9 groups,
+21 items: 7 pairs, a triple and a quadruple): a generative
 recommender cannot tell such items apart, since it only ever emits the code tuple. The trie keeps
 one leaf per tuple and decoding returns the group's *representative*, the smallest item id.
 ``ItemIndex.collisions`` lists the groups and ``canonical()`` maps any item to its representative,

@@ -68,7 +68,7 @@ def pending_nodes(beams: Beams, t: Tensor, name: str) -> tuple[Nodes, Tensor, Te
     cached = slots[:, :, None, :].expand(B, M, P, L)
     nodes = Nodes(tokens.reshape(B, M * P), depth.reshape(B, M * P), parent.reshape(B, M * P),
                   cached.reshape(B, M * P, L), valid.reshape(B, M * P))
-    last = (own[..., -1]).expand(B, M)
+    last = torch.where((n_pend > 0), own[..., -1], -1)  # [B, M]; -1: the prompt is the front
     return nodes, last, depth
 
 
@@ -83,6 +83,11 @@ def record_pending(beams: Beams, name: str, nodes: Nodes, depth: Tensor, slots: 
     return replace(beams, slots=out)
 
 
+def forget_slots(beams: Beams) -> Beams:
+    """The same beams with nothing cached anywhere (for a stateless forward)."""
+    return replace(beams, slots={k: torch.full_like(v, -1) for k, v in beams.slots.items()})
+
+
 def where_rows(mask: Tensor, a: Beams, b: Beams) -> Beams:
     """Per request: ``a`` where ``mask`` [B] else ``b``."""
     def pick(x: Tensor, y: Tensor) -> Tensor:
@@ -91,20 +96,43 @@ def where_rows(mask: Tensor, a: Beams, b: Beams) -> Beams:
                  {k: pick(a.slots[k], b.slots[k]) for k in a.slots})
 
 
+def feed(model: torch.nn.Module, cache: TreeCache | None, beams: Beams, t: Tensor, name: str,
+         prompts: list[list[int]], build_extra=None
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Beams, TreeCache]:
+    """One forward of ``model`` over the beams' uncached tokens (+ extra tree nodes).
+
+    With ``cache=None`` the prompt goes in first and nothing needs to be cached: that is the first
+    round, or a stateless call (beams whose ``slots[name]`` are all -1).
+    ``build_extra(last, offset)`` returns nodes hanging below the pending ones (``last`` [B, M]:
+    index of each beam's last pending node, -1 if its front is the prompt's end).
+    Returns (log-probs after each beam [B, M, V], logits of the extra nodes, their cache slots,
+    their offset, beams with slots recorded, cache).
+    """
+    pend, last, depth = pending_nodes(beams, t, name)
+    offset = pend.tokens.shape[1]
+    parts = [pend]
+    if build_extra is not None:
+        parts.append(build_extra(last, offset))
+    nodes = Nodes(*(torch.cat([getattr(p, f) for p in parts], 1)
+                    for f in ("tokens", "depth", "parent", "cached", "valid")))
+    max_chain = depth.shape[2] + beams.tokens.shape[2]
+    if cache is None:
+        prompt_last, cache, logits, slots = prefill(model, prompts, nodes)
+        front = torch.where((last >= 0)[..., None], take(logits, last.clamp(min=0)),
+                            prompt_last[:, None, :])
+    else:
+        logits, cache, slots = tree_forward(model, cache, nodes, max_chain=max_chain)
+        front = take(logits, last.clamp(min=0))
+    beams = record_pending(beams, name, pend, depth, slots[:, :offset])
+    return log_probs(front), logits[:, offset:], slots[:, offset:], offset, beams, cache
+
+
 def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, t: Tensor,
                 g: Tensor, G: int, prompts: list[list[int]], index: ItemIndex, N: int,
                 sample: bool, generator: torch.Generator | None
                 ) -> tuple[list[DraftStep], Beams, TreeCache]:
     """G draft forwards: width-N beam search (or sampling) from the K current beams."""
-    B, K = beams.scores.shape
-    if dcache is None:  # first round: the prompt goes in with the first draft forward
-        last_logits, dcache, _, _ = prefill(draft, prompts)
-        logp = log_probs(last_logits)[:, None, :].expand(B, K, -1)
-    else:
-        nodes, last, depth = pending_nodes(beams, t, "draft")
-        logits, dcache, slots = tree_forward(draft, dcache, nodes, max_chain=depth.shape[2])
-        beams = record_pending(beams, "draft", nodes, depth, slots)
-        logp = log_probs(take(logits, last))
+    logp, _, _, _, beams, dcache = feed(draft, dcache, beams, t, "draft", prompts)
     steps: list[DraftStep] = []
     parents = beams
     L = index.L
@@ -135,41 +163,29 @@ def verify_phase(target: torch.nn.Module, tcache: TreeCache | None, beams: Beams
     Returns (target log-probs after the current beams [B, K, V], after each step's drafted beams
     [B, N, V] per step, beams and steps with target cache slots filled in, the cache).
     """
-    B, K = beams.scores.shape
-    parts: list[Nodes] = []
-    if tcache is None:
-        last, depth, offset = None, None, 0
-    else:
-        pend, last, depth = pending_nodes(beams, t, "target")
-        parts.append(pend)
-        offset = pend.tokens.shape[1]
-    starts = []
-    L = beams.tokens.shape[2]
-    for j, s in enumerate(steps, start=1):
-        d = (t + j - 1).clamp(max=L - 1)
-        tok = s.beams.tokens.gather(2, d[:, None, None].expand(B, s.parent.shape[1], 1)).squeeze(-1)
-        if j == 1:
-            parent = last.gather(1, s.parent) if last is not None else torch.full_like(tok, -1)
-        else:
-            parent = starts[-1] + s.parent
-        starts.append(offset)
-        parts.append(Nodes(tok, d[:, None].expand_as(tok), parent, s.beams.slots["target"], s.valid))
-        offset += tok.shape[1]
-    nodes = Nodes(*(torch.cat([getattr(p, f) for p in parts], 1)
-                    for f in ("tokens", "depth", "parent", "cached", "valid")))
-    max_chain = len(steps) + (depth.shape[2] if depth is not None else 0)
-    if tcache is None:
-        root_logits, tcache, node_logits, slots = prefill(target, prompts, nodes)
-        root_logp = log_probs(root_logits)[:, None, :].expand(B, K, -1)
-    else:
-        node_logits, tcache, slots = tree_forward(target, tcache, nodes, max_chain=max_chain)
-        n_pend = parts[0].tokens.shape[1]
-        beams = record_pending(beams, "target", parts[0], depth, slots[:, :n_pend])
-        root_logp = log_probs(take(node_logits, last))
+    B, L = beams.tokens.shape[0], beams.tokens.shape[2]
+
+    def drafted_nodes(last: Tensor, offset: int) -> Nodes:
+        parts, starts = [], []
+        for j, s in enumerate(steps, start=1):
+            d = (t + j - 1).clamp(max=L - 1)
+            tok = s.beams.tokens.gather(2, d[:, None, None].expand(B, s.parent.shape[1], 1)).squeeze(-1)
+            parent = last.gather(1, s.parent) if j == 1 else starts[-1] + s.parent
+            starts.append(offset + sum(p.tokens.shape[1] for p in parts))
+            parts.append(Nodes(tok, d[:, None].expand_as(tok), parent, s.beams.slots["target"], s.valid))
+        if not parts:
+            z = torch.zeros(B, 0, dtype=torch.long, device=t.device)
+            return Nodes(z, z, z, z[..., None].expand(B, 0, L), z.bool())
+        return Nodes(*(torch.cat([getattr(p, f) for p in parts], 1)
+                       for f in ("tokens", "depth", "parent", "cached", "valid")))
+
+    root_logp, node_logits, slots, _, beams, tcache = feed(
+        target, tcache, beams, t, "target", prompts, drafted_nodes)
     step_logp = []
     parents = beams
     new_steps = []
-    for j, (s, start) in enumerate(zip(steps, starts), start=1):
+    start = 0
+    for j, s in enumerate(steps, start=1):
         n = s.parent.shape[1]
         step_logp.append(log_probs(node_logits[:, start:start + n]))
         # target slots along the drafted path: parent's, plus this node's own
@@ -180,6 +196,7 @@ def verify_phase(target: torch.nn.Module, tcache: TreeCache | None, beams: Beams
         child = replace(s.beams, slots={**s.beams.slots, "target": tslots})
         new_steps.append(replace(s, beams=child))
         parents = child
+        start += n
     return root_logp, step_logp, beams, new_steps, tcache
 
 
@@ -236,6 +253,46 @@ def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: 
     return choose(cands, key, K), enough, chosen
 
 
+def accept_round(beams: Beams, root_logp: Tensor, step_logp: list[Tensor], steps: list[DraftStep],
+                 t: Tensor, g: Tensor, index: ItemIndex, K: int, sample: bool,
+                 generator: torch.Generator | None) -> tuple[Beams, Tensor]:
+    """Walk the drafted steps with the target's log-probs; return the K new beams per request and
+    the number of accepted steps [B] (the beams are ``accepted + 1`` tokens longer)."""
+    L, C, G = index.L, index.num_columns, len(steps)
+    cur, cur_logp = beams, root_logp
+    cur_idx = torch.arange(K, device=t.device).expand(t.shape[0], K)
+    n_prev = K
+    acc = torch.zeros_like(t)
+    stopped = torch.zeros_like(t, dtype=torch.bool)
+    final = beams
+    for j in range(1, G + 2):
+        depth = (t + j - 1).clamp(max=L - 1)
+        cands = expand(cur_logp, cur.scores, cur.node, depth, index)
+        if j <= G:
+            s = steps[j - 1]
+            d_flat = drafted_flat(s, cur_idx, n_prev, depth, index, C)
+            if sample:
+                stop_step, ok, nxt = accept_relaxed(cands, d_flat, s, cur_idx, K, j <= g, generator)
+            else:
+                stop_step, ok, nxt = accept_strict(cands, d_flat, K)
+            ok = ok & (j <= g)
+        else:  # bonus step (or the last step of a request with nothing drafted)
+            stop_step = beam_step(cands, K, sample=sample, generator=generator)
+            ok = torch.zeros_like(stopped)
+        stop = ~stopped & ~ok
+        final = where_rows(stop, cur.extend(stop_step, depth), final)
+        acc += (~stopped & ok).long()
+        stopped |= stop
+        if j > G or bool(stopped.all()):
+            break
+        # continue from the accepted drafted beams, with the target's scores
+        nxt_flat = d_flat.gather(1, nxt)
+        cur = replace(s.beams.take(nxt), scores=cands.scores.gather(1, nxt_flat.clamp(min=0)))
+        cur_logp = take(step_logp[j - 1], nxt)
+        cur_idx, n_prev = nxt, s.parent.shape[1]
+    return final, acc
+
+
 @torch.no_grad()
 def speculative_beam_search(
     target: torch.nn.Module,
@@ -247,10 +304,13 @@ def speculative_beam_search(
     gamma: int = 3,
     mode: Mode = "strict",
     generator: torch.Generator | None = None,
+    keep_cache: bool = True,
 ) -> DecodeResult:
     """Top-``k`` items per prompt by speculative beam search (see the module docstring).
 
     ``stats`` holds per-request lists: target_calls, draft_calls, rounds, accepted_steps.
+    ``keep_cache=False`` runs every round stateless (prompt and beams recomputed each forward):
+    the same result, the mode used when draft and target are remote replicas without caches.
     """
     N = k if draft_beams is None else draft_beams
     if k < 1 or N < k:
@@ -262,17 +322,20 @@ def speculative_beam_search(
     sample = mode == "relaxed"
     device = next(target.parameters()).device
     index = index.to(device)
-    B, L, K, C = len(prompts), index.L, k, index.num_columns
+    B, L, K = len(prompts), index.L, k
     beams = root_beams(B, K, L, ["target", "draft"], device, score_dtype(target))
     t = torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)  # original request of each active row
     out_tokens = torch.zeros(B, K, L, dtype=torch.long, device=device)
-    out_scores = torch.full((B, K), float("-inf"), dtype=torch.float64, device=device)
+    out_scores = torch.full((B, K), float("-inf"), dtype=score_dtype(target), device=device)
     stats = {n: torch.zeros(B, dtype=torch.long, device=device)
              for n in ("target_calls", "draft_calls", "rounds", "accepted_steps")}
     tcache = dcache = None
     active_prompts = prompts
     while rows.numel() > 0:
+        if not keep_cache:
+            tcache = dcache = None
+            beams = forget_slots(beams)
         g = (L - 1 - t).clamp(max=gamma)  # drafted steps usable per request
         G = int(g.max())
         steps: list[DraftStep] = []
@@ -281,40 +344,8 @@ def speculative_beam_search(
                                                index, N, sample, generator)
         root_logp, step_logp, beams, steps, tcache = verify_phase(
             target, tcache, beams, t, steps, active_prompts)
-        # ---- accept, step by step
-        cur, cur_logp = beams, root_logp
-        cur_idx = torch.arange(K, device=device).expand(len(rows), K)
-        n_prev = K
-        acc = torch.zeros_like(t)
-        stopped = torch.zeros_like(t, dtype=torch.bool)
-        final = beams
-        for j in range(1, G + 2):
-            depth = (t + j - 1).clamp(max=L - 1)
-            cands = expand(cur_logp, cur.scores, cur.node, depth, index)
-            if j <= G:
-                s = steps[j - 1]
-                d_flat = drafted_flat(s, cur_idx, n_prev, depth, index, C)
-                if sample:
-                    stop_step, ok, nxt = accept_relaxed(cands, d_flat, s, cur_idx, K, j <= g,
-                                                            generator)
-                else:
-                    stop_step, ok, nxt = accept_strict(cands, d_flat, K)
-                ok = ok & (j <= g)
-            else:  # bonus step (or the last step of a request with nothing drafted)
-                stop_step = beam_step(cands, K, sample=sample, generator=generator)
-                ok = torch.zeros_like(stopped)
-            stop = ~stopped & ~ok
-            final = where_rows(stop, cur.extend(stop_step, depth), final)
-            acc += (~stopped & ok).long()
-            stopped |= stop
-            if j > G or bool(stopped.all()):
-                break
-            # continue from the accepted drafted beams, with the target's scores
-            nxt_flat = d_flat.gather(1, nxt)
-            cur = replace(s.beams.take(nxt), scores=cands.scores.gather(1, nxt_flat.clamp(min=0)))
-            cur_logp = take(step_logp[j - 1], nxt)
-            cur_idx, n_prev = nxt, s.parent.shape[1]
-        beams = final
+        beams, acc = accept_round(beams, root_logp, step_logp, steps, t, g, index, K, sample,
+                                  generator)
         t = t + acc + 1
         stats["rounds"][rows] += 1
         stats["target_calls"][rows] += 1
