@@ -1,0 +1,207 @@
+"""Speculative beam search: strict mode must equal the target's own beam search (the spec)."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from atspeed_ray.decoding import beam_search, speculative_beam_search
+from atspeed_ray.decoding.beam import root_beams
+from atspeed_ray.decoding.speculative import draft_phase, verify_phase
+from atspeed_ray.decoding.tree import Nodes, tree_forward
+from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
+
+CODEBOOK = [24, 24, 24, 24]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    index = random_catalog(2500, CODEBOOK, seed=0)
+    V = vocab_size(CODEBOOK)
+    target = random_model(V, seed=1)
+    unrelated = random_model(V, seed=7, hidden=16, layers=1)
+    prompts = random_prompts(3, V, seed=2)
+    return index, V, target, unrelated, prompts
+
+
+def assert_same_as_beam_search(out, ref):
+    assert out.items == ref.items
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.scores, ref.scores, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("k,n_mult,gamma", list(itertools.product([1, 3, 5, 10, 20], [1, 2], [1, 2, 3])))
+def test_strict_equals_beam_search(setup, k, n_mult, gamma):
+    index, V, target, unrelated, prompts = setup
+    for batch in (prompts[:1], prompts):
+        ref = beam_search(target, batch, index, k)
+        for draft in (unrelated, target):
+            out = speculative_beam_search(target, draft, batch, index, k, draft_beams=k * n_mult,
+                                          gamma=gamma, mode="strict")
+            assert_same_as_beam_search(out, ref)
+            for key in ("target_calls", "draft_calls", "rounds", "accepted_steps"):
+                assert len(out.stats[key]) == len(batch)
+
+
+def test_draft_equal_to_target_accepts_every_step(setup):
+    index, V, target, _, prompts = setup
+    for k, n in [(1, 1), (5, 5), (5, 10), (10, 20)]:
+        out = speculative_beam_search(target, target, prompts, index, k, draft_beams=n, gamma=3)
+        # L = gamma + 1: drafted 3 steps all accepted, the bonus step gives the 4th
+        assert out.stats["target_calls"] == [1] * len(prompts)
+        assert out.stats["accepted_steps"] == [3] * len(prompts)
+
+
+def test_unrelated_draft_accepts_little_and_output_is_unchanged(setup):
+    index, V, target, unrelated, prompts = setup
+    out = speculative_beam_search(target, unrelated, prompts, index, 10, draft_beams=20, gamma=3)
+    assert_same_as_beam_search(out, beam_search(target, prompts, index, 10))
+    rounds, accepted = sum(out.stats["rounds"]), sum(out.stats["accepted_steps"])
+    assert accepted / rounds < 0.5
+    assert min(out.stats["target_calls"]) >= 3
+
+
+def test_stateless_rounds_give_the_same_result(setup):
+    index, V, target, unrelated, prompts = setup
+    ref = beam_search(target, prompts, index, 5)
+    out = speculative_beam_search(target, unrelated, prompts, index, 5, draft_beams=10, gamma=2,
+                                  keep_cache=False)
+    assert_same_as_beam_search(out, ref)
+
+
+def plain_last_logits(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, -1]
+
+
+def random_tree(T: int, g: torch.Generator) -> list[int]:
+    return [int(torch.randint(-1, i, (1,), generator=g)) if i else -1 for i in range(T)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tree_attention_equals_plain_forward_over_each_path(arch):
+    torch.manual_seed(0)
+    V = 60
+    if arch == "llama":
+        model = random_model(V, seed=3)
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             intermediate_size=64)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (5, 9)]
+    B, T1, T2 = 2, 7, 5
+    # chunk 1: prompt block + a random tree hanging below the prompt
+    par1 = torch.tensor([random_tree(T1, g) for _ in range(B)])
+    tok1 = torch.randint(1, V, (B, T1), generator=g)
+    paths1 = [[[] for _ in range(T1)] for _ in range(B)]
+    for b, i in itertools.product(range(B), range(T1)):
+        p = int(par1[b, i])
+        paths1[b][i] = (paths1[b][p] if p >= 0 else []) + [i]
+    depth1 = torch.tensor([[len(paths1[b][i]) - 1 for i in range(T1)] for b in range(B)])
+    nodes1 = Nodes(tok1, depth1, par1, torch.full((B, T1, 4), -1), torch.ones(B, T1, dtype=torch.bool))
+    from atspeed_ray.decoding.tree import left_pad
+    with torch.no_grad():
+        logits1, cache, slots1 = tree_forward(model, None, nodes1, prompt=left_pad(prompts, 0, torch.device("cpu")))
+    P = logits1.shape[1] - T1
+    for b, i in itertools.product(range(B), range(T1)):
+        path = prompts[b] + [int(tok1[b, j]) for j in paths1[b][i]]
+        torch.testing.assert_close(logits1[b, P + i], plain_last_logits(model, path))
+    # chunk 2: new nodes below cached chunk-1 nodes (and below each other)
+    anchor = torch.randint(0, T1, (B, T2), generator=g)
+    par2 = torch.tensor([random_tree(T2, g) for _ in range(B)])
+    tok2 = torch.randint(1, V, (B, T2), generator=g)
+    cached2 = torch.full((B, T2, 4), -1)
+    depth2 = torch.zeros(B, T2, dtype=torch.long)
+    paths2 = [[None] * T2 for _ in range(B)]
+    for b, i in itertools.product(range(B), range(T2)):
+        p = int(par2[b, i])
+        if p >= 0:  # the parent is in this chunk: inherit its anchor
+            anchor[b, i] = anchor[b, p]
+            paths2[b][i] = paths2[b][p] + [int(tok2[b, i])]
+        else:
+            paths2[b][i] = [int(tok2[b, i])]
+        chain = paths1[b][int(anchor[b, i])]
+        cached2[b, i, : len(chain)] = slots1[b, chain]
+        depth2[b, i] = len(chain) + len(paths2[b][i]) - 1
+    nodes2 = Nodes(tok2, depth2, par2, cached2, torch.ones(B, T2, dtype=torch.bool))
+    with torch.no_grad():
+        logits2, cache, _ = tree_forward(model, cache, nodes2)
+    for b, i in itertools.product(range(B), range(T2)):
+        chain = [int(tok1[b, j]) for j in paths1[b][int(anchor[b, i])]]
+        torch.testing.assert_close(logits2[b, i], plain_last_logits(model, prompts[b] + chain + paths2[b][i]))
+
+
+def test_verification_pass_logits_at_every_drafted_node(setup):
+    """The target's one verification forward gives, at every drafted node, the logits of a plain
+    forward over that node's path (first round: prompt + drafted tree)."""
+    index, V, target, unrelated, prompts = setup
+    K, N, G = 3, 6, 3
+    B, L = len(prompts), index.L
+    beams = root_beams(B, K, L, ["target", "draft"], torch.device("cpu"), torch.float64)
+    t = torch.zeros(B, dtype=torch.long)
+    g = torch.full((B,), G)
+    with torch.no_grad():
+        steps, beams, _ = draft_phase(unrelated, None, beams, t, g, G, prompts, index, N, False, None)
+        root_logp, step_logp, _, steps, _ = verify_phase(target, None, beams, t, steps, prompts)
+    for b in range(B):
+        torch.testing.assert_close(root_logp[b, 0], torch.log_softmax(plain_last_logits(target, prompts[b]), -1))
+    for j, (s, lp) in enumerate(zip(steps, step_logp), start=1):
+        for b, n in itertools.product(range(B), range(N)):
+            path = prompts[b] + s.beams.tokens[b, n, :j].tolist()
+            torch.testing.assert_close(lp[b, n], torch.log_softmax(plain_last_logits(target, path), -1))
+
+
+def test_relaxed_items_exist_and_draft_equal_to_target_accepts_all(setup):
+    index, V, target, unrelated, prompts = setup
+    gen = torch.Generator().manual_seed(0)
+    out = speculative_beam_search(target, unrelated, prompts, index, 10, draft_beams=20,
+                                  mode="relaxed", generator=gen)
+    for items in out.items:
+        assert len(set(items)) == 10 and bool(index.contains(items).all())
+    assert bool((out.scores[:, :-1] >= out.scores[:, 1:]).all())
+    same = speculative_beam_search(target, target, prompts, index, 5, draft_beams=5, gamma=3,
+                                   mode="relaxed", generator=gen)
+    assert same.stats["accepted_steps"] == [3] * len(prompts)
+    assert same.stats["target_calls"] == [1] * len(prompts)
+
+
+def tvd(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p - q).abs().sum())
+
+
+def test_relaxed_sampling_follows_the_target_distribution():
+    """K = 1: relaxed SD is speculative sampling, so the first code of the returned item is
+    distributed as the target's (trie-renormalised) first-code distribution, even with a
+    deliberately bad draft. Bound: total variation distance < 0.05 over 4000 samples (expected
+    sampling noise ~0.02), while the draft's own distribution is > 0.25 away."""
+    codebook = [8, 6, 6, 6]
+    index = random_catalog(400, codebook, seed=5)
+    V = vocab_size(codebook)
+    target = random_model(V, seed=11, scale=2.0)
+    bad = random_model(V, seed=12, scale=6.0)
+    prompt = random_prompts(1, V, seed=13)[0]
+    first = index.level_tokens[0, : codebook[0]]  # first-level code tokens
+    allowed = index.allowed_mask(torch.zeros(1, dtype=torch.long), 0, V)[0][first]
+    with torch.no_grad():
+        p = torch.softmax(plain_last_logits(target, prompt)[first].masked_fill(~allowed, -torch.inf), -1)
+        q = torch.softmax(plain_last_logits(bad, prompt)[first].masked_fill(~allowed, -torch.inf), -1)
+    assert tvd(p, q) > 0.25, "the draft must be deliberately bad for this test to mean anything"
+    n = 4000
+    gen = torch.Generator().manual_seed(0)
+    out = speculative_beam_search(target, bad, [prompt] * n, index, 1, draft_beams=1, gamma=3,
+                                  mode="relaxed", generator=gen)
+    col = index.columns_of(out.sequences[:, 0, 0], 0)
+    emp = torch.bincount(col, minlength=len(first)).double() / n
+    assert tvd(emp, p.double()) < 0.05
+    assert tvd(emp, q.double()) > 0.2
+
+
+def test_decoding_core_imports_no_ray():
+    code = "import sys, atspeed_ray.decoding, atspeed_ray.data; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
