@@ -10,6 +10,7 @@ import sys
 # modules with a ``register(subparsers)`` function
 COMMAND_MODULES = [
     "atspeed_ray.data.commands",
+    "atspeed_ray.bench",
 ]
 
 

@@ -174,3 +174,17 @@ def popularity_topk(prepared: PreparedData, k: int) -> list[int]:
         if row == 0 or users[row] != users[row - 1]:
             counts[hist[0]] += 1
     return [i for i, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:k]]
+
+
+def open_data(data: str | Path, workdir: str | Path | None = None) -> PreparedData:
+    """A prepared folder as is; ``"synthetic"`` or a release folder is prepared first, into
+    ``workdir`` (default: a fresh temporary folder)."""
+    path = Path(data)
+    if str(data) != "synthetic" and (path / "summary.json").exists():
+        return load_prepared(path)
+    if workdir is None:
+        import tempfile
+
+        workdir = tempfile.mkdtemp(prefix="atspeed-prepared-")
+    prepare(data, workdir)
+    return load_prepared(workdir)

@@ -1,0 +1,231 @@
+"""Benchmarks: ``bench-beam`` (our beam search vs HF generate) and ``bench`` (speculative vs plain).
+
+Both time the two methods on the same model(s) and prompts in one process, and print ratios
+measured in that one run (these machines are noisy: compare ratios, not absolute times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k must be comma-separated integers, got {text!r}")
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k values must be >= 1, got {text!r}")
+    return ks
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-beam", help="our beam_search vs HF generate(prefix_allowed_tokens_fn)")
+    p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
+    p.add_argument("--model", default=None, help="HF model dir (default: random model of --preset)")
+    p.add_argument("--preset", default="cpu", help="preset of the random target if no --model")
+    p.add_argument("--k", type=_ks, default=[1, 5, 10, 20])
+    p.add_argument("--num-prompts", type=int, default=30)
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=run_bench_beam)
+
+    p = sub.add_parser("bench", help="speculative beam search vs the target's beam search")
+    p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
+    p.add_argument("--target", required=True, help="HF model dir of the target")
+    p.add_argument("--draft", required=True, help="HF model dir of the draft")
+    p.add_argument("--k", type=_ks, default=[1, 3, 5, 10, 20])
+    p.add_argument("--mode", choices=["strict", "relaxed"], default="strict")
+    p.add_argument("--draft-beams", type=int, default=None,
+                   help="draft width N (default: K; raised to K where smaller)")
+    p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=1, help="requests decoded together")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=run_bench)
+
+
+def _timed(fn, repeat: int = 1) -> tuple[float, Any]:
+    import torch
+
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _batches(xs: list, size: int) -> list[list]:
+    return [xs[i:i + size] for i in range(0, len(xs), size)]
+
+
+def _write(out: str | None, result: dict) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+
+
+def run_bench_beam(args: argparse.Namespace) -> int:
+    import torch
+
+    from atspeed_ray.data.prepare import open_data
+    from atspeed_ray.decoding import beam_search
+    from atspeed_ray.models import DeviceConfig, build_llama, get_preset, load_model
+
+    data = open_data(args.data)
+    dev = DeviceConfig(device=args.device)
+    if args.model:
+        model, _ = load_model(args.model, dev)
+        name = args.model
+    else:
+        size = get_preset(args.preset).target
+        model = build_llama(size, len(data.tokenizer), data.tokenizer.pad_token_id, seed=0)
+        model.to(dev.torch_device(), dev.torch_dtype())
+        name = f"random {args.preset} target"
+    index = data.index.to(dev.torch_device())
+    prompts = data.prompts(args.split, limit=args.num_prompts)
+    V = model.config.vocab_size
+
+    def hf(prompt: list[int], k: int) -> list[int]:
+        plen = len(prompt)
+
+        def allowed(_b: int, ids: torch.Tensor) -> list[int]:
+            gen = ids[plen:]
+            node = index.prefix_nodes(gen[None])
+            return index.allowed_mask(node, len(gen), V)[0].nonzero().flatten().tolist()
+
+        ids = torch.tensor([prompt], device=index.device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=k,
+                             num_return_sequences=k, max_new_tokens=index.L,
+                             min_new_tokens=index.L, prefix_allowed_tokens_fn=allowed,
+                             do_sample=False, pad_token_id=data.tokenizer.pad_token_id,
+                             eos_token_id=None)
+        return index.items_of(out[:, plen:]).tolist()
+
+    rows = []
+    print(f"model: {name}; {len(prompts)} prompts of {args.split}; one prompt per call for both")
+    print(f"{'K':>4} {'ours s':>9} {'HF s':>9} {'speedup':>8} {'ours batched s':>15}  identical top-K")
+    with torch.no_grad():
+        for k in args.k:
+            beam_search(model, prompts[:1], index, k), hf(prompts[0], k)  # warm-up
+            t_ours, ours = _timed(lambda: [beam_search(model, [p], index, k).items[0] for p in prompts])
+            t_hf, ref = _timed(lambda: [hf(p, k) for p in prompts])
+            t_batch, _ = _timed(lambda: [r for b in _batches(prompts, 32)
+                                         for r in beam_search(model, b, index, k).items])
+            same = sum(a == b for a, b in zip(ours, ref))
+            rows.append({"k": k, "ours_s": t_ours, "hf_s": t_hf, "speedup": t_hf / t_ours,
+                         "ours_batched_s": t_batch, "identical": same, "prompts": len(prompts)})
+            print(f"{k:>4} {t_ours:>9.3f} {t_hf:>9.3f} {t_hf / t_ours:>7.2f}x {t_batch:>15.3f}  "
+                  f"{'yes' if same == len(prompts) else 'no'} ({same}/{len(prompts)})")
+    _write(args.out, {"model": name, "split": args.split, "rows": rows})
+    return 0
+
+
+def oracle_pass_time(target, prompts: list[list[int]], k: int, gamma: int) -> float:
+    """Time of ONE target forward over each batch's prompt + K*gamma tree tokens."""
+    import torch
+
+    from atspeed_ray.decoding.beam import prefill
+    from atspeed_ray.decoding.tree import Nodes
+
+    def one(batch: list[list[int]]) -> None:
+        B, T = len(batch), k * gamma
+        dev = next(target.parameters()).device
+        tok = torch.ones(B, T, dtype=torch.long, device=dev)
+        idx = torch.arange(T, device=dev)
+        depth = (idx // k).expand(B, T)  # gamma levels of k nodes, each below the previous level
+        parent = torch.where(idx >= k, idx - k, -1).expand(B, T)
+        nodes = Nodes(tok, depth, parent, torch.full((B, T, 1), -1, device=dev),
+                      torch.ones(B, T, dtype=torch.bool, device=dev))
+        prefill(target, batch, nodes)
+
+    return sum(_timed(lambda b=b: one(b), repeat=1)[0] for b in prompts)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from atspeed_ray.data.prepare import open_data
+    from atspeed_ray.decoding import beam_search, speculative_beam_search
+    from atspeed_ray.metrics import ndcg_at_k, recall_at_k
+    from atspeed_ray.models import DeviceConfig, load_model
+
+    data = open_data(args.data)
+    dev = DeviceConfig(device=args.device)
+    target, _ = load_model(args.target, dev)
+    draft, _ = load_model(args.draft, dev)
+    index = data.index.to(dev.torch_device())
+    prompts = data.prompts(args.split, limit=args.num_prompts)
+    targets = data.targets(args.split, limit=args.num_prompts)
+    batches = _batches(prompts, args.batch_size)
+    print(f"target {args.target}, draft {args.draft}, {len(prompts)} prompts of {args.split}, "
+          f"batch {args.batch_size}, mode {args.mode}, gamma {args.gamma}, device {dev.torch_device()}")
+    header = (f"{'K':>3} {'N':>3} {'beam s':>8} {'spec s':>8} {'WS':>6} {'oracle':>7} {'%orcl':>6} "
+              f"{'tgt calls/req':>13} {'acc steps/rnd':>13} ")
+    header += "identical" if args.mode == "strict" else "recall@K beam/spec  ndcg@K beam/spec"
+    print(header)
+    rows = []
+    with torch.no_grad():
+        for k in args.k:
+            n = max(args.draft_beams or k, k)
+            gen = torch.Generator(device=dev.torch_device()).manual_seed(args.seed)
+
+            def plain() -> list:
+                return [beam_search(target, b, index, k) for b in batches]
+
+            def spec() -> list:
+                return [speculative_beam_search(target, draft, b, index, k, draft_beams=n,
+                                                gamma=args.gamma, mode=args.mode, generator=gen)
+                        for b in batches]
+
+            beam_search(target, batches[0], index, k)  # warm-up
+            speculative_beam_search(target, draft, batches[0], index, k, draft_beams=n,
+                                    gamma=args.gamma, mode=args.mode, generator=gen)
+            t_plain, ref = _timed(plain)
+            t_spec, out = _timed(spec)
+            t_pass = oracle_pass_time(target, batches, k, args.gamma)
+            ref_items = [i for r in ref for i in r.items]
+            out_items = [i for r in out for i in r.items]
+            stats = {key: [v for r in out for v in r.stats[key]]
+                     for key in ("target_calls", "draft_calls", "rounds", "accepted_steps")}
+            row = {
+                "k": k, "draft_beams": n, "beam_search_s": t_plain, "speculative_s": t_spec,
+                "walltime_speedup": t_plain / t_spec, "oracle_speedup": t_plain / t_pass,
+                "fraction_of_oracle": (t_plain / t_spec) / (t_plain / t_pass),
+                "target_calls_per_request": sum(stats["target_calls"]) / len(prompts),
+                "draft_calls_per_request": sum(stats["draft_calls"]) / len(prompts),
+                "accepted_steps_per_round": sum(stats["accepted_steps"]) / sum(stats["rounds"]),
+            }
+            line = (f"{k:>3} {n:>3} {t_plain:>8.3f} {t_spec:>8.3f} {row['walltime_speedup']:>5.2f}x "
+                    f"{row['oracle_speedup']:>6.2f}x {100 * row['fraction_of_oracle']:>5.0f}% "
+                    f"{row['target_calls_per_request']:>13.2f} {row['accepted_steps_per_round']:>13.2f} ")
+            if args.mode == "strict":
+                row["identical_rate"] = sum(a == b for a, b in zip(out_items, ref_items)) / len(prompts)
+                line += f"{100 * row['identical_rate']:.1f}%"
+            else:
+                for name, items in (("beam", ref_items), ("spec", out_items)):
+                    row[f"recall@{k}_{name}"] = recall_at_k(items, targets, k)
+                    row[f"ndcg@{k}_{name}"] = ndcg_at_k(items, targets, k)
+                line += (f"{row[f'recall@{k}_beam']:.4f}/{row[f'recall@{k}_spec']:.4f}  "
+                         f"{row[f'ndcg@{k}_beam']:.4f}/{row[f'ndcg@{k}_spec']:.4f}")
+            print(line, flush=True)
+            rows.append(row)
+    result = {"target": args.target, "draft": args.draft, "mode": args.mode, "gamma": args.gamma,
+              "split": args.split, "prompts": len(prompts), "batch_size": args.batch_size,
+              "device": str(dev.torch_device()), "rows": rows}
+    _write(args.out, result)
+    return 0
