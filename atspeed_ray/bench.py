@@ -156,11 +156,54 @@ def oracle_pass_time(target, prompts: list[list[int]], k: int, gamma: int) -> fl
     return sum(_timed(lambda b=b: one(b), repeat=1)[0] for b in prompts)
 
 
+def measure_speculative(target, draft, index, prompts: list[list[int]], k: int, n: int, gamma: int,
+                        mode: str, batch_size: int, seed: int = 0) -> tuple[dict, list, list]:
+    """Time the target's beam search and speculative beam search on the same prompts (same
+    process, warm-up first). Returns (row of measurements, plain items, speculative items)."""
+    import torch
+
+    from atspeed_ray.decoding import beam_search, speculative_beam_search
+
+    batches = _batches(prompts, batch_size)
+    gen = torch.Generator(device=index.device).manual_seed(seed)
+
+    def plain() -> list:
+        return [beam_search(target, b, index, k) for b in batches]
+
+    def spec() -> list:
+        return [speculative_beam_search(target, draft, b, index, k, draft_beams=n, gamma=gamma,
+                                        mode=mode, generator=gen) for b in batches]
+
+    with torch.no_grad():
+        beam_search(target, batches[0], index, k)  # warm-up
+        speculative_beam_search(target, draft, batches[0], index, k, draft_beams=n, gamma=gamma,
+                                mode=mode, generator=gen)
+        t_plain, ref = _timed(plain)
+        t_spec, out = _timed(spec)
+        t_pass = oracle_pass_time(target, batches, k, gamma)
+    ref_items = [i for r in ref for i in r.items]
+    out_items = [i for r in out for i in r.items]
+    stats = {key: [v for r in out for v in r.stats[key]]
+             for key in ("target_calls", "draft_calls", "rounds", "accepted_steps")}
+    row = {
+        "k": k, "draft_beams": n, "mode": mode, "beam_search_s": t_plain, "speculative_s": t_spec,
+        "walltime_speedup": t_plain / t_spec, "oracle_speedup": t_plain / t_pass,
+        "fraction_of_oracle": (t_plain / t_spec) / (t_plain / t_pass),
+        "target_calls_per_request": sum(stats["target_calls"]) / len(prompts),
+        "draft_calls_per_request": sum(stats["draft_calls"]) / len(prompts),
+        "accepted_steps_per_round": sum(stats["accepted_steps"]) / sum(stats["rounds"]),
+        "accepted_steps_per_request": stats["accepted_steps"],
+        "rounds_per_request": stats["rounds"],
+    }
+    if mode == "strict":
+        row["identical_rate"] = sum(a == b for a, b in zip(out_items, ref_items)) / len(prompts)
+    return row, ref_items, out_items
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from atspeed_ray.data.prepare import open_data
-    from atspeed_ray.decoding import beam_search, speculative_beam_search
     from atspeed_ray.metrics import ndcg_at_k, recall_at_k
     from atspeed_ray.models import DeviceConfig, load_model
 
@@ -171,7 +214,6 @@ def run_bench(args: argparse.Namespace) -> int:
     index = data.index.to(dev.torch_device())
     prompts = data.prompts(args.split, limit=args.num_prompts)
     targets = data.targets(args.split, limit=args.num_prompts)
-    batches = _batches(prompts, args.batch_size)
     print(f"target {args.target}, draft {args.draft}, {len(prompts)} prompts of {args.split}, "
           f"batch {args.batch_size}, mode {args.mode}, gamma {args.gamma}, device {dev.torch_device()}")
     header = (f"{'K':>3} {'N':>3} {'beam s':>8} {'spec s':>8} {'WS':>6} {'oracle':>7} {'%orcl':>6} "
@@ -179,51 +221,24 @@ def run_bench(args: argparse.Namespace) -> int:
     header += "identical" if args.mode == "strict" else "recall@K beam/spec  ndcg@K beam/spec"
     print(header)
     rows = []
-    with torch.no_grad():
-        for k in args.k:
-            n = max(args.draft_beams or k, k)
-            gen = torch.Generator(device=dev.torch_device()).manual_seed(args.seed)
-
-            def plain() -> list:
-                return [beam_search(target, b, index, k) for b in batches]
-
-            def spec() -> list:
-                return [speculative_beam_search(target, draft, b, index, k, draft_beams=n,
-                                                gamma=args.gamma, mode=args.mode, generator=gen)
-                        for b in batches]
-
-            beam_search(target, batches[0], index, k)  # warm-up
-            speculative_beam_search(target, draft, batches[0], index, k, draft_beams=n,
-                                    gamma=args.gamma, mode=args.mode, generator=gen)
-            t_plain, ref = _timed(plain)
-            t_spec, out = _timed(spec)
-            t_pass = oracle_pass_time(target, batches, k, args.gamma)
-            ref_items = [i for r in ref for i in r.items]
-            out_items = [i for r in out for i in r.items]
-            stats = {key: [v for r in out for v in r.stats[key]]
-                     for key in ("target_calls", "draft_calls", "rounds", "accepted_steps")}
-            row = {
-                "k": k, "draft_beams": n, "beam_search_s": t_plain, "speculative_s": t_spec,
-                "walltime_speedup": t_plain / t_spec, "oracle_speedup": t_plain / t_pass,
-                "fraction_of_oracle": (t_plain / t_spec) / (t_plain / t_pass),
-                "target_calls_per_request": sum(stats["target_calls"]) / len(prompts),
-                "draft_calls_per_request": sum(stats["draft_calls"]) / len(prompts),
-                "accepted_steps_per_round": sum(stats["accepted_steps"]) / sum(stats["rounds"]),
-            }
-            line = (f"{k:>3} {n:>3} {t_plain:>8.3f} {t_spec:>8.3f} {row['walltime_speedup']:>5.2f}x "
-                    f"{row['oracle_speedup']:>6.2f}x {100 * row['fraction_of_oracle']:>5.0f}% "
-                    f"{row['target_calls_per_request']:>13.2f} {row['accepted_steps_per_round']:>13.2f} ")
-            if args.mode == "strict":
-                row["identical_rate"] = sum(a == b for a, b in zip(out_items, ref_items)) / len(prompts)
-                line += f"{100 * row['identical_rate']:.1f}%"
-            else:
-                for name, items in (("beam", ref_items), ("spec", out_items)):
-                    row[f"recall@{k}_{name}"] = recall_at_k(items, targets, k)
-                    row[f"ndcg@{k}_{name}"] = ndcg_at_k(items, targets, k)
-                line += (f"{row[f'recall@{k}_beam']:.4f}/{row[f'recall@{k}_spec']:.4f}  "
-                         f"{row[f'ndcg@{k}_beam']:.4f}/{row[f'ndcg@{k}_spec']:.4f}")
-            print(line, flush=True)
-            rows.append(row)
+    for k in args.k:
+        n = max(args.draft_beams or k, k)
+        row, ref_items, out_items = measure_speculative(
+            target, draft, index, prompts, k, n, args.gamma, args.mode, args.batch_size, args.seed)
+        line = (f"{k:>3} {n:>3} {row['beam_search_s']:>8.3f} {row['speculative_s']:>8.3f} "
+                f"{row['walltime_speedup']:>5.2f}x {row['oracle_speedup']:>6.2f}x "
+                f"{100 * row['fraction_of_oracle']:>5.0f}% {row['target_calls_per_request']:>13.2f} "
+                f"{row['accepted_steps_per_round']:>13.2f} ")
+        if args.mode == "strict":
+            line += f"{100 * row['identical_rate']:.1f}%"
+        else:
+            for name, items in (("beam", ref_items), ("spec", out_items)):
+                row[f"recall@{k}_{name}"] = recall_at_k(items, targets, k)
+                row[f"ndcg@{k}_{name}"] = ndcg_at_k(items, targets, k)
+            line += (f"{row[f'recall@{k}_beam']:.4f}/{row[f'recall@{k}_spec']:.4f}  "
+                     f"{row[f'ndcg@{k}_beam']:.4f}/{row[f'ndcg@{k}_spec']:.4f}")
+        print(line, flush=True)
+        rows.append(row)
     result = {"target": args.target, "draft": args.draft, "mode": args.mode, "gamma": args.gamma,
               "split": args.split, "prompts": len(prompts), "batch_size": args.batch_size,
               "device": str(dev.torch_device()), "rows": rows}

@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = [
     "atspeed_ray.data.commands",
     "atspeed_ray.bench",
+    "atspeed_ray.evaluate",
 ]
 
 

@@ -1,0 +1,167 @@
+"""``atspeed-ray evaluate``: the paper's tables for a target and one or more drafts, in one run.
+
+* accuracy: Recall@K / NDCG@K on the test split for the target's beam search, strict SD (equal
+  to it by construction; the identical rate is measured) and relaxed SD with every draft;
+* speed: walltime speedup (WS), accepted steps per round and target calls per request for every
+  draft under strict and relaxed verification, timed at batch 1 on a prompt subset;
+* written as JSON, CSV and Markdown, with PNG plots (WS against K per method; histogram of
+  accepted steps per round).
+
+A draft's method name is its folder name (``drafts/atspeed-s`` -> ``atspeed-s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from atspeed_ray.bench import _batches, _ks, measure_speculative
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="paper-style tables: accuracy and speed for each draft")
+    p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", required=True, action="append", help="a draft model dir (repeatable)")
+    p.add_argument("--k", type=_ks, default=[1, 3, 5, 10, 20])
+    p.add_argument("--out", required=True, help="output folder for tables and plots")
+    p.add_argument("--draft-beams", type=int, default=None, help="draft width N (default: K)")
+    p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--num-prompts", type=int, default=None, help="accuracy prompts (default: all)")
+    p.add_argument("--timing-prompts", type=int, default=50, help="prompts timed at batch 1")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for accuracy runs")
+    p.add_argument("--modes", default="strict,relaxed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run_evaluate)
+
+
+def method_name(path: str) -> str:
+    return Path(path).resolve().name
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, name: str, columns: list[str]) -> None:
+    """rows -> NAME.json, NAME.csv, NAME.md."""
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(speed: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["method"], r["mode"]) for r in speed}):
+        pts = sorted((r["k"], r["walltime_speedup"]) for r in speed if (r["method"], r["mode"]) == key)
+        ax.plot([k for k, _ in pts], [w for _, w in pts], marker="o", label=f"{key[0]} ({key[1]})")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("K")
+    ax.set_ylabel("walltime speedup")
+    ax.set_title("Speculative beam search: WS against K")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ws_vs_k.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["method"], r["mode"]) for r in speed}):
+        per_round = [a / r for row in speed if (row["method"], row["mode"]) == key
+                     for a, r in zip(row["accepted_steps_per_request"], row["rounds_per_request"])]
+        ax.hist(per_round, bins=12, range=(0, 3), alpha=0.5, label=f"{key[0]} ({key[1]})")
+    ax.set_xlabel("accepted steps per round (per request, all K)")
+    ax.set_ylabel("requests")
+    ax.set_title("Accepted steps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accepted_steps_hist.png", dpi=120)
+    plt.close(fig)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from atspeed_ray.data.prepare import open_data
+    from atspeed_ray.decoding import beam_search, speculative_beam_search
+    from atspeed_ray.metrics import ndcg_at_k, recall_at_k
+    from atspeed_ray.models import DeviceConfig, load_model
+
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in ("strict", "relaxed"):
+            raise SystemExit(f"--modes: unknown mode {m!r} (strict, relaxed)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = open_data(args.data)
+    dev = DeviceConfig(device=args.device)
+    target, _ = load_model(args.target, dev)
+    drafts = {method_name(d): load_model(d, dev)[0] for d in args.draft}
+    index = data.index.to(dev.torch_device())
+    prompts = data.prompts("test", limit=args.num_prompts)
+    targets = data.targets("test", limit=args.num_prompts)
+    # evaluation compares in code space: colliding items count as their representative
+    targets = [index.canonical(t).tolist() for t in targets]
+    batches = _batches(prompts, args.batch_size)
+    kmax = max(args.k)
+    print(f"evaluate: {len(prompts)} test prompts, K={args.k}, drafts={list(drafts)}, modes={modes}")
+
+    def ranked(fn) -> list[list[int]]:
+        with torch.no_grad():
+            return [items for b in batches for items in fn(b).items]
+
+    accuracy: list[dict[str, Any]] = []
+
+    def add_accuracy(method: str, mode: str, items_by_k: dict[int, list[list[int]]]) -> None:
+        for k in args.k:
+            accuracy.append({"method": method, "mode": mode, "k": k,
+                             "recall": recall_at_k(items_by_k[k], targets, k),
+                             "ndcg": ndcg_at_k(items_by_k[k], targets, k)})
+        last = accuracy[-1]
+        print(f"  {method:>12} {mode:>8}: recall@{last['k']}={last['recall']:.4f} "
+              f"ndcg@{last['k']}={last['ndcg']:.4f}", flush=True)
+
+    # beam search of width K gives a different list per K: run each K
+    add_accuracy("target", "beam", {k: ranked(lambda b, k=k: beam_search(target, b, index, k))
+                                    for k in args.k})
+    if "relaxed" in modes:
+        for name, draft in drafts.items():
+            gen = torch.Generator(device=index.device).manual_seed(args.seed)
+            add_accuracy(name, "relaxed", {k: ranked(lambda b, k=k: speculative_beam_search(
+                target, draft, b, index, k, draft_beams=max(args.draft_beams or k, k),
+                gamma=args.gamma, mode="relaxed", generator=gen)) for k in args.k})
+    write_table(accuracy, out, "accuracy", ["method", "mode", "k", "recall", "ndcg"])
+
+    speed: list[dict[str, Any]] = []
+    timing = prompts[: args.timing_prompts]
+    for name, draft in drafts.items():
+        for mode in modes:
+            for k in args.k:
+                n = max(args.draft_beams or k, k)
+                row, _, _ = measure_speculative(target, draft, index, timing, k, n, args.gamma,
+                                                mode, batch_size=1, seed=args.seed)
+                row["method"] = name
+                speed.append(row)
+                print(f"  {name:>12} {mode:>8} K={k:>2}: WS {row['walltime_speedup']:.2f}x, "
+                      f"accepted steps/round {row['accepted_steps_per_round']:.2f}, "
+                      f"target calls/request {row['target_calls_per_request']:.2f}", flush=True)
+    write_table(speed, out, "speed", [
+        "method", "mode", "k", "draft_beams", "walltime_speedup", "accepted_steps_per_round",
+        "target_calls_per_request", "draft_calls_per_request", "identical_rate",
+        "oracle_speedup", "beam_search_s", "speculative_s"])
+    plot(speed, out)
+    print((out / "accuracy.md").read_text())
+    print((out / "speed.md").read_text())
+    print(f"wrote {out}/accuracy.{{json,csv,md}}, speed.{{json,csv,md}}, ws_vs_k.png, "
+          f"accepted_steps_hist.png (k up to {kmax})")
+    return 0
