@@ -12,6 +12,8 @@ COMMAND_MODULES = [
     "atspeed_ray.data.commands",
     "atspeed_ray.bench",
     "atspeed_ray.evaluate",
+    "atspeed_ray.training.commands",
+    "atspeed_ray.serving.commands",
 ]
 
 

@@ -1,6 +1,7 @@
 """``atspeed-ray evaluate``: the paper's tables for a target and one or more drafts, in one run.
 
-* accuracy: Recall@K / NDCG@K on the test split for the target's beam search, strict SD (equal
+* accuracy: Recall@K / NDCG@K on the test split for a popularity baseline (the most frequent
+  training items), the target's beam search, strict SD (equal
   to it by construction; the identical rate is measured) and relaxed SD with every draft;
 * speed: walltime speedup (WS), accepted steps per round and target calls per request for every
   draft under strict and relaxed verification, timed at batch 1 on a prompt subset;
@@ -131,6 +132,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"  {method:>12} {mode:>8}: recall@{last['k']}={last['recall']:.4f} "
               f"ndcg@{last['k']}={last['ndcg']:.4f}", flush=True)
 
+    from atspeed_ray.data.prepare import popularity_topk
+
+    popular = index.canonical(popularity_topk(data, kmax)).tolist()
+    add_accuracy("popularity", "-", {k: [popular[:k]] * len(targets) for k in args.k})
     # beam search of width K gives a different list per K: run each K
     add_accuracy("target", "beam", {k: ranked(lambda b, k=k: beam_search(target, b, index, k))
                                     for k in args.k})

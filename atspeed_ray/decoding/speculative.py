@@ -17,10 +17,15 @@ One round, for every active request at once (each accepts and rejects on its own
 4. Both caches drop rejected branches; finished requests leave the batch.
 
 Strict mode returns exactly the target's beam search (same items, order and scores).
+
+The loop is written once, as a generator (``speculative_loop``) that yields the model calls it
+needs: ``speculative_beam_search`` answers them with in-process models and tree caches
+(``LocalModels``); the serving ingress answers them with remote, stateless replica calls.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -293,6 +298,185 @@ def accept_round(beams: Beams, root_logp: Tensor, step_logp: list[Tensor], steps
     return final, acc
 
 
+# ---------------------------------------------------------------------------------------------
+# The loop, written once. It is a generator ("sans-IO"): it yields the model calls it needs
+# (ProposeCall, VerifyCall, EndRoundCall) and receives their replies through ``send``. A driver
+# answers them: ``LocalModels`` with in-process models and tree caches (offline decoding), the
+# serving ingress with DeploymentHandle calls to remote replicas (stateless rounds).
+
+
+@dataclass
+class ProposeCall:
+    """Draft side: reply ``(steps, beams)`` as ``draft_phase`` returns them (without the cache)."""
+
+    beams: Beams  # [B, K, L] current beams
+    t: Tensor  # [B] tokens generated so far
+    g: Tensor  # [B] drafted steps usable per request
+    G: int  # max(g): number of draft steps to run
+    prompts: list[list[int]]  # [B] prompt token ids of the active requests
+    N: int  # draft width
+    sample: bool  # relaxed mode: sample N without replacement instead of top N
+    generator: torch.Generator | None
+
+
+@dataclass
+class Verified:
+    """Reply to a VerifyCall (``verify_phase`` without the cache)."""
+
+    root_logp: Tensor  # [B, K, V] target log-probs after the current beams
+    step_logp: list[Tensor]  # per drafted step: [B, N, V] after each drafted beam
+    beams: Beams  # the current beams (target slots may be filled in)
+    steps: list[DraftStep]  # the drafted steps (target slots may be filled in)
+
+
+@dataclass
+class VerifyCall:
+    """Target side: ONE forward over the drafted tree; reply a ``Verified``."""
+
+    beams: Beams  # [B, K, L]
+    t: Tensor  # [B]
+    steps: list[DraftStep]  # G steps of [B, N] drafted beams (may be empty)
+    prompts: list[list[int]]
+
+
+@dataclass
+class EndRoundCall:
+    """After acceptance: caches may drop rejected branches (reply: ``beams`` with renumbered
+    slots) and finished requests (``keep`` [B'] = rows that stay active, None = all stay)."""
+
+    beams: Beams
+    keep: Tensor | None
+
+
+ModelCall = ProposeCall | VerifyCall | EndRoundCall
+SpeculativeLoop = Generator[ModelCall, object, DecodeResult]
+
+
+def check_args(k: int, draft_beams: int | None, gamma: int, mode: str) -> int:
+    """Validate the search parameters; return the draft width N."""
+    N = k if draft_beams is None else draft_beams
+    if k < 1 or N < k:
+        raise ValueError(f"need 1 <= k <= draft_beams, got k={k}, draft_beams={N}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if mode not in ("strict", "relaxed"):
+        raise ValueError(f"mode must be 'strict' or 'relaxed', got {mode!r}")
+    return N
+
+
+def speculative_loop(
+    prompts: list[list[int]],
+    index: ItemIndex,
+    k: int,
+    draft_beams: int | None = None,
+    gamma: int = 3,
+    mode: Mode = "strict",
+    generator: torch.Generator | None = None,
+    keep_cache: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> SpeculativeLoop:
+    """The speculative beam search loop over ``prompts``; model calls are yielded (see above).
+
+    ``index`` must be on the device the beams live on; ``dtype`` is the beam score dtype
+    (``score_dtype(target)``). With ``keep_cache=False`` every round starts with no cached token
+    (``forget_slots``): the draft and the target recompute prompt and beams in each forward.
+    ``stats`` of the result: per-request lists target_calls, draft_calls, rounds, accepted_steps.
+    """
+    N = check_args(k, draft_beams, gamma, mode)
+    sample = mode == "relaxed"
+    device = index.device
+    B, L, K = len(prompts), index.L, k
+    beams = root_beams(B, K, L, ["target", "draft"], device, dtype)
+    t = torch.zeros(B, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # original request of each active row
+    out_tokens = torch.zeros(B, K, L, dtype=torch.long, device=device)
+    out_scores = torch.full((B, K), float("-inf"), dtype=dtype, device=device)
+    stats = {n: torch.zeros(B, dtype=torch.long, device=device)
+             for n in ("target_calls", "draft_calls", "rounds", "accepted_steps")}
+    active_prompts = prompts
+    while rows.numel() > 0:
+        if not keep_cache:
+            beams = forget_slots(beams)
+        g = (L - 1 - t).clamp(max=gamma)  # drafted steps usable per request
+        G = int(g.max())
+        steps: list[DraftStep] = []
+        if G > 0:
+            reply = yield ProposeCall(beams, t, g, G, active_prompts, N, sample, generator)
+            steps, beams = reply  # type: ignore[misc]
+        verified = yield VerifyCall(beams, t, steps, active_prompts)
+        assert isinstance(verified, Verified)
+        beams, steps = verified.beams, verified.steps
+        beams, acc = accept_round(beams, verified.root_logp, verified.step_logp, steps, t, g,
+                                  index, K, sample, generator)
+        t = t + acc + 1
+        stats["rounds"][rows] += 1
+        stats["target_calls"][rows] += 1
+        stats["draft_calls"][rows] += torch.where(g > 0, G, 0)
+        stats["accepted_steps"][rows] += acc
+        # ---- drop rejected branches from the caches, retire finished requests
+        done = t >= L
+        keep = (~done).nonzero().flatten() if bool(done.any()) else None
+        beams = yield EndRoundCall(beams, keep)  # type: ignore[assignment]
+        if keep is not None:
+            out_tokens[rows[done]] = beams.tokens[done]
+            out_scores[rows[done]] = beams.scores[done].to(out_scores.dtype)
+            beams, t, rows = beams.select_rows(keep), t[keep], rows[keep]
+            active_prompts = [active_prompts[i] for i in keep.tolist()]
+    if sample:  # best first by the target's score
+        order = out_scores.argsort(dim=1, descending=True, stable=True)
+        out_scores = out_scores.gather(1, order)
+        out_tokens = take(out_tokens, order)
+    items = torch.where(torch.isfinite(out_scores), index.items_of(out_tokens), -1)
+    return DecodeResult(items.tolist(), out_tokens, out_scores,
+                        {n: v.tolist() for n, v in stats.items()})
+
+
+def run_loop(loop: SpeculativeLoop, answer: Callable[[ModelCall], object]) -> DecodeResult:
+    """Drive ``loop`` to its end, answering each yielded call with ``answer(call)``."""
+    try:
+        call = next(loop)
+        while True:
+            call = loop.send(answer(call))
+    except StopIteration as stop:
+        return stop.value
+
+
+class LocalModels:
+    """Answers the loop's calls with in-process models, keeping one tree cache per model."""
+
+    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
+                 keep_cache: bool = True):
+        self.target, self.draft, self.index, self.keep_cache = target, draft, index, keep_cache
+        self.tcache: TreeCache | None = None
+        self.dcache: TreeCache | None = None
+
+    def __call__(self, call: ModelCall) -> object:
+        if isinstance(call, ProposeCall):
+            if not self.keep_cache:
+                self.dcache = None
+            steps, beams, self.dcache = draft_phase(
+                self.draft, self.dcache, call.beams, call.t, call.g, call.G, call.prompts,
+                self.index, call.N, call.sample, call.generator)
+            return steps, beams
+        if isinstance(call, VerifyCall):
+            if not self.keep_cache:
+                self.tcache = None
+            root_logp, step_logp, beams, steps, self.tcache = verify_phase(
+                self.target, self.tcache, call.beams, call.t, call.steps, call.prompts)
+            return Verified(root_logp, step_logp, beams, steps)
+        assert isinstance(call, EndRoundCall)
+        beams = call.beams
+        assert self.tcache is not None
+        beams.slots["target"] = self.tcache.compact(beams.slots["target"])
+        if self.dcache is not None:
+            beams.slots["draft"] = self.dcache.compact(beams.slots["draft"])
+        if call.keep is not None:
+            self.tcache = self.tcache.select_rows(call.keep)
+            if self.dcache is not None:
+                self.dcache = self.dcache.select_rows(call.keep)
+        return beams
+
+
 @torch.no_grad()
 def speculative_beam_search(
     target: torch.nn.Module,
@@ -312,64 +496,8 @@ def speculative_beam_search(
     ``keep_cache=False`` runs every round stateless (prompt and beams recomputed each forward):
     the same result, the mode used when draft and target are remote replicas without caches.
     """
-    N = k if draft_beams is None else draft_beams
-    if k < 1 or N < k:
-        raise ValueError(f"need 1 <= k <= draft_beams, got k={k}, draft_beams={N}")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if mode not in ("strict", "relaxed"):
-        raise ValueError(f"mode must be 'strict' or 'relaxed', got {mode!r}")
-    sample = mode == "relaxed"
-    device = next(target.parameters()).device
-    index = index.to(device)
-    B, L, K = len(prompts), index.L, k
-    beams = root_beams(B, K, L, ["target", "draft"], device, score_dtype(target))
-    t = torch.zeros(B, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)  # original request of each active row
-    out_tokens = torch.zeros(B, K, L, dtype=torch.long, device=device)
-    out_scores = torch.full((B, K), float("-inf"), dtype=score_dtype(target), device=device)
-    stats = {n: torch.zeros(B, dtype=torch.long, device=device)
-             for n in ("target_calls", "draft_calls", "rounds", "accepted_steps")}
-    tcache = dcache = None
-    active_prompts = prompts
-    while rows.numel() > 0:
-        if not keep_cache:
-            tcache = dcache = None
-            beams = forget_slots(beams)
-        g = (L - 1 - t).clamp(max=gamma)  # drafted steps usable per request
-        G = int(g.max())
-        steps: list[DraftStep] = []
-        if G > 0:
-            steps, beams, dcache = draft_phase(draft, dcache, beams, t, g, G, active_prompts,
-                                               index, N, sample, generator)
-        root_logp, step_logp, beams, steps, tcache = verify_phase(
-            target, tcache, beams, t, steps, active_prompts)
-        beams, acc = accept_round(beams, root_logp, step_logp, steps, t, g, index, K, sample,
-                                  generator)
-        t = t + acc + 1
-        stats["rounds"][rows] += 1
-        stats["target_calls"][rows] += 1
-        stats["draft_calls"][rows] += torch.where(g > 0, G, 0)
-        stats["accepted_steps"][rows] += acc
-        # ---- drop rejected branches from both caches, retire finished requests
-        beams.slots["target"] = tcache.compact(beams.slots["target"])
-        if dcache is not None:
-            beams.slots["draft"] = dcache.compact(beams.slots["draft"])
-        done = t >= L
-        if bool(done.any()):
-            out_tokens[rows[done]] = beams.tokens[done]
-            out_scores[rows[done]] = beams.scores[done].to(out_scores.dtype)
-            keep = (~done).nonzero().flatten()
-            beams, t, rows = beams.select_rows(keep), t[keep], rows[keep]
-            tcache = tcache.select_rows(keep)
-            if dcache is not None:
-                dcache = dcache.select_rows(keep)
-            if active_prompts is not None:
-                active_prompts = [active_prompts[i] for i in keep.tolist()]
-    if sample:  # best first by the target's score
-        order = out_scores.argsort(dim=1, descending=True, stable=True)
-        out_scores = out_scores.gather(1, order)
-        out_tokens = take(out_tokens, order)
-    items = torch.where(torch.isfinite(out_scores), index.items_of(out_tokens), -1)
-    return DecodeResult(items.tolist(), out_tokens, out_scores,
-                        {n: v.tolist() for n, v in stats.items()})
+    check_args(k, draft_beams, gamma, mode)
+    index = index.to(next(target.parameters()).device)
+    loop = speculative_loop(prompts, index, k, draft_beams, gamma, mode, generator, keep_cache,
+                            score_dtype(target))
+    return run_loop(loop, LocalModels(target, draft, index, keep_cache))

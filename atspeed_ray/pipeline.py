@@ -1,0 +1,120 @@
+"""The whole pipeline as one job: prepare -> train target -> teacher data -> align drafts ->
+evaluate (-> serve). ``jobs/demo.py`` runs it on the built-in synthetic data, ``jobs/reproduce.py``
+on a paper-format data set. Each stage is skipped when its output already exists, so a second run
+reuses the first one's work. Every stage is the same CLI command a user would type."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1)
+    micro_batch: int = 64
+    lr: float = 1e-3
+    max_samples: int | None = None  # subsample the training rows
+    workers: int = 1  # Ray Train workers (0 = in-process)
+    extra: list[str] = []  # more CLI flags, passed as is
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = "synthetic"  # "synthetic" or a release folder
+    out: str = "demo_out"
+    preset: str = "tiny"
+    target: StageSettings = StageSettings()
+    align: StageSettings = StageSettings()
+    teacher_k: int = 10
+    teacher_samples: int | None = None  # subsample train prompts for teacher data
+    teacher_workers: int = 2
+    losses: list[str] = ["sft", "atspeed-s", "atspeed-r"]
+    alpha: float = 0.7
+    eval_k: list[int] = [1, 5, 10]
+    eval_prompts: int | None = None
+    timing_prompts: int = 30
+    draft_beams: int | None = None
+    gamma: int = 3
+    use_gpu: bool = False
+
+
+def run_cli(argv: list[str]) -> None:
+    """Run one ``atspeed-ray`` command in this process; stop the pipeline if it fails."""
+    from atspeed_ray.cli import main
+
+    print(f"\n$ atspeed-ray {shlex.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    rc = main(argv)
+    if rc:
+        raise SystemExit(f"stage failed (exit {rc}): atspeed-ray {shlex.join(argv)}")
+    print(f"[{argv[0]} done in {time.perf_counter() - t0:.1f} s]", flush=True)
+
+
+def stage_flags(s: StageSettings, use_gpu: bool) -> list[str]:
+    flags = ["--epochs", str(s.epochs), "--micro-batch", str(s.micro_batch), "--lr", str(s.lr),
+             "--workers", str(s.workers)]
+    if s.max_samples is not None:
+        flags += ["--max-samples", str(s.max_samples)]
+    if use_gpu:
+        flags += ["--use-gpu"]
+    return flags + list(s.extra)
+
+
+def done(path: Path, marker: str) -> bool:
+    if (path / marker).exists():
+        print(f"\n= reusing {path} (found {marker})", flush=True)
+        return True
+    return False
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(cfg.model_dump_json(indent=2))
+    data, target, teacher = out / "data", out / "target", out / "teacher"
+    t0 = time.perf_counter()
+    if not done(data, "summary.json"):
+        run_cli(["prepare", "--data", cfg.data, "--out", str(data)])
+    if not done(target, "config.json"):
+        run_cli(["train-target", "--data", str(data), "--out", str(target), "--preset", cfg.preset]
+                + stage_flags(cfg.target, cfg.use_gpu))
+    if not done(teacher, "teacher.json"):
+        argv = ["teacher", "--data", str(data), "--target", str(target), "--out", str(teacher),
+                "--k", str(cfg.teacher_k), "--workers", str(cfg.teacher_workers)]
+        if cfg.teacher_samples is not None:
+            argv += ["--max-samples", str(cfg.teacher_samples)]
+        run_cli(argv + (["--use-gpu"] if cfg.use_gpu else []))
+    drafts = []
+    for loss in cfg.losses:
+        draft = out / "drafts" / loss
+        drafts.append(draft)
+        if not done(draft, "config.json"):
+            run_cli(["align", "--data", str(data), "--target", str(target), "--teacher", str(teacher),
+                     "--out", str(draft), "--loss", loss, "--alpha", str(cfg.alpha),
+                     "--preset", cfg.preset] + stage_flags(cfg.align, cfg.use_gpu))
+    evaluation = out / "eval"
+    if not done(evaluation, "speed.json"):
+        argv = ["evaluate", "--data", str(data), "--target", str(target), "--out", str(evaluation),
+                "--k", ",".join(map(str, cfg.eval_k)), "--timing-prompts", str(cfg.timing_prompts),
+                "--gamma", str(cfg.gamma)]
+        for d in drafts:
+            argv += ["--draft", str(d)]
+        if cfg.eval_prompts is not None:
+            argv += ["--num-prompts", str(cfg.eval_prompts)]
+        if cfg.draft_beams is not None:
+            argv += ["--draft-beams", str(cfg.draft_beams)]
+        run_cli(argv)
+    else:
+        print((evaluation / "accuracy.md").read_text())
+        print((evaluation / "speed.md").read_text())
+    summary = json.loads((data / "summary.json").read_text())
+    print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s: {summary['users']} users, "
+          f"{summary['items']} items; outputs in {out}/", flush=True)
+    return out

@@ -1,0 +1,164 @@
+"""``atspeed-ray serve`` and ``atspeed-ray loadtest``.
+
+``atspeed-ray serve --target DIR --draft DIR --data DIR`` starts ``serve_configs/local.yaml`` with
+those paths (made absolute) in the app's ``args``: it starts a fresh local Ray instance (never
+joins one it did not start), binds HTTP to 127.0.0.1 and blocks until Ctrl-C / SIGTERM.
+``--print-config`` only prints the resolved YAML (for ``serve run`` / ``serve deploy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "serve_configs"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the speculative recommender (Ray Serve, local config)")
+    p.add_argument("--target", required=True, help="target model folder (HF export)")
+    p.add_argument("--draft", default=None, help="draft model folder (HF export); omit with --target-only")
+    p.add_argument("--data", default=None,
+                   help="prepared data folder (item index, tokenizer); default: index.json beside the target")
+    p.add_argument("--config", default=str(REPO_CONFIGS / "local.yaml"), help="Serve config YAML")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    p.add_argument("--host", default="127.0.0.1", choices=LOOPBACK, help="loopback address to bind")
+    p.add_argument("--target-only", action="store_true", help="serve the target-only baseline instead")
+    p.add_argument("--with-baseline", action="store_true",
+                   help="also serve the target-only baseline app at /baseline (for loadtest --baseline-url)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra app args, e.g. --set gamma=2 --set dtype=float64 (YAML values)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run_serve)
+
+    q = sub.add_parser("loadtest", help="bounded load against a loopback recommend endpoint")
+    q.add_argument("--url", required=True, help="app base URL, e.g. http://127.0.0.1:8000 (loopback only)")
+    q.add_argument("--requests", type=int, required=True, help="number of requests (bounded)")
+    q.add_argument("--concurrency", type=int, default=1, help="requests in flight")
+    q.add_argument("--k", type=int, default=10)
+    q.add_argument("--mode", default="strict", choices=["strict", "relaxed"])
+    q.add_argument("--seed", type=int, default=None, help="relaxed: seed of the first request (+i after)")
+    q.add_argument("--baseline-url", default=None,
+                   help="comparison: same load against this app too (e.g. the target-only app) and print ratios")
+    q.add_argument("--data", default=None, help="prepared data folder: use its test histories")
+    q.add_argument("--warmup", type=int, default=10, help="unmeasured requests first (per app)")
+    q.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
+    q.add_argument("--json", default=None, help="also write the results as JSON here")
+    q.set_defaults(func=run_loadtest)
+
+
+def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from atspeed_ray.serving.config import AppArgs
+
+    with open(args.config) as f:
+        config = yaml.safe_load(f)
+    http = config.setdefault("http_options", {})
+    http["host"] = args.host
+    if args.port is not None:
+        http["port"] = args.port
+    apps = config["applications"]
+    main = apps[0]
+    extra = {}
+    for kv in args.set:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
+        extra[key] = yaml.safe_load(value)
+    paths = {"target": args.target, "draft": None if args.target_only else args.draft, "data": args.data}
+    for key, value in list(paths.items()):
+        if value is not None:
+            if not Path(value).exists():
+                raise FileNotFoundError(f"--{key} {value}: no such folder")
+            paths[key] = str(Path(value).resolve())
+    app_args = {**main.get("args", {}), **extra, **paths, "target_only": bool(args.target_only)}
+    AppArgs.model_validate(app_args)  # fail here, not inside a replica
+    main["args"] = app_args
+    if args.target_only:
+        main["deployments"] = [d for d in main.get("deployments", []) if d.get("name") != "DraftModel"]
+    if args.with_baseline and not args.target_only:
+        base = {**copy.deepcopy(main), "name": f"{main['name']}-baseline", "route_prefix": "/baseline",
+                "args": {**copy.deepcopy(app_args), "target_only": True, "draft": None},
+                "deployments": [copy.deepcopy(d) for d in main.get("deployments", [])
+                                if d.get("name") != "DraftModel"]}
+        apps.append(base)
+    return config
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import yaml
+
+    if args.draft is None and not args.target_only:
+        print("atspeed-ray serve: error: --draft is required (or --target-only)", file=sys.stderr)
+        return 2
+    config = resolved_config(args)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.print_config:
+        print(text)
+        return 0
+    import os
+    import signal
+
+    # autoscaling reacts within seconds on this small config (the defaults push metrics every 10 s)
+    for var in ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+        os.environ.setdefault(var, "1")
+
+    def stop(_sig: int, _frame: object) -> None:  # SIGTERM: shut Serve and Ray down cleanly
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    import ray
+    from ray.serve.scripts import cli as serve_cli
+
+    with tempfile.TemporaryDirectory(prefix="atspeed-serve-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text)
+        # a fresh local instance: never deploy onto a cluster someone else started
+        ray.init(address="local", namespace="serve", num_cpus=args.num_cpus,
+                 object_store_memory=512 * 1024**2)
+        port = config["http_options"].get("port", 8000)
+        print(f"serving on http://{args.host}:{port}  (POST /recommend, GET /healthz, /docs)", flush=True)
+        try:
+            serve_cli.main(["run", str(path)], standalone_mode=False)
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    return 0
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    import httpx
+
+    from atspeed_ray.serving.loadtest import MAX_CONCURRENCY, MAX_REQUESTS, NotLoopback, main_async
+
+    if not 1 <= args.requests <= MAX_REQUESTS or not 1 <= args.concurrency <= MAX_CONCURRENCY:
+        print(f"atspeed-ray loadtest: error: need 1 <= requests <= {MAX_REQUESTS} and "
+              f"1 <= concurrency <= {MAX_CONCURRENCY}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(main_async(args.url, args.requests, args.concurrency, args.k, args.mode,
+                                      args.baseline_url, args.data, args.warmup, args.timeout,
+                                      args.seed, args.json))
+    except NotLoopback as e:
+        print(f"atspeed-ray loadtest: error: {e}", file=sys.stderr)
+        return 2
+    except (httpx.HTTPError, OSError, ValueError, KeyError) as e:  # server down, no /meta, bad --data
+        print(f"atspeed-ray loadtest: error: cannot prepare the load: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return 2

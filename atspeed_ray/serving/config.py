@@ -1,0 +1,131 @@
+"""Pydantic settings of the serving app and the HTTP request/response schemas.
+
+Limits (documented in the OpenAPI schema at /docs):
+
+* ``history``: 1 to ``MAX_HISTORY`` (50) item ids, oldest first. Only the most recent
+  ``history_window`` items (default: the prepared data's ``history_len``, 20) go into the prompt,
+  exactly as training built its prompts. Longer histories get a 422 naming ``history``.
+* ``k``: 1 to ``MAX_K`` (50), and at most the app's ``max_k`` and the number of distinct items.
+* ``mode``: ``strict`` (lossless: the target's own beam search) or ``relaxed`` (sampling
+  verification; add ``seed`` for a reproducible answer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_HISTORY = 50
+MAX_K = 50
+
+Mode = Literal["strict", "relaxed"]
+ItemId = Annotated[int, Field(strict=True, ge=0, le=2**62)]
+
+
+# --------------------------------------------------------------------------------------- HTTP
+class RecommendRequest(BaseModel):
+    """Body of ``POST /recommend``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    history: list[ItemId] = Field(
+        min_length=1, max_length=MAX_HISTORY,
+        description=f"Item ids the user interacted with, oldest first (1 to {MAX_HISTORY}; the "
+                    "most recent history_window of them are used).")
+    k: int = Field(default=10, ge=1, le=MAX_K, description="Number of items to return.")
+    mode: Mode = Field(default="strict", description="strict: exact target beam search; "
+                                                     "relaxed: sampling verification.")
+    seed: int | None = Field(default=None, ge=0, le=2**62,
+                             description="relaxed mode: seed for a reproducible answer.")
+
+
+class RecommendResponse(BaseModel):
+    items: list[int] = Field(description="Recommended item ids, best first (at most k).")
+    scores: list[float] = Field(description="Target log-probability of each item's semantic ID.")
+    stats: dict[str, int | float | str | bool | None] = Field(
+        description="path (speculative | fallback | target_only), rounds, accepted_steps, "
+                    "target_calls, draft_forwards, handle_calls, latency_ms, ...")
+
+
+# ------------------------------------------------------------------------------------ settings
+class BatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=16, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=1.0)
+
+
+class ModelSettings(BaseModel):
+    """What a model replica (``DraftModel`` / ``TargetModel``) needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # HF model directory
+    data: str | None = None  # prepared data folder (item index); None: index.json beside catalog_model
+    catalog_model: str | None = None  # model dir with index.json + tokenizer when data is None (the target)
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", ...
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    torch_threads: int | None = Field(default=None, ge=1, le=256)  # None: Ray's per-actor default
+    batch: BatchSettings = BatchSettings()
+
+
+class FaultConfig(BaseModel):
+    """Chaos hook of ``DraftModel``, set at runtime through its Serve ``user_config`` (applied in
+    place by ``reconfigure``, no restart): ``raise`` fails every call, ``delay`` sleeps first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fault: Literal["none", "raise", "delay"] = "none"
+    fault_delay_s: float = Field(default=5.0, ge=0.0, le=600.0)
+
+
+class AppArgs(BaseModel):
+    """``args`` of the app builder (``serve_configs/*.yaml``) and of ``atspeed-ray serve``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(description="target model directory (HF format)")
+    draft: str | None = Field(default=None, description="draft model directory; None: target-only app")
+    data: str | None = Field(default=None, description="prepared data folder (index.json + tokenizer); "
+                                                       "default: index.json beside the target model")
+    target_only: bool = Field(default=False, description="serve plain target beam search (baseline)")
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    gamma: int = Field(default=3, ge=0, le=16, description="draft steps per round")
+    draft_beams_factor: float = Field(default=1.0, ge=1.0, le=8.0,
+                                      description="draft width N = ceil(factor * k)")
+    max_k: int = Field(default=MAX_K, ge=1, le=MAX_K)
+    history_window: int | None = Field(default=None, ge=1, le=MAX_HISTORY,
+                                       description="items of the history used (default: the data's history_len)")
+    draft_timeout_s: float = Field(default=2.0, gt=0.0, le=600.0,
+                                   description="deadline of one draft call; then target-only fallback")
+    target_timeout_s: float = Field(default=30.0, gt=0.0, le=600.0)
+    draft_threads: int | None = Field(default=None, ge=1, le=256)
+    target_threads: int | None = Field(default=None, ge=1, le=256)
+    draft_batch: BatchSettings = BatchSettings()
+    target_batch: BatchSettings = BatchSettings()
+
+    @model_validator(mode="after")
+    def _draft_needed(self) -> "AppArgs":
+        if self.draft is None and not self.target_only:
+            raise ValueError("draft is required unless target_only is true")
+        return self
+
+    @property
+    def speculative(self) -> bool:
+        return not self.target_only and self.draft is not None
+
+    def draft_width(self, k: int) -> int:
+        return max(k, math.ceil(k * self.draft_beams_factor - 1e-9))
+
+    def model_settings(self, which: Literal["target", "draft"]) -> ModelSettings:
+        draft = which == "draft"
+        model = self.draft if draft else self.target
+        assert model is not None
+        return ModelSettings(
+            model=model, data=self.data, catalog_model=self.target, device=self.device, dtype=self.dtype,
+            torch_threads=self.draft_threads if draft else self.target_threads,
+            batch=self.draft_batch if draft else self.target_batch,
+        )

@@ -1,0 +1,323 @@
+"""Ray Serve deployments: ``DraftModel``, ``TargetModel`` and the FastAPI ingress ``Recommender``.
+
+    HTTP -> Recommender --(1 handle call per round)--> DraftModel.propose   (@serve.batch)
+                        --(1 handle call per round)--> TargetModel.verify   (@serve.batch)
+                        --(fallback / target-only)---> TargetModel.beam_search (@serve.batch)
+
+The ingress runs the decoding core's loop per request (``driver.remote_speculative``): the draft
+proposes, the target verifies the tree in one forward, the ingress accepts. Each round costs two
+handle calls; a request whose draft fails or misses ``draft_timeout_s`` is answered by the target
+alone (plain beam search: the strict answer), and counted as a fallback.
+
+No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.metrics import Counter, Histogram
+
+from atspeed_ray.serving.batching import (
+    BeamReply, BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch,
+    draft_batch, verify_batch,
+)
+from atspeed_ray.serving.catalog import Catalog, load_catalog
+from atspeed_ray.serving.config import (
+    MAX_HISTORY, MAX_K, AppArgs, FaultConfig, ModelSettings, RecommendRequest, RecommendResponse,
+)
+from atspeed_ray.serving.driver import DraftUnavailable, remote_speculative
+
+logger = logging.getLogger("ray.serve")
+
+BATCH_BOUNDS = [1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5]
+LATENCY_BOUNDS_MS = [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+SMALL_COUNT_BOUNDS = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5]
+
+
+class ModelReplica:
+    """Shared by both model deployments: load model + item index, one compute thread."""
+
+    kind = "model"
+
+    def __init__(self, settings: dict[str, Any]):
+        from atspeed_ray.models import DeviceConfig, load_model
+
+        s = ModelSettings.model_validate(settings)
+        self.settings = s
+        if s.torch_threads is not None:
+            torch.set_num_threads(s.torch_threads)
+        self.model, _ = load_model(s.model, DeviceConfig(device=s.device, dtype=s.dtype))
+        self.device = next(self.model.parameters()).device
+        catalog = load_catalog(s.data, s.catalog_model or s.model)
+        self.index = catalog.index.to(self.device)
+        # forwards run in one worker thread: the event loop keeps queueing requests meanwhile,
+        # so the next batch forms while the current one computes
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.kind)
+        self.batch_size = Histogram("atspeed_batch_size", description="requests per batched model call",
+                                    boundaries=BATCH_BOUNDS, tag_keys=("method",))  # Serve adds deployment/replica/application
+        self.batches = {"batches": 0, "requests": 0, "max_batch": 0}
+        logger.info("%s: %s on %s, %d threads", self.kind, s.model, self.device, torch.get_num_threads())
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def observe_batch(self, method: str, n: int) -> None:
+        b = self.batches
+        b["batches"] += 1
+        b["requests"] += n
+        b["max_batch"] = max(b["max_batch"], n)
+        self.batch_size.observe(n, tags={"method": method})
+
+    def info(self) -> dict[str, Any]:
+        """This replica: pid, device, torch threads and batching counters."""
+        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
+                **self.batches}
+
+
+@serve.deployment(name="DraftModel", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class DraftModel(ModelReplica):
+    kind = "DraftModel"
+
+    def __init__(self, settings: dict[str, Any]):
+        super().__init__(settings)
+        b = self.settings.batch
+        self.propose.set_max_batch_size(b.max_batch_size)
+        self.propose.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+        self.generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(4), "little"))
+        self.fault = FaultConfig()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``user_config`` = ``FaultConfig`` (chaos testing); applied without a restart."""
+        self.fault = FaultConfig.model_validate(user_config or {})
+        logger.warning("DraftModel fault config: %s", self.fault)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def propose(self, reqs: list[DraftRequest]) -> list[DraftReply]:
+        self.observe_batch("propose", len(reqs))
+        if self.fault.fault == "raise":
+            raise RuntimeError("DraftModel fault injection: raise")
+        if self.fault.fault == "delay":
+            await asyncio.sleep(self.fault.fault_delay_s)
+        return await self.run(draft_batch, self.model, self.index, reqs, self.generator)
+
+
+@serve.deployment(name="TargetModel", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class TargetModel(ModelReplica):
+    kind = "TargetModel"
+
+    def __init__(self, settings: dict[str, Any]):
+        super().__init__(settings)
+        b = self.settings.batch
+        for method in (self.verify, self.beam_search):
+            method.set_max_batch_size(b.max_batch_size)
+            method.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def verify(self, reqs: list[VerifyRequest]) -> list[VerifyReply]:
+        self.observe_batch("verify", len(reqs))
+        return await self.run(verify_batch, self.model, reqs)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def beam_search(self, reqs: list[BeamRequest]) -> list[BeamReply]:
+        self.observe_batch("beam_search", len(reqs))
+        return await self.run(beam_batch, self.model, self.index, reqs)
+
+
+# --------------------------------------------------------------------------------- ingress
+api = FastAPI(
+    title="AtSpeed recommender",
+    description=(
+        "Top-k next-item recommendation by speculative beam search (AtSpeed): a draft model "
+        "proposes, the target verifies. `strict` mode returns exactly the target's beam search. "
+        f"Limits: history 1..{MAX_HISTORY} item ids (the most recent history_window are used), "
+        f"k 1..{MAX_K} (and at most the app's max_k / the number of items)."),
+    version="0.1.0",
+)
+
+
+def field_error(loc: list[str | int], msg: str, value: Any, kind: str = "value_error") -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors (``detail[*].loc`` names the field)."""
+    return HTTPException(status_code=422, detail=[{"type": kind, "loc": loc, "msg": msg, "input": value}])
+
+
+@api.exception_handler(Exception)
+async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request failed: %s", exc)
+    return JSONResponse(status_code=503, content={"detail": f"temporarily unavailable: {type(exc).__name__}"})
+
+
+def running_replicas() -> dict[str, int]:
+    """Running replicas of each deployment of this app (what autoscaling decided)."""
+    try:
+        app = serve.get_replica_context().app_name
+        deployments = serve.status().applications[app].deployments
+        return {name: int(d.replica_states.get("RUNNING", 0)) for name, d in deployments.items()}
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        logger.warning("cannot read replica counts: %s", e)
+        return {}
+
+
+def check_positions(model_dir: str, catalog: Catalog) -> None:
+    """Refuse to start if the longest prompt + the generated item exceeds the model's positions."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    max_pos = config.get("max_position_embeddings")
+    L = catalog.index.L
+    longest = 1 + (L + 1) * catalog.history_window + L
+    if max_pos is not None and longest > int(max_pos):
+        raise ValueError(f"history_window {catalog.history_window} gives prompts of up to {longest} "
+                         f"tokens, more than the model's max_position_embeddings {max_pos}")
+
+
+async def _result(resp: DeploymentResponse) -> Any:
+    return await resp
+
+
+@serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.ingress(api)
+class Recommender:
+    def __init__(self, args: dict[str, Any], target: DeploymentHandle, draft: DeploymentHandle | None = None):
+        self.args = AppArgs.model_validate(args)
+        torch.set_num_threads(1)  # acceptance is small tensor work; leave the cores to the models
+        self.catalog: Catalog = load_catalog(self.args.data, self.args.target, self.args.history_window)
+        self.max_k = min(self.args.max_k, self.catalog.index.num_leaves)
+        check_positions(self.args.target, self.catalog)
+        self.dtype = torch.float64 if self.args.dtype == "float64" else torch.float32
+        self.target = target
+        self.draft = draft if self.args.speculative else None
+        self.counts: dict[str, float] = {
+            "requests": 0, "ok": 0, "errors": 0, "fallbacks": 0, "fallback_error": 0,
+            "fallback_deadline": 0, "handle_calls": 0, "rounds": 0, "accepted_steps": 0,
+            "target_forwards": 0, "latency_ms_sum": 0.0}
+        tags = ("app_path", "mode")
+        self.m_requests = Counter("atspeed_requests", description="recommend requests",
+                                  tag_keys=("app_path", "mode", "status"))
+        self.m_latency = Histogram("atspeed_latency_ms", description="recommend latency (ms)",
+                                   boundaries=LATENCY_BOUNDS_MS, tag_keys=tags)
+        self.m_accepted = Histogram("atspeed_accepted_steps", description="accepted draft steps per request",
+                                    boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
+        self.m_target_calls = Histogram("atspeed_target_calls", description="target forwards per request",
+                                        boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
+        self.m_handle_calls = Histogram("atspeed_handle_calls", description="DeploymentHandle calls per request",
+                                        boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
+        self.m_fallbacks = Counter("atspeed_fallbacks", description="requests answered by the target alone "
+                                   "because the draft failed or missed its deadline", tag_keys=("reason",))
+
+    # ------------------------------------------------------------------ endpoints
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "speculative": self.draft is not None}
+
+    @api.get("/meta")
+    async def meta(self) -> dict[str, Any]:
+        return {"speculative": self.draft is not None, "num_items": self.catalog.index.num_items,
+                "L": self.catalog.index.L, "max_k": self.max_k, "max_history": MAX_HISTORY,
+                "history_window": self.catalog.history_window, "gamma": self.args.gamma,
+                "draft_beams_factor": self.args.draft_beams_factor,
+                "example_histories": self.catalog.examples}
+
+    @api.get("/stats")
+    async def stats(self) -> dict[str, Any]:
+        """Counters of this ingress replica since it started, and the app's running replicas."""
+        return {"pid": os.getpid(), **self.counts, "replicas": await asyncio.to_thread(running_replicas)}
+
+    @api.post("/recommend", response_model=RecommendResponse)
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        self.counts["requests"] += 1
+        app_path = "speculative" if self.draft is not None else "target_only"
+        if req.k > self.max_k:
+            self._count_status(app_path, req.mode, "invalid")
+            raise field_error(["body", "k"], f"k must be <= {self.max_k} for this catalog and app",
+                              req.k, "less_than_equal")
+        unknown = self.catalog.unknown(req.history)
+        if unknown:
+            self._count_status(app_path, req.mode, "invalid")
+            i = unknown[0]
+            raise field_error(["body", "history", i],
+                              f"unknown item id {req.history[i]} ({len(unknown)} unknown in history)",
+                              req.history[i], "unknown_item")
+        start = time.perf_counter()
+        try:
+            items, scores, stats = await self._decode(req)
+        except Exception:
+            self.counts["errors"] += 1
+            self._count_status(app_path, req.mode, "error")
+            raise
+        ms = (time.perf_counter() - start) * 1000.0
+        stats["latency_ms"] = round(ms, 3)
+        tags = {"app_path": str(stats["path"]), "mode": req.mode}
+        self.m_latency.observe(ms, tags=tags)
+        self.m_accepted.observe(float(stats["accepted_steps"] or 0), tags=tags)  # type: ignore[arg-type]
+        self.m_target_calls.observe(float(stats["target_forwards"]), tags=tags)  # type: ignore[arg-type]
+        self.m_handle_calls.observe(float(stats["handle_calls"]), tags=tags)  # type: ignore[arg-type]
+        self._count_status(str(stats["path"]), req.mode, "ok")
+        c = self.counts
+        c["ok"] += 1
+        c["latency_ms_sum"] += ms
+        for key in ("handle_calls", "rounds", "accepted_steps", "target_forwards"):
+            c[key] += float(stats[key] or 0)  # type: ignore[arg-type]
+        return RecommendResponse(items=items, scores=scores, stats=stats)
+
+    # ------------------------------------------------------------------ decoding
+    def _count_status(self, app_path: str, mode: str, status: str) -> None:
+        self.m_requests.inc(tags={"app_path": app_path, "mode": mode, "status": status})
+
+    async def _decode(self, req: RecommendRequest) -> tuple[list[int], list[float], dict[str, Any]]:
+        prompt = self.catalog.prompt(req.history)
+        stats: dict[str, Any] = {"mode": req.mode, "k": req.k, "prompt_tokens": len(prompt)}
+        calls = {"draft": 0, "target": 0}
+        if self.draft is not None:
+            gen: torch.Generator | None = None
+            if req.mode == "relaxed":
+                gen = torch.Generator()
+                gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "little"))
+            draft, target = self.draft, self.target
+            N = self.args.draft_width(req.k)
+            try:
+                res = await remote_speculative(
+                    lambda r: _result(draft.propose.remote(r)),
+                    lambda r: asyncio.wait_for(_result(target.verify.remote(r)), self.args.target_timeout_s),
+                    [prompt], self.catalog.index, req.k, N, self.args.gamma, req.mode, gen,
+                    seeded=req.seed is not None, draft_timeout_s=self.args.draft_timeout_s,
+                    dtype=self.dtype, calls=calls)
+                stats.update(path="speculative", rounds=res.stats["rounds"][0],
+                             accepted_steps=res.stats["accepted_steps"][0],
+                             target_forwards=res.stats["target_calls"][0],
+                             draft_forwards=res.stats["draft_calls"][0],
+                             handle_calls=calls["draft"] + calls["target"], draft_width=N)
+                return self._answer(res.items[0], res.scores[0].tolist(), stats)
+            except DraftUnavailable as e:
+                reason, detail = e.reason, str(e)
+            except Exception as e:  # noqa: BLE001 - a target call failed: one more try, alone
+                logger.exception("speculative path failed")
+                reason, detail = "target_error", f"{type(e).__name__}: {e}"
+            self.counts["fallbacks"] += 1
+            self.counts[f"fallback_{reason}"] = self.counts.get(f"fallback_{reason}", 0) + 1
+            self.m_fallbacks.inc(tags={"reason": reason})
+            logger.warning("target-only fallback (%s): %s", reason, detail)
+            stats.update(path="fallback", fallback_reason=reason, fallback_detail=detail[:200])
+        else:
+            stats["path"] = "target_only"
+        calls["target"] += 1
+        reply: BeamReply = await asyncio.wait_for(
+            _result(self.target.beam_search.remote(BeamRequest([prompt], req.k))),
+            self.args.target_timeout_s)
+        stats.update(rounds=None, accepted_steps=None, target_forwards=self.catalog.index.L,
+                     handle_calls=calls["draft"] + calls["target"])
+        return self._answer(reply.items[0], reply.scores[0].tolist(), stats)
+
+    @staticmethod
+    def _answer(items: list[int], scores: list[float], stats: dict[str, Any]
+                ) -> tuple[list[int], list[float], dict[str, Any]]:
+        keep = [i for i, item in enumerate(items) if item >= 0]  # fewer than k items can exist
+        return [items[i] for i in keep], [float(scores[i]) for i in keep], stats

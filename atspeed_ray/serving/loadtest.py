@@ -1,0 +1,249 @@
+"""Loopback-only, bounded load generator for the recommend endpoint.
+
+``atspeed-ray loadtest --url http://127.0.0.1:8000 --requests 200 --concurrency 8``
+
+* Only loopback targets (``localhost``, 127.0.0.0/8, ::1): anything else is refused.
+* Bounded: at most ``MAX_REQUESTS`` requests, ``MAX_CONCURRENCY`` in flight, a per-request timeout.
+* Histories: ``--data`` prepared folder (test split), else the server's ``GET /meta`` examples.
+* ``--baseline-url``: the same load (same histories, same order) against a second app, e.g. the
+  target-only baseline; prints both and the ratios (latency: this / baseline; throughput:
+  this / baseline) and how many strict answers agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+MAX_REQUESTS = 100_000
+MAX_CONCURRENCY = 256
+
+
+class NotLoopback(ValueError):
+    pass
+
+
+def check_loopback(url: str) -> str:
+    """Return ``url`` without a trailing slash; raise ``NotLoopback`` unless it is loopback http."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise NotLoopback(f"{url}: only http(s) URLs")
+    host = parts.hostname or ""
+    if host != "localhost":
+        try:
+            ok = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            ok = False
+        if not ok:
+            raise NotLoopback(f"{url}: refusing a non-loopback host {host!r} (use 127.0.0.1 or localhost)")
+    return url.rstrip("/")
+
+
+@dataclass
+class LoadResult:
+    url: str
+    requests: int
+    concurrency: int
+    ok: int = 0
+    errors: int = 0
+    wall_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+    server: dict[str, float] = field(default_factory=dict)  # means of numeric response stats
+    paths: dict[str, int] = field(default_factory=dict)  # speculative / fallback / target_only
+    answers: list[list[int] | None] = field(default_factory=list)  # items of each request, by index
+    max_replicas: dict[str, int] = field(default_factory=dict)  # most running replicas seen (GET /stats)
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.wall_s if self.wall_s > 0 else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        xs = sorted(self.latencies_ms)
+        return xs[min(len(xs) - 1, max(0, int(round(q / 100 * len(xs) + 0.5)) - 1))]
+
+    def summary(self) -> dict[str, Any]:
+        lat = self.latencies_ms
+        return {
+            "url": self.url, "requests": self.requests, "concurrency": self.concurrency,
+            "ok": self.ok, "errors": self.errors, "wall_s": round(self.wall_s, 3),
+            "req_per_s": round(self.rps, 2),
+            "p50_ms": round(self.pct(50), 2), "p90_ms": round(self.pct(90), 2),
+            "p99_ms": round(self.pct(99), 2),
+            "mean_ms": round(statistics.fmean(lat), 2) if lat else None,
+            "paths": self.paths, "server_means": {k: round(v, 3) for k, v in self.server.items()},
+            "max_replicas": self.max_replicas,
+            "error_samples": self.error_samples[:5],
+        }
+
+
+def make_bodies(histories: list[list[int]], n: int, k: int, mode: str, seed: int | None) -> list[dict[str, Any]]:
+    if not histories:
+        raise ValueError("no example histories to send")
+    bodies = []
+    for i in range(n):
+        body: dict[str, Any] = {"history": histories[i % len(histories)], "k": k, "mode": mode}
+        if seed is not None:
+            body["seed"] = seed + i
+        bodies.append(body)
+    return bodies
+
+
+async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float = 60.0,
+                   client: httpx.AsyncClient | None = None, watch_s: float | None = None,
+                   on_response: Callable[[int], None] | None = None) -> LoadResult:
+    """Send ``bodies`` to ``url``/recommend with at most ``concurrency`` in flight.
+
+    ``watch_s``: every so many seconds, read the app's running replicas from ``GET /stats``.
+    ``on_response(n)`` is called after each response with the number answered so far."""
+    url = check_loopback(url)
+    n = len(bodies)
+    if not 1 <= n <= MAX_REQUESTS:
+        raise ValueError(f"requests must be in [1, {MAX_REQUESTS}], got {n}")
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ValueError(f"concurrency must be in [1, {MAX_CONCURRENCY}], got {concurrency}")
+    res = LoadResult(url, n, concurrency, answers=[None] * n)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    nxt = done = 0
+    own = client is None
+    client = client or httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency + 1))
+
+    async def worker() -> None:
+        nonlocal nxt, done
+        while nxt < n:
+            i = nxt
+            nxt += 1
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(f"{url}/recommend", json=bodies[i])
+                ms = (time.perf_counter() - t0) * 1000
+                done += 1
+                if on_response is not None:
+                    on_response(done)
+                if r.status_code != 200:
+                    res.errors += 1
+                    res.error_samples.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                    continue
+                data = r.json()
+            except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the run
+                res.errors += 1
+                res.error_samples.append(f"{type(e).__name__}: {e}")
+                continue
+            res.ok += 1
+            res.latencies_ms.append(ms)
+            res.answers[i] = data.get("items")
+            stats = data.get("stats", {})
+            path = str(stats.get("path"))
+            res.paths[path] = res.paths.get(path, 0) + 1
+            for key, v in stats.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    sums[key] = sums.get(key, 0.0) + v
+                    counts[key] = counts.get(key, 0) + 1
+
+    async def watch() -> None:
+        while True:
+            try:
+                r = await client.get(f"{url}/stats")
+                for name, count in r.json().get("replicas", {}).items():
+                    res.max_replicas[name] = max(res.max_replicas.get(name, 0), int(count))
+            except Exception:  # noqa: BLE001 - diagnostics only
+                pass
+            await asyncio.sleep(watch_s or 1.0)
+
+    watcher = asyncio.create_task(watch()) if watch_s else None
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
+    finally:
+        res.wall_s = time.perf_counter() - t0
+        if watcher is not None:
+            watcher.cancel()
+        if own:
+            await client.aclose()
+    res.server = {k: sums[k] / counts[k] for k in sums}
+    return res
+
+
+async def fetch_histories(url: str, timeout_s: float = 30.0) -> list[list[int]]:
+    url = check_loopback(url)
+    async with httpx.AsyncClient(timeout=timeout_s) as c:
+        r = await c.get(f"{url}/meta")
+        r.raise_for_status()
+        return list(r.json()["example_histories"])
+
+
+def data_histories(data: str, limit: int = 1000) -> list[list[int]]:
+    from atspeed_ray.data.prepare import load_prepared
+
+    return load_prepared(data).histories("test", limit)
+
+
+def format_result(r: LoadResult) -> str:
+    s = r.summary()
+    lines = [f"{s['url']}: {s['requests']} requests, concurrency {s['concurrency']}",
+             f"  ok {s['ok']}  errors {s['errors']}  wall {s['wall_s']:.2f} s  {s['req_per_s']:.1f} req/s",
+             f"  latency ms: p50 {s['p50_ms']:.1f}  p90 {s['p90_ms']:.1f}  p99 {s['p99_ms']:.1f}  "
+             f"mean {s['mean_ms'] if s['mean_ms'] is None else round(s['mean_ms'], 1)}",
+             f"  paths {s['paths']}"]
+    if s["max_replicas"]:
+        lines.append("  replicas (most seen running): " + "  ".join(f"{k} {v}" for k, v in s["max_replicas"].items()))
+    keys = ("rounds", "accepted_steps", "target_forwards", "draft_forwards", "handle_calls", "latency_ms")
+    means = {k: s["server_means"][k] for k in keys if k in s["server_means"]}
+    if means:
+        lines.append("  per request (server): " + "  ".join(f"{k} {v:.2f}" for k, v in means.items()))
+    for e in s["error_samples"]:
+        lines.append(f"  error: {e}")
+    return "\n".join(lines)
+
+
+def compare(spec: LoadResult, base: LoadResult) -> dict[str, Any]:
+    both = [(a, b) for a, b in zip(spec.answers, base.answers) if a is not None and b is not None]
+    return {
+        "p50_ratio": spec.pct(50) / base.pct(50) if base.latencies_ms else None,
+        "p99_ratio": spec.pct(99) / base.pct(99) if base.latencies_ms else None,
+        "throughput_ratio": spec.rps / base.rps if base.rps else None,
+        "same_answers": sum(a == b for a, b in both), "compared": len(both),
+    }
+
+
+async def main_async(url: str, requests: int, concurrency: int, k: int, mode: str,
+                     baseline_url: str | None, data: str | None, warmup: int, timeout_s: float,
+                     seed: int | None, json_out: str | None) -> int:
+    url = check_loopback(url)
+    if baseline_url is not None:
+        baseline_url = check_loopback(baseline_url)
+    histories = data_histories(data) if data else await fetch_histories(url, timeout_s)
+    bodies = make_bodies(histories, requests, k, mode, seed)
+    report: dict[str, Any] = {}
+    targets = [("app", url)] + ([("baseline", baseline_url)] if baseline_url else [])
+    results: dict[str, LoadResult] = {}
+    for name, u in targets:
+        if warmup:
+            await run_load(u, make_bodies(histories, warmup, k, mode, seed), min(concurrency, warmup), timeout_s)
+        results[name] = r = await run_load(u, bodies, concurrency, timeout_s, watch_s=1.0)
+        report[name] = r.summary()
+        print(format_result(r), flush=True)
+    if baseline_url:
+        cmp = compare(results["app"], results["baseline"])
+        report["ratios"] = cmp
+        print(f"ratios (app / baseline): p50 {cmp['p50_ratio']:.3f}  p99 {cmp['p99_ratio']:.3f}  "
+              f"throughput {cmp['throughput_ratio']:.3f}  same answers {cmp['same_answers']}/{cmp['compared']}")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if all(r.errors == 0 for r in results.values()) else 1
+
+
+__all__ = ["LoadResult", "NotLoopback", "check_loopback", "compare", "make_bodies", "run_load"]

@@ -1,0 +1,242 @@
+"""``atspeed-ray tune``: Ray Tune search of the alignment weights.
+
+Each trial runs the Ray Train alignment (``atspeed_ray.training.loop.build_trainer``: TorchTrainer
++ DeepSpeed) with one sampled configuration, inside a function trainable, and forwards the
+per-epoch metrics to Tune with ``TuneReportCallback`` (the pattern that works with Ray Train V2,
+see STACK.md). ASHA stops weak trials early on the objective.
+
+The objective is validation acceptance, not training loss:
+
+* strict spaces: ``val_accept``, mean accepted drafted steps per round of strict speculative beam
+  search on a validation subset (higher is better; it is what cuts target calls per request);
+* relaxed spaces: the same measure under relaxed verification, with a recall guard: a trial whose
+  relaxed-SD validation recall falls below ``recall_guard`` x the target's own recall is scored
+  ``val_accept - 10 * shortfall`` so that speed never buys a worse recommender.
+
+A search space is a YAML file (``tuning/*.yaml``)::
+
+    name: atspeed-s            # run name
+    mode: strict               # strict | relaxed: which objective
+    recall_guard: 0.95         # relaxed only
+    fixed: {loss: atspeed-s, epochs: 3}          # TrainConfig fields for every trial
+    search:                    # TrainConfig fields to sample
+      alpha: {uniform: [0.3, 0.95]}
+      temperature: {loguniform: [0.001, 2.0]}
+      lr: {loguniform: [0.0003, 0.003]}
+      weight_decay: {choice: [0.0, 0.01, 0.1]}
+      loss: {choice: [atspeed-s]}
+
+Outputs in ``--out``: ``best_config.json``, ``trials.csv`` and ``trials.md`` (every trial), and
+``best_draft/`` (the best trial's draft, HF format, ready for ``serve``/``bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+OBJECTIVE = "objective"
+SAMPLERS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    mode: str = Field("strict", pattern="^(strict|relaxed)$")
+    recall_guard: float = Field(0.95, gt=0.0, le=1.0)
+    fixed: dict[str, Any] = {}
+    search: dict[str, dict[str, Any]]
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--space {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    space = SearchSpace.model_validate(raw)
+    for field, spec in space.search.items():
+        if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+            raise ValueError(f"{path}: search.{field}: give exactly one of {', '.join(SAMPLERS)}")
+    return space
+
+
+def to_tune(space: SearchSpace) -> dict[str, Any]:
+    """The YAML samplers as Ray Tune search-space objects."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for field, spec in space.search.items():
+        kind, arg = next(iter(spec.items()))
+        out[field] = {
+            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+            "choice": tune.choice, "grid": tune.grid_search, "randint": lambda a: tune.randint(*a),
+            "quniform": lambda a: tune.quniform(*a),
+        }[kind](arg)
+    return out
+
+
+def objective(metrics: dict[str, Any], mode: str, guard: float) -> float:
+    """Higher is better. Strict: val_accept. Relaxed: val_accept minus a recall shortfall penalty."""
+    accept = float(metrics.get("val_accept", 0.0))
+    if mode == "strict":
+        return accept
+    recall, base = metrics.get("val_recall"), metrics.get("val_target_recall")
+    if recall is None or base is None or base <= 0:
+        return accept
+    shortfall = max(0.0, guard * base - recall) / base
+    return accept - 10.0 * shortfall
+
+
+def trial(config: dict[str, Any]) -> None:
+    """One Tune trial: a Ray Train alignment run with this trial's sampled settings."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from atspeed_ray.training.config import TrainConfig
+    from atspeed_ray.training.loop import build_trainer
+
+    base, mode, guard = config["_base"], config["_mode"], config["_guard"]
+    sampled = {k: v for k, v in config.items() if not k.startswith("_")}
+    trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    cfg = TrainConfig(**{**base, **sampled, "out": str(trial_dir / "draft"),
+                         "storage_path": str(trial_dir / "train"), "name": "align",
+                         "val_mode": mode})
+
+    class Objective(TuneReportCallback):
+        """Adds the objective to every report Tune sees."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            metrics = [dict(m, **{OBJECTIVE: objective(m, mode, guard)}) for m in metrics]
+            super().after_report(run_context, metrics, checkpoint)
+
+    trainer = build_trainer(cfg, callbacks=[Objective()])
+    trainer.fit()
+
+
+def export_best(best_checkpoint_path: str, out: Path) -> None:
+    """Copy the HF export of the best trial's last checkpoint into ``out``."""
+    from atspeed_ray.training.loop import HF_DIR
+
+    src = Path(best_checkpoint_path) / HF_DIR
+    if not src.is_dir():
+        raise RuntimeError(f"the best trial's checkpoint {best_checkpoint_path} has no HF export")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out)
+
+
+def write_trials(rows: list[dict[str, Any]], out: Path) -> None:
+    cols = sorted({k for r in rows for k in r}, key=lambda c: (c != "trial_id", c != OBJECTIVE, c))
+    with open(out / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    (out / "trials.md").write_text("\n".join(lines) + "\n")
+
+
+def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_samples: int,
+             out: str, resume: bool = False, max_concurrent: int | None = None,
+             cpus_per_trial: float = 1.0, grace_period: int = 1, base_overrides: dict | None = None,
+             log=print) -> dict[str, Any]:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from atspeed_ray.training.config import TrainConfig
+    from atspeed_ray.training.ray_utils import init_ray
+
+    space = load_space(space_file)
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = {"task": "align", "data": str(Path(data).resolve()), "target": str(Path(target).resolve()),
+            "teacher": str(Path(teacher).resolve()) if teacher else None, "out": str(out_dir / "unused"),
+            "workers": 1, **space.fixed, **(base_overrides or {})}
+    TrainConfig(**base)  # fail early, naming the field, on a bad fixed section
+    init_ray()
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    per_trial = cpus_per_trial * int(base.get("workers", 1)) + 0.01
+    concurrent = max_concurrent or max(1, int(cpus // per_trial))
+    storage, name = str(out_dir / "ray_results"), space.name
+    trainable = tune.with_resources(trial, {"cpu": 0.01})
+    if resume:
+        if not tune.Tuner.can_restore(str(Path(storage) / name)):
+            raise FileNotFoundError(f"--resume: no interrupted search at {Path(storage) / name}")
+        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        param_space = {**to_tune(space), "_base": base, "_mode": space.mode, "_guard": space.recall_guard}
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE, mode="max", num_samples=num_samples,
+                max_concurrent_trials=concurrent,
+                scheduler=ASHAScheduler(grace_period=grace_period, reduction_factor=2,
+                                        max_t=int(base.get("epochs", 1)), time_attr="training_iteration")),
+            run_config=tune.RunConfig(name=name, storage_path=storage))
+    log(f"tune {space.name}: {num_samples} trials, {concurrent} at a time, objective "
+        f"{'val_accept' if space.mode == 'strict' else 'val_accept with recall guard'}")
+    results = tuner.fit()
+    rows = []
+    for r in results:
+        row = {"trial_id": Path(r.path).name, "status": "error" if r.error else "ok"}
+        row.update({k: v for k, v in (r.config or {}).items() if not k.startswith("_")})
+        for key in (OBJECTIVE, "val_accept", "val_target_calls", "val_recall", "loss",
+                    "training_iteration"):
+            if r.metrics and key in r.metrics:
+                row[key] = r.metrics[key]
+        rows.append(row)
+    rows.sort(key=lambda r: -r.get(OBJECTIVE, -math.inf))
+    write_trials(rows, out_dir)
+    best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="last")
+    best_cfg = {k: v for k, v in best.config.items() if not k.startswith("_")}
+    summary = {"space": space.name, "mode": space.mode, "objective": best.metrics[OBJECTIVE],
+               "val_accept": best.metrics.get("val_accept"), "config": best_cfg,
+               "trial": Path(best.path).name, "trials": len(rows)}
+    (out_dir / "best_config.json").write_text(json.dumps(summary, indent=2))
+    export_best(best.metrics["checkpoint_path"] if "checkpoint_path" in best.metrics
+                else best.checkpoint.path, out_dir / "best_draft")
+    log(f"best trial {summary['trial']}: objective {summary['objective']:.3f} with {best_cfg}; "
+        f"draft exported to {out_dir / 'best_draft'}")
+    return summary
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="Ray Tune search of the alignment weights")
+    p.add_argument("--data", required=True, help="prepared data folder")
+    p.add_argument("--target", required=True, help="trained target model folder")
+    p.add_argument("--teacher", required=True, help="teacher data folder")
+    p.add_argument("--space", required=True, help="search space YAML (tuning/*.yaml)")
+    p.add_argument("--num-samples", type=int, required=True, help="number of trials")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--max-concurrent", type=int, default=None, help="default: what the CPUs fit")
+    p.add_argument("--epochs", type=int, default=None, help="override the space's epochs")
+    p.add_argument("--max-samples", type=int, default=None, help="training rows per trial")
+    p.add_argument("--preset", default=None, help="override the space's preset")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before stopping")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in {"epochs": args.epochs, "max_samples": args.max_samples,
+                                   "preset": args.preset}.items() if v is not None}
+    run_tune(args.data, args.target, args.teacher, args.space, args.num_samples, args.out,
+             resume=args.resume, max_concurrent=args.max_concurrent,
+             grace_period=args.grace_period, base_overrides=overrides)
+    return 0

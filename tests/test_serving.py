@@ -1,0 +1,270 @@
+"""The Serve app end to end, in-process on tiny random models.
+
+One local Ray instance for the module. ``serve_configs/local.yaml`` is deployed through the code
+path of ``serve run CONFIG`` (paths and port filled in), next to a small ``baseline`` app (target
+only). Draft faults are switched at runtime through the DraftModel's ``user_config``. Models run
+in fp64 so that batched and unbatched scores never reorder near-ties.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from atspeed_ray.data.prepare import prepare
+from atspeed_ray.data.synthetic import SyntheticConfig
+from atspeed_ray.decoding import beam_search, speculative_beam_search
+from atspeed_ray.models import DeviceConfig, load_model
+from atspeed_ray.serving.catalog import load_catalog
+from atspeed_ray.serving.loadtest import make_bodies, run_load
+from atspeed_ray.serving.testing import build_random_pair
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+LOCAL_YAML = Path(__file__).resolve().parents[1] / "serve_configs" / "local.yaml"
+F64 = DeviceConfig(device="cpu", dtype="float64")
+GAMMA = 3
+TINY = {"ray_actor_options": {"num_cpus": 0.05}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(base: dict, models: Path, data: Path, port: int, fault: dict | None = None) -> dict:
+    """local.yaml with our paths and port (+ a DraftModel fault), plus the ``baseline`` app."""
+    config = copy.deepcopy(base)
+    config["http_options"]["port"] = port
+    main = config["applications"][0]
+    main["args"].update(target=str(models / "target"), draft=str(models / "draft"), data=str(data),
+                        dtype="float64")
+    if fault is not None:
+        next(d for d in main["deployments"] if d["name"] == "DraftModel")["user_config"] = fault
+    baseline = {**copy.deepcopy(main), "name": "baseline", "route_prefix": "/baseline",
+                "deployments": [{"name": n, "num_replicas": 1, **TINY} for n in ("Recommender", "TargetModel")],
+                "args": {**main["args"], "target_only": True, "draft": None}}
+    config["applications"].append(baseline)
+    return config
+
+
+def deploy(config: dict, tmp: Path) -> None:
+    """Exactly what ``serve run CONFIG`` does (non-blocking), then wait for every app to run."""
+    from ray.serve.scripts import cli as serve_cli
+
+    path = tmp / f"config-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli.main(["run", str(path), "--non-blocking"], standalone_mode=False)
+    names = {a["name"] for a in config["applications"]}
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        status = {n: (apps[n].status if n in apps else None) for n in names}
+        if all(s == "RUNNING" for s in status.values()):
+            return
+        failed = [n for n, s in status.items() if s == "DEPLOY_FAILED"]
+        assert not failed, {n: apps[n].message for n in failed}
+        time.sleep(0.5)
+    raise TimeoutError(f"apps not running: {status}")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    data = root / "data"
+    prepare("synthetic", data, synthetic=SyntheticConfig(num_users=150, num_items=300))
+    build_random_pair(data, root / "models", "tiny", seed=5)
+    target, _ = load_model(root / "models" / "target", F64)
+    draft, _ = load_model(root / "models" / "draft", F64)
+    catalog = load_catalog(str(data), str(root / "models" / "target"))
+    port = free_port()
+    base = yaml.safe_load(LOCAL_YAML.read_text())
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+             namespace="serve", log_to_driver=False)
+    try:
+        deploy(make_config(base, root / "models", data, port), root)
+        ctx = {"url": f"http://127.0.0.1:{port}", "catalog": catalog, "target": target, "draft": draft,
+               "root": root, "base": base, "data": data, "port": port}
+        with httpx.Client(base_url=ctx["url"], timeout=60) as client:
+            ctx["client"] = client
+            yield ctx
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def reference(ctx, history: list[int], k: int):
+    prompt = ctx["catalog"].prompt(history)
+    index = ctx["catalog"].index
+    N = max(k, k)  # local.yaml: draft_beams_factor 1.0
+    spec = speculative_beam_search(ctx["target"], ctx["draft"], [prompt], index, k, draft_beams=N, gamma=GAMMA)
+    plain = beam_search(ctx["target"], [prompt], index, k)
+    return spec, plain
+
+
+def valid_items(items: list[int]) -> list[int]:
+    return [i for i in items if i >= 0]
+
+
+def test_healthz_meta_docs(app):
+    c = app["client"]
+    assert c.get("/healthz").json() == {"status": "ok", "speculative": True}
+    assert c.get("/baseline/healthz").json() == {"status": "ok", "speculative": False}
+    meta = c.get("/meta").json()
+    assert meta["max_history"] == 50 and meta["L"] == 4 and meta["example_histories"]
+    assert c.get("/docs").status_code == 200
+    schema = c.get("/openapi.json").json()
+    assert "/recommend" in schema["paths"] and "RecommendRequest" in str(schema)
+
+
+def test_strict_equals_offline_speculative_and_beam_search(app):
+    c = app["client"]
+    for i, history in enumerate(app["catalog"].examples[:6]):
+        k = [1, 5, 10][i % 3]
+        r = c.post("/recommend", json={"history": history, "k": k, "mode": "strict"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        spec, plain = reference(app, history, k)
+        assert body["items"] == valid_items(spec.items[0]) == valid_items(plain.items[0])
+        torch.testing.assert_close(torch.tensor(body["scores"], dtype=torch.float64),
+                                   plain.scores[0][: len(body["items"])], atol=1e-6, rtol=0)
+        st = body["stats"]
+        assert st["path"] == "speculative"
+        assert st["rounds"] == spec.stats["rounds"][0] and st["accepted_steps"] == spec.stats["accepted_steps"][0]
+        # one draft call per round that drafts, one target call per round
+        assert st["rounds"] + 1 <= st["handle_calls"] <= 2 * st["rounds"]
+        base = c.post("/baseline/recommend", json={"history": history, "k": k}).json()
+        assert base["items"] == body["items"] and base["stats"]["handle_calls"] == 1
+
+
+def test_relaxed_with_seed_equals_offline(app):
+    c = app["client"]
+    index = app["catalog"].index
+    for seed, history in enumerate(app["catalog"].examples[:3]):
+        r = c.post("/recommend", json={"history": history, "k": 5, "mode": "relaxed", "seed": seed}).json()
+        prompt = app["catalog"].prompt(history)
+        off = speculative_beam_search(app["target"], app["draft"], [prompt], index, 5, draft_beams=5,
+                                      gamma=GAMMA, mode="relaxed", generator=torch.Generator().manual_seed(seed))
+        assert r["items"] == valid_items(off.items[0]) and r["stats"]["rounds"] == off.stats["rounds"][0]
+
+
+def test_concurrent_requests_are_batched_and_exact(app):
+    hist = app["catalog"].examples[:16]
+    bodies = make_bodies(hist, 32, 5, "strict", None)
+    res = asyncio.run(run_load(app["url"], bodies, 16))
+    assert res.errors == 0, res.error_samples
+    for body, items in zip(bodies, res.answers):
+        assert items == valid_items(reference(app, body["history"], 5)[1].items[0])
+    infos = [serve.get_deployment_handle(d, "atspeed").info.remote().result() for d in ("DraftModel", "TargetModel")]
+    assert max(i["max_batch"] for i in infos) > 1, infos
+
+
+BAD = [
+    ({"history": [], "k": 5}, ["body", "history"]),
+    ({"history": list(range(51)), "k": 5}, ["body", "history"]),
+    ({"history": [10**9], "k": 5}, ["body", "history", 0]),
+    ({"history": [0, 1, -4], "k": 5}, ["body", "history", 2]),
+    ({"history": [0, "x"], "k": 5}, ["body", "history", 1]),
+    ({"history": [0], "k": 0}, ["body", "k"]),
+    ({"history": [0], "k": 51}, ["body", "k"]),
+    ({"history": [0], "k": "5"}, ["body", "k"]),
+    ({"history": [0], "k": 5, "mode": "greedy"}, ["body", "mode"]),
+    ({"history": 7}, ["body", "history"]),
+    ({"k": 5}, ["body", "history"]),
+]
+
+
+def test_bad_input_gets_4xx_naming_the_field_and_the_app_keeps_serving(app):
+    c = app["client"]
+    good = {"history": app["catalog"].examples[0], "k": 3}
+    for body, loc in BAD:
+        r = c.post("/recommend", json=body)
+        assert r.status_code == 422, (body, r.status_code, r.text)
+        assert loc in [d["loc"] for d in r.json()["detail"]], (body, r.json())
+    for raw in (b"{not json", b"[1, 2]", b""):
+        r = c.post("/recommend", content=raw, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500, raw
+    assert c.post("/recommend", json=good).status_code == 200
+    assert c.get("/healthz").status_code == 200
+
+
+def until(fn, timeout: float = 60.0):
+    """Poll ``fn()`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while not (out := fn()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
+    return out
+
+
+def test_draft_errors_and_deadline_fall_back_to_the_strict_answer(app):
+    c = app["client"]
+    history = app["catalog"].examples[1]
+    want = valid_items(reference(app, history, 5)[1].items[0])
+    body = {"history": history, "k": 5}
+
+    def answer(mode: str = "strict") -> dict | None:
+        r = c.post("/recommend", json={**body, "mode": mode}).json()
+        return r if r["stats"]["path"] == "fallback" else None
+
+    def set_fault(fault: dict) -> None:  # user_config: the draft replicas reconfigure in place
+        deploy(make_config(app["base"], app["root"] / "models", app["data"], app["port"], fault), app["root"])
+
+    before = c.get("/stats").json()
+    try:
+        set_fault({"fault": "raise"})
+        r = until(answer)
+        assert r["items"] == want and r["stats"]["fallback_reason"] == "error"
+        r = answer("relaxed")  # relaxed mode falls back to the (strict) target beam search too
+        assert r is not None and r["items"] == want
+        set_fault({"fault": "delay", "fault_delay_s": 6.0})  # local.yaml: draft_timeout_s 2.0
+        r = until(lambda: (a := answer()) and a["stats"]["fallback_reason"] == "deadline" and a)
+        assert r["items"] == want and 2000 <= r["stats"]["latency_ms"] < 5000
+    finally:
+        set_fault({"fault": "none"})
+    after = c.get("/stats").json()
+    assert after["fallback_error"] - before["fallback_error"] >= 2
+    assert after["fallback_deadline"] - before["fallback_deadline"] >= 1
+    assert after["errors"] == before["errors"]
+    until(lambda: c.post("/recommend", json=body).json()["stats"]["path"] == "speculative")
+
+
+def test_killing_a_draft_replica_under_load_fails_no_request(app):
+    histories = app["catalog"].examples[:20]
+    want = {tuple(h): valid_items(reference(app, h, 5)[1].items[0]) for h in histories}
+    bodies = make_bodies(histories, 80, 5, "strict", None)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::atspeed#DraftModel#")]
+    assert replicas
+
+    async def load_and_kill():
+        killed: dict[str, int] = {}
+
+        def kill_after_some(done: int) -> None:  # kill one DraftModel replica mid-run
+            if done >= 10 and not killed:
+                killed["at"] = done
+                victim = replicas[0]
+                ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
+
+        res = await run_load(app["url"], bodies, 6, on_response=kill_after_some)
+        assert killed and res.ok - killed["at"] >= 30, "the load must go on after the kill"
+        return res
+
+    res = asyncio.run(load_and_kill())
+    assert res.errors == 0, res.error_samples
+    assert res.ok == len(bodies)
+    for body, items in zip(bodies, res.answers):
+        assert items == want[tuple(body["history"])]
+    assert res.paths.get("speculative", 0) > 0
+    # the controller replaces the killed replica
+    until(lambda: app["client"].post("/recommend", json=bodies[0]).json()["stats"]["path"] == "speculative")

@@ -1,0 +1,249 @@
+"""Serving without Ray: the remote loop driver and the batched replica work against the offline
+decoding core, request validation, configs, the CLI and the load tool."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from atspeed_ray.data.prepare import load_prepared, prepare
+from atspeed_ray.data.synthetic import SyntheticConfig
+from atspeed_ray.decoding import beam_search, speculative_beam_search
+from atspeed_ray.models import DeviceConfig, load_model
+from atspeed_ray.serving.batching import (
+    BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch, draft_batch,
+    verify_batch,
+)
+from atspeed_ray.serving.catalog import load_catalog
+from atspeed_ray.serving.config import AppArgs, RecommendRequest
+from atspeed_ray.serving.driver import DraftUnavailable, remote_speculative
+from atspeed_ray.serving.loadtest import NotLoopback, check_loopback, make_bodies, run_load
+from atspeed_ray.serving.testing import build_random_pair
+
+CONFIGS = Path(__file__).resolve().parents[1] / "serve_configs"
+F64 = DeviceConfig(device="cpu", dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving_unit")
+    prepare("synthetic", root / "data", synthetic=SyntheticConfig(num_users=120, num_items=300))
+    tpath, dpath = build_random_pair(root / "data", root / "models", "tiny", seed=3)
+    target, _ = load_model(tpath, F64)
+    draft, _ = load_model(dpath, F64)
+    catalog = load_catalog(str(root / "data"), str(tpath))
+    prompts = [catalog.prompt(h) for h in catalog.examples[:6]]
+    return root, catalog, target, draft, prompts
+
+
+def test_catalog_prompts_equal_the_prepared_prompts(small):
+    root, catalog, *_ = small
+    prep = load_prepared(root / "data")
+    for hist, prompt in zip(prep.histories("test", 20), prep.prompts("test", 20)):
+        assert catalog.prompt(hist) == prompt
+    assert catalog.history_window == prep.summary["history_len"]
+
+
+class Batcher:
+    """Collects concurrent calls and answers them with ONE batched call, like @serve.batch."""
+
+    def __init__(self, fn):
+        self.fn, self.pending, self.sizes = fn, [], []
+
+    async def __call__(self, req):
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((req, fut))
+        await asyncio.sleep(0)  # let the other requests of this tick arrive
+        if self.pending:
+            items, self.pending = self.pending, []
+            self.sizes.append(len(items))
+            for (_, f), out in zip(items, self.fn([r for r, _ in items])):
+                f.set_result(out)
+        return await fut
+
+
+def test_remote_loop_equals_offline_speculative_and_beam_search(small):
+    _, catalog, target, draft, prompts = small
+    index = catalog.index
+
+    async def run(k, n, gamma):
+        prop = Batcher(lambda rs: draft_batch(draft, index, rs))
+        ver = Batcher(lambda rs: verify_batch(target, rs))
+        calls = [{} for _ in prompts]
+        outs = await asyncio.gather(*(
+            remote_speculative(prop, ver, [p], index, k, n, gamma, "strict", None,
+                               dtype=torch.float64, calls=c) for p, c in zip(prompts, calls)))
+        return outs, calls, prop.sizes + ver.sizes
+
+    for k, n, gamma in [(5, 10, 3), (3, 3, 2), (1, 2, 1)]:
+        outs, calls, sizes = asyncio.run(run(k, n, gamma))
+        assert max(sizes) > 1, "concurrent requests must share batched calls"
+        ref = beam_search(target, prompts, index, k)
+        for b, (out, c) in enumerate(zip(outs, calls)):
+            off = speculative_beam_search(target, draft, [prompts[b]], index, k, draft_beams=n, gamma=gamma)
+            assert out.items[0] == off.items[0] == ref.items[b]
+            assert out.stats == off.stats
+            torch.testing.assert_close(out.scores[0], ref.scores[b], atol=1e-9, rtol=0)
+            assert c["target"] == out.stats["rounds"][0]
+            assert 1 <= c["draft"] <= c["target"]  # no draft call once one token is left
+
+
+def test_remote_relaxed_with_seed_equals_offline(small):
+    _, catalog, target, draft, prompts = small
+    index = catalog.index
+
+    async def prop(r: DraftRequest) -> DraftReply:
+        return draft_batch(draft, index, [r])[0]
+
+    async def ver(r: VerifyRequest) -> VerifyReply:
+        return verify_batch(target, [r])[0]
+
+    for seed, p in enumerate(prompts[:3]):
+        gen = torch.Generator().manual_seed(seed)
+        out = asyncio.run(remote_speculative(prop, ver, [p], index, 5, 10, 3, "relaxed", gen,
+                                             seeded=True, dtype=torch.float64))
+        off = speculative_beam_search(target, draft, [p], index, 5, draft_beams=10, gamma=3,
+                                      mode="relaxed", generator=torch.Generator().manual_seed(seed))
+        assert out.items == off.items and out.stats == off.stats
+
+
+def test_draft_failure_and_deadline_raise_draft_unavailable(small):
+    _, catalog, target, _, prompts = small
+
+    async def broken(_r):
+        raise RuntimeError("boom")
+
+    async def slow(_r):
+        await asyncio.sleep(5)
+
+    async def ver(r):
+        return verify_batch(target, [r])[0]
+
+    for fn, reason in ((broken, "error"), (slow, "deadline")):
+        with pytest.raises(DraftUnavailable) as e:
+            asyncio.run(remote_speculative(fn, ver, prompts[:1], catalog.index, 3, 3, 3, "strict",
+                                           None, draft_timeout_s=0.05, dtype=torch.float64))
+        assert e.value.reason == reason
+
+
+def test_beam_batch_groups_by_k(small):
+    _, catalog, target, _, prompts = small
+    reqs = [BeamRequest([p], k) for p, k in zip(prompts, [2, 5, 2, 5, 3, 3])]
+    for r, out in zip(reqs, beam_batch(target, catalog.index, reqs)):
+        ref = beam_search(target, r.prompts, catalog.index, r.k)
+        assert out.items == ref.items
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("body,field", [
+    ({"history": [], "k": 5}, "history"),
+    ({"history": [1] * 51, "k": 5}, "history"),
+    ({"history": ["a"], "k": 5}, "history"),
+    ({"history": [-1], "k": 5}, "history"),
+    ({"history": [1], "k": 0}, "k"),
+    ({"history": [1], "k": 51}, "k"),
+    ({"history": [1], "k": "3"}, "k"),
+    ({"history": [1], "k": 2.5}, "k"),
+    ({"history": [1], "k": True}, "k"),
+    ({"history": [1], "mode": "fast"}, "mode"),
+    ({"history": 3}, "history"),
+    ({"k": 3}, "history"),
+    ({"history": [1], "extra": 1}, "extra"),
+])
+def test_request_validation_names_the_field(body, field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        RecommendRequest.model_validate_json(__import__("json").dumps(body))
+    assert field in {str(x) for err in e.value.errors() for x in err["loc"]}
+
+
+def test_app_args():
+    with pytest.raises(ValueError, match="draft is required"):
+        AppArgs(target="t")
+    assert AppArgs(target="t", target_only=True).speculative is False
+    a = AppArgs(target="t", draft="d", draft_beams_factor=1.5)
+    assert (a.draft_width(10), a.draft_width(1), a.draft_width(3)) == (15, 2, 5)
+    assert a.model_settings("draft").catalog_model == "t"
+
+
+# ----------------------------------------------------------------------------- configs, CLI
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
+def test_configs_parse(name):
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((CONFIGS / name).read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    assert config.http_options.host == "127.0.0.1"
+    app = config.applications[0]
+    assert app.import_path == "atspeed_ray.serving.app:build_app"
+    AppArgs.model_validate(app.args)
+    deps = {d.name: d for d in app.deployments}
+    assert set(deps) == {"Recommender", "DraftModel", "TargetModel"}
+    for name_ in ("DraftModel", "TargetModel"):
+        assert deps[name_].num_replicas == "auto"
+        AutoscalingConfig.model_validate(deps[name_].autoscaling_config)
+    if name == "gpu.yaml":
+        assert deps["TargetModel"].ray_actor_options.num_gpus == 1
+        assert 0 < deps["DraftModel"].ray_actor_options.num_gpus < 1
+    else:
+        total = sum(deps[n].ray_actor_options.num_cpus * (1 if n == "Recommender" else
+                    deps[n].autoscaling_config["max_replicas"]) for n in deps)
+        assert total <= 2.0, "local.yaml must fit 2 CPUs when fully scaled out"
+
+
+def test_cli_serve_resolves_paths(small, capsys):
+    from atspeed_ray.cli import main
+
+    root = small[0]
+    rc = main(["serve", "--target", str(root / "models/target"), "--draft", str(root / "models/draft"),
+               "--data", str(root / "data"), "--port", "8123", "--with-baseline", "--print-config"])
+    assert rc == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    apps = {a["name"]: a for a in config["applications"]}
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    assert apps["atspeed"]["args"]["draft"] == str((root / "models/draft").resolve())
+    assert apps["atspeed-baseline"]["args"]["target_only"] is True
+    assert "DraftModel" not in {d["name"] for d in apps["atspeed-baseline"]["deployments"]}
+    assert main(["serve", "--target", str(root / "nope"), "--draft", "x", "--print-config"]) == 2
+
+
+# ----------------------------------------------------------------------------- load tool
+def test_loadtest_refuses_non_loopback(capsys):
+    from atspeed_ray.cli import main
+
+    for url in ("http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:80/", "http://127.1.2.3"):
+        check_loopback(url)
+    for url in ("http://10.0.0.1:8000", "http://example.com", "http://0.0.0.0:8000", "ftp://127.0.0.1",
+                "http://127.0.0.1.example.com"):
+        with pytest.raises(NotLoopback):
+            check_loopback(url)
+    assert main(["loadtest", "--url", "http://192.168.1.1:8000", "--requests", "5"]) == 2
+    assert main(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "0"]) == 2
+    assert main(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "10000000"]) == 2
+
+
+def test_run_load_counts_latency_and_errors():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = __import__("json").loads(request.content)
+        seen.append(body)
+        if body["history"] == [13]:
+            return httpx.Response(503, json={"detail": "down"})
+        return httpx.Response(200, json={"items": [1, 2], "scores": [0.0, -1.0],
+                                         "stats": {"path": "speculative", "rounds": 2, "handle_calls": 4}})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    bodies = make_bodies([[1, 2], [13], [4]], 30, 2, "strict", None)
+    res = asyncio.run(run_load("http://127.0.0.1:9", bodies, 4, client=client))
+    assert len(seen) == 30 and res.ok == 20 and res.errors == 10
+    s = res.summary()
+    assert s["server_means"]["handle_calls"] == 4 and s["paths"] == {"speculative": 20}
+    assert s["p50_ms"] <= s["p99_ms"]
