@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "atspeed_ray.evaluate",
     "atspeed_ray.training.commands",
     "atspeed_ray.serving.commands",
+    "atspeed_ray.tune",
 ]
 
 

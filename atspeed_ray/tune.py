@@ -203,6 +203,10 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
         rows.append(row)
     rows.sort(key=lambda r: -r.get(OBJECTIVE, -math.inf))
     write_trials(rows, out_dir)
+    failed = [r["trial_id"] for r in rows if r["status"] == "error"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(rows)} trials did not finish ({', '.join(failed)}); "
+                           f"continue the search with --resume")
     best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="last")
     best_cfg = {k: v for k, v in best.config.items() if not k.startswith("_")}
     summary = {"space": space.name, "mode": space.mode, "objective": best.metrics[OBJECTIVE],

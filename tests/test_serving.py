@@ -24,6 +24,7 @@ from atspeed_ray.data.synthetic import SyntheticConfig
 from atspeed_ray.decoding import beam_search, speculative_beam_search
 from atspeed_ray.models import DeviceConfig, load_model
 from atspeed_ray.serving.catalog import load_catalog
+from atspeed_ray.serving.config import AppArgs
 from atspeed_ray.serving.loadtest import make_bodies, run_load
 from atspeed_ray.serving.testing import build_random_pair
 
@@ -106,7 +107,7 @@ def app(tmp_path_factory):
 def reference(ctx, history: list[int], k: int):
     prompt = ctx["catalog"].prompt(history)
     index = ctx["catalog"].index
-    N = max(k, k)  # local.yaml: draft_beams_factor 1.0
+    N = AppArgs.model_validate(ctx["base"]["applications"][0]["args"]).draft_width(k)
     spec = speculative_beam_search(ctx["target"], ctx["draft"], [prompt], index, k, draft_beams=N, gamma=GAMMA)
     plain = beam_search(ctx["target"], [prompt], index, k)
     return spec, plain
@@ -153,7 +154,8 @@ def test_relaxed_with_seed_equals_offline(app):
     for seed, history in enumerate(app["catalog"].examples[:3]):
         r = c.post("/recommend", json={"history": history, "k": 5, "mode": "relaxed", "seed": seed}).json()
         prompt = app["catalog"].prompt(history)
-        off = speculative_beam_search(app["target"], app["draft"], [prompt], index, 5, draft_beams=5,
+        N = AppArgs.model_validate(app["base"]["applications"][0]["args"]).draft_width(5)
+        off = speculative_beam_search(app["target"], app["draft"], [prompt], index, 5, draft_beams=N,
                                       gamma=GAMMA, mode="relaxed", generator=torch.Generator().manual_seed(seed))
         assert r["items"] == valid_items(off.items[0]) and r["stats"]["rounds"] == off.stats["rounds"][0]
 

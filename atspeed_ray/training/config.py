@@ -60,6 +60,9 @@ class TrainConfig(BaseModel):
     val_k: int = Field(10, ge=1)  # K of val_accept / val_recall
     val_draft_beams: int = Field(20, ge=1)  # N of val_accept
     val_gamma: int = Field(3, ge=0)
+    # align: verification mode of val_accept; "relaxed" also reports val_recall (relaxed SD) and
+    # val_target_recall (the target's beam search) for the tuner's recall guard
+    val_mode: Literal["strict", "relaxed"] = "strict"
     log_every: int = Field(50, ge=1)
     # testing hooks
     fail_after_epoch: int | None = None  # raise once after reporting this epoch's checkpoint

@@ -65,6 +65,7 @@ class Setup:
     target: torch.nn.Module | None  # for val_accept / online distributions
     device: torch.device
     log_prefix: str
+    val_target_recall: float | None = None  # cached: the target's recall on ``val``
 
     def batch(self, ex: Examples, idx) -> Batch:
         return collate(ex, idx, self.prepared.index, self.prepared.prompt_format.pad_id,
@@ -146,22 +147,45 @@ def validate_model(s: Setup, model: torch.nn.Module) -> dict[str, float]:
     if cfg.task == "align":
         from atspeed_ray.decoding import speculative_beam_search
 
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
         res = speculative_beam_search(s.target, model, prompts, index, cfg.val_k,
                                       draft_beams=cfg.val_draft_beams, gamma=cfg.val_gamma,
-                                      mode="strict")
+                                      mode=cfg.val_mode, generator=gen)
         acc, rounds = sum(res.stats["accepted_steps"]), sum(res.stats["rounds"])
-        return {"val_accept": acc / max(rounds, 1),
-                "val_target_calls": float(np.mean(res.stats["target_calls"]))}
-    from atspeed_ray.decoding import beam_search
+        out = {"val_accept": acc / max(rounds, 1),
+               "val_target_calls": float(np.mean(res.stats["target_calls"]))}
+        if cfg.val_mode == "relaxed":
+            out["val_recall"] = val_recall(s, res.items)
+            if s.val_target_recall is None:
+                s.val_target_recall = val_recall(s, beam_search_items(s.target, s, cfg.val_k))
+            out["val_target_recall"] = s.val_target_recall
+        return out
     from atspeed_ray.metrics import evaluate_rankings
 
-    items = []
-    for i in range(0, len(prompts), 64):
-        items += beam_search(model, prompts[i:i + 64], index, cfg.val_k).items
-    rows = s.val.rows.tolist()
-    targets = [index.canonical(t).tolist() for t in prepared.targets("valid")]
-    m = evaluate_rankings(items, [targets[r] for r in rows], ks=(cfg.val_k,))
+    items = beam_search_items(model, s, cfg.val_k)
+    m = evaluate_rankings(items, val_targets(s), ks=(cfg.val_k,))
     return {f"val_{k}": v for k, v in m.items()}
+
+
+def val_targets(s: Setup) -> list[list[int]]:
+    index = s.prepared.index
+    targets = [index.canonical(t).tolist() for t in s.prepared.targets("valid")]
+    return [targets[r] for r in s.val.rows.tolist()]
+
+
+def beam_search_items(model: torch.nn.Module, s: Setup, k: int) -> list[list[int]]:
+    from atspeed_ray.decoding import beam_search
+
+    prompts, items = s.val.prompts, []
+    for i in range(0, len(prompts), 64):
+        items += beam_search(model, prompts[i:i + 64], s.prepared.index, k).items
+    return items
+
+
+def val_recall(s: Setup, items: list[list[int]]) -> float:
+    from atspeed_ray.metrics import recall_at_k
+
+    return recall_at_k(items, val_targets(s), s.cfg.val_k)
 
 
 def load_full_state(eval_model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -495,25 +519,14 @@ def run_name(storage: Path, base: str, resume: bool) -> str:
     return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def fit(cfg: TrainConfig, log=print) -> dict[str, Any]:
-    """Train with ``cfg.runner`` and write the HF export (+ training.json) into ``cfg.out``."""
-    out = Path(cfg.out).resolve()
-    for path, what in ((cfg.data, "--data"), (cfg.target, "--target"), (cfg.teacher, "--teacher"),
-                       (cfg.init, "--init")):
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{what} {path}: no such folder")
-    if cfg.runner == "local":
-        return run_local(cfg, log)
-
+def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
+    """The ``TorchTrainer`` of one training run (``fit`` runs it; ``tune`` runs one per trial,
+    with ``TuneReportCallback`` in ``callbacks``). Ray must be initialised."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from atspeed_ray.training.ray_utils import init_ray
-
     storage = cfg.resolved_storage()
-    name = run_name(storage, cfg.resolved_name(), cfg.resume)
-    run_dir = storage / name
-    init_ray()
+    name = cfg.resolved_name()
     env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "PYTHONUNBUFFERED": "1",
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # else every progress line shows twice
     for var in ("TORCH_EXTENSIONS_DIR",):
@@ -524,7 +537,7 @@ def fit(cfg: TrainConfig, log=print) -> dict[str, Any]:
         k: str(Path(v).resolve()) for k, v in
         {"data": cfg.data, "out": cfg.out, "target": cfg.target, "teacher": cfg.teacher,
          "init": cfg.init, "storage_path": str(storage)}.items() if v is not None} | {"name": name})
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.model_dump(),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
@@ -533,8 +546,27 @@ def fit(cfg: TrainConfig, log=print) -> dict[str, Any]:
             name=name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            worker_runtime_env={"env_vars": env}),
+            worker_runtime_env={"env_vars": env}, callbacks=callbacks or []),
     )
+
+
+def fit(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """Train with ``cfg.runner`` and write the HF export (+ training.json) into ``cfg.out``."""
+    out = Path(cfg.out).resolve()
+    for path, what in ((cfg.data, "--data"), (cfg.target, "--target"), (cfg.teacher, "--teacher"),
+                       (cfg.init, "--init")):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{what} {path}: no such folder")
+    if cfg.runner == "local":
+        return run_local(cfg, log)
+
+    from atspeed_ray.training.ray_utils import init_ray
+
+    storage = cfg.resolved_storage()
+    name = run_name(storage, cfg.resolved_name(), cfg.resume)
+    run_dir = storage / name
+    init_ray()
+    trainer = build_trainer(cfg.model_copy(update={"name": name}))
     t0 = time.time()
     result = trainer.fit()
     if result.checkpoint is None:

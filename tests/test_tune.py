@@ -1,0 +1,88 @@
+"""Ray Tune search of the alignment weights on tiny models: a 2-trial search, and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from atspeed_ray.data.prepare import prepare
+from atspeed_ray.data.synthetic import SyntheticConfig
+from atspeed_ray.models import load_model
+from atspeed_ray.training.config import TrainConfig
+from atspeed_ray.training.loop import fit
+from atspeed_ray.training.teacher import generate_teacher
+from atspeed_ray.tune import load_space, objective, run_tune
+
+QUICK = {"preset": "tiny", "max_samples": 256, "micro_batch": 32, "val_samples": 16, "val_k": 3,
+         "val_draft_beams": 6, "log_every": 1000, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    prep = root / "prep"
+    prepare("synthetic", prep, synthetic=SyntheticConfig(num_users=200, num_items=120,
+                                                         codebook_sizes=[8, 8, 8, 8], seed=1))
+    target = root / "target"
+    fit(TrainConfig(task="target", runner="local", data=str(prep), out=str(target), epochs=2,
+                    **QUICK), log=lambda m: None)
+    teacher = root / "teacher"
+    generate_teacher(prep, target, teacher, k=5, workers=0, max_samples=192, max_valid=32,
+                     chunk_size=64, log=lambda m: None)
+    return prep, target, teacher
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2,
+             include_dashboard=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_space(path: Path, extra_fixed: str = "") -> Path:
+    path.write_text(f"""
+name: t
+mode: strict
+fixed: {{loss: atspeed-s, epochs: 2{extra_fixed}}}
+search:
+  alpha: {{choice: [0.2, 0.9]}}
+  lr: {{grid: [0.003, 0.0003]}}
+""")
+    return path
+
+
+def test_shipped_spaces_parse():
+    for f in sorted(Path(__file__).resolve().parents[1].glob("tuning/*.yaml")):
+        space = load_space(f)
+        assert space.search, f
+    assert objective({"val_accept": 2.0, "val_recall": 0.5, "val_target_recall": 0.5}, "relaxed", 0.9) == 2.0
+    assert objective({"val_accept": 2.0, "val_recall": 0.25, "val_target_recall": 0.5}, "relaxed", 1.0) < 0
+
+
+@pytest.mark.slow
+def test_two_trial_search_and_resume(ray_local, assets, tmp_path):
+    prep, target, teacher = assets
+    # trials fail once after their first epoch's checkpoint: the search ends "interrupted"
+    space = write_space(tmp_path / "space.yaml", ", fail_after_epoch: 1")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="--resume"):
+        run_tune(str(prep), str(target), str(teacher), str(space), 1, str(out),
+                 max_concurrent=1, base_overrides=QUICK, log=lambda m: None)
+    summary = run_tune(str(prep), str(target), str(teacher), str(space), 1, str(out),
+                       resume=True, max_concurrent=1, base_overrides=QUICK, log=lambda m: None)
+    assert summary["trials"] == 2
+    best = json.loads((out / "best_config.json").read_text())
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and (out / "trials.md").exists()
+    assert all(r["status"] == "ok" for r in rows)
+    # the best trial is the one with the best reported objective
+    assert max(float(r["objective"]) for r in rows) == pytest.approx(best["objective"])
+    assert rows[0]["trial_id"] == best["trial"]
+    model, _ = load_model(out / "best_draft")
+    assert model.config.hidden_size == 32
