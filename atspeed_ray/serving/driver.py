@@ -100,5 +100,7 @@ async def remote_speculative(
         models.calls = calls
     loop = speculative_loop(prompts, index, k, draft_beams, gamma, mode, generator,
                             keep_cache=False, dtype=dtype)
-    with torch.no_grad():
-        return await run_loop_async(loop, models)
+    # no torch.no_grad() here: grad mode is per thread, and a `with` block held across an
+    # `await` leaks its state into every coroutine interleaved with this one. The loop itself
+    # only combines tensors that carry no graph (the models run under no_grad where they live).
+    return await run_loop_async(loop, models)
