@@ -118,3 +118,53 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s: {summary['users']} users, "
           f"{summary['items']} items; outputs in {out}/", flush=True)
     return out
+
+
+def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool | None = None) -> None:
+    """Start the endpoint on the pipeline's target and draft, send one example request, print it
+    as a curl line. With ``wait`` (default: when stdin is a terminal) keep serving until Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from atspeed_ray.data.prepare import load_prepared
+
+    history = load_prepared(out / "data").histories("test", limit=1)[0]
+    body = json.dumps({"history": history, "k": 5, "mode": "strict"})
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "atspeed_ray.cli", "serve", "--target", str(out / "target"),
+           "--draft", str(out / "drafts" / draft), "--data", str(out / "data"), "--port", str(port)]
+    print(f"\n$ atspeed-ray {shlex.join(cmd[3:])}", flush=True)
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"serve exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise SystemExit("the endpoint did not come up within 240 s")
+            time.sleep(2)
+        reply = httpx.post(f"{url}/recommend", content=body,
+                           headers={"content-type": "application/json"}, timeout=60)
+        print(f"\nexample request:\n  curl -s -X POST {url}/recommend -H 'content-type: application/json' "
+              f"-d '{body}'\nreply ({reply.status_code}): {reply.text}\nAPI docs: {url}/docs", flush=True)
+        if wait if wait is not None else sys.stdin.isatty():
+            print("serving; press Ctrl-C to stop", flush=True)
+            proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `ray job submit --working-dir .`
 
-from atspeed_ray.pipeline import PipelineConfig, StageSettings, run_pipeline  # noqa: E402
+from atspeed_ray.pipeline import PipelineConfig, StageSettings, run_pipeline, serve_demo  # noqa: E402
 
 
 def main() -> None:
@@ -26,7 +26,9 @@ def main() -> None:
         teacher_k=10, teacher_samples=4000, losses=["sft", "atspeed-s", "atspeed-r"],
         eval_k=[1, 5, 10], timing_prompts=30,
     )
-    run_pipeline(cfg)
+    out = run_pipeline(cfg)
+    if not args.no_serve:
+        serve_demo(out)
 
 
 if __name__ == "__main__":
