@@ -207,15 +207,6 @@ def test_local_align_every_loss(loss, prep, target_dir, teacher_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------- Ray Train + DeepSpeed
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2,
-             include_dashboard=True, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 RAY_FLAGS = ["--preset", "tiny", "--workers", "2", "--epochs", "2", "--micro-batch", "32",
              "--lr", "3e-3", "--max-samples", "384", "--val-samples", "16", "--val-k", "3",
              "--val-draft-beams", "6", "--log-every", "1000"]

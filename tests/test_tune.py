@@ -35,15 +35,6 @@ def assets(tmp_path_factory):
     return prep, target, teacher
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2,
-             include_dashboard=True, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def write_space(path: Path, extra_fixed: str = "") -> Path:
     path.write_text(f"""
 name: t
