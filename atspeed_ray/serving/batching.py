@@ -15,6 +15,7 @@ relaxed request whose random stream must stay its own) run as separate groups of
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -54,6 +55,7 @@ class DraftReply:
     steps: list[DraftStep]  # G steps of [B, N] beams
     beams: Beams  # [B, K, L]
     generator_state: Tensor | None  # the seeded generator's state after drafting
+    compute_ms: float = 0.0  # time of the batched call this request was part of
 
 
 @dataclass
@@ -74,6 +76,7 @@ class VerifyRequest:
 class VerifyReply:
     root_logp: Tensor  # [B, K, V]
     step_logp: list[Tensor]  # G x [B, N, V]
+    compute_ms: float = 0.0
 
 
 @dataclass
@@ -86,6 +89,7 @@ class BeamRequest:
 class BeamReply:
     items: list[list[int]]  # [B][k]
     scores: Tensor  # [B, k]
+    compute_ms: float = 0.0
 
 
 def slim(b: Beams) -> Beams:
@@ -190,6 +194,7 @@ def draft_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[DraftRe
         return (r.beams.tokens.shape[1], r.N, r.sample, seeded)
 
     for idx in group_by(reqs, key):
+        t0 = time.perf_counter()
         group = [reqs[i] for i in idx]
         first = group[0]
         sizes = [r.beams.tokens.shape[0] for r in group]
@@ -209,7 +214,7 @@ def draft_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[DraftRe
         for j, (i, r, b) in enumerate(zip(idx, group, split_beams(to_device(beams, torch.device("cpu")), sizes))):
             own = [per_step[s][j] for s in range(r.G)]  # a request keeps its own G steps
             state = gen.get_state() if first.generator_state is not None and gen is not None else None
-            out[i] = DraftReply(own, b, state)
+            out[i] = DraftReply(own, b, state, (time.perf_counter() - t0) * 1000)
     return out  # type: ignore[return-value]
 
 
@@ -224,6 +229,7 @@ def verify_batch(model: torch.nn.Module, reqs: Sequence[VerifyRequest]) -> list[
         return (r.beams.tokens.shape[1], r.steps[0].parent.shape[1] if r.steps else -1)
 
     for idx in group_by(reqs, key):
+        t0 = time.perf_counter()
         group = [reqs[i] for i in idx]
         sizes = [r.beams.tokens.shape[0] for r in group]
         G = max(len(r.steps) for r in group)
@@ -237,7 +243,8 @@ def verify_batch(model: torch.nn.Module, reqs: Sequence[VerifyRequest]) -> list[
         root = root_logp.to(cpu).split(sizes)
         per_step = [lp.to(cpu).split(sizes) for lp in step_logp]
         for j, (i, r) in enumerate(zip(idx, group)):
-            out[i] = VerifyReply(root[j], [per_step[s][j] for s in range(len(r.steps))])
+            out[i] = VerifyReply(root[j], [per_step[s][j] for s in range(len(r.steps))],
+                                 (time.perf_counter() - t0) * 1000)
     return out  # type: ignore[return-value]
 
 
@@ -246,13 +253,15 @@ def beam_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[BeamRequ
     """Plain target beam search (the fallback and the target-only baseline) over a batch."""
     out: list[BeamReply | None] = [None] * len(reqs)
     for idx in group_by(reqs, lambda r: r.k):
+        t0 = time.perf_counter()
         group = [reqs[i] for i in idx]
         sizes = [len(r.prompts) for r in group]
         res = beam_search(model, [p for r in group for p in r.prompts], index, group[0].k)
         scores = res.scores.cpu().split(sizes)
         start = 0
+        ms = (time.perf_counter() - t0) * 1000
         for j, (i, n) in enumerate(zip(idx, sizes)):
-            out[i] = BeamReply(res.items[start:start + n], scores[j])
+            out[i] = BeamReply(res.items[start:start + n], scores[j], ms)
             start += n
     return out  # type: ignore[return-value]
 

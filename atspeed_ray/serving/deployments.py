@@ -283,13 +283,15 @@ class Recommender:
                 gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "little"))
             draft, target = self.draft, self.target
             N = self.args.draft_width(req.k)
+            times: dict[str, float] = {}
             try:
                 res = await remote_speculative(
                     lambda r: _result(draft.propose.remote(r)),
                     lambda r: asyncio.wait_for(_result(target.verify.remote(r)), self.args.target_timeout_s),
                     [prompt], self.catalog.index, req.k, N, self.args.gamma, req.mode, gen,
                     seeded=req.seed is not None, draft_timeout_s=self.args.draft_timeout_s,
-                    dtype=self.dtype, calls=calls)
+                    dtype=self.dtype, calls=calls, times=times)
+                stats.update({k: round(v, 3) for k, v in times.items()})
                 stats.update(path="speculative", rounds=res.stats["rounds"][0],
                              accepted_steps=res.stats["accepted_steps"][0],
                              target_forwards=res.stats["target_calls"][0],
@@ -309,11 +311,14 @@ class Recommender:
         else:
             stats["path"] = "target_only"
         calls["target"] += 1
+        t0 = time.perf_counter()
         reply: BeamReply = await asyncio.wait_for(
             _result(self.target.beam_search.remote(BeamRequest([prompt], req.k))),
             self.args.target_timeout_s)
         stats.update(rounds=None, accepted_steps=None, target_forwards=self.catalog.index.L,
-                     handle_calls=calls["draft"] + calls["target"])
+                     handle_calls=calls["draft"] + calls["target"],
+                     beam_rtt_ms=round((time.perf_counter() - t0) * 1000, 3),
+                     beam_compute_ms=round(reply.compute_ms, 3))
         return self._answer(reply.items[0], reply.scores[0].tolist(), stats)
 
     @staticmethod

@@ -199,7 +199,9 @@ def format_result(r: LoadResult) -> str:
              f"  paths {s['paths']}"]
     if s["max_replicas"]:
         lines.append("  replicas (most seen running): " + "  ".join(f"{k} {v}" for k, v in s["max_replicas"].items()))
-    keys = ("rounds", "accepted_steps", "target_forwards", "draft_forwards", "handle_calls", "latency_ms")
+    keys = ("rounds", "accepted_steps", "target_forwards", "draft_forwards", "handle_calls", "latency_ms",
+            "draft_rtt_ms", "draft_compute_ms", "verify_rtt_ms", "verify_compute_ms", "beam_rtt_ms",
+            "beam_compute_ms")
     means = {k: s["server_means"][k] for k in keys if k in s["server_means"]}
     if means:
         lines.append("  per request (server): " + "  ".join(f"{k} {v:.2f}" for k, v in means.items()))
