@@ -116,7 +116,6 @@ def run_serve(args: argparse.Namespace) -> int:
     def stop(_sig: int, _frame: object) -> None:  # SIGTERM: shut Serve and Ray down cleanly
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
     import ray
     from ray.serve.scripts import cli as serve_cli
 
@@ -126,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
         # a fresh local instance: never deploy onto a cluster someone else started
         ray.init(address="local", namespace="serve", num_cpus=args.num_cpus,
                  object_store_memory=512 * 1024**2)
+        signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own handler
         port = config["http_options"].get("port", 8000)
         print(f"serving on http://{args.host}:{port}  (POST /recommend, GET /healthz, /docs)", flush=True)
         try:
