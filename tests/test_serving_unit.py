@@ -29,13 +29,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "serve_configs"
 F64 = DeviceConfig(device="cpu", dtype="float64")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Offline references in one thread: on a busy 2-core machine, 2-thread OpenMP kernels stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
