@@ -59,7 +59,7 @@ class RemoteModels:
     seeded: bool = False  # the generator is the request's own: ship its state to the draft
     draft_timeout_s: float | None = None
     calls: dict[str, int] = field(default_factory=lambda: {"draft": 0, "target": 0})
-    # where the time goes (ms): round trips of the calls, compute inside the replicas, ingress work
+    # where the time goes (ms): round trips of the calls and the compute inside the replicas
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("draft_rtt_ms", "draft_compute_ms", "verify_rtt_ms", "verify_compute_ms"), 0.0))
 
