@@ -24,10 +24,13 @@ A search space is a YAML file (``tuning/*.yaml``)::
       temperature: {loguniform: [0.001, 2.0]}
       lr: {loguniform: [0.0003, 0.003]}
       weight_decay: {choice: [0.0, 0.01, 0.1]}
-      loss: {choice: [atspeed-s]}
+    baseline: {alpha: 0.7, temperature: 1.0, lr: 0.001, weight_decay: 0.1}  # optional: trial 1
 
-Outputs in ``--out``: ``best_config.json``, ``trials.csv`` and ``trials.md`` (every trial), and
+Outputs in ``--out``: ``best_config.json`` (with the baseline trial's objective and the gain over
+it when the space has a baseline), ``trials.csv`` and ``trials.md`` (every trial), and
 ``best_draft/`` (the best trial's draft, HF format, ready for ``serve``/``bench``).
+``--time-budget`` ends the search after that many seconds (Tune's ``time_budget_s``); trials it
+cut short keep their last reported epoch, trials it never started are listed as ``not run``.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class SearchSpace(BaseModel):
     recall_guard: float = Field(0.95, gt=0.0, le=1.0)
     fixed: dict[str, Any] = {}
     search: dict[str, dict[str, Any]]
+    # values of the searched fields run as the first trial, so the gain over them is measured in
+    # the same search (for example the `align` command's defaults)
+    baseline: dict[str, Any] | None = None
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -69,6 +75,9 @@ def load_space(path: str | Path) -> SearchSpace:
     for field, spec in space.search.items():
         if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
             raise ValueError(f"{path}: search.{field}: give exactly one of {', '.join(SAMPLERS)}")
+    if space.baseline is not None and set(space.baseline) != set(space.search):
+        raise ValueError(f"{path}: baseline: give a value for exactly the searched fields "
+                         f"({', '.join(sorted(space.search))})")
     return space
 
 
@@ -152,9 +161,10 @@ def write_trials(rows: list[dict[str, Any]], out: Path) -> None:
 def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_samples: int,
              out: str, resume: bool = False, max_concurrent: int | None = None,
              cpus_per_trial: float = 1.0, grace_period: int = 1, base_overrides: dict | None = None,
-             log=print) -> dict[str, Any]:
+             time_budget_s: float | None = None, log=print) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     from atspeed_ray.training.config import TrainConfig
     from atspeed_ray.training.ray_utils import init_ray
@@ -181,11 +191,13 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
                                    resume_unfinished=True, resume_errored=True)
     else:
         param_space = {**to_tune(space), "_base": base, "_mode": space.mode, "_guard": space.recall_guard}
+        points = [dict(space.baseline)] if space.baseline else None
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=OBJECTIVE, mode="max", num_samples=num_samples,
-                max_concurrent_trials=concurrent,
+                max_concurrent_trials=concurrent, time_budget_s=time_budget_s,
+                search_alg=BasicVariantGenerator(points_to_evaluate=points),
                 scheduler=ASHAScheduler(grace_period=grace_period, reduction_factor=2,
                                         max_t=int(base.get("epochs", 1)), time_attr="training_iteration")),
             run_config=tune.RunConfig(name=name, storage_path=storage))
@@ -194,12 +206,15 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
     results = tuner.fit()
     rows = []
     for r in results:
-        row = {"trial_id": Path(r.path).name, "status": "error" if r.error else "ok"}
+        status = "error" if r.error else "ok" if r.metrics and OBJECTIVE in r.metrics else "not run"
+        row = {"trial_id": Path(r.path).name, "status": status}
         row.update({k: v for k, v in (r.config or {}).items() if not k.startswith("_")})
         for key in (OBJECTIVE, "val_accept", "val_target_calls", "val_recall", "loss",
                     "training_iteration"):
             if r.metrics and key in r.metrics:
                 row[key] = r.metrics[key]
+        row["baseline"] = bool(space.baseline) and all(
+            row.get(k) == v for k, v in space.baseline.items())
         rows.append(row)
     rows.sort(key=lambda r: -r.get(OBJECTIVE, -math.inf))
     write_trials(rows, out_dir)
@@ -211,7 +226,13 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
     best_cfg = {k: v for k, v in best.config.items() if not k.startswith("_")}
     summary = {"space": space.name, "mode": space.mode, "objective": best.metrics[OBJECTIVE],
                "val_accept": best.metrics.get("val_accept"), "config": best_cfg,
-               "trial": Path(best.path).name, "trials": len(rows)}
+               "trial": Path(best.path).name, "trials": len(rows),
+               "trials_run": sum(r["status"] == "ok" for r in rows)}
+    baseline = next((r for r in rows if r["baseline"] and OBJECTIVE in r), None)
+    if baseline is not None:
+        summary["baseline"] = {"config": space.baseline, "objective": baseline[OBJECTIVE],
+                               "epochs": baseline.get("training_iteration")}
+        summary["gain_over_baseline"] = summary["objective"] - baseline[OBJECTIVE]
     (out_dir / "best_config.json").write_text(json.dumps(summary, indent=2))
     export_best(best.metrics["checkpoint_path"] if "checkpoint_path" in best.metrics
                 else best.checkpoint.path, out_dir / "best_draft")
@@ -234,6 +255,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=int, default=None, help="training rows per trial")
     p.add_argument("--preset", default=None, help="override the space's preset")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before stopping")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="end the search after this many seconds (unstarted trials are skipped)")
     p.set_defaults(func=_run)
 
 
@@ -242,5 +265,6 @@ def _run(args: argparse.Namespace) -> int:
                                    "preset": args.preset}.items() if v is not None}
     run_tune(args.data, args.target, args.teacher, args.space, args.num_samples, args.out,
              resume=args.resume, max_concurrent=args.max_concurrent,
-             grace_period=args.grace_period, base_overrides=overrides)
+             grace_period=args.grace_period, base_overrides=overrides,
+             time_budget_s=args.time_budget)
     return 0

@@ -77,3 +77,12 @@ def test_two_trial_search_and_resume(ray_local, assets, tmp_path):
     assert rows[0]["trial_id"] == best["trial"]
     model, _ = load_model(out / "best_draft")
     assert model.config.hidden_size == 32
+
+
+def test_baseline_must_cover_the_searched_fields(tmp_path):
+    path = write_space(tmp_path / "space.yaml")
+    path.write_text(path.read_text() + "baseline: {alpha: 0.9, lr: 0.003}\n")
+    assert load_space(path).baseline == {"alpha": 0.9, "lr": 0.003}
+    path.write_text(path.read_text().replace("baseline: {alpha: 0.9, lr: 0.003}", "baseline: {alpha: 0.9}"))
+    with pytest.raises(ValueError, match="baseline"):
+        load_space(path)
