@@ -35,21 +35,23 @@ def main() -> None:
     p.add_argument("--teacher-samples", type=int, default=None, help="train prompts with teacher data")
     p.add_argument("--align-epochs", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--eval-prompts", type=int, default=None, help="test prompts (default all)")
-    p.add_argument("--timing-prompts", type=int, default=50)
+    p.add_argument("--eval-prompts", type=int, default=None,
+                   help="test prompts for accuracy (default: all with --gpu, 1000 on CPU)")
+    p.add_argument("--timing-prompts", type=int, default=30, help="test prompts timed at batch 1")
     args = p.parse_args()
     name = Path(args.data).resolve().name
     gpu = args.gpu
     cfg = PipelineConfig(
         data=args.data, out=args.out or f"runs/{name}", preset="gpu" if gpu else "cpu",
         target=StageSettings(epochs=args.target_epochs or (10 if gpu else 2), micro_batch=64 if gpu else 32,
-                             lr=1e-3, workers=args.workers or (4 if gpu else 2),
-                             max_samples=args.target_samples if args.target_samples or gpu else 24000),
+                             lr=1e-3 if gpu else 2e-3, workers=args.workers or (4 if gpu else 2),
+                             max_samples=args.target_samples if args.target_samples or gpu else 48000),
         align=StageSettings(epochs=args.align_epochs or (20 if gpu else 10), micro_batch=32, lr=3e-3,
                             workers=args.workers or (4 if gpu else 2)),
-        teacher_k=20, teacher_samples=args.teacher_samples if args.teacher_samples or gpu else 2000,
+        teacher_k=20, teacher_samples=args.teacher_samples if args.teacher_samples or gpu else 3000,
         teacher_workers=args.workers or 2, losses=LOSSES, eval_k=[1, 3, 5, 10, 20],
-        eval_prompts=args.eval_prompts, timing_prompts=args.timing_prompts, draft_beams=20,
+        eval_prompts=args.eval_prompts if args.eval_prompts or gpu else 1000,
+        timing_prompts=args.timing_prompts, draft_beams=20,
         use_gpu=gpu,
     )
     out = run_pipeline(cfg)
