@@ -197,7 +197,10 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
             tune_config=tune.TuneConfig(
                 metric=OBJECTIVE, mode="max", num_samples=num_samples,
                 max_concurrent_trials=concurrent, time_budget_s=time_budget_s,
-                search_alg=BasicVariantGenerator(points_to_evaluate=points),
+                # the searcher must carry the limit itself: Tune does not apply max_concurrent_trials
+                # to a BasicVariantGenerator passed in (trials hold only 0.01 CPU, so without it
+                # every trial starts and queues its Ray Train worker)
+                search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent),
                 scheduler=ASHAScheduler(grace_period=grace_period, reduction_factor=2,
                                         max_t=int(base.get("epochs", 1)), time_attr="training_iteration")),
             run_config=tune.RunConfig(name=name, storage_path=storage))
