@@ -43,13 +43,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_config(base: dict, models: Path, data: Path, port: int, fault: dict | None = None) -> dict:
-    """local.yaml with our paths and port (+ a DraftModel fault), plus the ``baseline`` app."""
+def make_config(base: dict, models: Path, data: Path, port: int, fault: dict | None = None,
+                routing: str = "speculative") -> dict:
+    """local.yaml with our paths and port (+ a DraftModel fault), plus the ``baseline`` app.
+    Routing is pinned to ``speculative`` so that every strict request takes the path under test,
+    except in the adaptive-routing test."""
     config = copy.deepcopy(base)
     config["http_options"]["port"] = port
     main = config["applications"][0]
     main["args"].update(target=str(models / "target"), draft=str(models / "draft"), data=str(data),
-                        dtype="float64")
+                        dtype="float64", routing=routing)
     if fault is not None:
         next(d for d in main["deployments"] if d["name"] == "DraftModel")["user_config"] = fault
     baseline = {**copy.deepcopy(main), "name": "baseline", "route_prefix": "/baseline",
@@ -282,3 +285,36 @@ def test_killing_a_draft_replica_under_load_fails_no_request(app):
     assert res.paths.get("speculative", 0) > 0
     # the controller replaces the killed replica
     until(lambda: app["client"].post("/recommend", json=bodies[0]).json()["stats"]["path"] == "speculative")
+
+
+def test_adaptive_routing_sends_strict_requests_around_a_slow_draft(app):
+    """A draft that sleeps 0.4 s per call (under its 2 s deadline) makes speculation slower than
+    the target alone: adaptive routing then answers from the target, still probing the draft
+    every probe_every-th request, and every answer stays the strict one."""
+    c = app["client"]
+    histories = app["catalog"].examples[:6]
+    want = beam_answers(app, histories, 5)
+    slow = make_config(app["base"], app["root"] / "models", app["data"], app["port"],
+                       {"fault": "delay", "fault_delay_s": 0.4}, routing="adaptive")
+    slow["applications"][0]["args"]["probe_every"] = 4
+    try:
+        deploy(slow, app["root"])
+        until(lambda: c.get("/stats").json().get("routing") is not None)
+        paths = []
+        for i in range(24):
+            h = histories[i % len(histories)]
+            r = c.post("/recommend", json={"history": h, "k": 5}).json()
+            assert r["items"] == want[tuple(h)]
+            paths.append(r["stats"]["path"])
+        routing = c.get("/stats").json()["routing"]["strict/k=5"]
+        assert routing["best"] == "target_only", routing
+        assert routing["speculative_ms"] > routing["target_only_ms"]
+        # 3 + 3 warm-up requests alternate; then 3 of every 4 go to the target, 1 probes the draft
+        assert paths[:6] == ["speculative", "target_only"] * 3
+        assert paths[6:].count("target_only") >= 12 and paths[6:].count("speculative") >= 3
+        # relaxed requests are never routed: their answer is a sample
+        r = c.post("/recommend", json={"history": histories[0], "k": 5, "mode": "relaxed"}).json()
+        assert r["stats"]["path"] == "speculative"
+    finally:
+        deploy(make_config(app["base"], app["root"] / "models", app["data"], app["port"]), app["root"])
+    until(lambda: c.get("/stats").json().get("routing") is None)

@@ -250,3 +250,28 @@ def test_run_load_counts_latency_and_errors():
     s = res.summary()
     assert s["server_means"]["handle_calls"] == 4 and s["paths"] == {"speculative": 20}
     assert s["p50_ms"] <= s["p99_ms"]
+
+
+def test_router_warms_up_both_arms_then_prefers_the_faster_and_probes():
+    from atspeed_ray.serving.routing import Router
+
+    r = Router(probe_every=5, warmup=2, alpha=0.5)
+    seen = []
+    for _ in range(4):  # warm-up alternates, speculative first
+        arm = r.choose("strict", 10)
+        seen.append(arm)
+        r.observe("strict", 10, arm, 100.0 if arm == "speculative" else 40.0)
+    assert seen == ["speculative", "target_only"] * 2
+    arms = [r.choose("strict", 10) for _ in range(10)]  # requests 5..14: every 5th probes
+    assert arms.count("speculative") == 2 and arms[0] == "speculative" and arms[5] == "speculative"
+    assert r.best("strict", 10) == "target_only"
+    # a draft that became fast wins back the traffic through the probes
+    for _ in range(3):
+        r.observe("strict", 10, "speculative", 10.0)
+    assert r.best("strict", 10) == "speculative"
+    # keys are independent: another k starts from scratch
+    assert r.choose("strict", 5) == "speculative"
+    snap = r.snapshot()
+    assert snap["strict/k=10"]["best"] == "speculative" and snap["strict/k=5"]["speculative_n"] == 0
+    with pytest.raises(ValueError):
+        Router(probe_every=1)

@@ -102,6 +102,12 @@ class AppArgs(BaseModel):
     draft_timeout_s: float = Field(default=2.0, gt=0.0, le=600.0,
                                    description="deadline of one draft call; then target-only fallback")
     target_timeout_s: float = Field(default=30.0, gt=0.0, le=600.0)
+    routing: Literal["speculative", "adaptive"] = Field(
+        default="speculative",
+        description="adaptive: strict requests go to whichever of speculative decoding and plain target "
+                    "beam search has been faster lately (same answer either way; see serving/routing.py)")
+    probe_every: int = Field(default=10, ge=2, le=10_000,
+                             description="adaptive routing: every n-th request tries the slower path")
     draft_threads: int | None = Field(default=None, ge=1, le=256)
     target_threads: int | None = Field(default=None, ge=1, le=256)
     draft_batch: BatchSettings = BatchSettings()

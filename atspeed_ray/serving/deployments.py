@@ -7,7 +7,8 @@
 The ingress runs the decoding core's loop per request (``driver.remote_speculative``): the draft
 proposes, the target verifies the tree in one forward, the ingress accepts. Each round costs two
 handle calls; a request whose draft fails or misses ``draft_timeout_s`` is answered by the target
-alone (plain beam search: the strict answer), and counted as a fallback.
+alone (plain beam search: the strict answer), and counted as a fallback. With ``routing:
+adaptive`` strict requests go to whichever path has been faster lately (``routing.Router``).
 
 No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime.
 """
@@ -37,6 +38,7 @@ from atspeed_ray.serving.config import (
     MAX_HISTORY, MAX_K, AppArgs, FaultConfig, ModelSettings, RecommendRequest, RecommendResponse,
 )
 from atspeed_ray.serving.driver import DraftUnavailable, remote_speculative
+from atspeed_ray.serving.routing import Arm, Router
 
 logger = logging.getLogger("ray.serve")
 
@@ -195,10 +197,12 @@ class Recommender:
         self.dtype = torch.float64 if self.args.dtype == "float64" else torch.float32
         self.target = target
         self.draft = draft if self.args.speculative else None
+        self.router = (Router(probe_every=self.args.probe_every)
+                       if self.draft is not None and self.args.routing == "adaptive" else None)
         self.counts: dict[str, float] = {
             "requests": 0, "ok": 0, "errors": 0, "fallbacks": 0, "fallback_error": 0,
-            "fallback_deadline": 0, "handle_calls": 0, "rounds": 0, "accepted_steps": 0,
-            "target_forwards": 0, "latency_ms_sum": 0.0}
+            "fallback_deadline": 0, "routed_target_only": 0, "handle_calls": 0, "rounds": 0,
+            "accepted_steps": 0, "target_forwards": 0, "latency_ms_sum": 0.0}
         tags = ("app_path", "mode")
         self.m_requests = Counter("atspeed_requests", description="recommend requests",
                                   tag_keys=("app_path", "mode", "status"))
@@ -212,6 +216,8 @@ class Recommender:
                                         boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
         self.m_fallbacks = Counter("atspeed_fallbacks", description="requests answered by the target alone "
                                    "because the draft failed or missed its deadline", tag_keys=("reason",))
+        self.m_routed = Counter("atspeed_routed", description="strict requests sent by adaptive routing",
+                                tag_keys=("arm", "k"))
 
     # ------------------------------------------------------------------ endpoints
     @api.get("/healthz")
@@ -229,7 +235,9 @@ class Recommender:
     @api.get("/stats")
     async def stats(self) -> dict[str, Any]:
         """Counters of this ingress replica since it started, and the app's running replicas."""
-        return {"pid": os.getpid(), **self.counts, "replicas": await asyncio.to_thread(running_replicas)}
+        routing = self.router.snapshot() if self.router is not None else None
+        return {"pid": os.getpid(), **self.counts, "routing": routing,
+                "replicas": await asyncio.to_thread(running_replicas)}
 
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
@@ -246,15 +254,21 @@ class Recommender:
             raise field_error(["body", "history", i],
                               f"unknown item id {req.history[i]} ({len(unknown)} unknown in history)",
                               req.history[i], "unknown_item")
+        arm: Arm = "speculative"
+        if self.router is not None and req.mode == "strict":
+            arm = self.router.choose(req.mode, req.k)
+            self.m_routed.inc(tags={"arm": arm, "k": str(req.k)})
         start = time.perf_counter()
         try:
-            items, scores, stats = await self._decode(req)
+            items, scores, stats = await self._decode(req, arm)
         except Exception:
             self.counts["errors"] += 1
             self._count_status(app_path, req.mode, "error")
             raise
         ms = (time.perf_counter() - start) * 1000.0
         stats["latency_ms"] = round(ms, 3)
+        if self.router is not None and req.mode == "strict" and stats["path"] != "fallback":
+            self.router.observe(req.mode, req.k, arm, ms)
         tags = {"app_path": str(stats["path"]), "mode": req.mode}
         self.m_latency.observe(ms, tags=tags)
         self.m_accepted.observe(float(stats["accepted_steps"] or 0), tags=tags)  # type: ignore[arg-type]
@@ -272,11 +286,12 @@ class Recommender:
     def _count_status(self, app_path: str, mode: str, status: str) -> None:
         self.m_requests.inc(tags={"app_path": app_path, "mode": mode, "status": status})
 
-    async def _decode(self, req: RecommendRequest) -> tuple[list[int], list[float], dict[str, Any]]:
+    async def _decode(self, req: RecommendRequest, arm: Arm = "speculative"
+                      ) -> tuple[list[int], list[float], dict[str, Any]]:
         prompt = self.catalog.prompt(req.history)
         stats: dict[str, Any] = {"mode": req.mode, "k": req.k, "prompt_tokens": len(prompt)}
         calls = {"draft": 0, "target": 0}
-        if self.draft is not None:
+        if self.draft is not None and arm == "speculative":
             gen: torch.Generator | None = None
             if req.mode == "relaxed":
                 gen = torch.Generator()
@@ -308,6 +323,9 @@ class Recommender:
             self.m_fallbacks.inc(tags={"reason": reason})
             logger.warning("target-only fallback (%s): %s", reason, detail)
             stats.update(path="fallback", fallback_reason=reason, fallback_detail=detail[:200])
+        elif self.draft is not None:  # adaptive routing chose the target alone: same strict answer
+            self.counts["routed_target_only"] += 1
+            stats.update(path="target_only", routed=True)
         else:
             stats["path"] = "target_only"
         calls["target"] += 1
