@@ -24,6 +24,28 @@ from atspeed_ray.pipeline import PipelineConfig, StageSettings, run_pipeline  # 
 LOSSES = ["sft", "wordkd", "tvdkd", "seqkd", "atspeed-s", "atspeed-r"]
 
 
+def machine() -> str:
+    """CPU model, cores, memory, GPU and library versions, for RUN.md."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+        mem = f"{kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        mem = "RAM unknown"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem}, {gpu}; {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="release folder, e.g. ../shared/data/beauty")
@@ -61,8 +83,7 @@ def main() -> None:
         shutil.copy2(f, results / f.name)
     (results / "RUN.md").write_text(
         f"# {name}\n\nCommand: `python jobs/reproduce.py {shlex.join(sys.argv[1:])}`\n\n"
-        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}\n\n"
+        f"Machine: {machine()}\n\n"
         f"Pipeline settings:\n\n```json\n{cfg.model_dump_json(indent=2)}\n```\n")
     print(f"results in {results}/")
 
