@@ -47,6 +47,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 OBJECTIVE = "objective"
+PG_FILE = "train_placement_group.hex"
 SAMPLERS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
 
 
@@ -121,7 +122,7 @@ def trial(config: dict[str, Any]) -> None:
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
     cfg = TrainConfig(**{**base, **sampled, "out": str(trial_dir / "draft"),
                          "storage_path": str(trial_dir / "train"), "name": "align",
-                         "val_mode": mode})
+                         "val_mode": mode, "placement_group_file": str(trial_dir / PG_FILE)})
 
     class Objective(TuneReportCallback):
         """Adds the objective to every report Tune sees."""
@@ -132,6 +133,40 @@ def trial(config: dict[str, Any]) -> None:
 
     trainer = build_trainer(cfg, callbacks=[Objective()])
     trainer.fit()
+
+
+def release_placement_group(trial_dir: Path) -> bool:
+    """Remove the Ray Train worker group's placement group of a finished or stopped trial.
+
+    When Tune stops a trial (ASHA, or its last epoch) it ends the trial actor, and a Train V2 run
+    inside it leaves its worker placement group reserved for the rest of the search (Ray issue
+    54305): on a small machine the next trial then waits forever for a CPU. The trial's rank-0
+    worker recorded the group's id; removing an already removed group is harmless.
+    """
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    path = trial_dir / PG_FILE
+    if not path.is_file():
+        return False
+    try:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(path.read_text().strip()))))
+    except Exception:  # noqa: BLE001 - already gone
+        return False
+    return True
+
+
+def _release_callback():
+    from ray import tune
+
+    class ReleasePlacementGroups(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            release_placement_group(Path(trial.local_path))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            release_placement_group(Path(trial.local_path))
+
+    return ReleasePlacementGroups()
 
 
 def export_best(best_checkpoint_path: str, out: Path) -> None:
@@ -203,7 +238,7 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
                 search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent),
                 scheduler=ASHAScheduler(grace_period=grace_period, reduction_factor=2,
                                         max_t=int(base.get("epochs", 1)), time_attr="training_iteration")),
-            run_config=tune.RunConfig(name=name, storage_path=storage))
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_release_callback()]))
     log(f"tune {space.name}: {num_samples} trials, {concurrent} at a time, objective "
         f"{'val_accept' if space.mode == 'strict' else 'val_accept with recall guard'}")
     results = tuner.fit()

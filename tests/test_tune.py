@@ -77,6 +77,15 @@ def test_two_trial_search_and_resume(ray_local, assets, tmp_path):
     assert rows[0]["trial_id"] == best["trial"]
     model, _ = load_model(out / "best_draft")
     assert model.config.hidden_size == 32
+    # no Ray Train placement group outlives its trial (else the next search waits for CPUs)
+    import time
+
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + 30
+    while (left := [v for v in placement_group_table().values() if v["state"] != "REMOVED"]):
+        assert time.monotonic() < deadline, left
+        time.sleep(0.5)
 
 
 def test_baseline_must_cover_the_searched_fields(tmp_path):

@@ -65,6 +65,10 @@ class TrainConfig(BaseModel):
     val_mode: Literal["strict", "relaxed"] = "strict"
     log_every: int = Field(50, ge=1)
     # testing hooks
+    # internal (tune): rank 0 writes the id of the worker group's placement group to this file,
+    # so the tuner can release it when Tune stops the trial (Ray issue 54305: a Train V2 run
+    # stopped from Tune leaves its placement group reserved)
+    placement_group_file: str | None = None
     fail_after_epoch: int | None = None  # raise once after reporting this epoch's checkpoint
     save_probe: bool = False  # save a probe batch and the trained module's logits with the export
 

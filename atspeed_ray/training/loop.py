@@ -494,8 +494,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
+    if cfg.placement_group_file:
+        record_placement_group(Path(cfg.placement_group_file))
     s = build_setup(cfg, device)
     run(s, RaySession(), log=lambda m: print(m, flush=True))
+
+
+def record_placement_group(path: Path) -> None:
+    """Rank 0: write the id of the placement group this worker runs in (hex) to ``path``."""
+    import ray.train
+    from ray.util import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is not None and ray.train.get_context().get_world_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(pg.id.hex())
 
 
 # ---------------------------------------------------------------------------- driver
