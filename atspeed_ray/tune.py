@@ -30,7 +30,7 @@ Outputs in ``--out``: ``best_config.json`` (with the baseline trial's objective 
 it when the space has a baseline), ``trials.csv`` and ``trials.md`` (every trial), and
 ``best_draft/`` (the best trial's draft, HF format, ready for ``serve``/``bench``).
 ``--time-budget`` ends the search after that many seconds (Tune's ``time_budget_s``); trials it
-cut short keep their last reported epoch, trials it never started are listed as ``not run``.
+cut short keep their last reported epoch, trials with no report (never started, or cut before their first epoch) are listed as ``no report``.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
     results = tuner.fit()
     rows = []
     for r in results:
-        status = "error" if r.error else "ok" if r.metrics and OBJECTIVE in r.metrics else "not run"
+        status = "error" if r.error else "ok" if r.metrics and OBJECTIVE in r.metrics else "no report"
         row = {"trial_id": Path(r.path).name, "status": status}
         row.update({k: v for k, v in (r.config or {}).items() if not k.startswith("_")})
         for key in (OBJECTIVE, "val_accept", "val_target_calls", "val_recall", "loss",
