@@ -58,33 +58,44 @@ def write_table(rows: list[dict[str, Any]], out: Path, name: str, columns: list[
 
 
 def plot(speed: list[dict[str, Any]], out: Path) -> None:
+    """ws_vs_k.png and accepted_steps_hist.png: one panel per verification mode, one colour per
+    draft (the same colour in both files)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in sorted({(r["method"], r["mode"]) for r in speed}):
-        pts = sorted((r["k"], r["walltime_speedup"]) for r in speed if (r["method"], r["mode"]) == key)
-        ax.plot([k for k, _ in pts], [w for _, w in pts], marker="o", label=f"{key[0]} ({key[1]})")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("K")
-    ax.set_ylabel("walltime speedup")
-    ax.set_title("Speculative beam search: WS against K")
-    ax.legend(fontsize=7)
+    methods = list(dict.fromkeys(r["method"] for r in speed))
+    modes = list(dict.fromkeys(r["mode"] for r in speed))
+    colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    ks = sorted({r["k"] for r in speed})
+
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for m in methods:
+            pts = sorted((r["k"], r["walltime_speedup"]) for r in speed if (r["method"], r["mode"]) == (m, mode))
+            ax.plot([k for k, _ in pts], [w for _, w in pts], marker="o", color=colour[m], label=m)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("K (beams returned)")
+        ax.set_title(f"{mode} verification")
+    axes[0][0].set_ylabel("walltime speedup over beam search")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "ws_vs_k.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in sorted({(r["method"], r["mode"]) for r in speed}):
-        per_round = [a / r for row in speed if (row["method"], row["mode"]) == key
-                     for a, r in zip(row["accepted_steps_per_request"], row["rounds_per_request"])]
-        ax.hist(per_round, bins=12, range=(0, 3), alpha=0.5, label=f"{key[0]} ({key[1]})")
-    ax.set_xlabel("accepted steps per round (per request, all K)")
-    ax.set_ylabel("requests")
-    ax.set_title("Accepted steps")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for m in methods:
+            per_round = [a / r for row in speed if (row["method"], row["mode"]) == (m, mode)
+                         for a, r in zip(row["accepted_steps_per_request"], row["rounds_per_request"])]
+            ax.hist(per_round, bins=12, range=(0, 3), histtype="step", lw=1.5, color=colour[m], label=m)
+        ax.set_xlabel("accepted steps per round (one value per request, all K)")
+        ax.set_title(f"{mode} verification")
+    axes[0][0].set_ylabel("requests")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accepted_steps_hist.png", dpi=120)
     plt.close(fig)
