@@ -57,6 +57,22 @@ def write_table(rows: list[dict[str, Any]], out: Path, name: str, columns: list[
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def _per_mode_figure(modes: list[str], draw, xlabel: str, ylabel: str, path: Path) -> None:
+    """One panel per verification mode: ``draw(ax, mode)`` fills a panel; saved to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        draw(ax, mode)
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{mode} verification")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(speed: list[dict[str, Any]], out: Path) -> None:
     """ws_vs_k.png and accepted_steps_hist.png: one panel per verification mode, one colour per
     draft (the same colour in both files)."""
@@ -70,35 +86,27 @@ def plot(speed: list[dict[str, Any]], out: Path) -> None:
     colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     ks = sorted({r["k"] for r in speed})
 
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    def rows(m: str, mode: str) -> list[dict[str, Any]]:
+        return [r for r in speed if (r["method"], r["mode"]) == (m, mode)]
+
+    def ws(ax, mode: str) -> None:
         for m in methods:
-            pts = sorted((r["k"], r["walltime_speedup"]) for r in speed if (r["method"], r["mode"]) == (m, mode))
+            pts = sorted((r["k"], r["walltime_speedup"]) for r in rows(m, mode))
             ax.plot([k for k, _ in pts], [w for _, w in pts], marker="o", color=colour[m], label=m)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("K (beams returned)")
-        ax.set_title(f"{mode} verification")
-    axes[0][0].set_ylabel("walltime speedup over beam search")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "ws_vs_k.png", dpi=120)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    def accepted(ax, mode: str) -> None:
         for m in methods:
-            per_round = [a / r for row in speed if (row["method"], row["mode"]) == (m, mode)
-                         for a, r in zip(row["accepted_steps_per_request"], row["rounds_per_request"])]
+            per_round = [a / n for r in rows(m, mode)
+                         for a, n in zip(r["accepted_steps_per_request"], r["rounds_per_request"])]
             ax.hist(per_round, bins=12, range=(0, 3), histtype="step", lw=1.5, color=colour[m], label=m)
-        ax.set_xlabel("accepted steps per round (one value per request, all K)")
-        ax.set_title(f"{mode} verification")
-    axes[0][0].set_ylabel("requests")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accepted_steps_hist.png", dpi=120)
-    plt.close(fig)
+
+    _per_mode_figure(modes, ws, "K (beams returned)", "walltime speedup over beam search",
+                     out / "ws_vs_k.png")
+    _per_mode_figure(modes, accepted, "accepted steps per round (one value per request, all K)",
+                     "requests", out / "accepted_steps_hist.png")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
