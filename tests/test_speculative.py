@@ -48,6 +48,31 @@ def test_strict_equals_beam_search(setup, k, n_mult, gamma):
                 assert len(out.stats[key]) == len(batch)
 
 
+@pytest.mark.parametrize("mode", ["strict", "relaxed"])
+def test_fewer_live_extensions_than_k_keep_dead_beams_dead(mode):
+    """A narrow trie top (2 first codes, 6 two-code prefixes): at K = 10 the target's top-K
+    holds dead (-inf) beams for two steps. No drafted beam may take a dead slot (that once
+    duplicated beams and dropped the true top-K)."""
+    codebook = [2, 3, 24, 24]
+    index = random_catalog(200, codebook, seed=4)
+    V = vocab_size(codebook)
+    target = random_model(V, seed=11)
+    unrelated = random_model(V, seed=12, hidden=16, layers=1)
+    prompts = random_prompts(3, V, seed=13)
+    for k, n in [(5, 5), (10, 10), (10, 20), (20, 40)]:
+        ref = beam_search(target, prompts, index, k)
+        for draft in (unrelated, target):
+            for gamma in (1, 3):
+                out = speculative_beam_search(target, draft, prompts, index, k, draft_beams=n,
+                                              gamma=gamma, mode=mode,
+                                              generator=torch.Generator().manual_seed(0))
+                if mode == "strict":
+                    assert_same_as_beam_search(out, ref)
+                for items in out.items:
+                    live = [i for i in items if i >= 0]
+                    assert len(live) == len(set(live)) and set(live) <= set(index.item_ids.tolist())
+
+
 def test_draft_equal_to_target_accepts_every_step(setup):
     index, V, target, _, prompts = setup
     for k, n in [(1, 1), (5, 5), (5, 10), (10, 20)]:

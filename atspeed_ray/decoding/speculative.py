@@ -210,9 +210,10 @@ def drafted_flat(step: DraftStep, cur_idx: Tensor, n_prev: int, depth: Tensor,
     """Index of every drafted beam in the target's candidate space [B, K * C] (-1 if its parent
     is not among the target's current beams, or it is not a valid proposal)."""
     B, K = cur_idx.shape
-    inv = torch.full((B, n_prev), -1, dtype=torch.long, device=cur_idx.device)
-    inv.scatter_(1, cur_idx, torch.arange(K, device=cur_idx.device).expand(B, K))
-    pos = inv.gather(1, step.parent)  # [B, N]
+    inv = torch.full((B, n_prev + 1), -1, dtype=torch.long, device=cur_idx.device)
+    inv.scatter_(1, torch.where(cur_idx >= 0, cur_idx, n_prev),  # dead beams (-1) map nowhere
+                 torch.arange(K, device=cur_idx.device).expand(B, K))
+    pos = inv[:, :n_prev].gather(1, step.parent)  # [B, N]
     tok = step.beams.tokens.gather(2, depth[:, None, None].expand(B, pos.shape[1], 1)).squeeze(-1)
     col = index.columns_of(tok, depth[:, None].expand_as(tok))
     ok = (pos >= 0) & (col >= 0) & step.valid
@@ -220,11 +221,13 @@ def drafted_flat(step: DraftStep, cur_idx: Tensor, n_prev: int, depth: Tensor,
 
 
 def accept_strict(cands: Candidates, d_flat: Tensor, K: int) -> tuple[Step, Tensor, Tensor]:
-    """Target's top-K; whether all are drafted [B]; which drafted beam each one is [B, K]."""
+    """Target's top-K; whether all are drafted [B]; which drafted beam each one is [B, K]
+    (-1 for a dead one: with fewer than K live extensions the target keeps dead beams too)."""
     step = beam_step(cands, K)
-    match = step.flat[:, :, None] == d_flat[:, None, :]  # [B, K, N]
-    found = match.any(-1) | ~torch.isfinite(step.score)
-    return step, found.all(-1), match.int().argmax(-1)
+    live = torch.isfinite(step.score)  # [B, K]
+    match = (step.flat[:, :, None] == d_flat[:, None, :]) & live[..., None]  # [B, K, N]
+    found = match.any(-1) | ~live
+    return step, found.all(-1), torch.where(live, match.int().argmax(-1), -1)
 
 
 def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: Tensor, K: int,
@@ -290,10 +293,13 @@ def accept_round(beams: Beams, root_logp: Tensor, step_logp: list[Tensor], steps
         stopped |= stop
         if j > G or bool(stopped.all()):
             break
-        # continue from the accepted drafted beams, with the target's scores
-        nxt_flat = d_flat.gather(1, nxt)
-        cur = replace(s.beams.take(nxt), scores=cands.scores.gather(1, nxt_flat.clamp(min=0)))
-        cur_logp = take(step_logp[j - 1], nxt)
+        # continue from the accepted drafted beams, with the target's scores (dead stay dead)
+        alive = nxt >= 0
+        nxt_c = nxt.clamp(min=0)
+        nxt_flat = d_flat.gather(1, nxt_c)
+        scores = cands.scores.gather(1, nxt_flat.clamp(min=0))
+        cur = replace(s.beams.take(nxt_c), scores=scores.masked_fill(~alive, float("-inf")))
+        cur_logp = take(step_logp[j - 1], nxt_c)
         cur_idx, n_prev = nxt, s.parent.shape[1]
     return final, acc
 
