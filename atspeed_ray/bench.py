@@ -23,6 +23,32 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+class DraftWidth:
+    """``--draft-beams``: a fixed width N ("20") or a multiple of K ("2k"); never below K."""
+
+    def __init__(self, text: str):
+        t = text.strip().lower()
+        try:
+            self.factor = float(t[:-1]) if t.endswith("k") else None
+            self.fixed = None if t.endswith("k") else int(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--draft-beams must be N or a multiple of K like 2k, got {text!r}")
+        if (self.factor is not None and self.factor < 1) or (self.fixed is not None and self.fixed < 1):
+            raise argparse.ArgumentTypeError(f"--draft-beams must be >= 1 (or >= 1k), got {text!r}")
+        self.text = text
+
+    def of(self, k: int) -> int:
+        n = self.fixed if self.fixed is not None else int(round(self.factor * k))
+        return max(n, k)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def width_of(spec: "DraftWidth | None", k: int) -> int:
+    return k if spec is None else spec.of(k)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench-beam", help="our beam_search vs HF generate(prefix_allowed_tokens_fn)")
     p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
@@ -32,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, default=30)
     p.add_argument("--split", default="test")
     p.add_argument("--device", default="auto")
+    p.add_argument("--forward", choices=["fast", "hf"], default="fast",
+                   help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=run_bench_beam)
 
@@ -41,14 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", required=True, help="HF model dir of the draft")
     p.add_argument("--k", type=_ks, default=[1, 3, 5, 10, 20])
     p.add_argument("--mode", choices=["strict", "relaxed"], default="strict")
-    p.add_argument("--draft-beams", type=int, default=None,
-                   help="draft width N (default: K; raised to K where smaller)")
+    p.add_argument("--draft-beams", type=DraftWidth, default=None,
+                   help="draft width: N, or a multiple of K such as 2k (default: K; raised to K where smaller)")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=1, help="requests decoded together")
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--forward", choices=["fast", "hf"], default="fast",
+                   help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=run_bench)
 
@@ -84,6 +114,7 @@ def run_bench_beam(args: argparse.Namespace) -> int:
 
     from atspeed_ray.data.prepare import open_data
     from atspeed_ray.decoding import beam_search
+    from atspeed_ray.decoding.fast_llama import fast_forward
     from atspeed_ray.models import DeviceConfig, build_llama, get_preset, load_model
 
     data = open_data(args.data)
@@ -96,6 +127,8 @@ def run_bench_beam(args: argparse.Namespace) -> int:
         model = build_llama(size, len(data.tokenizer), data.tokenizer.pad_token_id, seed=0)
         model.to(dev.torch_device(), dev.torch_dtype())
         name = f"random {args.preset} target"
+    # HF generate always runs the HF model; ours runs the forward chosen by --forward
+    ours_model = fast_forward(model) if args.forward == "fast" else model
     index = data.index.to(dev.torch_device())
     prompts = data.prompts(args.split, limit=args.num_prompts)
     V = model.config.vocab_size
@@ -117,21 +150,22 @@ def run_bench_beam(args: argparse.Namespace) -> int:
         return index.items_of(out[:, plen:]).tolist()
 
     rows = []
-    print(f"model: {name}; {len(prompts)} prompts of {args.split}; one prompt per call for both")
+    print(f"model: {name}; {len(prompts)} prompts of {args.split}; one prompt per call for both; "
+          f"ours on the {args.forward} forward, HF generate on the HF model")
     print(f"{'K':>4} {'ours s':>9} {'HF s':>9} {'speedup':>8} {'ours batched s':>15}  identical top-K")
     with torch.no_grad():
         for k in args.k:
-            beam_search(model, prompts[:1], index, k), hf(prompts[0], k)  # warm-up
-            t_ours, ours = _timed(lambda: [beam_search(model, [p], index, k).items[0] for p in prompts])
+            beam_search(ours_model, prompts[:1], index, k), hf(prompts[0], k)  # warm-up
+            t_ours, ours = _timed(lambda: [beam_search(ours_model, [p], index, k).items[0] for p in prompts])
             t_hf, ref = _timed(lambda: [hf(p, k) for p in prompts])
             t_batch, _ = _timed(lambda: [r for b in _batches(prompts, 32)
-                                         for r in beam_search(model, b, index, k).items])
+                                         for r in beam_search(ours_model, b, index, k).items])
             same = sum(a == b for a, b in zip(ours, ref))
             rows.append({"k": k, "ours_s": t_ours, "hf_s": t_hf, "speedup": t_hf / t_ours,
                          "ours_batched_s": t_batch, "identical": same, "prompts": len(prompts)})
             print(f"{k:>4} {t_ours:>9.3f} {t_hf:>9.3f} {t_hf / t_ours:>7.2f}x {t_batch:>15.3f}  "
                   f"{'yes' if same == len(prompts) else 'no'} ({same}/{len(prompts)})")
-    _write(args.out, {"model": name, "split": args.split, "rows": rows})
+    _write(args.out, {"model": name, "split": args.split, "forward": args.forward, "rows": rows})
     return 0
 
 
@@ -205,24 +239,25 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from atspeed_ray.data.prepare import open_data
     from atspeed_ray.metrics import ndcg_at_k, recall_at_k
-    from atspeed_ray.models import DeviceConfig, load_model
+    from atspeed_ray.models import DeviceConfig, load_decoder
 
     data = open_data(args.data)
-    dev = DeviceConfig(device=args.device)
-    target, _ = load_model(args.target, dev)
-    draft, _ = load_model(args.draft, dev)
+    dev = DeviceConfig(device=args.device, forward=args.forward)
+    target = load_decoder(args.target, dev)
+    draft = load_decoder(args.draft, dev)
     index = data.index.to(dev.torch_device())
     prompts = data.prompts(args.split, limit=args.num_prompts)
     targets = data.targets(args.split, limit=args.num_prompts)
     print(f"target {args.target}, draft {args.draft}, {len(prompts)} prompts of {args.split}, "
-          f"batch {args.batch_size}, mode {args.mode}, gamma {args.gamma}, device {dev.torch_device()}")
+          f"batch {args.batch_size}, mode {args.mode}, gamma {args.gamma}, device {dev.torch_device()}, "
+          f"{args.forward} forward")
     header = (f"{'K':>3} {'N':>3} {'beam s':>8} {'spec s':>8} {'WS':>6} {'oracle':>7} {'%orcl':>6} "
               f"{'tgt calls/req':>13} {'acc steps/rnd':>13} ")
     header += "identical" if args.mode == "strict" else "recall@K beam/spec  ndcg@K beam/spec"
     print(header)
     rows = []
     for k in args.k:
-        n = max(args.draft_beams or k, k)
+        n = width_of(args.draft_beams, k)
         row, ref_items, out_items = measure_speculative(
             target, draft, index, prompts, k, n, args.gamma, args.mode, args.batch_size, args.seed)
         line = (f"{k:>3} {n:>3} {row['beam_search_s']:>8.3f} {row['speculative_s']:>8.3f} "
@@ -241,6 +276,6 @@ def run_bench(args: argparse.Namespace) -> int:
         rows.append(row)
     result = {"target": args.target, "draft": args.draft, "mode": args.mode, "gamma": args.gamma,
               "split": args.split, "prompts": len(prompts), "batch_size": args.batch_size,
-              "device": str(dev.torch_device()), "rows": rows}
+              "device": str(dev.torch_device()), "forward": args.forward, "rows": rows}
     _write(args.out, result)
     return 0

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from atspeed_ray.bench import _batches, _ks, measure_speculative
+from atspeed_ray.bench import DraftWidth, _batches, _ks, measure_speculative, width_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", required=True, action="append", help="a draft model dir (repeatable)")
     p.add_argument("--k", type=_ks, default=[1, 3, 5, 10, 20])
     p.add_argument("--out", required=True, help="output folder for tables and plots")
-    p.add_argument("--draft-beams", type=int, default=None, help="draft width N (default: K)")
+    p.add_argument("--draft-beams", type=DraftWidth, default=None,
+                   help="draft width: N, or a multiple of K such as 2k (default: K; at least K)")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=None, help="accuracy prompts (default: all)")
     p.add_argument("--timing-prompts", type=int, default=50, help="prompts timed at batch 1")
@@ -37,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default="strict,relaxed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--forward", choices=["fast", "hf"], default="fast",
+                   help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
     p.set_defaults(func=run_evaluate)
 
 
@@ -115,7 +118,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from atspeed_ray.data.prepare import open_data
     from atspeed_ray.decoding import beam_search, speculative_beam_search
     from atspeed_ray.metrics import ndcg_at_k, recall_at_k
-    from atspeed_ray.models import DeviceConfig, load_model
+    from atspeed_ray.models import DeviceConfig, load_decoder
 
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
@@ -124,9 +127,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = open_data(args.data)
-    dev = DeviceConfig(device=args.device)
-    target, _ = load_model(args.target, dev)
-    drafts = {method_name(d): load_model(d, dev)[0] for d in args.draft}
+    dev = DeviceConfig(device=args.device, forward=args.forward)
+    target = load_decoder(args.target, dev)
+    drafts = {method_name(d): load_decoder(d, dev) for d in args.draft}
     index = data.index.to(dev.torch_device())
     prompts = data.prompts("test", limit=args.num_prompts)
     targets = data.targets("test", limit=args.num_prompts)
@@ -162,7 +165,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         for name, draft in drafts.items():
             gen = torch.Generator(device=index.device).manual_seed(args.seed)
             add_accuracy(name, "relaxed", {k: ranked(lambda b, k=k: speculative_beam_search(
-                target, draft, b, index, k, draft_beams=max(args.draft_beams or k, k),
+                target, draft, b, index, k, draft_beams=width_of(args.draft_beams, k),
                 gamma=args.gamma, mode="relaxed", generator=gen)) for k in args.k})
     write_table(accuracy, out, "accuracy", ["method", "mode", "k", "recall", "ndcg"])
 
@@ -171,7 +174,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for name, draft in drafts.items():
         for mode in modes:
             for k in args.k:
-                n = max(args.draft_beams or k, k)
+                n = width_of(args.draft_beams, k)
                 row, _, _ = measure_speculative(target, draft, index, timing, k, n, args.gamma,
                                                 mode, batch_size=1, seed=args.seed)
                 row["method"] = name

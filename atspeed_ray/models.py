@@ -56,13 +56,22 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+Forward = Literal["fast", "hf"]
+
+
 class DeviceConfig(BaseModel):
-    """Where models run. ``auto`` means CUDA + bf16 when a GPU is present, else CPU + fp32."""
+    """Where models run. ``auto`` means CUDA + bf16 when a GPU is present, else CPU + fp32.
+
+    ``forward`` picks the decoding forward of ``load_decoder``: ``fast`` runs Llama checkpoints on
+    the compact ``FastLlama`` (other architectures keep their HF forward), ``hf`` always uses the
+    HF model's own forward. Training always uses the HF model.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    forward: Forward = "fast"
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -97,6 +106,21 @@ def build_llama(size: LlamaSize, vocab_size: int, pad_token_id: int | None = Non
     return model
 
 
+def first_layers(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """``model`` cut to its first ``num_layers`` decoder layers (embeddings, final norm and head
+    kept): a draft that starts out close to its target (layer-skip / early-exit style)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no .model.layers to cut")
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(f"num_layers must be in 1..{len(layers)}, got {num_layers}")
+    model.model.layers = layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+    return model
+
+
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -121,3 +145,13 @@ def load_model(path: str | Path, device: DeviceConfig | None = None
     model.to(device.torch_device()).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def load_decoder(path: str | Path, device: DeviceConfig | None = None) -> torch.nn.Module:
+    """A model for decoding only (beam search, speculative decoding, serving): the HF model of
+    ``path``, on ``FastLlama`` when ``device.forward`` is ``fast`` and the checkpoint is a Llama."""
+    from atspeed_ray.decoding.fast_llama import fast_forward
+
+    device = device or DeviceConfig()
+    model, _ = load_model(path, device)
+    return fast_forward(model) if device.forward == "fast" else model

@@ -40,7 +40,7 @@ class PipelineConfig(BaseModel):
     eval_k: list[int] = [1, 5, 10]
     eval_prompts: int | None = None
     timing_prompts: int = 30
-    draft_beams: int | None = None
+    draft_beams: int | str | None = None  # N, or a multiple of K such as "2k"
     gamma: int = 3
     use_gpu: bool = False
 

@@ -88,3 +88,36 @@ def test_evaluate_command_writes_the_tables_and_plots(tmp_path):
     assert all(float(r["walltime_speedup"]) > 0 for r in speed)
     for png in ("ws_vs_k.png", "accepted_steps_hist.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("forward", ["fast", "hf"])
+def test_bench_commands_on_either_forward(tmp_path, forward, capsys):
+    """`atspeed-ray bench` and `bench-beam` on random tiny models: strict SD identical to beam
+    search, our beam search identical to HF generate, on the FastLlama and on the HF forward."""
+    import json
+
+    from atspeed_ray.cli import main
+    from atspeed_ray.data.prepare import prepare
+    from atspeed_ray.data.synthetic import SyntheticConfig
+    from atspeed_ray.serving.testing import build_random_pair
+
+    data = tmp_path / "data"
+    prepare("synthetic", data, synthetic=SyntheticConfig(num_users=40, num_items=60))
+    target, draft = build_random_pair(data, tmp_path / "models", "tiny", seed=5)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--data", str(data), "--target", str(target), "--draft", str(draft),
+                 "--k", "1,5", "--draft-beams", "2k", "--num-prompts", "4", "--forward", forward,
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["forward"] == forward and [r["k"] for r in result["rows"]] == [1, 5]
+    assert [r["draft_beams"] for r in result["rows"]] == [2, 10]  # --draft-beams 2k
+    for row in result["rows"]:
+        assert row["identical_rate"] == 1.0
+        assert 1.0 <= row["target_calls_per_request"] <= 4.0
+        assert row["walltime_speedup"] > 0 and row["oracle_speedup"] > 0
+    assert f"{forward} forward" in capsys.readouterr().out
+    out = tmp_path / "beam.json"
+    assert main(["bench-beam", "--data", str(data), "--model", str(target), "--k", "3",
+                 "--num-prompts", "3", "--forward", forward, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["identical"] == r["prompts"] for r in rows)

@@ -15,7 +15,7 @@ from atspeed_ray.cli import main
 from atspeed_ray.data.prepare import load_prepared, prepare
 from atspeed_ray.data.synthetic import SyntheticConfig
 from atspeed_ray.decoding import beam_search
-from atspeed_ray.models import DeviceConfig, build_llama, get_preset, load_model
+from atspeed_ray.models import DeviceConfig, build_llama, first_layers, get_preset, load_model
 from atspeed_ray.training.config import TrainConfig, deepspeed_config
 from atspeed_ray.training.core import (
     Examples, Objective, collate, epoch_batches, forward_branches, steps_per_epoch, target_p_cols,
@@ -204,6 +204,24 @@ def test_local_align_every_loss(loss, prep, target_dir, teacher_dir, tmp_path):
     assert ("align" in last) == (loss != "sft")
     draft, _ = load_model(tmp_path, CPU32)
     assert draft.config.hidden_size == get_preset("tiny").draft.hidden_size
+
+
+def test_align_can_start_the_draft_from_the_targets_first_layers(prep, target_dir, tmp_path):
+    cfg = local_cfg(task="align", data=str(prep), target=str(target_dir), out=str(tmp_path),
+                    loss="sft", init_layers=1, epochs=1, lr=1e-4, val_samples=0)
+    start = first_layers(load_model(target_dir, CPU32)[0], 1)
+    fit(cfg, log=lambda m: None)
+    draft, _ = load_model(tmp_path, CPU32)
+    target, _ = load_model(target_dir, CPU32)
+    assert draft.config.num_hidden_layers == 1
+    assert draft.config.hidden_size == target.config.hidden_size
+    moved = (draft.model.layers[0].mlp.down_proj.weight - start.model.layers[0].mlp.down_proj.weight).detach()
+    assert 0 < float(moved.abs().max()) < 0.1  # trained, from the target's layer 0
+    with pytest.raises(ValueError, match="not both"):
+        local_cfg(task="align", data=str(prep), target=str(target_dir), out=str(tmp_path),
+                  init=str(target_dir), init_layers=1)
+    with pytest.raises(ValueError, match="num_layers must be in 1..2"):
+        first_layers(target, 3)
 
 
 # ---------------------------------------------------------------------------- Ray Train + DeepSpeed

@@ -20,10 +20,12 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from atspeed_ray.decoding.fast_llama import KVCache
+
 
 @dataclass
 class TreeCache:
-    kv: DynamicCache
+    kv: DynamicCache | KVCache  # per-layer .keys/.values [B, H_kv, S, D]
     is_prompt: Tensor  # [B, S] bool: slot holds a real prompt token (seen by every node)
     prompt_len: Tensor  # [B] long: number of real prompt tokens
     prompt_cols: int  # the first prompt_cols slots are the (left-padded) prompt block
@@ -58,6 +60,12 @@ class TreeCache:
         new_pos = torch.cumsum(keep.long(), 1) - 1  # [B, S] new slot of each kept old slot
         renum = torch.where(flat >= 0, new_pos.gather(1, flat.clamp(min=0)), -1)
         return renum.reshape(slots.shape)
+
+
+def new_cache(model: torch.nn.Module):
+    """An empty KV cache for ``model``: its own (``FastLlama``) or HF's ``DynamicCache``."""
+    make = getattr(model, "new_cache", None)
+    return make() if callable(make) else DynamicCache(config=model.config)
 
 
 @functools.cache
@@ -166,7 +174,7 @@ def tree_forward(
     positions = torch.cat([p_pos, n_pos], 1)
     tokens = torch.cat([p_tok, nodes.tokens], 1)
     dtype = next(model.parameters()).dtype
-    kv = cache.kv if cache is not None else DynamicCache(config=model.config)
+    kv = cache.kv if cache is not None else new_cache(model)
     out = model(
         input_ids=tokens,
         attention_mask=additive_mask(vis, dtype),
@@ -178,6 +186,6 @@ def tree_forward(
         [is_prompt_old, p_valid, torch.zeros(B, T, dtype=torch.bool, device=dev)], 1
     )
     prompt_cols = P if cache is None else cache.prompt_cols
-    new_cache = TreeCache(kv, new_is_prompt, prompt_len, prompt_cols)
+    tree_cache = TreeCache(kv, new_is_prompt, prompt_len, prompt_cols)
     slots = S + P + torch.arange(T, device=dev).expand(B, T)
-    return out.logits, new_cache, slots
+    return out.logits, tree_cache, slots

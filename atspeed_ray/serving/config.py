@@ -67,6 +67,7 @@ class ModelSettings(BaseModel):
     catalog_model: str | None = None  # model dir with index.json + tokenizer when data is None (the target)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", ...
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    forward: Literal["fast", "hf"] = "fast"  # FastLlama for Llama checkpoints, or the HF forward
     torch_threads: int | None = Field(default=None, ge=1, le=256)  # None: Ray's per-actor default
     batch: BatchSettings = BatchSettings()
 
@@ -93,6 +94,9 @@ class AppArgs(BaseModel):
     target_only: bool = Field(default=False, description="serve plain target beam search (baseline)")
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    forward: Literal["fast", "hf"] = Field(
+        default="fast", description="model forward: 'fast' = compact FastLlama for Llama "
+                                    "checkpoints (others keep HF's), 'hf' = the HF model's own")
     gamma: int = Field(default=3, ge=0, le=16, description="draft steps per round")
     draft_beams_factor: float = Field(default=1.0, ge=1.0, le=8.0,
                                       description="draft width N = ceil(factor * k)")
@@ -132,6 +136,7 @@ class AppArgs(BaseModel):
         assert model is not None
         return ModelSettings(
             model=model, data=self.data, catalog_model=self.target, device=self.device, dtype=self.dtype,
+            forward=self.forward,
             torch_threads=self.draft_threads if draft else self.target_threads,
             batch=self.draft_batch if draft else self.target_batch,
         )

@@ -53,13 +53,14 @@ class ModelReplica:
     kind = "model"
 
     def __init__(self, settings: dict[str, Any]):
-        from atspeed_ray.models import DeviceConfig, load_model
+        from atspeed_ray.models import DeviceConfig, load_decoder
 
         s = ModelSettings.model_validate(settings)
         self.settings = s
         if s.torch_threads is not None:
             torch.set_num_threads(s.torch_threads)
-        self.model, _ = load_model(s.model, DeviceConfig(device=s.device, dtype=s.dtype))
+        self.model = load_decoder(s.model, DeviceConfig(device=s.device, dtype=s.dtype,
+                                                        forward=s.forward))
         self.device = next(self.model.parameters()).device
         catalog = load_catalog(s.data, s.catalog_model or s.model)
         self.index = catalog.index.to(self.device)

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-k", type=int, default=None, help="teacher sequences per sample (default all)")
     p.add_argument("--teacher-logits", default="auto", choices=["auto", "stored", "online"],
                    help="target distributions from the teacher files, or a frozen target forward per step")
+    p.add_argument("--init-layers", type=int, default=None,
+                   help="start the draft from the target's first N layers (with its embeddings, "
+                        "final norm and head) instead of a fresh --preset draft")
     _common(p)
     p.set_defaults(func=run_align)
 
@@ -102,7 +105,8 @@ def config_from_args(args: argparse.Namespace, task: str):
     kw.update(runner="local" if args.workers == 0 else "ray", workers=max(args.workers, 1))
     if task == "align":
         kw.update({k: getattr(args, k) for k in ("target", "teacher", "loss", "alpha",
-                                                 "temperature", "topk", "teacher_k", "teacher_logits")})
+                                                 "temperature", "topk", "teacher_k", "teacher_logits",
+                                                 "init_layers")})
     return TrainConfig(task=task, **kw)
 
 

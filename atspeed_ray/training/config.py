@@ -23,6 +23,9 @@ class TrainConfig(BaseModel):
     out: str  # final HF export folder
     preset: str = "tiny"
     init: str | None = None  # start from this HF model folder instead of a fresh preset model
+    # align: start the draft from the target's first N decoder layers (+ its embeddings, final
+    # norm and head) instead of a fresh preset model; exclusive with ``init``
+    init_layers: int | None = Field(None, ge=1)
     # alignment
     target: str | None = None  # HF folder of the trained target (align)
     teacher: str | None = None  # teacher data folder (align)
@@ -81,6 +84,11 @@ class TrainConfig(BaseModel):
                 raise ValueError("align needs --target (the trained target model folder)")
             if not self.teacher and self.loss != "sft":
                 raise ValueError(f"align --loss {self.loss} needs --teacher (teacher data folder)")
+        if self.init_layers is not None:
+            if self.task != "align":
+                raise ValueError("--init-layers starts a draft from the target: align only")
+            if self.init:
+                raise ValueError("give --init or --init-layers, not both")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("fp16 needs a GPU (--use-gpu)")
         if self.val_draft_beams < self.val_k:

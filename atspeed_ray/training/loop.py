@@ -74,7 +74,9 @@ class Setup:
 
 def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     from atspeed_ray.data.prepare import load_prepared
-    from atspeed_ray.models import DeviceConfig, build_llama, get_preset, load_model
+    from atspeed_ray.models import (
+        DeviceConfig, build_llama, first_layers, get_preset, load_decoder, load_model,
+    )
     from atspeed_ray.training.teacher import load_examples, load_teacher, subsample
 
     prepared = load_prepared(cfg.data)
@@ -104,6 +106,8 @@ def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     dev_cfg = DeviceConfig(device=str(device), dtype="float32")
     if cfg.init:
         model, _ = load_model(cfg.init, dev_cfg)
+    elif cfg.init_layers:
+        model = first_layers(load_model(cfg.target, dev_cfg)[0], cfg.init_layers)
     else:
         preset = get_preset(cfg.preset)
         size = preset.target if cfg.task == "target" else preset.draft
@@ -114,7 +118,7 @@ def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     model.train()
     target = None
     if cfg.task == "align":
-        target, _ = load_model(cfg.target, dev_cfg)
+        target = load_decoder(cfg.target, dev_cfg)  # frozen: FastLlama where it applies
         target.requires_grad_(False)
     objective = Objective(
         name=spec.name, alpha=cfg.alpha, temperature=cfg.temperature, topk=cfg.topk,

@@ -121,7 +121,7 @@ class TeacherWorker:
         from atspeed_ray.data.prepare import load_prepared
         from transformers.utils import logging as hf_logging
 
-        from atspeed_ray.models import DeviceConfig, load_model
+        from atspeed_ray.models import DeviceConfig, load_decoder
 
         hf_logging.disable_progress_bar()
         if threads:
@@ -129,7 +129,7 @@ class TeacherWorker:
         self.prepared = load_prepared(data)
         device = DeviceConfig(device="cuda" if use_gpu else "cpu",
                               dtype="auto" if use_gpu else "float32")
-        self.target, _ = load_model(target, device)
+        self.target = load_decoder(target, device)  # beam search + distributions: no grads
         self.k, self.batch_size, self.with_dist = k, batch_size, with_dist
 
     def run(self, split: str, rows: list[int]) -> pa.Table:

@@ -1,0 +1,196 @@
+"""A compact Llama forward for decoding (gpt-fast style), beside the HF model it is read from.
+
+On small models the HF forward spends most of its time outside the matrix products (module
+dispatch, mask and rope plumbing, cache bookkeeping): on the 2-core CPU the 4-layer ``cpu``
+target takes ~6 ms per call of which ~1 ms is arithmetic. ``FastLlama`` runs the same maths with
+fused q|k|v and gate|up projections, a precomputed rope table and one SDPA call per layer, and
+keeps its KV cache in a plain per-layer list with the layout ``TreeCache`` works on.
+
+It is a drop-in for what the decoding core and the frozen target of training call:
+``model(input_ids, attention_mask=[B, 1, Q, S + Q] additive, position_ids, cache=...,
+logits_to_keep=...)`` returning ``.logits``, plus ``.config`` and ``.new_cache()``. It is
+inference-only (no grads, no dropout) and checked against the HF forward
+with ``assert_close`` (tests/test_fast_llama.py). ``fast_forward(model)`` returns it for plain
+Llama checkpoints and the HF model unchanged for anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_ROPE = ("default", "linear", "llama3")  # types that only change inv_freq (+ scaling)
+
+
+@dataclass
+class LayerKV:
+    keys: Tensor | None = None  # [B, H_kv, S, D]
+    values: Tensor | None = None  # [B, H_kv, S, D]
+
+
+class KVCache:
+    """Per-layer keys/values; ``layers[i].keys`` / ``.values`` as in HF's DynamicCache."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerKV() for _ in range(num_layers)]
+
+    def batch_select_indices(self, rows: Tensor) -> None:
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+
+    def append(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add ``k``, ``v`` [B, H_kv, T, D] after layer ``i``'s cached ones; return all of them."""
+        layer = self.layers[i]
+        if layer.keys is None:
+            layer.keys, layer.values = k, v
+        else:
+            layer.keys = torch.cat([layer.keys, k], dim=2)
+            layer.values = torch.cat([layer.values, v], dim=2)
+        return layer.keys, layer.values
+
+
+@dataclass
+class Output:
+    logits: Tensor  # [B, T, V]
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run on ``FastLlama`` (None if it can)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) != "llama":
+        return f"model_type {getattr(cfg, 'model_type', None)!r} is not 'llama'"
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    checks = {
+        "attention_bias": not getattr(cfg, "attention_bias", False),
+        "mlp_bias": not getattr(cfg, "mlp_bias", False),
+        "hidden_act": getattr(cfg, "hidden_act", "silu") == "silu",
+        "pretraining_tp": getattr(cfg, "pretraining_tp", 1) == 1,
+        f"rope_type {rope!r}": rope in SUPPORTED_ROPE,
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    return f"unsupported {', '.join(bad)}" if bad else None
+
+
+class FastLlama(nn.Module):
+    """Inference forward of a ``LlamaForCausalLM`` (weights copied from it, q|k|v and gate|up fused)."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        reason = unsupported_reason(hf)
+        if reason is not None:
+            raise ValueError(f"FastLlama: {reason}")
+        cfg = self.config = hf.config
+        base = hf.model
+        attn0 = base.layers[0].self_attn
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = attn0.head_dim
+        self.scaling = attn0.scaling
+        self.eps = cfg.rms_norm_eps
+
+        def frozen(t: Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+        self.embed = frozen(base.embed_tokens.weight)  # [V, E]
+        self.wqkv = nn.ParameterList()  # [(H + 2 H_kv) * D, E]
+        self.wo = nn.ParameterList()  # [E, H * D]
+        self.w_gate_up = nn.ParameterList()  # [2 I, E]
+        self.w_down = nn.ParameterList()  # [E, I]
+        self.norm_attn = nn.ParameterList()  # [E]
+        self.norm_mlp = nn.ParameterList()  # [E]
+        for layer in base.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.wqkv.append(frozen(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])))
+            self.wo.append(frozen(a.o_proj.weight))
+            self.w_gate_up.append(frozen(torch.cat([m.gate_proj.weight, m.up_proj.weight])))
+            self.w_down.append(frozen(m.down_proj.weight))
+            self.norm_attn.append(frozen(layer.input_layernorm.weight))
+            self.norm_mlp.append(frozen(layer.post_attention_layernorm.weight))
+        self.norm_out = frozen(base.norm.weight)
+        self.lm_head = frozen(hf.lm_head.weight)  # [V, E]
+        # rope table over every position, computed as HF does (fp32, then the model's dtype)
+        rot = base.rotary_emb
+        pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=rot.inv_freq.device)
+        freqs = pos[:, None] * rot.inv_freq.float()[None, :]  # [P, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
+        dtype = self.embed.dtype
+        self.register_buffer("cos", (emb.cos() * rot.attention_scaling).to(dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * rot.attention_scaling).to(dtype), persistent=False)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.wqkv))
+
+    def rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        """As LlamaRMSNorm: normalised in fp32, scaled in the input dtype."""
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    @staticmethod
+    def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x [B, T, h, D], cos/sin [B, T, 1, D]: x * cos + rotate_half(x) * sin."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                  cache: KVCache | None) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x, self.wqkv[i]).view(B, T, H + 2 * Hkv, D)
+        qk = self.rope(qkv[:, :, : H + Hkv], cos, sin)  # q and k heads rotated together
+        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
+        k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, D]
+        v = qkv[:, :, H + Hkv:].transpose(1, 2)  # [B, Hkv, T, D]
+        if cache is not None:
+            k, v = cache.append(i, k, v)  # [B, Hkv, S + T, D]
+        if Hkv != H:
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+                                             is_causal=mask is None)
+        return F.linear(out.transpose(1, 2).reshape(B, T, H * D), self.wo[i])
+
+    def mlp(self, i: int, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self.w_gate_up[i]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w_down[i])
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, cache: KVCache | None = None,
+                use_cache: bool = True, logits_to_keep: int | Tensor = 0) -> Output:
+        """input_ids [B, T]; attention_mask [B, 1, T, S + T] additive (None: causal, no cache);
+        position_ids [B, T]. ``cache`` is extended in place. ``logits_to_keep`` as in HF: the last
+        n positions (0 = all) or a 1-D tensor of positions."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cached = cache is not None and cache.layers[0].keys is not None
+        if attention_mask is None and cached:
+            raise ValueError("FastLlama needs an attention mask when the cache holds tokens")
+        if attention_mask is not None and attention_mask.dim() != 4:
+            raise ValueError("FastLlama takes a 4-D additive attention mask [B, 1, Q, S + Q]")
+        cos = self.cos[position_ids].unsqueeze(2)  # [B, T, 1, D]
+        sin = self.sin[position_ids].unsqueeze(2)
+        x = F.embedding(input_ids, self.embed)  # [B, T, E]
+        for i in range(len(self.wqkv)):
+            x = x + self.attention(i, self.rms_norm(x, self.norm_attn[i]), cos, sin,
+                                   attention_mask, cache if use_cache else None)
+            x = x + self.mlp(i, self.rms_norm(x, self.norm_mlp[i]))
+        if isinstance(logits_to_keep, Tensor):
+            x = x[:, logits_to_keep]
+        elif logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return Output(F.linear(self.rms_norm(x, self.norm_out), self.lm_head))
+
+
+def fast_forward(model: nn.Module) -> nn.Module:
+    """``FastLlama`` of ``model`` for plain Llama checkpoints, else ``model`` itself (HF forward)."""
+    if isinstance(model, FastLlama) or unsupported_reason(model) is not None:
+        return model
+    fast = FastLlama(model)
+    return fast.to(next(model.parameters()).device).eval()

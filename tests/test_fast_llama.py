@@ -1,0 +1,125 @@
+"""FastLlama (the compact decoding forward) against the HF Llama it is read from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+from transformers import Qwen2ForCausalLM
+
+from atspeed_ray.decoding import beam_search, speculative_beam_search
+from atspeed_ray.decoding.fast_llama import FastLlama, fast_forward, unsupported_reason
+from atspeed_ray.decoding.tree import Nodes, left_pad, tree_forward
+from atspeed_ray.models import DeviceConfig, first_layers, load_decoder, save_model
+from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
+
+CODEBOOK = [16, 16, 16, 16]
+
+
+def llama(vocab: int, seed: int, **cfg) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    base = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, intermediate_size=64, max_position_embeddings=128,
+                pad_token_id=0)
+    return LlamaForCausalLM(LlamaConfig(**{**base, **cfg})).to(torch.float64).eval()
+
+
+def tree_chunk(B: int, vocab: int, seed: int) -> Nodes:
+    """Two levels below the prompt: 3 roots, each with 2 children."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab, (B, 9), generator=g)
+    depth = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1]).expand(B, 9)
+    parent = torch.tensor([-1, -1, -1, 0, 0, 1, 1, 2, 2]).expand(B, 9)
+    cached = torch.full((B, 9, 4), -1)
+    valid = torch.ones(B, 9, dtype=torch.bool)
+    valid[0, 4] = False  # an invalid node: sees itself only, seen by no one
+    return Nodes(tokens, depth, parent, cached, valid)
+
+
+@pytest.mark.parametrize("cfg", [
+    {},
+    {"num_key_value_heads": 2},  # grouped-query attention
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+    {"tie_word_embeddings": True},
+])
+def test_logits_and_cache_equal_the_hf_forward(cfg):
+    V = 50
+    hf = llama(V, seed=3, **cfg)
+    fast = FastLlama(hf)
+    prompts = random_prompts(3, V, seed=4, min_len=2, max_len=9)
+    tokens, valid = left_pad(prompts, 0, torch.device("cpu"))
+    nodes = tree_chunk(3, V, seed=5)
+    outs = []
+    for model in (hf, fast):
+        logits, cache, _ = tree_forward(model, None, nodes, prompt=(tokens, valid))
+        # a second chunk hanging below the first one's nodes (cached ancestors)
+        more = Nodes(nodes.tokens[:, :3].flip(1), torch.full((3, 3), 2), torch.full((3, 3), -1),
+                     torch.full((3, 3, 4), -1), torch.ones(3, 3, dtype=torch.bool))
+        more.cached[:, :, 0] = tokens.shape[1] + torch.tensor([0, 1, 2])
+        more.cached[:, :, 1] = tokens.shape[1] + torch.tensor([3, 5, 7])
+        logits2, cache, _ = tree_forward(model, cache, more)
+        outs.append((logits, logits2, cache))
+    (l_hf, l2_hf, c_hf), (l_fast, l2_fast, c_fast) = outs
+    real = torch.cat([valid, nodes.valid], 1)
+    torch.testing.assert_close(l_fast[real], l_hf[real], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(l2_fast, l2_hf, rtol=1e-9, atol=1e-9)
+    for a, b in zip(c_fast.kv.layers, c_hf.kv.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-9)
+
+
+def test_decoding_on_fast_llama_equals_decoding_on_hf():
+    index = random_catalog(1500, CODEBOOK, seed=0)
+    V = vocab_size(CODEBOOK)
+    target, draft = random_model(V, seed=1), random_model(V, seed=7, hidden=16, layers=1)
+    f_target, f_draft = fast_forward(target), fast_forward(draft)
+    assert isinstance(f_target, FastLlama) and isinstance(f_draft, FastLlama)
+    prompts = random_prompts(4, V, seed=2)
+    for k in (1, 5, 10):
+        ref = beam_search(target, prompts, index, k)
+        fast = beam_search(f_target, prompts, index, k)
+        assert fast.items == ref.items
+        torch.testing.assert_close(fast.scores, ref.scores, atol=1e-9, rtol=0)
+        for d in (f_draft, f_target):
+            spec = speculative_beam_search(f_target, d, prompts, index, k, draft_beams=2 * k, gamma=3)
+            assert spec.items == ref.items
+            torch.testing.assert_close(spec.scores, ref.scores, atol=1e-9, rtol=0)
+        # mixed: FastLlama target, HF draft (each side may run either forward)
+        mixed = speculative_beam_search(f_target, draft, prompts, index, k, draft_beams=k, gamma=2)
+        assert mixed.items == ref.items
+
+
+def test_other_architectures_keep_their_hf_forward():
+    V = 40
+    biased = llama(V, seed=0, attention_bias=True)
+    assert "attention_bias" in unsupported_reason(biased)
+    assert fast_forward(biased) is biased
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=64)).eval()
+    assert fast_forward(qwen) is qwen
+    with pytest.raises(ValueError, match="model_type 'qwen2'"):
+        FastLlama(qwen)
+
+
+def test_first_layers_and_load_decoder_follow_the_forward_setting(tmp_path):
+    hf = llama(40, seed=2)
+    cut = first_layers(llama(40, seed=2), 1)
+    assert cut.config.num_hidden_layers == 1 and len(cut.model.layers) == 1
+    ids = torch.tensor([[3, 4, 5]])
+    full_layer0 = hf.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(cut.model.layers[0].mlp.down_proj.weight, full_layer0)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0}, "[PAD]")),
+                                  pad_token="[PAD]")
+    save_model(cut, tok, tmp_path)
+    cpu64 = dict(device="cpu", dtype="float64")
+    fast = load_decoder(tmp_path, DeviceConfig(**cpu64))
+    plain = load_decoder(tmp_path, DeviceConfig(**cpu64, forward="hf"))
+    assert isinstance(fast, FastLlama) and isinstance(plain, LlamaForCausalLM)
+    pos = torch.arange(3)[None]
+    mask = torch.zeros(1, 1, 3, 3, dtype=torch.float64).masked_fill(
+        ~torch.tril(torch.ones(3, 3, dtype=torch.bool)), torch.finfo(torch.float64).min)
+    torch.testing.assert_close(fast(ids, mask, pos, fast.new_cache()).logits,
+                               plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits)
+    torch.testing.assert_close(plain(input_ids=ids).logits, cut(input_ids=ids).logits)
