@@ -166,9 +166,10 @@ def empty_nodes(B: int, device: torch.device) -> Nodes:
     return Nodes(z, z, z, z[..., None], z.bool())
 
 
-def prefill(model: torch.nn.Module, prompts: list[list[int]], extra: Nodes | None = None
-            ) -> tuple[Tensor, TreeCache, Tensor, Tensor]:
-    """Feed the prompts (plus optional tree nodes) in one forward.
+def prefill(model: torch.nn.Module, prompts: list[list[int]], extra: Nodes | None = None,
+            max_chain: int = 8) -> tuple[Tensor, TreeCache, Tensor, Tensor]:
+    """Feed the prompts (plus optional tree nodes, whose in-chunk parent chains are at most
+    ``max_chain`` long) in one forward.
 
     Returns (last-prompt-token logits [B, V], cache, node logits [B, T, V], node slots [B, T]).
     """
@@ -177,7 +178,7 @@ def prefill(model: torch.nn.Module, prompts: list[list[int]], extra: Nodes | Non
     device = next(model.parameters()).device
     tokens, valid = left_pad(prompts, pad_id_of(model), device)
     nodes = extra if extra is not None else empty_nodes(len(prompts), device)
-    logits, cache, slots = tree_forward(model, None, nodes, prompt=(tokens, valid))
+    logits, cache, slots = tree_forward(model, None, nodes, prompt=(tokens, valid), max_chain=max_chain)
     P = tokens.shape[1]
     return logits[:, P - 1], cache, logits[:, P:], slots
 
@@ -205,7 +206,7 @@ def beam_search(model: torch.nn.Module, prompts: list[list[int]], index: ItemInd
         beams = beams.extend(step, depth)
         if d == L - 1:
             break
-        logits, cache, slots = tree_forward(model, cache, step_nodes(beams, depth, "target"))
+        logits, cache, slots = tree_forward(model, cache, step_nodes(beams, depth, "target"), max_chain=0)
         beams = beams.with_slots("target", depth, slots)
         logp = log_probs(logits)  # [B, K, V]
     calls = [L] * B

@@ -102,14 +102,15 @@ def where_rows(mask: Tensor, a: Beams, b: Beams) -> Beams:
 
 
 def feed(model: torch.nn.Module, cache: TreeCache | None, beams: Beams, t: Tensor, name: str,
-         prompts: list[list[int]], build_extra=None
+         prompts: list[list[int]], build_extra=None, extra_levels: int = 0
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Beams, TreeCache]:
     """One forward of ``model`` over the beams' uncached tokens (+ extra tree nodes).
 
     With ``cache=None`` the prompt goes in first and nothing needs to be cached: that is the first
     round, or a stateless call (beams whose ``slots[name]`` are all -1).
     ``build_extra(last, offset)`` returns nodes hanging below the pending ones (``last`` [B, M]:
-    index of each beam's last pending node, -1 if its front is the prompt's end).
+    index of each beam's last pending node, -1 if its front is the prompt's end) in
+    ``extra_levels`` levels.
     Returns (log-probs after each beam [B, M, V], logits of the extra nodes, their cache slots,
     their offset, beams with slots recorded, cache).
     """
@@ -120,9 +121,9 @@ def feed(model: torch.nn.Module, cache: TreeCache | None, beams: Beams, t: Tenso
         parts.append(build_extra(last, offset))
     nodes = Nodes(*(torch.cat([getattr(p, f) for p in parts], 1)
                     for f in ("tokens", "depth", "parent", "cached", "valid")))
-    max_chain = depth.shape[2] + beams.tokens.shape[2]
+    max_chain = depth.shape[2] + extra_levels  # longest in-chunk ancestor chain
     if cache is None:
-        prompt_last, cache, logits, slots = prefill(model, prompts, nodes)
+        prompt_last, cache, logits, slots = prefill(model, prompts, nodes, max_chain)
         front = torch.where((last >= 0)[..., None], take(logits, last.clamp(min=0)),
                             prompt_last[:, None, :])
     else:
@@ -152,7 +153,8 @@ def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, 
             q_sel = q.gather(1, step.flat)
         valid = torch.isfinite(step.score) & (j <= g)[:, None]
         if j < G:
-            logits, dcache, slots = tree_forward(draft, dcache, step_nodes(child, depth, "draft"))
+            logits, dcache, slots = tree_forward(draft, dcache, step_nodes(child, depth, "draft"),
+                                                 max_chain=0)
             child = child.with_slots("draft", depth, slots)
             logp = log_probs(logits)
         steps.append(DraftStep(child, step.parent, valid, q, q_sel))
@@ -185,7 +187,7 @@ def verify_phase(target: torch.nn.Module, tcache: TreeCache | None, beams: Beams
                        for f in ("tokens", "depth", "parent", "cached", "valid")))
 
     root_logp, node_logits, slots, _, beams, tcache = feed(
-        target, tcache, beams, t, "target", prompts, drafted_nodes)
+        target, tcache, beams, t, "target", prompts, drafted_nodes, extra_levels=len(steps))
     step_logp = []
     parents = beams
     new_steps = []
