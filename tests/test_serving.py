@@ -296,7 +296,7 @@ def test_adaptive_routing_sends_strict_requests_around_a_slow_draft(app):
     want = beam_answers(app, histories, 5)
     slow = make_config(app["base"], app["root"] / "models", app["data"], app["port"],
                        {"fault": "delay", "fault_delay_s": 0.4}, routing="adaptive")
-    slow["applications"][0]["args"]["probe_every"] = 4
+    slow["applications"][0]["args"].update(probe_every=4, probe_backoff=1)
     try:
         deploy(slow, app["root"])
         until(lambda: c.get("/stats").json().get("routing") is not None)

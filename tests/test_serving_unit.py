@@ -265,7 +265,7 @@ def test_router_warms_up_both_arms_then_prefers_the_faster_and_probes():
         r.observe("strict", 10, arm, 100.0 if arm == "speculative" else 40.0)
     assert seen == ["speculative", "target_only"] * 2
     arms = [r.choose("strict", 10) for _ in range(10)]  # requests 5..14: every 5th probes
-    assert arms.count("speculative") == 2 and arms[0] == "speculative" and arms[5] == "speculative"
+    assert arms.count("speculative") == 2 and arms[4] == "speculative" and arms[9] == "speculative"
     assert r.best("strict", 10) == "target_only"
     # a draft that became fast wins back the traffic through the probes
     for _ in range(3):
@@ -277,3 +277,31 @@ def test_router_warms_up_both_arms_then_prefers_the_faster_and_probes():
     assert snap["strict/k=10"]["best"] == "speculative" and snap["strict/k=5"]["speculative_n"] == 0
     with pytest.raises(ValueError):
         Router(probe_every=1)
+
+
+def test_router_backs_off_probing_while_the_same_path_keeps_winning():
+    from atspeed_ray.serving.routing import Router
+
+    r = Router(probe_every=4, warmup=1, alpha=1.0, max_backoff=4)
+
+    def serve(n: int, spec_ms: float) -> list[str]:
+        arms = []
+        for _ in range(n):
+            arm = r.choose("strict", 10)
+            r.observe("strict", 10, arm, spec_ms if arm == "speculative" else 40.0)
+            arms.append(arm)
+        return arms
+
+    assert serve(2, 100.0) == ["speculative", "target_only"]  # warm-up
+    arms = serve(60, 100.0)
+    probes = [i for i, a in enumerate(arms) if a == "speculative"]
+    assert probes[0] == 3  # the 4th request after warm-up
+    assert [b - a for a, b in zip(probes, probes[1:])] == [8, 16, 16, 16]  # 4 -> 8 -> 16 (cap 4 * 4)
+    assert r.snapshot()["strict/k=10"]["probe_interval"] == 16
+    # a probe that finds the draft now faster flips the best path and resets the interval
+    for _ in range(16):
+        if serve(1, 10.0) == ["speculative"]:
+            break
+    assert r.best("strict", 10) == "speculative" and r.state[("strict", 10)].interval == 4
+    assert serve(20, 10.0).count("speculative") >= 16
+    assert Router(probe_every=4).max_backoff == 1  # default: no backoff

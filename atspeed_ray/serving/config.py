@@ -112,6 +112,10 @@ class AppArgs(BaseModel):
                     "beam search has been faster lately (same answer either way; see serving/routing.py)")
     probe_every: int = Field(default=10, ge=2, le=10_000,
                              description="adaptive routing: every n-th request tries the slower path")
+    probe_backoff: int = Field(default=8, ge=1, le=1000,
+                               description="adaptive routing: while probes keep confirming the faster "
+                                           "path, the probe interval doubles up to probe_every * this "
+                                           "(1 = always every probe_every-th request)")
     draft_threads: int | None = Field(default=None, ge=1, le=256)
     target_threads: int | None = Field(default=None, ge=1, le=256)
     draft_batch: BatchSettings = BatchSettings()

@@ -198,7 +198,7 @@ class Recommender:
         self.dtype = torch.float64 if self.args.dtype == "float64" else torch.float32
         self.target = target
         self.draft = draft if self.args.speculative else None
-        self.router = (Router(probe_every=self.args.probe_every)
+        self.router = (Router(probe_every=self.args.probe_every, max_backoff=self.args.probe_backoff)
                        if self.draft is not None and self.args.routing == "adaptive" else None)
         self.counts: dict[str, float] = {
             "requests": 0, "ok": 0, "errors": 0, "fallbacks": 0, "fallback_error": 0,

@@ -8,7 +8,10 @@ one per request without changing any answer. ``Router`` does that with two arms 
 * it keeps an exponentially weighted mean of the latency of each arm (``alpha``);
 * until each arm has ``warmup`` observations it alternates (speculative first);
 * then it sends each request to the arm with the lower mean, except every ``probe_every``-th
-  request, which goes to the other arm so that a draft that got better (or a load change) is seen.
+  request, which goes to the other arm so that a draft that got better (or a load change) is seen;
+* a probe that leaves the same arm best doubles the probe interval, up to ``probe_every *
+  max_backoff`` requests (probes cost latency while one arm keeps winning); a probe that flips
+  the best arm resets it to ``probe_every``.
 
 Relaxed requests are never routed: their answer is a sample, and plain beam search is not one.
 Pure Python, no Ray: the ingress owns one ``Router``; tests drive it directly.
@@ -37,17 +40,24 @@ class ArmStats:
 class KeyState:
     arms: dict[str, ArmStats] = field(default_factory=lambda: {a: ArmStats() for a in ARMS})
     requests: int = 0
+    interval: int = 0  # requests between probes (probe_every, doubled while probes confirm)
+    last_probe: int = 0  # request number of the last probe
 
 
 class Router:
-    def __init__(self, probe_every: int = 10, warmup: int = 3, alpha: float = 0.2):
-        if probe_every < 2 or warmup < 1 or not 0.0 < alpha <= 1.0:
-            raise ValueError("need probe_every >= 2, warmup >= 1 and 0 < alpha <= 1")
+    def __init__(self, probe_every: int = 10, warmup: int = 3, alpha: float = 0.2,
+                 max_backoff: int = 1):
+        if probe_every < 2 or warmup < 1 or not 0.0 < alpha <= 1.0 or max_backoff < 1:
+            raise ValueError("need probe_every >= 2, warmup >= 1, 0 < alpha <= 1, max_backoff >= 1")
         self.probe_every, self.warmup, self.alpha = probe_every, warmup, alpha
+        self.max_backoff = max_backoff
         self.state: dict[tuple[str, int], KeyState] = {}
 
     def _key(self, mode: str, k: int) -> KeyState:
-        return self.state.setdefault((mode, k), KeyState())
+        return self.state.setdefault((mode, k), KeyState(interval=self.probe_every))
+
+    def _warm(self, st: KeyState) -> bool:
+        return min(a.n for a in st.arms.values()) >= self.warmup
 
     def best(self, mode: str, k: int) -> Arm:
         """The arm with the lower mean latency (speculative while either is unmeasured)."""
@@ -61,22 +71,30 @@ class Router:
         st = self._key(mode, k)
         st.requests += 1
         spec, plain = st.arms["speculative"], st.arms["target_only"]
-        if min(spec.n, plain.n) < self.warmup:  # fill both arms, speculative first
+        if not self._warm(st):  # fill both arms, speculative first
+            st.last_probe = st.requests
             return "speculative" if spec.n <= plain.n else "target_only"
         best = self.best(mode, k)
-        if st.requests % self.probe_every == 0:
+        if st.requests - st.last_probe >= st.interval:
+            st.last_probe = st.requests
             return "target_only" if best == "speculative" else "speculative"
         return best
 
     def observe(self, mode: str, k: int, arm: Arm, latency_ms: float) -> None:
-        self._key(mode, k).arms[arm].observe(latency_ms, self.alpha)
+        st = self._key(mode, k)
+        warm, before = self._warm(st), self.best(mode, k)
+        st.arms[arm].observe(latency_ms, self.alpha)
+        if warm and arm != before:  # a probe's result: back off while it confirms the best arm
+            confirmed = self.best(mode, k) == before
+            cap = self.probe_every * self.max_backoff
+            st.interval = min(2 * st.interval, cap) if confirmed else self.probe_every
 
     def snapshot(self) -> dict[str, dict[str, float | int | str | None]]:
         """``{"strict/k=10": {"speculative_ms": .., "target_only_ms": .., "best": ..}}`` for /stats."""
         out: dict[str, dict[str, float | int | str | None]] = {}
         for (mode, k), st in sorted(self.state.items()):
             out[f"{mode}/k={k}"] = {
-                "requests": st.requests, "best": self.best(mode, k),
+                "requests": st.requests, "best": self.best(mode, k), "probe_interval": st.interval,
                 **{f"{a}_ms": None if s.mean_ms is None else round(s.mean_ms, 3) for a, s in st.arms.items()},
                 **{f"{a}_n": s.n for a, s in st.arms.items()}}
         return out
