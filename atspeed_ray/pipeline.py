@@ -41,6 +41,7 @@ class PipelineConfig(BaseModel):
     eval_prompts: int | None = None
     timing_prompts: int = 30
     draft_beams: int | str | None = None  # N, or a multiple of K such as "2k"
+    draft_init_layers: int | None = None  # drafts start from the target's first N layers (align --init-layers)
     gamma: int = 3
     use_gpu: bool = False
 
@@ -98,7 +99,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         if not done(draft, "config.json"):
             run_cli(["align", "--data", str(data), "--target", str(target), "--teacher", str(teacher),
                      "--out", str(draft), "--loss", loss, "--alpha", str(cfg.alpha),
-                     "--preset", cfg.preset] + stage_flags(cfg.align, cfg.use_gpu))
+                     "--preset", cfg.preset] + stage_flags(cfg.align, cfg.use_gpu)
+                    + (["--init-layers", str(cfg.draft_init_layers)] if cfg.draft_init_layers else []))
     evaluation = out / "eval"
     if not done(evaluation, "speed.json"):
         argv = ["evaluate", "--data", str(data), "--target", str(target), "--out", str(evaluation),

@@ -60,6 +60,9 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="test prompts for accuracy (default: all with --gpu, 1000 on CPU)")
     p.add_argument("--timing-prompts", type=int, default=30, help="test prompts timed at batch 1")
+    p.add_argument("--draft-beams", default="20", help="draft width: N, or a multiple of K like 2k")
+    p.add_argument("--draft-init-layers", type=int, default=None,
+                   help="drafts start from the target's first N layers instead of the preset draft")
     args = p.parse_args()
     name = Path(args.data).resolve().name
     gpu = args.gpu
@@ -73,7 +76,8 @@ def main() -> None:
         teacher_k=20, teacher_samples=args.teacher_samples if args.teacher_samples or gpu else 3000,
         teacher_workers=args.workers or 2, losses=LOSSES, eval_k=[1, 3, 5, 10, 20],
         eval_prompts=args.eval_prompts if args.eval_prompts or gpu else 1000,
-        timing_prompts=args.timing_prompts, draft_beams=20,
+        timing_prompts=args.timing_prompts, draft_beams=args.draft_beams,
+        draft_init_layers=args.draft_init_layers,
         use_gpu=gpu,
     )
     out = run_pipeline(cfg)
