@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")  # types that only change inv_freq (+ scaling)
+ROPE_TABLE_MIN = 4096  # rope table rows at least (positions = prompt length + depth)
 
 
 @dataclass
@@ -112,9 +113,11 @@ class FastLlama(nn.Module):
             self.norm_mlp.append(frozen(layer.post_attention_layernorm.weight))
         self.norm_out = frozen(base.norm.weight)
         self.lm_head = frozen(hf.lm_head.weight)  # [V, E]
-        # rope table over every position, computed as HF does (fp32, then the model's dtype)
+        # rope table over every position, computed as HF does (fp32, then the model's dtype); HF
+        # computes any position on the fly, so the table also covers prompts past the trained length
         rot = base.rotary_emb
-        pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=rot.inv_freq.device)
+        n_pos = max(cfg.max_position_embeddings, ROPE_TABLE_MIN)
+        pos = torch.arange(n_pos, dtype=torch.float32, device=rot.inv_freq.device)
         freqs = pos[:, None] * rot.inv_freq.float()[None, :]  # [P, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
         dtype = self.embed.dtype
