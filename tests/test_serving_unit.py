@@ -77,7 +77,7 @@ def test_remote_loop_equals_offline_speculative_and_beam_search(small):
 
     async def run(k, n, gamma):
         prop = Batcher(lambda rs: draft_batch(draft, index, rs))
-        ver = Batcher(lambda rs: verify_batch(target, rs))
+        ver = Batcher(lambda rs: verify_batch(target, index, rs))
         calls = [{} for _ in prompts]
         outs = await asyncio.gather(*(
             remote_speculative(prop, ver, [p], index, k, n, gamma, "strict", None,
@@ -105,7 +105,7 @@ def test_remote_relaxed_with_seed_equals_offline(small):
         return draft_batch(draft, index, [r])[0]
 
     async def ver(r: VerifyRequest) -> VerifyReply:
-        return verify_batch(target, [r])[0]
+        return verify_batch(target, index, [r])[0]
 
     for seed, p in enumerate(prompts[:3]):
         gen = torch.Generator().manual_seed(seed)
@@ -126,7 +126,7 @@ def test_draft_failure_and_deadline_raise_draft_unavailable(small):
         await asyncio.sleep(5)
 
     async def ver(r):
-        return verify_batch(target, [r])[0]
+        return verify_batch(target, catalog.index, [r])[0]
 
     for fn, reason in ((broken, "error"), (slow, "deadline")):
         with pytest.raises(DraftUnavailable) as e:

@@ -173,13 +173,17 @@ def test_verification_pass_logits_at_every_drafted_node(setup):
     g = torch.full((B,), G)
     with torch.no_grad():
         steps, beams, _ = draft_phase(unrelated, None, beams, t, g, G, prompts, index, N, False, None)
-        root_logp, step_logp, _, steps, _ = verify_phase(target, None, beams, t, steps, prompts)
+        root_logp, step_logp, _, steps, _ = verify_phase(target, None, beams, t, steps, prompts, index)
+    # replies are in column space: the log-probs of the code tokens of the next depth
     for b in range(B):
-        torch.testing.assert_close(root_logp[b, 0], torch.log_softmax(plain_last_logits(target, prompts[b]), -1))
+        plain = torch.log_softmax(plain_last_logits(target, prompts[b]), -1)
+        torch.testing.assert_close(root_logp[b, 0], plain[index.column_tokens(0)])
     for j, (s, lp) in enumerate(zip(steps, step_logp), start=1):
+        cols = index.column_tokens(min(j, L - 1))
         for b, n in itertools.product(range(B), range(N)):
             path = prompts[b] + s.beams.tokens[b, n, :j].tolist()
-            torch.testing.assert_close(lp[b, n], torch.log_softmax(plain_last_logits(target, path), -1))
+            plain = torch.log_softmax(plain_last_logits(target, path), -1)
+            torch.testing.assert_close(lp[b, n], plain[cols])
 
 
 def test_relaxed_items_exist_and_draft_equal_to_target_accepts_all(setup):

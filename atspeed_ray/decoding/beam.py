@@ -47,15 +47,28 @@ class Candidates:
     num_columns: int
 
 
-def expand(logp: Tensor, scores: Tensor, node: Tensor, depth: Tensor, index: ItemIndex) -> Candidates:
-    """logp [B, M, V], beam scores [B, M], trie nodes [B, M], depth [B] -> candidates."""
+def column_log_probs(logp: Tensor, depth: Tensor, index: ItemIndex) -> Tensor:
+    """logp [B, M, V] -> [B, M, C]: the log-probs of the C code tokens of depth [B] (the only
+    ones a constrained step reads; C is the widest codebook, far below V for an LLM vocabulary)."""
     B, M, _ = logp.shape
     tokens = index.column_tokens(depth)  # [B, C]
-    C = tokens.shape[1]
+    return logp.gather(2, tokens[:, None, :].expand(B, M, tokens.shape[1]))
+
+
+def expand_columns(col_logp: Tensor, scores: Tensor, node: Tensor, depth: Tensor,
+                   index: ItemIndex) -> Candidates:
+    """Column log-probs [B, M, C] (``column_log_probs``), beam scores [B, M], trie nodes [B, M],
+    depth [B] -> candidates."""
+    B, M, C = col_logp.shape
+    tokens = index.column_tokens(depth)  # [B, C]
     child = index.child_table(node)  # [B, M, C]
-    cand = scores[..., None] + logp.gather(2, tokens[:, None, :].expand(B, M, C))
-    cand = cand.masked_fill(child < 0, float("-inf"))
+    cand = (scores[..., None] + col_logp).masked_fill(child < 0, float("-inf"))
     return Candidates(cand.reshape(B, M * C), child.reshape(B, M * C), tokens, C)
+
+
+def expand(logp: Tensor, scores: Tensor, node: Tensor, depth: Tensor, index: ItemIndex) -> Candidates:
+    """logp [B, M, V], beam scores [B, M], trie nodes [B, M], depth [B] -> candidates."""
+    return expand_columns(column_log_probs(logp, depth, index), scores, node, depth, index)
 
 
 @dataclass

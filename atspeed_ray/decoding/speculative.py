@@ -34,8 +34,8 @@ from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import (
-    Beams, Candidates, DecodeResult, Step, beam_step, choose, expand, gumbel_like, log_probs,
-    prefill, root_beams, score_dtype, step_nodes, take,
+    Beams, Candidates, DecodeResult, Step, beam_step, choose, column_log_probs, expand,
+    expand_columns, gumbel_like, log_probs, prefill, root_beams, score_dtype, step_nodes, take,
 )
 from atspeed_ray.decoding.tree import Nodes, TreeCache, tree_forward
 
@@ -163,12 +163,13 @@ def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, 
 
 
 def verify_phase(target: torch.nn.Module, tcache: TreeCache | None, beams: Beams, t: Tensor,
-                 steps: list[DraftStep], prompts: list[list[int]]
+                 steps: list[DraftStep], prompts: list[list[int]], index: ItemIndex
                  ) -> tuple[Tensor, list[Tensor], Beams, list[DraftStep], TreeCache]:
     """ONE target forward over [prompt | pending beam tokens] + all drafted tokens (a tree).
 
-    Returns (target log-probs after the current beams [B, K, V], after each step's drafted beams
-    [B, N, V] per step, beams and steps with target cache slots filled in, the cache).
+    Returns (target log-probs in column space (``column_log_probs``) after the current beams
+    [B, K, C] and after each step's drafted beams [B, N, C] per step, beams and steps with target
+    cache slots filled in, the cache).
     """
     B, L = beams.tokens.shape[0], beams.tokens.shape[2]
 
@@ -188,13 +189,15 @@ def verify_phase(target: torch.nn.Module, tcache: TreeCache | None, beams: Beams
 
     root_logp, node_logits, slots, _, beams, tcache = feed(
         target, tcache, beams, t, "target", prompts, drafted_nodes, extra_levels=len(steps))
+    root_logp = column_log_probs(root_logp, t.clamp(max=L - 1), index)
     step_logp = []
     parents = beams
     new_steps = []
     start = 0
     for j, s in enumerate(steps, start=1):
         n = s.parent.shape[1]
-        step_logp.append(log_probs(node_logits[:, start:start + n]))
+        step_logp.append(column_log_probs(log_probs(node_logits[:, start:start + n]),
+                                          (t + j).clamp(max=L - 1), index))
         # target slots along the drafted path: parent's, plus this node's own
         own = slots[:, start:start + n]
         tslots = take(parents.slots["target"], s.parent)
@@ -266,8 +269,8 @@ def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: 
 def accept_round(beams: Beams, root_logp: Tensor, step_logp: list[Tensor], steps: list[DraftStep],
                  t: Tensor, g: Tensor, index: ItemIndex, K: int, sample: bool,
                  generator: torch.Generator | None) -> tuple[Beams, Tensor]:
-    """Walk the drafted steps with the target's log-probs; return the K new beams per request and
-    the number of accepted steps [B] (the beams are ``accepted + 1`` tokens longer)."""
+    """Walk the drafted steps with the target's column log-probs (``verify_phase``); return the K
+    new beams per request and the number of accepted steps [B] (``accepted + 1`` tokens longer)."""
     L, C, G = index.L, index.num_columns, len(steps)
     cur, cur_logp = beams, root_logp
     cur_idx = torch.arange(K, device=t.device).expand(t.shape[0], K)
@@ -277,7 +280,7 @@ def accept_round(beams: Beams, root_logp: Tensor, step_logp: list[Tensor], steps
     final = beams
     for j in range(1, G + 2):
         depth = (t + j - 1).clamp(max=L - 1)
-        cands = expand(cur_logp, cur.scores, cur.node, depth, index)
+        cands = expand_columns(cur_logp, cur.scores, cur.node, depth, index)
         if j <= G:
             s = steps[j - 1]
             d_flat = drafted_flat(s, cur_idx, n_prev, depth, index, C)
@@ -331,8 +334,8 @@ class ProposeCall:
 class Verified:
     """Reply to a VerifyCall (``verify_phase`` without the cache)."""
 
-    root_logp: Tensor  # [B, K, V] target log-probs after the current beams
-    step_logp: list[Tensor]  # per drafted step: [B, N, V] after each drafted beam
+    root_logp: Tensor  # [B, K, C] target column log-probs after the current beams
+    step_logp: list[Tensor]  # per drafted step: [B, N, C] after each drafted beam
     beams: Beams  # the current beams (target slots may be filled in)
     steps: list[DraftStep]  # the drafted steps (target slots may be filled in)
 
@@ -470,7 +473,7 @@ class LocalModels:
             if not self.keep_cache:
                 self.tcache = None
             root_logp, step_logp, beams, steps, self.tcache = verify_phase(
-                self.target, self.tcache, call.beams, call.t, call.steps, call.prompts)
+                self.target, self.tcache, call.beams, call.t, call.steps, call.prompts, self.index)
             return Verified(root_logp, step_logp, beams, steps)
         assert isinstance(call, EndRoundCall)
         beams = call.beams

@@ -74,8 +74,8 @@ class VerifyRequest:
 
 @dataclass
 class VerifyReply:
-    root_logp: Tensor  # [B, K, V]
-    step_logp: list[Tensor]  # G x [B, N, V]
+    root_logp: Tensor  # [B, K, C] column log-probs (C code columns, not the V-wide vocabulary)
+    step_logp: list[Tensor]  # G x [B, N, C]
     compute_ms: float = 0.0
 
 
@@ -219,8 +219,10 @@ def draft_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[DraftRe
 
 
 @torch.no_grad()
-def verify_batch(model: torch.nn.Module, reqs: Sequence[VerifyRequest]) -> list[VerifyReply]:
-    """``verify_phase`` (ONE target forward) over a batch of requests."""
+def verify_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[VerifyRequest]
+                 ) -> list[VerifyReply]:
+    """``verify_phase`` (ONE target forward) over a batch of requests; replies carry column
+    log-probs only (a few KB per request instead of V floats per node)."""
     device = next(model.parameters()).device
     cpu = torch.device("cpu")
     out: list[VerifyReply | None] = [None] * len(reqs)
@@ -239,7 +241,7 @@ def verify_batch(model: torch.nn.Module, reqs: Sequence[VerifyRequest]) -> list[
         steps = to_device([cat_step([p[j] for p in padded]) for j in range(G)], device)
         t = torch.cat([r.t for r in group]).to(device)
         prompts = [p for r in group for p in r.prompts]
-        root_logp, step_logp, _, _, _ = verify_phase(model, None, beams, t, steps, prompts)
+        root_logp, step_logp, _, _, _ = verify_phase(model, None, beams, t, steps, prompts, index)
         root = root_logp.to(cpu).split(sizes)
         per_step = [lp.to(cpu).split(sizes) for lp in step_logp]
         for j, (i, r) in enumerate(zip(idx, group)):

@@ -129,7 +129,7 @@ class TargetModel(ModelReplica):
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def verify(self, reqs: list[VerifyRequest]) -> list[VerifyReply]:
         self.observe_batch("verify", len(reqs))
-        return await self.run(verify_batch, self.model, reqs)
+        return await self.run(verify_batch, self.model, self.index, reqs)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def beam_search(self, reqs: list[BeamRequest]) -> list[BeamReply]:
