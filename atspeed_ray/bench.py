@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,17 @@ class DraftWidth:
         self.text = text
 
     def of(self, k: int) -> int:
-        n = self.fixed if self.fixed is not None else int(round(self.factor * k))
+        """N for ``k``: ceil(factor * k) as the serve configs' draft_beams_factor, at least k."""
+        n = self.fixed if self.fixed is not None else math.ceil(self.factor * k - 1e-9)
         return max(n, k)
 
     def __repr__(self) -> str:
         return self.text
 
 
-def width_of(spec: "DraftWidth | None", k: int) -> int:
-    return k if spec is None else spec.of(k)
+def add_forward_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--forward", choices=["fast", "hf"], default="fast",
+                   help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,8 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, default=30)
     p.add_argument("--split", default="test")
     p.add_argument("--device", default="auto")
-    p.add_argument("--forward", choices=["fast", "hf"], default="fast",
-                   help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
+    add_forward_arg(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=run_bench_beam)
 
@@ -69,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", required=True, help="HF model dir of the draft")
     p.add_argument("--k", type=_ks, default=[1, 3, 5, 10, 20])
     p.add_argument("--mode", choices=["strict", "relaxed"], default="strict")
-    p.add_argument("--draft-beams", type=DraftWidth, default=None,
+    p.add_argument("--draft-beams", type=DraftWidth, default=DraftWidth("1k"),
                    help="draft width: N, or a multiple of K such as 2k (default: K; raised to K where smaller)")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=100)
@@ -77,8 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--forward", choices=["fast", "hf"], default="fast",
-                   help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
+    add_forward_arg(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=run_bench)
 
@@ -115,12 +116,12 @@ def run_bench_beam(args: argparse.Namespace) -> int:
     from atspeed_ray.data.prepare import open_data
     from atspeed_ray.decoding import beam_search
     from atspeed_ray.decoding.fast_llama import fast_forward
-    from atspeed_ray.models import DeviceConfig, build_llama, get_preset, load_model
+    from atspeed_ray.models import DeviceConfig, build_llama, get_preset, load_weights
 
     data = open_data(args.data)
     dev = DeviceConfig(device=args.device)
     if args.model:
-        model, _ = load_model(args.model, dev)
+        model = load_weights(args.model, dev)
         name = args.model
     else:
         size = get_preset(args.preset).target
@@ -257,7 +258,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(header)
     rows = []
     for k in args.k:
-        n = width_of(args.draft_beams, k)
+        n = args.draft_beams.of(k)
         row, ref_items, out_items = measure_speculative(
             target, draft, index, prompts, k, n, args.gamma, args.mode, args.batch_size, args.seed)
         line = (f"{k:>3} {n:>3} {row['beam_search_s']:>8.3f} {row['speculative_s']:>8.3f} "

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from atspeed_ray.bench import DraftWidth, _batches, _ks, measure_speculative, width_of
+from atspeed_ray.bench import DraftWidth, _batches, _ks, add_forward_arg, measure_speculative
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", required=True, action="append", help="a draft model dir (repeatable)")
     p.add_argument("--k", type=_ks, default=[1, 3, 5, 10, 20])
     p.add_argument("--out", required=True, help="output folder for tables and plots")
-    p.add_argument("--draft-beams", type=DraftWidth, default=None,
+    p.add_argument("--draft-beams", type=DraftWidth, default=DraftWidth("1k"),
                    help="draft width: N, or a multiple of K such as 2k (default: K; at least K)")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=None, help="accuracy prompts (default: all)")
@@ -38,8 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default="strict,relaxed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--forward", choices=["fast", "hf"], default="fast",
-                   help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
+    add_forward_arg(p)
     p.set_defaults(func=run_evaluate)
 
 
@@ -165,7 +164,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         for name, draft in drafts.items():
             gen = torch.Generator(device=index.device).manual_seed(args.seed)
             add_accuracy(name, "relaxed", {k: ranked(lambda b, k=k: speculative_beam_search(
-                target, draft, b, index, k, draft_beams=width_of(args.draft_beams, k),
+                target, draft, b, index, k, draft_beams=args.draft_beams.of(k),
                 gamma=args.gamma, mode="relaxed", generator=gen)) for k in args.k})
     write_table(accuracy, out, "accuracy", ["method", "mode", "k", "recall", "ndcg"])
 
@@ -174,7 +173,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for name, draft in drafts.items():
         for mode in modes:
             for k in args.k:
-                n = width_of(args.draft_beams, k)
+                n = args.draft_beams.of(k)
                 row, _, _ = measure_speculative(target, draft, index, timing, k, n, args.gamma,
                                                 mode, batch_size=1, seed=args.seed)
                 row["method"] = name
