@@ -134,17 +134,20 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
     return out
 
 
-def load_model(path: str | Path, device: DeviceConfig | None = None
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load any local HF causal LM directory (weights + tokenizer), in eval mode."""
+def load_weights(path: str | Path, device: DeviceConfig | None = None) -> PreTrainedModel:
+    """Load the HF causal LM of a local model directory (no tokenizer), in eval mode."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
     device = device or DeviceConfig()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=device.torch_dtype())
-    model.to(device.torch_device()).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return model.to(device.torch_device()).eval()
+
+
+def load_model(path: str | Path, device: DeviceConfig | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load any local HF causal LM directory (weights + tokenizer), in eval mode."""
+    return load_weights(path, device), AutoTokenizer.from_pretrained(path)
 
 
 def load_decoder(path: str | Path, device: DeviceConfig | None = None) -> torch.nn.Module:
@@ -153,5 +156,5 @@ def load_decoder(path: str | Path, device: DeviceConfig | None = None) -> torch.
     from atspeed_ray.decoding.fast_llama import fast_forward
 
     device = device or DeviceConfig()
-    model, _ = load_model(path, device)
+    model = load_weights(path, device)
     return fast_forward(model) if device.forward == "fast" else model

@@ -195,5 +195,4 @@ def fast_forward(model: nn.Module) -> nn.Module:
     """``FastLlama`` of ``model`` for plain Llama checkpoints, else ``model`` itself (HF forward)."""
     if isinstance(model, FastLlama) or unsupported_reason(model) is not None:
         return model
-    fast = FastLlama(model)
-    return fast.to(next(model.parameters()).device).eval()
+    return FastLlama(model)  # its weights and rope table sit on the model's device already

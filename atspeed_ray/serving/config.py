@@ -21,6 +21,7 @@ MAX_HISTORY = 50
 MAX_K = 50
 
 Mode = Literal["strict", "relaxed"]
+Forward = Literal["fast", "hf"]  # models.DeviceConfig.forward (this module stays torch-free)
 ItemId = Annotated[int, Field(strict=True, ge=0, le=2**62)]
 
 
@@ -67,7 +68,7 @@ class ModelSettings(BaseModel):
     catalog_model: str | None = None  # model dir with index.json + tokenizer when data is None (the target)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", ...
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
-    forward: Literal["fast", "hf"] = "fast"  # FastLlama for Llama checkpoints, or the HF forward
+    forward: Forward = "fast"  # FastLlama for Llama checkpoints, or the HF forward
     torch_threads: int | None = Field(default=None, ge=1, le=256)  # None: Ray's per-actor default
     batch: BatchSettings = BatchSettings()
 
@@ -94,7 +95,7 @@ class AppArgs(BaseModel):
     target_only: bool = Field(default=False, description="serve plain target beam search (baseline)")
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
-    forward: Literal["fast", "hf"] = Field(
+    forward: Forward = Field(
         default="fast", description="model forward: 'fast' = compact FastLlama for Llama "
                                     "checkpoints (others keep HF's), 'hf' = the HF model's own")
     gamma: int = Field(default=3, ge=0, le=16, description="draft steps per round")

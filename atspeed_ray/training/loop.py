@@ -75,7 +75,7 @@ class Setup:
 def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     from atspeed_ray.data.prepare import load_prepared
     from atspeed_ray.models import (
-        DeviceConfig, build_llama, first_layers, get_preset, load_decoder, load_model,
+        DeviceConfig, build_llama, first_layers, get_preset, load_decoder, load_weights,
     )
     from atspeed_ray.training.teacher import load_examples, load_teacher, subsample
 
@@ -105,9 +105,9 @@ def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     pad = prepared.prompt_format.pad_id
     dev_cfg = DeviceConfig(device=str(device), dtype="float32")
     if cfg.init:
-        model, _ = load_model(cfg.init, dev_cfg)
+        model = load_weights(cfg.init, dev_cfg)
     elif cfg.init_layers:
-        model = first_layers(load_model(cfg.target, dev_cfg)[0], cfg.init_layers)
+        model = first_layers(load_weights(cfg.target, dev_cfg), cfg.init_layers)
     else:
         preset = get_preset(cfg.preset)
         size = preset.target if cfg.task == "target" else preset.draft
