@@ -52,7 +52,7 @@ def test_logits_and_cache_equal_the_hf_forward(cfg):
     nodes = tree_chunk(3, V, seed=5)
     outs = []
     for model in (hf, fast):
-        logits, cache, _ = tree_forward(model, None, nodes, prompt=(tokens, valid))
+        logits, cache, _ = tree_forward(model, None, nodes, prompt=(tokens, valid), prompt_logits=True)
         # a second chunk hanging below the first one's nodes (cached ancestors)
         more = Nodes(nodes.tokens[:, :3].flip(1), torch.full((3, 3), 2), torch.full((3, 3), -1),
                      torch.full((3, 3, 4), -1), torch.ones(3, 3, dtype=torch.bool))
@@ -60,6 +60,9 @@ def test_logits_and_cache_equal_the_hf_forward(cfg):
         more.cached[:, :, 1] = tokens.shape[1] + torch.tensor([3, 5, 7])
         logits2, cache, _ = tree_forward(model, cache, more)
         outs.append((logits, logits2, cache))
+        # decoding asks only for the prompt's last position and the nodes: the same numbers
+        trimmed, _, _ = tree_forward(model, None, nodes, prompt=(tokens, valid))
+        torch.testing.assert_close(trimmed, logits[:, tokens.shape[1] - 1:])
     (l_hf, l2_hf, c_hf), (l_fast, l2_fast, c_fast) = outs
     real = torch.cat([valid, nodes.valid], 1)
     torch.testing.assert_close(l_fast[real], l_hf[real], rtol=1e-9, atol=1e-9)
@@ -123,3 +126,10 @@ def test_first_layers_and_load_decoder_follow_the_forward_setting(tmp_path):
     torch.testing.assert_close(fast(ids, mask, pos, fast.new_cache()).logits,
                                plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits)
     torch.testing.assert_close(plain(input_ids=ids).logits, cut(input_ids=ids).logits)
+
+
+def test_a_prompt_past_the_rope_table_is_a_clear_error():
+    fast = FastLlama(llama(40, seed=0))
+    too_long = fast.cos.shape[0] - 10
+    with pytest.raises(ValueError, match=f"chunk of {too_long} tokens .* rope table"):
+        fast(torch.ones(1, too_long, dtype=torch.long))

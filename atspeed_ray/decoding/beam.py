@@ -192,8 +192,7 @@ def prefill(model: torch.nn.Module, prompts: list[list[int]], extra: Nodes | Non
     tokens, valid = left_pad(prompts, pad_id_of(model), device)
     nodes = extra if extra is not None else empty_nodes(len(prompts), device)
     logits, cache, slots = tree_forward(model, None, nodes, prompt=(tokens, valid), max_chain=max_chain)
-    P = tokens.shape[1]
-    return logits[:, P - 1], cache, logits[:, P:], slots
+    return logits[:, 0], cache, logits[:, 1:], slots  # [B, 1 + T, V]: prompt end, then nodes
 
 
 def finish(beams: Beams, index: ItemIndex, stats: dict[str, list[int]] | None = None) -> DecodeResult:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")  # types that only change inv_freq (+ scaling)
 ROPE_TABLE_MIN = 4096  # rope table rows at least (positions = prompt length + depth)
+MAX_CODE_DEPTH = 64  # positions kept free after a prompt for the tokens decoded below it
 
 
 @dataclass
@@ -173,6 +174,10 @@ class FastLlama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cached = cache is not None and cache.layers[0].keys is not None
+        if not cached and T + MAX_CODE_DEPTH > self.cos.shape[0]:  # checked once, on the host
+            raise ValueError(f"a chunk of {T} tokens (prompt + tree) is too long for this model's "
+                             f"rope table of {self.cos.shape[0]} positions (semantic IDs up to "
+                             f"{MAX_CODE_DEPTH} codes deep); shorten the prompt")
         if attention_mask is None and cached:
             raise ValueError("FastLlama needs an attention mask when the cache holds tokens")
         if attention_mask is not None and attention_mask.dim() != 4:

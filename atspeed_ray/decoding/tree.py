@@ -69,14 +69,18 @@ def new_cache(model: torch.nn.Module):
 
 
 @functools.cache
-def _cache_kwarg_of(cls: type) -> str:
-    params = inspect.signature(cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
     """Name of the KV-cache argument: ``cache`` in transformers >= 5.2x, else ``past_key_values``."""
-    return _cache_kwarg_of(type(model))
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+
+
+def last_logits_kwargs(model: torch.nn.Module, n: int) -> dict:
+    """Ask for the logits of the last ``n`` positions only (0 = all), where the model can."""
+    return {"logits_to_keep": n} if n and "logits_to_keep" in _forward_params(type(model)) else {}
 
 
 def additive_mask(visible: Tensor, dtype: torch.dtype) -> Tensor:
@@ -129,12 +133,16 @@ def tree_forward(
     nodes: Nodes,
     prompt: tuple[Tensor, Tensor] | None = None,
     max_chain: int = 8,
+    prompt_logits: bool = False,
 ) -> tuple[Tensor, TreeCache, Tensor]:
     """One forward over [prompt block] + tree nodes, appended to ``cache``.
 
-    Returns (logits [B, P + T, V], the cache, slot of each node [B, T]). With ``prompt`` =
-    (tokens [B, P], valid [B, P]) the chunk starts with a causal prompt block; ``cache`` must then
-    be None (a prompt is only ever fed once).
+    Returns (logits, the cache, slot of each node [B, T]). With ``prompt`` = (tokens [B, P],
+    valid [B, P]) the chunk starts with a causal prompt block; ``cache`` must then be None (a
+    prompt is only ever fed once). Logits are [B, T, V] for the nodes alone, or with a prompt
+    block [B, 1 + T, V]: the prompt's last position (prompts are left-padded, so it is column
+    P - 1 of every row), then the nodes; ``prompt_logits=True`` returns every position
+    [B, P + T, V] (the LM head then runs over the whole prompt, which decoding never reads).
     """
     B, T = nodes.tokens.shape
     dev = nodes.tokens.device
@@ -175,17 +183,20 @@ def tree_forward(
     tokens = torch.cat([p_tok, nodes.tokens], 1)
     dtype = next(model.parameters()).dtype
     kv = cache.kv if cache is not None else new_cache(model)
+    keep = 0 if prompt_logits or prompt is None else T + 1
     out = model(
         input_ids=tokens,
         attention_mask=additive_mask(vis, dtype),
         position_ids=positions,
         use_cache=True,
         **{cache_kwarg(model): kv},  # the cache is updated in place
+        **last_logits_kwargs(model, keep),
     )
+    logits = out.logits[:, -keep:] if keep else out.logits
     new_is_prompt = torch.cat(
         [is_prompt_old, p_valid, torch.zeros(B, T, dtype=torch.bool, device=dev)], 1
     )
     prompt_cols = P if cache is None else cache.prompt_cols
     tree_cache = TreeCache(kv, new_is_prompt, prompt_len, prompt_cols)
     slots = S + P + torch.arange(T, device=dev).expand(B, T)
-    return out.logits, tree_cache, slots
+    return logits, tree_cache, slots
