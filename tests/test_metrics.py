@@ -107,9 +107,11 @@ def test_bench_commands_on_either_forward(tmp_path, forward, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--data", str(data), "--target", str(target), "--draft", str(draft),
                  "--k", "1,5", "--draft-beams", "2k", "--num-prompts", "4", "--forward", forward,
+                 "--repeat", "2",
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["forward"] == forward and [r["k"] for r in result["rows"]] == [1, 5]
+    assert result["repeat"] == 2
     assert [r["draft_beams"] for r in result["rows"]] == [2, 10]  # --draft-beams 2k
     for row in result["rows"]:
         assert row["identical_rate"] == 1.0
