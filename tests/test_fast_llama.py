@@ -61,8 +61,13 @@ def test_logits_and_cache_equal_the_hf_forward(cfg):
         logits2, cache, _ = tree_forward(model, cache, more)
         outs.append((logits, logits2, cache))
         # decoding asks only for the prompt's last position and the nodes: the same numbers
-        trimmed, _, _ = tree_forward(model, None, nodes, prompt=(tokens, valid))
+        # (FastLlama then runs its last layer's attention and MLP for those rows only)
+        trimmed, trimmed_cache, _ = tree_forward(model, None, nodes, prompt=(tokens, valid))
         torch.testing.assert_close(trimmed, logits[:, tokens.shape[1] - 1:])
+        full_cache = tree_forward(model, None, nodes, prompt=(tokens, valid), prompt_logits=True)[1]
+        for a, b in zip(trimmed_cache.kv.layers, full_cache.kv.layers):
+            torch.testing.assert_close(a.keys, b.keys)
+            torch.testing.assert_close(a.values, b.values)
     (l_hf, l2_hf, c_hf), (l_fast, l2_fast, c_fast) = outs
     real = torch.cat([valid, nodes.valid], 1)
     torch.testing.assert_close(l_fast[real], l_hf[real], rtol=1e-9, atol=1e-9)
@@ -133,3 +138,19 @@ def test_a_prompt_past_the_rope_table_is_a_clear_error():
     too_long = fast.cos.shape[0] - 10
     with pytest.raises(ValueError, match=f"chunk of {too_long} tokens .* rope table"):
         fast(torch.ones(1, too_long, dtype=torch.long))
+
+
+def test_logits_to_keep_rows_equal_the_full_forward():
+    """Kept rows (the last n, or given positions) are computed through a last layer that runs
+    attention and MLP for them only; with a mask or without one (causal)."""
+    fast = FastLlama(llama(40, seed=1, num_key_value_heads=2))
+    ids = torch.randint(1, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(7).expand(2, 7)
+    mask = torch.zeros(2, 1, 7, 7, dtype=torch.float64).masked_fill(
+        ~torch.tril(torch.ones(7, 7, dtype=torch.bool)), torch.finfo(torch.float64).min)
+    full = fast(ids, mask, pos, fast.new_cache()).logits
+    torch.testing.assert_close(fast(ids).logits, full)  # causal path, no mask
+    for keep, rows in ((3, slice(4, 7)), (torch.tensor([0, 5]), [0, 5])):
+        torch.testing.assert_close(fast(ids, mask, pos, fast.new_cache(), logits_to_keep=keep).logits,
+                                   full[:, rows])
+        torch.testing.assert_close(fast(ids, logits_to_keep=keep).logits, full[:, rows])

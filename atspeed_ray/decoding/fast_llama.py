@@ -142,7 +142,9 @@ class FastLlama(nn.Module):
         return x * cos + rotated * sin
 
     def attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                  cache: KVCache | None) -> Tensor:
+                  cache: KVCache | None, rows: slice | Tensor = slice(None)) -> Tensor:
+        """Attention output of the query positions ``rows`` (every position's K/V is computed
+        and cached)."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(x, self.wqkv[i]).view(B, T, H + 2 * Hkv, D)
@@ -155,9 +157,12 @@ class FastLlama(nn.Module):
         if Hkv != H:
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
+        q = q[:, :, rows]  # [B, H, Q, D]
+        if mask is not None:
+            mask = mask[:, :, rows]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
                                              is_causal=mask is None)
-        return F.linear(out.transpose(1, 2).reshape(B, T, H * D), self.wo[i])
+        return F.linear(out.transpose(1, 2).reshape(B, q.shape[2], H * D), self.wo[i])
 
     def mlp(self, i: int, x: Tensor) -> Tensor:
         gate, up = F.linear(x, self.w_gate_up[i]).chunk(2, dim=-1)
@@ -184,15 +189,22 @@ class FastLlama(nn.Module):
             raise ValueError("FastLlama takes a 4-D additive attention mask [B, 1, Q, S + Q]")
         cos = self.cos[position_ids].unsqueeze(2)  # [B, T, 1, D]
         sin = self.sin[position_ids].unsqueeze(2)
-        x = F.embedding(input_ids, self.embed)  # [B, T, E]
-        for i in range(len(self.wqkv)):
-            x = x + self.attention(i, self.rms_norm(x, self.norm_attn[i]), cos, sin,
-                                   attention_mask, cache if use_cache else None)
-            x = x + self.mlp(i, self.rms_norm(x, self.norm_mlp[i]))
+        # rows whose logits are returned; the last layer computes attention and MLP for them
+        # only (every row's K/V is still cached). Without a mask SDPA's causal flag needs the
+        # full square, so then the rows are cut after the last layer instead.
         if isinstance(logits_to_keep, Tensor):
-            x = x[:, logits_to_keep]
-        elif logits_to_keep:
-            x = x[:, -logits_to_keep:]
+            rows: slice | Tensor = logits_to_keep
+        else:
+            rows = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        x = F.embedding(input_ids, self.embed)  # [B, T, E]
+        n = len(self.wqkv)
+        for i in range(n):
+            q_rows = rows if i == n - 1 and attention_mask is not None else slice(None)
+            x = x[:, q_rows] + self.attention(i, self.rms_norm(x, self.norm_attn[i]), cos, sin,
+                                              attention_mask, cache if use_cache else None, q_rows)
+            x = x + self.mlp(i, self.rms_norm(x, self.norm_mlp[i]))
+        if attention_mask is None:
+            x = x[:, rows]
         return Output(F.linear(self.rms_norm(x, self.norm_out), self.lm_head))
 
 
