@@ -24,7 +24,7 @@ def main() -> None:
         target=StageSettings(epochs=4, micro_batch=64, lr=3e-3),
         align=StageSettings(epochs=2, micro_batch=64, lr=3e-3),
         teacher_k=10, teacher_samples=4000, losses=["sft", "atspeed-s", "atspeed-r"],
-        eval_k=[1, 5, 10], timing_prompts=30,
+        eval_k=[1, 5, 10], timing_prompts=30, draft_beams="2k",
     )
     out = run_pipeline(cfg)
     if not args.no_serve:
