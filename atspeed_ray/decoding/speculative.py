@@ -476,15 +476,19 @@ class LocalModels:
                 self.target, self.tcache, call.beams, call.t, call.steps, call.prompts, self.index)
             return Verified(root_logp, step_logp, beams, steps)
         assert isinstance(call, EndRoundCall)
-        beams = call.beams
+        beams, keep = call.beams, call.keep
         assert self.tcache is not None
-        beams.slots["target"] = self.tcache.compact(beams.slots["target"])
-        if self.dcache is not None:
-            beams.slots["draft"] = self.dcache.compact(beams.slots["draft"])
-        if call.keep is not None:
-            self.tcache = self.tcache.select_rows(call.keep)
+        if keep is not None:  # finished requests leave first: their rows are not compacted
+            self.tcache = self.tcache.select_rows(keep)
             if self.dcache is not None:
-                self.dcache = self.dcache.select_rows(call.keep)
+                self.dcache = self.dcache.select_rows(keep)
+            if keep.numel() == 0:  # the last round: nothing left to compact
+                return beams
+        for name, cache in (("target", self.tcache), ("draft", self.dcache)):
+            if cache is not None:
+                slots = beams.slots[name]  # [B, K, L]
+                beams.slots[name] = (cache.compact(slots) if keep is None
+                                     else slots.index_put((keep,), cache.compact(slots[keep])))
         return beams
 
 
