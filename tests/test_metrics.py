@@ -117,7 +117,7 @@ def test_bench_commands_on_either_forward(tmp_path, forward, capsys):
         assert row["identical_rate"] == 1.0
         assert 1.0 <= row["target_calls_per_request"] <= 4.0
         assert row["walltime_speedup"] > 0 and row["oracle_speedup"] > 0
-        assert row["tree_bound_speedup"] > 0
+        assert row["tree_bound_speedup"] > 0 and row["one_round_bound_speedup"] > 0
     assert f"{forward} forward" in capsys.readouterr().out
     out = tmp_path / "beam.json"
     assert main(["bench-beam", "--data", str(data), "--model", str(target), "--k", "3",
