@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,11 @@ class DraftWidth:
         self.text = text
 
     def of(self, k: int) -> int:
-        """N for ``k``: ceil(factor * k) as the serve configs' draft_beams_factor, at least k."""
-        n = self.fixed if self.fixed is not None else math.ceil(self.factor * k - 1e-9)
-        return max(n, k)
+        """N for ``k``: the fixed width, or ceil(factor * k) as the serve configs'
+        draft_beams_factor; at least k."""
+        from atspeed_ray.serving.config import draft_width
+
+        return max(self.fixed, k) if self.fixed is not None else draft_width(k, self.factor)
 
     def __repr__(self) -> str:
         return self.text
@@ -105,6 +106,11 @@ def _timed(fn, repeat: int = 1) -> tuple[float, Any]:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best, out
+
+
+def _time_per_batch(one, batches: list[list[list[int]]], repeat: int) -> float:
+    """Sum over batches of the best of ``repeat`` timings of ``one(batch)``."""
+    return sum(_timed(lambda b=b: one(b), repeat=repeat)[0] for b in batches)
 
 
 def _batches(xs: list, size: int) -> list[list]:
@@ -178,9 +184,9 @@ def run_bench_beam(args: argparse.Namespace) -> int:
     return 0
 
 
-def oracle_pass_time(target, prompts: list[list[int]], width: int, gamma: int,
+def oracle_pass_time(target, batches: list[list[list[int]]], width: int, gamma: int,
                      repeat: int = 1) -> float:
-    """Time of ONE target forward over each batch's prompt + width*gamma tree tokens (width K:
+    """Time of ONE target forward over each batch's prompts + width*gamma tree tokens (width K:
     the oracle pass; width N: a verification pass over a full N-beam draft tree)."""
     import torch
 
@@ -198,10 +204,10 @@ def oracle_pass_time(target, prompts: list[list[int]], width: int, gamma: int,
                       torch.ones(B, T, dtype=torch.bool, device=dev))
         prefill(target, batch, nodes)
 
-    return sum(_timed(lambda b=b: one(b), repeat=repeat)[0] for b in prompts)
+    return _time_per_batch(one, batches, repeat)
 
 
-def draft_round_time(draft, index, prompts: list[list[int]], k: int, n: int, gamma: int,
+def draft_round_time(draft, index, batches: list[list[list[int]]], k: int, n: int, gamma: int,
                      repeat: int = 1) -> float:
     """Time of the draft's first round for each batch: its prefill and min(gamma, L - 1)
     width-n drafting steps from the root (top-n drafting), as ``draft_phase`` runs them."""
@@ -218,7 +224,7 @@ def draft_round_time(draft, index, prompts: list[list[int]], k: int, n: int, gam
         t = torch.zeros(B, dtype=torch.long, device=dev)
         draft_phase(draft, None, beams, t, torch.full_like(t, G), G, batch, index, n, False, None)
 
-    return sum(_timed(lambda b=b: one(b), repeat=repeat)[0] for b in prompts)
+    return _time_per_batch(one, batches, repeat)
 
 
 def measure_speculative(target, draft, index, prompts: list[list[int]], k: int, n: int, gamma: int,

@@ -184,7 +184,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     write_table(speed, out, "speed", [
         "method", "mode", "k", "draft_beams", "walltime_speedup", "accepted_steps_per_round",
         "target_calls_per_request", "draft_calls_per_request", "identical_rate",
-        "oracle_speedup", "beam_search_s", "speculative_s"])
+        "oracle_speedup", "tree_bound_speedup", "one_round_bound_speedup", "beam_search_s",
+        "speculative_s"])
     plot(speed, out)
     print((out / "accuracy.md").read_text())
     print((out / "speed.md").read_text())

@@ -25,6 +25,11 @@ Forward = Literal["fast", "hf"]  # models.DeviceConfig.forward (this module stay
 ItemId = Annotated[int, Field(strict=True, ge=0, le=2**62)]
 
 
+def draft_width(k: int, factor: float) -> int:
+    """Draft width N for top-``k``: ceil(factor * k), never below k (also ``bench --draft-beams 2k``)."""
+    return max(k, math.ceil(k * factor - 1e-9))
+
+
 # --------------------------------------------------------------------------------------- HTTP
 class RecommendRequest(BaseModel):
     """Body of ``POST /recommend``."""
@@ -133,7 +138,7 @@ class AppArgs(BaseModel):
         return not self.target_only and self.draft is not None
 
     def draft_width(self, k: int) -> int:
-        return max(k, math.ceil(k * self.draft_beams_factor - 1e-9))
+        return draft_width(k, self.draft_beams_factor)
 
     def model_settings(self, which: Literal["target", "draft"]) -> ModelSettings:
         draft = which == "draft"
