@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from atspeed_ray.settings import DEFAULT_FORWARD, DEFAULT_MODE, FORWARDS, MODES
+
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
@@ -55,7 +57,7 @@ class DraftWidth:
 
 
 def add_forward_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--forward", choices=["fast", "hf"], default="fast",
+    p.add_argument("--forward", choices=FORWARDS, default=DEFAULT_FORWARD,
                    help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
 
 
@@ -77,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True, help="HF model dir of the target")
     p.add_argument("--draft", required=True, help="HF model dir of the draft")
     p.add_argument("--k", type=_ks, default=[1, 3, 5, 10, 20])
-    p.add_argument("--mode", choices=["strict", "relaxed"], default="strict")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
     p.add_argument("--draft-beams", type=DraftWidth, default=DraftWidth("1k"),
                    help="draft width: N, or a multiple of K such as 2k (default: K; raised to K where smaller)")
     p.add_argument("--gamma", type=int, default=3)

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from atspeed_ray.settings import MODES
 from atspeed_ray.bench import DraftWidth, _batches, _ks, add_forward_arg, measure_speculative
 
 
@@ -121,8 +122,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
-        if m not in ("strict", "relaxed"):
-            raise SystemExit(f"--modes: unknown mode {m!r} (strict, relaxed)")
+        if m not in MODES:
+            raise SystemExit(f"--modes: unknown mode {m!r} ({', '.join(MODES)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = open_data(args.data)

@@ -7,12 +7,13 @@ target of P, ``align --preset P`` builds the draft of P. Any local HF causal-LM 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from atspeed_ray.settings import DEFAULT_FORWARD, Dtype, Forward
 
 
 class LlamaSize(BaseModel):
@@ -56,9 +57,6 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-Forward = Literal["fast", "hf"]
-
-
 class DeviceConfig(BaseModel):
     """Where models run. ``auto`` means CUDA + bf16 when a GPU is present, else CPU + fp32.
 
@@ -70,8 +68,8 @@ class DeviceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
-    forward: Forward = "fast"
+    dtype: Dtype = "auto"
+    forward: Forward = DEFAULT_FORWARD
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

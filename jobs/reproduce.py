@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, under ray job submit
 
 from atspeed_ray.pipeline import PipelineConfig, StageSettings, run_pipeline  # noqa: E402
+from atspeed_ray.settings import LOSS_NAMES  # noqa: E402
 
-LOSSES = ["sft", "wordkd", "tvdkd", "seqkd", "atspeed-s", "atspeed-r"]
 
 
 def machine() -> str:
@@ -74,7 +74,7 @@ def main() -> None:
         align=StageSettings(epochs=args.align_epochs or (20 if gpu else 10), micro_batch=32, lr=3e-3,
                             workers=args.workers or (4 if gpu else 2)),
         teacher_k=20, teacher_samples=args.teacher_samples if args.teacher_samples or gpu else 3000,
-        teacher_workers=args.workers or 2, losses=LOSSES, eval_k=[1, 3, 5, 10, 20],
+        teacher_workers=args.workers or 2, losses=list(LOSS_NAMES), eval_k=[1, 3, 5, 10, 20],
         eval_prompts=args.eval_prompts if args.eval_prompts or gpu else 1000,
         timing_prompts=args.timing_prompts, draft_beams=args.draft_beams,
         draft_init_layers=args.draft_init_layers,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -39,7 +38,7 @@ from atspeed_ray.decoding.beam import (
 )
 from atspeed_ray.decoding.tree import Nodes, TreeCache, tree_forward
 
-Mode = Literal["strict", "relaxed"]
+from atspeed_ray.settings import MODES, Mode, check_choice
 
 
 @dataclass
@@ -370,8 +369,7 @@ def check_args(k: int, draft_beams: int | None, gamma: int, mode: str) -> int:
         raise ValueError(f"need 1 <= k <= draft_beams, got k={k}, draft_beams={N}")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if mode not in ("strict", "relaxed"):
-        raise ValueError(f"mode must be 'strict' or 'relaxed', got {mode!r}")
+    check_choice(mode, MODES, "mode")
     return N
 
 

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from atspeed_ray.settings import DEFAULT_MODE, MODES
+
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "serve_configs"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -42,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--requests", type=int, required=True, help="number of requests (bounded)")
     q.add_argument("--concurrency", type=int, default=1, help="requests in flight")
     q.add_argument("--k", type=int, default=10)
-    q.add_argument("--mode", default="strict", choices=["strict", "relaxed"])
+    q.add_argument("--mode", default=DEFAULT_MODE, choices=MODES)
     q.add_argument("--seed", type=int, default=None, help="relaxed: seed of the first request (+i after)")
     q.add_argument("--baseline-url", default=None,
                    help="comparison: same load against this app too (e.g. the target-only app) and print ratios")

@@ -17,11 +17,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from atspeed_ray.settings import Dtype, Forward, Mode
+
 MAX_HISTORY = 50
 MAX_K = 50
 
-Mode = Literal["strict", "relaxed"]
-Forward = Literal["fast", "hf"]  # models.DeviceConfig.forward (this module stays torch-free)
 ItemId = Annotated[int, Field(strict=True, ge=0, le=2**62)]
 
 
@@ -72,7 +72,7 @@ class ModelSettings(BaseModel):
     data: str | None = None  # prepared data folder (item index); None: index.json beside catalog_model
     catalog_model: str | None = None  # model dir with index.json + tokenizer when data is None (the target)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", ...
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    dtype: Dtype = "auto"
     forward: Forward = "fast"  # FastLlama for Llama checkpoints, or the HF forward
     torch_threads: int | None = Field(default=None, ge=1, le=256)  # None: Ray's per-actor default
     batch: BatchSettings = BatchSettings()
@@ -99,7 +99,7 @@ class AppArgs(BaseModel):
                                                        "default: index.json beside the target model")
     target_only: bool = Field(default=False, description="serve plain target beam search (baseline)")
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    dtype: Dtype = "auto"
     forward: Forward = Field(
         default="fast", description="model forward: 'fast' = compact FastLlama for Llama "
                                     "checkpoints (others keep HF's), 'hf' = the HF model's own")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-LOSS_NAMES = ["sft", "seqkd", "wordkd", "tvdkd", "atspeed-s", "atspeed-r"]  # = losses.LOSSES
+from atspeed_ray.settings import LOSS_NAMES, PRECISIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,7 +72,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     g.add_argument("--use-gpu", action="store_true")
     g.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: fp32 on CPU, bf16 on GPU")
     g.add_argument("--storage-path", default=None, help="Ray Train storage (default OUT/ray_results)")
     g.add_argument("--name", default=None, help="run name under the storage path")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from atspeed_ray.training.losses import LOSSES
+from atspeed_ray.settings import DEFAULT_MODE, LOSS_NAMES, LossName, Mode, Precision
 
 
 class TrainConfig(BaseModel):
@@ -29,7 +29,7 @@ class TrainConfig(BaseModel):
     # alignment
     target: str | None = None  # HF folder of the trained target (align)
     teacher: str | None = None  # teacher data folder (align)
-    loss: str = "sft"
+    loss: LossName = "sft"
     alpha: float = Field(0.7, ge=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
     topk: int = Field(10, ge=1)  # AtSpeed-S: top-K codes per position
@@ -51,7 +51,7 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     use_gpu: bool = False
     zero_stage: int = Field(2, ge=0, le=3)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     threads: int | None = Field(None, ge=1)  # torch threads per worker (default: its CPUs)
     storage_path: str | None = None  # Ray Train results + checkpoints (default: OUT/ray_results)
     name: str | None = None  # Ray Train run name (default: derived from --out)
@@ -65,7 +65,7 @@ class TrainConfig(BaseModel):
     val_gamma: int = Field(3, ge=0)
     # align: verification mode of val_accept; "relaxed" also reports val_recall (relaxed SD) and
     # val_target_recall (the target's beam search) for the tuner's recall guard
-    val_mode: Literal["strict", "relaxed"] = "strict"
+    val_mode: Mode = DEFAULT_MODE
     log_every: int = Field(50, ge=1)
     # testing hooks
     # internal (tune): rank 0 writes the id of the worker group's placement group to this file,
@@ -77,8 +77,6 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
         if self.task == "align":
             if not self.target:
                 raise ValueError("align needs --target (the trained target model folder)")

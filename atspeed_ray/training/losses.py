@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from atspeed_ray.settings import LOSS_NAMES
+
 NEG_INF = float("-inf")
 
 
@@ -144,6 +146,9 @@ LOSSES: dict[str, AlignLoss] = {
                   "top-K reverse KL + density regulariser on the teacher sequences (strict mode)"),
     ]
 }
+
+
+assert set(LOSSES) == set(LOSS_NAMES), "training.losses.LOSSES and settings.LOSS_NAMES disagree"
 
 
 def get_loss(name: str) -> AlignLoss:

@@ -1,0 +1,44 @@
+"""The names every layer shares, defined once: verification modes, forward types, dtype and
+precision names, alignment loss names.
+
+Training, decoding, serving and the CLI import these instead of spelling the literals again.
+This module imports nothing heavy (no torch, no ray), so the CLI's ``--help`` and the
+torch-free serving config can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# Verification mode of speculative beam search: strict top-K (lossless: equals the target's
+# beam search) or relaxed sampling (accepts by min(1, p/q), judged by recall).
+Mode = Literal["strict", "relaxed"]
+MODES: tuple[str, ...] = get_args(Mode)
+DEFAULT_MODE: Mode = "strict"
+
+# Forward implementation for decoding: ``fast`` = FastLlama (Llama-family checkpoints; other
+# architectures keep their HF forward), ``hf`` = the transformers forward.
+Forward = Literal["fast", "hf"]
+FORWARDS: tuple[str, ...] = get_args(Forward)
+DEFAULT_FORWARD: Forward = "fast"
+
+# Parameter dtype of a decoding model, by torch name; ``auto`` keeps the checkpoint's dtype
+# (fp32 on CPU).
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+
+# Training precision; ``auto`` = fp32 on CPU, bf16 on a GPU that supports it (else fp16).
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+# Alignment objectives (the registry of their definitions is ``training.losses.LOSSES``, keyed
+# by exactly these names; a test checks the two agree).
+LossName = Literal["sft", "seqkd", "wordkd", "tvdkd", "atspeed-s", "atspeed-r"]
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming ``what`` and the choices."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    return value
