@@ -1,6 +1,6 @@
 """``atspeed-ray tune``: Ray Tune search of the alignment weights.
 
-Each trial runs the Ray Train alignment (``atspeed_ray.training.loop.build_trainer``: TorchTrainer
+Each trial runs the Ray Train alignment (``atspeed_ray.training.trainer.build_trainer``: TorchTrainer
 + DeepSpeed) with one sampled configuration, inside a function trainable, and forwards the
 per-epoch metrics to Tune with ``TuneReportCallback`` (the pattern that works with Ray Train V2,
 see STACK.md). ASHA stops weak trials early on the objective.
@@ -115,7 +115,7 @@ def trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from atspeed_ray.training.config import TrainConfig
-    from atspeed_ray.training.loop import build_trainer
+    from atspeed_ray.training.trainer import build_trainer
 
     base, mode, guard = config["_base"], config["_mode"], config["_guard"]
     sampled = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -171,7 +171,7 @@ def _release_callback():
 
 def export_best(best_checkpoint_path: str, out: Path) -> None:
     """Copy the HF export of the best trial's last checkpoint into ``out``."""
-    from atspeed_ray.training.loop import HF_DIR
+    from atspeed_ray.training.sessions import HF_DIR
 
     src = Path(best_checkpoint_path) / HF_DIR
     if not src.is_dir():

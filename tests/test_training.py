@@ -21,8 +21,10 @@ from atspeed_ray.training.core import (
     Examples, Objective, collate, epoch_batches, forward_branches, steps_per_epoch, target_p_cols,
     valid_columns,
 )
-from atspeed_ray.training.loop import fit, load_probe
-from atspeed_ray.training.teacher import generate_teacher, load_examples, load_teacher
+from atspeed_ray.training.probe import load_probe
+from atspeed_ray.training.teacher import generate_teacher
+from atspeed_ray.training.teacher_data import load_examples, load_teacher
+from atspeed_ray.training.trainer import fit
 
 CPU32 = DeviceConfig(device="cpu", dtype="float32")
 

@@ -12,7 +12,7 @@ from atspeed_ray.data.prepare import prepare
 from atspeed_ray.data.synthetic import SyntheticConfig
 from atspeed_ray.models import load_model
 from atspeed_ray.training.config import TrainConfig
-from atspeed_ray.training.loop import fit
+from atspeed_ray.training.trainer import fit
 from atspeed_ray.training.teacher import generate_teacher
 from atspeed_ray.tune import load_space, objective, run_tune
 

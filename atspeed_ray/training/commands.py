@@ -124,7 +124,7 @@ def _guard(command: str, fn) -> int:
 
 
 def _train(args: argparse.Namespace, task: str) -> int:
-    from atspeed_ray.training.loop import fit
+    from atspeed_ray.training.trainer import fit
 
     cfg = config_from_args(args, task)
     res = fit(cfg)

@@ -1,0 +1,116 @@
+"""What one training run works on: data, objective, the model to train, the frozen target.
+
+:func:`build_setup` turns a :class:`TrainConfig` into a :class:`Setup` on one device (every
+runner and every Ray Train worker calls it); :func:`build_model` is the one place that
+constructs the model being trained; :func:`make_optimizer` its optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from atspeed_ray.training.config import TrainConfig
+from atspeed_ray.training.core import Batch, Examples, Objective, collate
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    prepared: Any
+    train: Examples
+    val: Examples
+    objective: Objective
+    teacher_k: int
+    with_p: bool
+    model: torch.nn.Module
+    target: torch.nn.Module | None  # for val_accept / online distributions
+    device: torch.device
+    log_prefix: str
+    val_target_recall: float | None = None  # cached: the target's recall on ``val``
+
+    def batch(self, ex: Examples, idx) -> Batch:
+        return collate(ex, idx, self.prepared.index, self.prepared.prompt_format.pad_id,
+                       self.teacher_k, self.with_p).to(self.device)
+
+
+def build_model(cfg: TrainConfig, prepared, device: torch.device) -> torch.nn.Module:
+    """The model to train, in train mode on ``device``: loaded from ``cfg.init``, the target's
+    first ``cfg.init_layers`` layers (align), or a fresh ``cfg.preset`` model (its target size
+    for ``train-target``, its draft size for ``align``) over the prepared tokenizer."""
+    from atspeed_ray.models import DeviceConfig, build_llama, first_layers, get_preset, load_weights
+
+    vocab = len(prepared.tokenizer)
+    dev_cfg = DeviceConfig(device=str(device), dtype="float32")
+    if cfg.init:
+        model = load_weights(cfg.init, dev_cfg)
+    elif cfg.init_layers:
+        model = first_layers(load_weights(cfg.target, dev_cfg), cfg.init_layers)
+    else:
+        preset = get_preset(cfg.preset)
+        size = preset.target if cfg.task == "target" else preset.draft
+        model = build_llama(size, vocab, pad_token_id=prepared.prompt_format.pad_id,
+                            seed=cfg.seed).to(device)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < vocab:
+        raise ValueError(f"model vocabulary {rows} < tokenizer size {vocab} of {cfg.data}")
+    return model.train()
+
+
+def load_frozen_target(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The trained target of an align run, frozen (FastLlama where it applies)."""
+    from atspeed_ray.models import DeviceConfig, load_decoder
+
+    target = load_decoder(cfg.target, DeviceConfig(device=str(device), dtype="float32"))
+    target.requires_grad_(False)
+    return target
+
+
+def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
+    from atspeed_ray.data.prepare import load_prepared
+    from atspeed_ray.training.teacher_data import load_examples, load_teacher, subsample
+
+    prepared = load_prepared(cfg.data)
+    spec = Objective(cfg.loss).spec if cfg.task == "align" else Objective("sft").spec
+    teacher = load_teacher(cfg.teacher) if (cfg.task == "align" and cfg.teacher) else None
+    # with teacher data, every loss (sft included) trains on the teacher's rows: same samples
+    train = load_examples(prepared, "train", teacher)
+    if cfg.max_samples:
+        train = train.select(subsample(len(train), cfg.max_samples, cfg.seed))
+    val = load_examples(prepared, "valid", teacher)
+    val = val.select(np.arange(min(cfg.val_samples, len(val))))
+
+    teacher_k = 0
+    if teacher is not None and spec.on == "teacher":
+        teacher_k = cfg.teacher_k or teacher.k
+        if teacher_k > teacher.k:
+            raise ValueError(f"--teacher-k {teacher_k} > K = {teacher.k} stored in {teacher.root}")
+    mode = cfg.teacher_logits
+    if mode == "auto":
+        mode = "stored" if (teacher is not None and teacher.has_dist) else "online"
+    with_p = spec.needs_target and mode == "stored"
+    if with_p and not (teacher is not None and teacher.has_dist):
+        raise ValueError(f"--teacher-logits stored: {cfg.teacher} holds no target distributions")
+
+    model = build_model(cfg, prepared, device)
+    target = load_frozen_target(cfg, device) if cfg.task == "align" else None
+    objective = Objective(
+        name=spec.name, alpha=cfg.alpha, temperature=cfg.temperature, topk=cfg.topk,
+        teacher_k=teacher_k, target=target if (spec.needs_target and not with_p) else None,
+        index=prepared.index.to(device))
+    prefix = f"[{cfg.task}{' ' + spec.name if cfg.task == 'align' else ''}]"
+    return Setup(cfg, prepared, train, val, objective, teacher_k, with_p, model, target, device,
+                 prefix)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms), nanoGPT style."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
