@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from atspeed_ray.settings import DEFAULT_MODE, LOSS_NAMES, LossName, Mode, Precision
+from atspeed_ray.settings import DEFAULT_MODE, LOSS_NAMES, LossName, Mode, Precision, check_choice
 
 
 class TrainConfig(BaseModel):
@@ -74,6 +74,12 @@ class TrainConfig(BaseModel):
     placement_group_file: str | None = None
     fail_after_epoch: int | None = None  # raise once after reporting this epoch's checkpoint
     save_probe: bool = False  # save a probe batch and the trained module's logits with the export
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _known_loss(cls, value: Any) -> Any:
+        """An unknown name is an error naming the loss and the choices (not a Literal dump)."""
+        return check_choice(value, LOSS_NAMES, "loss") if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
