@@ -17,7 +17,15 @@ from typing import Any
 
 from atspeed_ray.settings import DEFAULT_MODE, MODES
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "serve_configs"
+
+def config_dir() -> Path:
+    """The Serve configs: the package data of an installed wheel (``atspeed_ray/serve_configs``),
+    else the source tree's top-level ``serve_configs/`` (a checkout, an editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "serve_configs"
+    return installed if installed.is_dir() else package.parent / "serve_configs"
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -27,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", default=None, help="draft model folder (HF export); omit with --target-only")
     p.add_argument("--data", default=None,
                    help="prepared data folder (item index, tokenizer); default: index.json beside the target")
-    p.add_argument("--config", default=str(REPO_CONFIGS / "local.yaml"), help="Serve config YAML")
+    p.add_argument("--config", default=str(config_dir() / "local.yaml"),
+                   help="Serve config YAML (default: %(default)s)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
     p.add_argument("--host", default="127.0.0.1", choices=LOOPBACK, help="loopback address to bind")
     p.add_argument("--target-only", action="store_true", help="serve the target-only baseline instead")
