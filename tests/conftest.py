@@ -6,6 +6,14 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that gets Ray through ``ray_local`` carries the ``ray`` marker."""
+    unmarked = [item.nodeid for item in items
+                if "ray_local" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None]
+    if unmarked:
+        raise pytest.UsageError("tests using ray_local need @pytest.mark.ray: " + ", ".join(unmarked))
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A private local Ray instance for one test module (never an already running cluster)."""

@@ -82,7 +82,8 @@ def deploy(config: dict, tmp: Path) -> None:
     raise TimeoutError(f"apps not running: {status}")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# the first test also waits for the app fixture: Ray, Serve and the deployments starting
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

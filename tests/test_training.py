@@ -160,6 +160,7 @@ def test_teacher_data_holds_beam_search_and_exact_distributions(prep, target_dir
         assert stored.item() == pytest.approx(on.item(), rel=1e-5)
 
 
+@pytest.mark.ray
 def test_teacher_over_ray_actors_matches_in_process(ray_local, prep, target_dir, teacher_dir, tmp_path):
     generate_teacher(prep, target_dir, tmp_path, k=5, workers=2, max_samples=192, max_valid=32,
                      chunk_size=48, log=lambda m: None)
@@ -232,6 +233,8 @@ RAY_FLAGS = ["--preset", "tiny", "--workers", "2", "--epochs", "2", "--micro-bat
              "--val-draft-beams", "6", "--log-every", "1000"]
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(900)  # 230-260 s on 2 busy cores
 def test_ray_zero2_two_workers_learn_survive_a_failure_and_export(ray_local, prep, tmp_path):
     """2 workers, ZeRO-2: a worker raises once after the first checkpoint; FailureConfig restarts
     the group from it and the run ends with the same number of steps as an uninterrupted one."""
@@ -254,6 +257,8 @@ def test_ray_zero2_two_workers_learn_survive_a_failure_and_export(ray_local, pre
     assert all(i >= 0 for items in res.items for i in items)
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(900)  # 230-260 s on 2 busy cores
 def test_ray_zero3_align_resume_and_exact_export(ray_local, prep, target_dir, teacher_dir, tmp_path):
     """ZeRO-3 align: the first run dies after epoch 1 (no retries), ``--resume`` finishes it; the
     gathered export reloads with exactly the trained module's logits."""
@@ -277,6 +282,8 @@ def test_ray_zero3_align_resume_and_exact_export(ray_local, prep, target_dir, te
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1200)  # a head start, a job with up to 600 s and its retries
 def test_align_job_on_a_real_cluster(prep, target_dir, teacher_dir, tmp_path):
     """``ray start --head`` + ``ray job submit ... python jobs/align.py`` + stop (own temp dir and
     ports; only the processes of this cluster are stopped)."""

@@ -56,6 +56,8 @@ def test_shipped_spaces_parse():
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)  # two searches of two trials each
 def test_two_trial_search_and_resume(ray_local, assets, tmp_path):
     prep, target, teacher = assets
     # trials fail once after their first epoch's checkpoint: the search ends "interrupted"
