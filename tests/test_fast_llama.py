@@ -17,6 +17,13 @@ from tests.helpers import random_catalog, random_model, random_prompts, vocab_si
 CODEBOOK = [16, 16, 16, 16]
 
 
+# SmolLM2-135M's structure, shrunk: 9 query heads over 3 key/value heads (GQA 3:1), tied
+# embeddings, rope base 1e5 with no scaling, rms eps 1e-5 (the real one: hidden 576, 30 layers)
+SMOLLM2_LIKE = dict(hidden_size=36, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=96, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+
+
 def llama(vocab: int, seed: int, **cfg) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     base = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -42,6 +49,7 @@ def tree_chunk(B: int, vocab: int, seed: int) -> Nodes:
     {"num_key_value_heads": 2},  # grouped-query attention
     {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
     {"tie_word_embeddings": True},
+    SMOLLM2_LIKE,
 ])
 def test_logits_and_cache_equal_the_hf_forward(cfg):
     V = 50
@@ -96,6 +104,51 @@ def test_decoding_on_fast_llama_equals_decoding_on_hf():
         # mixed: FastLlama target, HF draft (each side may run either forward)
         mixed = speculative_beam_search(f_target, draft, prompts, index, k, draft_beams=k, gamma=2)
         assert mixed.items == ref.items
+
+
+def test_smollm2_structure_runs_on_fast_llama_with_one_embedding_matrix():
+    hf = llama(50, seed=6, **SMOLLM2_LIKE)
+    assert hf.config.num_attention_heads == 3 * hf.config.num_key_value_heads
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    fast = fast_forward(hf)
+    assert isinstance(fast, FastLlama) and fast.lm_head is fast.embed
+    assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in hf.parameters())
+    # the rope table is the HF rotary module's (base 1e5): compare one far position directly
+    pos = torch.tensor([[0, 1, 97]])
+    cos, sin = hf.model.rotary_emb(torch.zeros(1, 3, 1, dtype=torch.float64), pos)
+    torch.testing.assert_close(fast.cos[pos[0]], cos[0])
+    torch.testing.assert_close(fast.sin[pos[0]], sin[0])
+    untied = llama(50, seed=6, **{**SMOLLM2_LIKE, "tie_word_embeddings": False})
+    assert FastLlama(untied).lm_head is not FastLlama(untied).embed
+
+
+def qwen2(vocab: int, seed: int, hidden: int = 32, layers: int = 2, scale: float = 4.0
+          ) -> Qwen2ForCausalLM:
+    """A random fp64 Qwen2 (q/k/v biases, GQA 2:1) with logits spread like ``random_model``'s."""
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+        pad_token_id=0, tie_word_embeddings=True))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(scale)
+    return model.to(torch.float64).eval()
+
+
+def test_decoding_runs_on_a_qwen2_with_its_hf_forward():
+    """Beam search and strict speculative beam search take any HF causal LM: a Qwen2 target with
+    a Qwen2 draft (and with itself as the draft) gives the target's beams exactly."""
+    index = random_catalog(800, CODEBOOK, seed=3)
+    V = vocab_size(CODEBOOK)
+    target, draft = qwen2(V, seed=1), qwen2(V, seed=2, hidden=16, layers=1)
+    assert fast_forward(target) is target
+    prompts = random_prompts(3, V, seed=4)
+    for k in (1, 5):
+        ref = beam_search(target, prompts, index, k)
+        for d in (draft, target):
+            spec = speculative_beam_search(target, d, prompts, index, k, draft_beams=2 * k, gamma=3)
+            assert spec.items == ref.items
+            torch.testing.assert_close(spec.scores, ref.scores, atol=1e-9, rtol=0)
 
 
 def test_other_architectures_keep_their_hf_forward():

@@ -12,6 +12,12 @@ logits_to_keep=...)`` returning ``.logits``, plus ``.config`` and ``.new_cache()
 inference-only (no grads, no dropout) and checked against the HF forward
 with ``assert_close`` (tests/test_fast_llama.py). ``fast_forward(model)`` returns it for plain
 Llama checkpoints and the HF model unchanged for anything else.
+
+Pretrained Llama-family LLMs such as SmolLM2-135M run on it as they are: grouped-query attention
+(fewer key/value heads than query heads; K/V are cached per key/value head and repeated for the
+query heads at attention time), tied input/output embeddings (one shared matrix), and any rope
+base (``rope_theta``) or scaling that only rescales the inverse frequencies, all read from the HF
+model's own rotary module.
 """
 
 from __future__ import annotations
@@ -113,7 +119,9 @@ class FastLlama(nn.Module):
             self.norm_attn.append(frozen(layer.input_layernorm.weight))
             self.norm_mlp.append(frozen(layer.post_attention_layernorm.weight))
         self.norm_out = frozen(base.norm.weight)
-        self.lm_head = frozen(hf.lm_head.weight)  # [V, E]
+        # tied embeddings (SmolLM2, our presets) keep one [V, E] matrix for both ends
+        tied = hf.lm_head.weight is base.embed_tokens.weight
+        self.lm_head = self.embed if tied else frozen(hf.lm_head.weight)  # [V, E]
         # rope table over every position, computed as HF does (fp32, then the model's dtype); HF
         # computes any position on the fly, so the table also covers prompts past the trained length
         rot = base.rotary_emb
