@@ -3,11 +3,15 @@
 Layout of ``out_dir``::
 
     raw/                       the generated release (synthetic data only)
-    tokenizer/                 word-level tokenizer (special tokens, then code tokens by level, code)
+    tokenizer/                 word-level tokenizer (special tokens, then code tokens by level, code),
+                               or with --base-model that model's tokenizer plus the code tokens
+                               and <sep> as added special tokens (one id each, after its vocabulary)
     index.json                 {"item_id": ["<a_1>", ...]}, the release index format
     {train,valid,test}.parquet user int64, history list<int64>, targets list<int64>,
                                prompt list<int32> (token ids), target_codes list<int32> (targets[0])
-    summary.json               counts, skipped users, collisions
+    summary.json               counts, skipped users, collisions; the base model (folder and
+                               fingerprint, or null), the prompt template and the prompt format
+                               (token ids of its text), prompt lengths per split
 
 Item ids everywhere are index keys: split files that are 1-based against a 0-based index (the
 paper's Beauty release) are shifted by the loader, and ``summary["item_id_offset"]`` records it.
@@ -24,13 +28,17 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from atspeed_ray.data.errors import DataError
 from atspeed_ray.data.index import ItemIndex
-from atspeed_ray.data.release import SPLITS, load_release, parse_code, read_index_json, write_release
+from atspeed_ray.data.llm import base_fingerprint, load_base_tokenizer, tokenizer_file
+from atspeed_ray.data.release import (
+    SPLITS, Release, load_release, parse_code, read_index_json, write_release,
+)
 from atspeed_ray.data.synthetic import SyntheticConfig, synthesize
-from atspeed_ray.data.tokenizer import PromptFormat, build_tokenizer, codes_to_token_ids
+from atspeed_ray.data.templates import DEFAULT_TEMPLATE, PromptTemplate, get_template
+from atspeed_ray.data.tokenizer import PromptFormat, add_code_tokens, build_tokenizer, codes_to_token_ids
 
 SCHEMA = pa.schema([
     ("user", pa.int64()),
@@ -52,41 +60,23 @@ def prepare(
     out_dir: str | Path,
     history_len: int = 20,
     synthetic: SyntheticConfig | None = None,
+    base_model: str | Path | None = None,
+    prompt_template: str = DEFAULT_TEMPLATE,
 ) -> dict[str, Any]:
-    """Load ``data`` ("synthetic" or a release folder), write the prepared folder, return the summary."""
+    """Load ``data`` ("synthetic" or a release folder), write the prepared folder, return the
+    summary. ``base_model``: a pretrained LLM folder whose tokenizer (plus the code tokens) is
+    used, with ``prompt_template`` around the history; None: the word-level tokenizer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen: dict[str, Any] | None = None
-    if str(data) == "synthetic":
-        syn = synthesize(synthetic or SyntheticConfig())
-        gen = {"config": syn.config.model_dump(), "stats": syn.stats}
-        write_release(out / "raw", syn.item_codes, syn.train, syn.valid, syn.test, "synthetic.json")
-        release = load_release(out / "raw")
-    else:
-        if synthetic is not None:
-            raise ValueError("a synthetic config was given but data is not 'synthetic'")
-        release = load_release(data)
-
-    tok = build_tokenizer(sorted_code_tokens(release.item_codes))
+    release, gen = load_source(data, out, synthetic)
+    template = get_template(prompt_template)
+    tok, fmt, base = make_tokenizer(sorted_code_tokens(release.item_codes), base_model, template)
     tok.save_pretrained(out / "tokenizer")
     item_tokens = codes_to_token_ids(tok, release.item_codes)  # item -> [L] token ids
     index = ItemIndex.from_codes(item_tokens)
     with (out / "index.json").open("w") as f:
         json.dump({str(i): release.item_codes[i] for i in sorted(release.item_codes)}, f)
-
-    fmt = PromptFormat.from_tokenizer(tok)
-    counts, skipped = {}, {}
-    for split in SPLITS:
-        samples, skipped[split] = release.samples(split, history_len)
-        counts[split] = len(samples)
-        table = pa.table({
-            "user": [s.user for s in samples],
-            "history": [s.history for s in samples],
-            "targets": [s.targets for s in samples],
-            "prompt": [fmt.encode([item_tokens[i] for i in s.history]) for s in samples],
-            "target_codes": [item_tokens[s.targets[0]] for s in samples],
-        }, schema=SCHEMA)
-        pq.write_table(table, out / f"{split}.parquet")
+    counts, skipped, lengths = write_splits(release, out, fmt, item_tokens, history_len)
 
     summary: dict[str, Any] = {
         "data": str(data),
@@ -103,11 +93,77 @@ def prepare(
         "collision_groups": len(index.collisions),
         "collisions": index.collisions,
         "item_id_offset": release.item_id_offset,
+        "base_model": base,
+        "prompt_template": template.name,
+        "prompt_format": fmt.to_dict(),
+        "prompt_tokens": lengths,
     }
     if gen is not None:
         summary["synthetic"] = gen
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def load_source(data: str | Path, out: Path, synthetic: SyntheticConfig | None
+                ) -> tuple[Release, dict[str, Any] | None]:
+    """The release to prepare (generated into ``out/raw`` for "synthetic"), and the generator's
+    config and stats (None for a release folder)."""
+    if str(data) == "synthetic":
+        syn = synthesize(synthetic or SyntheticConfig())
+        write_release(out / "raw", syn.item_codes, syn.train, syn.valid, syn.test, "synthetic.json")
+        return load_release(out / "raw"), {"config": syn.config.model_dump(), "stats": syn.stats}
+    if synthetic is not None:
+        raise ValueError("a synthetic config was given but data is not 'synthetic'")
+    return load_release(data), None
+
+
+def make_tokenizer(code_tokens: list[str], base_model: str | Path | None, template: PromptTemplate
+                   ) -> tuple[PreTrainedTokenizerBase, PromptFormat, dict[str, Any] | None]:
+    """(tokenizer, prompt format, base model fingerprint or None)."""
+    if base_model is None:
+        if template.has_text:
+            raise DataError(f"prompt template {template.name!r} holds text, which the word-level "
+                            f"tokenizer cannot encode: give --base-model")
+        tok = build_tokenizer(code_tokens)
+        return tok, PromptFormat.from_template(tok, template), None
+    root = Path(base_model)
+    tok = load_base_tokenizer(root)
+    base = base_fingerprint(root, tok)  # before the code tokens are added
+    add_code_tokens(tok, code_tokens, tokenizer_file(root))
+    try:
+        fmt = PromptFormat.from_template(tok, template)
+    except ValueError as e:
+        raise DataError(str(e), tokenizer_file(root)) from e
+    return tok, fmt, base
+
+
+def write_splits(release: Release, out: Path, fmt: PromptFormat, item_tokens: dict[int, list[int]],
+                 history_len: int) -> tuple[dict[str, int], dict[str, Any], dict[str, dict]]:
+    """One Parquet file per split; returns sample counts, skipped users and prompt lengths."""
+    counts, skipped, lengths = {}, {}, {}
+    for split in SPLITS:
+        samples, skipped[split] = release.samples(split, history_len)
+        counts[split] = len(samples)
+        prompts = [fmt.encode([item_tokens[i] for i in s.history]) for s in samples]
+        table = pa.table({
+            "user": [s.user for s in samples],
+            "history": [s.history for s in samples],
+            "targets": [s.targets for s in samples],
+            "prompt": prompts,
+            "target_codes": [item_tokens[s.targets[0]] for s in samples],
+        }, schema=SCHEMA)
+        pq.write_table(table, out / f"{split}.parquet")
+        lengths[split] = length_stats([len(p) for p in prompts])
+    return counts, skipped, lengths
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    """Mean, 95th percentile and max of prompt lengths in tokens (zeros for no prompts)."""
+    if not lengths:
+        return {"mean": 0.0, "p95": 0.0, "max": 0.0}
+    ordered = sorted(lengths)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return {"mean": round(sum(ordered) / len(ordered), 2), "p95": float(p95), "max": float(ordered[-1])}
 
 
 @dataclass
@@ -157,7 +213,9 @@ def load_prepared(path: str | Path) -> PreparedData:
     item_codes = read_index_json(root / "index.json")
     index = ItemIndex.from_codes(codes_to_token_ids(tok, item_codes))
     summary = json.loads((root / "summary.json").read_text())
-    return PreparedData(root, index, tok, PromptFormat.from_tokenizer(tok), item_codes, summary)
+    stored = summary.get("prompt_format")  # folders written before templates: the plain format
+    fmt = PromptFormat.from_dict(stored) if stored else PromptFormat.from_tokenizer(tok)
+    return PreparedData(root, index, tok, fmt, item_codes, summary)
 
 
 def popularity_topk(prepared: PreparedData, k: int) -> list[int]:
