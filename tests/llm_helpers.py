@@ -5,10 +5,13 @@ saved with it as ordinary HF model folders (config.json, safetensors, tokenizer 
 ``tiny_llm_folder(path, "llama")`` is a Llama-style base model (bos ``<s>``, eos ``</s>``, no pad
 token, untied head); ``"qwen2"`` a Qwen2-style one (no bos, eos = pad ``<|endoftext|>``, a chat
 template, tied embeddings, a config vocabulary rounded up past the tokenizer's as Qwen2 does).
+``write_llama_gguf`` writes a tiny Llama and its tokenizer as an fp32 GGUF file, the layout
+llama.cpp's converter gives (q/k rows permuted per head), for ``base-model --gguf``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -88,3 +91,55 @@ def fit_to_tokenizer(model: PreTrainedModel, vocab_size: int, scale: float = 4.0
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(scale)
     return model.to(dtype).eval()
+
+
+GGUF_LAYER_NAMES = [("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"),
+                    ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                    ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
+                    ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                    ("mlp.down_proj", "ffn_down")]
+
+
+def gguf_rope_order(w, heads: int):
+    """GGUF keeps q/k rows of each head in interleaved rope order (HF: the two halves)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, path: str | Path) -> Path:
+    """An untied Llama with a byte-level BPE tokenizer as one fp32 GGUF file."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda x: x[1])]
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in tok.all_special_tokens else 1 for t in tokens])  # 3: control
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(cfg.num_hidden_layers):
+        names.update({f"model.layers.{i}.{a}.weight": f"blk.{i}.{b}.weight" for a, b in GGUF_LAYER_NAMES})
+    state = model.state_dict()
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    for hf_name, name in names.items():
+        t = state[hf_name].detach().float().numpy()
+        kind = name.split(".")[-2]
+        w.add_tensor(name, gguf_rope_order(t, heads[kind]) if kind in heads else t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

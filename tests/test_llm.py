@@ -21,7 +21,9 @@ from atspeed_ray.data.templates import INSTRUCTION_AFTER, INSTRUCTION_BEFORE
 from atspeed_ray.decoding import beam_search, speculative_beam_search
 from atspeed_ray.decoding.fast_llama import FastLlama, fast_forward
 from atspeed_ray.models import first_layers
-from tests.llm_helpers import ARCHS, fit_to_tokenizer, tiny_llm, tiny_llm_folder
+from tests.llm_helpers import (
+    ARCHS, bpe_tokenizer, fit_to_tokenizer, tiny_llm, tiny_llm_folder, write_llama_gguf,
+)
 
 SMALL = SyntheticConfig(num_users=40, num_items=60, codebook_sizes=[8, 8, 8, 8], seed=1)
 
@@ -138,6 +140,26 @@ def test_check_base_model_accepts_the_base_and_its_fine_tunes_only(bases, prepar
         check_base_model(data, tmp_path / "small")
 
 
+def test_a_word_level_folder_refuses_a_pretrained_llm(bases, tmp_path):
+    prepare("synthetic", tmp_path, history_len=5, synthetic=SMALL)
+    with pytest.raises(DataError, match=r"tokenizer\.json: .*prepared with its own word-level tokenizer"):
+        check_base_model(load_prepared(tmp_path), bases["llama"])
+
+
+def test_serving_catalog_builds_the_prepared_prompts(bases, tmp_path):
+    from atspeed_ray.serving.catalog import load_catalog
+
+    prepare("synthetic", tmp_path / "data", history_len=5, synthetic=SMALL, base_model=bases["llama"],
+            prompt_template="instruction")
+    data = load_prepared(tmp_path / "data")
+    tuned = fit_to_tokenizer(tiny_llm("llama", 64), len(data.tokenizer))
+    tuned.save_pretrained(tmp_path / "target")
+    data.tokenizer.save_pretrained(tmp_path / "target")
+    catalog = load_catalog(str(tmp_path / "data"), str(tmp_path / "target"))
+    for prompt, hist in zip(data.prompts("test", 4), data.histories("test", 4)):
+        assert catalog.prompt(hist) == prompt
+
+
 def test_prepare_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     base = tiny_llm_folder(tmp_path / "base", "llama", ordinary_tokens=("<a_0>",))
     capsys.readouterr()
@@ -157,6 +179,27 @@ def write_gguf(path, arch: str):
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def test_base_model_gguf_writes_a_plain_hf_folder_with_the_same_logits(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tok = bpe_tokenizer("llama")
+    model = tiny_llm("llama", len(tok), seed=3)
+    gguf_file = write_llama_gguf(model, tok, tmp_path / "tiny.gguf")
+    assert cli_main(["base-model", "--gguf", str(gguf_file), "--out", str(tmp_path / "hf")]) == 0
+    info = json.loads((tmp_path / "hf" / "base_model.json").read_text())
+    assert info["architecture"] == "llama" and info["layers"] == 2 and '"parameters"' in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(loaded) is LlamaForCausalLM and "quantization_config" not in loaded.config.to_dict()
+    text = "The user bought a red lipstick"
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert reloaded.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    prepare("synthetic", tmp_path / "data", history_len=5, synthetic=SMALL, base_model=tmp_path / "hf")
 
 
 def test_base_model_errors(tmp_path, monkeypatch, capsys):

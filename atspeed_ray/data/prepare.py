@@ -213,9 +213,14 @@ def load_prepared(path: str | Path) -> PreparedData:
     item_codes = read_index_json(root / "index.json")
     index = ItemIndex.from_codes(codes_to_token_ids(tok, item_codes))
     summary = json.loads((root / "summary.json").read_text())
-    stored = summary.get("prompt_format")  # folders written before templates: the plain format
-    fmt = PromptFormat.from_dict(stored) if stored else PromptFormat.from_tokenizer(tok)
-    return PreparedData(root, index, tok, fmt, item_codes, summary)
+    return PreparedData(root, index, tok, stored_prompt_format(summary, tok), item_codes, summary)
+
+
+def stored_prompt_format(summary: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
+    """The prompt format a prepared folder was written with (its ``summary.json``); folders
+    written before prompt templates existed used the plain format of their tokenizer."""
+    stored = summary.get("prompt_format")
+    return PromptFormat.from_dict(stored) if stored else PromptFormat.from_tokenizer(tokenizer)
 
 
 def popularity_topk(prepared: PreparedData, k: int) -> list[int]:

@@ -50,6 +50,8 @@ class Catalog:
 def load_catalog(data: str | None, model_dir: str, history_window: int | None = None) -> Catalog:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    from atspeed_ray.data.prepare import stored_prompt_format
+
     model_tok = AutoTokenizer.from_pretrained(model_dir)
     if data is not None:
         root = Path(data)
@@ -70,7 +72,7 @@ def load_catalog(data: str | None, model_dir: str, history_window: int | None = 
         window = history_window or DEFAULT_HISTORY_WINDOW
         examples = []
     token_ids = codes_to_token_ids(tok, item_codes)
-    fmt = PromptFormat.from_tokenizer(tok)
+    fmt = stored_prompt_format(summary, tok) if data is not None else PromptFormat.from_tokenizer(tok)
     # the model must know these tokens under the same ids
     model_vocab = model_tok.get_vocab()
     data_vocab = tok.get_vocab()
