@@ -119,10 +119,6 @@ def first_layers(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
     return model
 
 
-def num_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """HF checkpoint: config + safetensors weights + tokenizer files in one directory."""
     out = Path(out_dir)

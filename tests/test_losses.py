@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from atspeed_ray.settings import LOSS_NAMES
 from atspeed_ray.training.losses import (
     LOSSES, combine, cross_entropy, forward_kl, get_loss, masked_log_softmax, topk_reverse_kl, tvd,
 )
@@ -183,6 +184,7 @@ def test_combine_weights_skip_padded_sequences():
 
 def test_registry_and_bad_names():
     assert set(LOSSES) == {"sft", "seqkd", "wordkd", "tvdkd", "atspeed-s", "atspeed-r"}
+    assert tuple(LOSSES) == LOSS_NAMES  # the registry is keyed by the shared names
     assert get_loss("atspeed-s").on == "teacher" and get_loss("tvdkd").on == "truth"
     with pytest.raises(ValueError, match="unknown loss"):
         get_loss("nope")

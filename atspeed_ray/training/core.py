@@ -208,12 +208,6 @@ def target_p_cols(target: torch.nn.Module, batch: Batch, index: ItemIndex) -> Te
     return to_columns(logp, index)
 
 
-def sft_loss(model: torch.nn.Module, batch: Batch) -> Tensor:
-    """Mean next-item cross-entropy over the L ground-truth codes (branch 0)."""
-    logits = forward_branches(model, batch)[:, 0]  # [B, L, V]
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch.codes[:, 0].flatten())
-
-
 @dataclass
 class Objective:
     """``(1 - alpha) * SFT + alpha * align`` with loss ``name`` (see losses.py)."""

@@ -8,9 +8,9 @@ Two spaces appear here:
 * **column space** ``[..., C]``: at one position of one sequence, the C candidate code tokens of
   that depth (``ItemIndex.level_tokens``), with ``valid [..., C]`` marking the children of the
   sequence's trie prefix. Every distribution-matching loss works here: draft (q) and target (p)
-  are both renormalised over the valid codes, disallowed tokens are masked out. That is the
-  "code-vocabulary and trie masking" of ATSPEED.md section 3; it also means that a position with
-  a single valid child costs nothing (both distributions are a point mass there).
+  are both renormalised over the valid codes, disallowed tokens are masked out (the distributions
+  live on the code vocabulary of the depth, masked by the item trie). It also means that a
+  position with a single valid child costs nothing (both distributions are a point mass there).
 
 Per-position losses (shape ``[...]``) are returned unreduced; :func:`combine` reduces them with a
 position weight and mixes them as ``(1 - alpha) * SFT + alpha * align``.
@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from atspeed_ray.settings import LOSS_NAMES
+from atspeed_ray.settings import LOSS_NAMES, check_choice
 
 NEG_INF = float("-inf")
 
@@ -130,31 +129,28 @@ class AlignLoss:
     on: On
     needs_target: bool
     term: Callable[..., Tensor] | None  # per-position align term; None for sft / seqkd (CE)
-    doc: str
 
 
+# the one registry of the objectives, keyed by ``settings.LOSS_NAMES`` (what each one does: the
+# table in this module's docstring)
 LOSSES: dict[str, AlignLoss] = {
     spec.name: spec
     for spec in [
-        AlignLoss("sft", "none", False, None, "next-item cross-entropy only (unaligned draft)"),
-        AlignLoss("seqkd", "teacher", False, None, "cross-entropy on the target's top-K sequences"),
-        AlignLoss("wordkd", "truth", True, forward_kl, "forward KL per token on the ground truth"),
-        AlignLoss("tvdkd", "truth", True, tvd, "total variation per token on the ground truth"),
-        AlignLoss("atspeed-r", "teacher", True, tvd,
-                  "total variation over valid codes on the teacher sequences (relaxed mode)"),
-        AlignLoss("atspeed-s", "teacher", True, topk_reverse_kl,
-                  "top-K reverse KL + density regulariser on the teacher sequences (strict mode)"),
+        AlignLoss("sft", "none", False, None),
+        AlignLoss("seqkd", "teacher", False, None),
+        AlignLoss("wordkd", "truth", True, forward_kl),
+        AlignLoss("tvdkd", "truth", True, tvd),
+        AlignLoss("atspeed-s", "teacher", True, topk_reverse_kl),
+        AlignLoss("atspeed-r", "teacher", True, tvd),
     ]
 }
 
 
-assert set(LOSSES) == set(LOSS_NAMES), "training.losses.LOSSES and settings.LOSS_NAMES disagree"
+assert tuple(LOSSES) == LOSS_NAMES, "training.losses.LOSSES and settings.LOSS_NAMES disagree"
 
 
 def get_loss(name: str) -> AlignLoss:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    return LOSSES[name]
+    return LOSSES[check_choice(name, LOSS_NAMES, "loss")]
 
 
 def weighted_mean(values: Tensor, weight: Tensor) -> Tensor:
