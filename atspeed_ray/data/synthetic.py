@@ -119,56 +119,72 @@ def _items(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[np.ndarray, 
     return out_codes, out_cluster
 
 
-def synthesize(config: SyntheticConfig | None = None) -> Synthetic:
-    """Generate items, user sequences and the time split (deterministic for ``config.seed``)."""
-    cfg = config or SyntheticConfig()
-    rng = np.random.default_rng(cfg.seed)
-    codes, cluster = _items(cfg, rng)
+@dataclass
+class _Catalog:
+    """The item side of the generative story: clusters, popularity and successors."""
+
+    cluster: np.ndarray  # [I] cluster of each item
+    members: list[np.ndarray]  # K arrays: the items of each cluster
+    weight: np.ndarray  # [I] Zipf popularity
+    cluster_p: np.ndarray  # [K] cluster popularity (sums of item weights, normalised)
+    successor: np.ndarray  # [I] the item's fixed successor (a cycle within each cluster)
+
+    def pick(self, rng: np.random.Generator, items: np.ndarray, seen: set[int]) -> int | None:
+        """An unseen item of ``items`` drawn by popularity (None if all were seen)."""
+        items = np.array([i for i in items if i not in seen], dtype=np.int64)
+        if len(items) == 0:
+            return None
+        w = self.weight[items]
+        return int(rng.choice(items, p=w / w.sum()))
+
+
+def _catalog(cfg: SyntheticConfig, rng: np.random.Generator, cluster: np.ndarray) -> _Catalog:
     I, K = cfg.num_items, cfg.num_clusters
     w = (rng.permutation(I) + 1.0) ** -cfg.zipf_exponent  # [I] Zipf popularity
     members = [np.flatnonzero(cluster == k) for k in range(K)]
     cw = np.array([w[m].sum() for m in members])
-    cp = cw / cw.sum()  # [K] cluster popularity
     succ = np.arange(I)
     for m in members:  # a random cycle within each cluster: item -> its successor
         order = rng.permutation(m)
         succ[order] = np.roll(order, -1)
+    return _Catalog(cluster, members, w, cw / cw.sum(), succ)
 
-    def pick(items: np.ndarray, seen: set[int]) -> int | None:
-        items = np.array([i for i in items if i not in seen], dtype=np.int64)
-        return None if len(items) == 0 else int(rng.choice(items, p=w[items] / w[items].sum()))
 
-    seqs: list[list[int]] = []
-    for _ in range(cfg.num_users):
-        n = int(rng.integers(cfg.min_seq_len, cfg.max_seq_len + 1))
-        interests = list(rng.choice(K, min(cfg.interests_per_user, K), replace=False, p=cp))
-        seq: list[int] = []
-        seen: set[int] = set()
-        for _step in range(n):
-            if rng.random() < cfg.drift_prob:
-                interests[int(rng.integers(len(interests)))] = int(rng.choice(K, p=cp))
-            r, prev = rng.random(), (seq[-1] if seq else None)
-            item = None
-            if prev is None:  # first item: from an interest
-                pass
-            elif r < cfg.stay_prob:
-                if rng.random() < cfg.successor_prob and int(succ[prev]) not in seen:
-                    item = int(succ[prev])
-                else:
-                    item = pick(members[cluster[prev]], seen)
-            elif r < cfg.stay_prob + cfg.explore_prob:
-                item = pick(members[int(rng.choice(K, p=cp))], seen)
-            if item is None:
-                item = pick(members[interests[int(rng.integers(len(interests)))]], seen)
-            if item is None:  # the cluster is exhausted for this user: any unseen item
-                item = pick(np.arange(I), seen)
-            if item is None:
-                break
-            seq.append(item)
-            seen.add(item)
-        seqs.append(seq)
+def _user_sequence(cfg: SyntheticConfig, rng: np.random.Generator, cat: _Catalog) -> list[int]:
+    """One user's items in order (interests, drift, stay/successor/explore moves; no repeats)."""
+    K = cfg.num_clusters
+    n = int(rng.integers(cfg.min_seq_len, cfg.max_seq_len + 1))
+    interests = list(rng.choice(K, min(cfg.interests_per_user, K), replace=False, p=cat.cluster_p))
+    seq: list[int] = []
+    seen: set[int] = set()
+    for _step in range(n):
+        if rng.random() < cfg.drift_prob:
+            interests[int(rng.integers(len(interests)))] = int(rng.choice(K, p=cat.cluster_p))
+        r, prev = rng.random(), (seq[-1] if seq else None)
+        item = None
+        if prev is None:  # first item: from an interest
+            pass
+        elif r < cfg.stay_prob:
+            if rng.random() < cfg.successor_prob and int(cat.successor[prev]) not in seen:
+                item = int(cat.successor[prev])
+            else:
+                item = cat.pick(rng, cat.members[cat.cluster[prev]], seen)
+        elif r < cfg.stay_prob + cfg.explore_prob:
+            item = cat.pick(rng, cat.members[int(rng.choice(K, p=cat.cluster_p))], seen)
+        if item is None:
+            item = cat.pick(rng, cat.members[interests[int(rng.integers(len(interests)))]], seen)
+        if item is None:  # the cluster is exhausted for this user: any unseen item
+            item = cat.pick(rng, np.arange(cfg.num_items), seen)
+        if item is None:
+            break
+        seq.append(item)
+        seen.add(item)
+    return seq
 
-    # global clock: each user active in a random window; split the events by global time rank
+
+def _time_split(cfg: SyntheticConfig, rng: np.random.Generator, seqs: list[list[int]]) -> np.ndarray:
+    """Split of every event, users concatenated (0 train, 1 valid, 2 test): each user is active
+    in a random window of a global clock; the last events by global time go to test."""
     times = []
     for seq in seqs:
         span = rng.uniform(0.3, 1.0)
@@ -178,8 +194,17 @@ def synthesize(config: SyntheticConfig | None = None) -> Synthetic:
     rank = np.empty(len(flat), dtype=np.int64)
     rank[np.argsort(flat, kind="stable")] = np.arange(len(flat))
     n_test, n_valid = round(cfg.test_frac * len(flat)), round(cfg.valid_frac * len(flat))
-    split = np.where(rank >= len(flat) - n_test, 2, np.where(rank >= len(flat) - n_test - n_valid, 1, 0))
+    return np.where(rank >= len(flat) - n_test, 2, np.where(rank >= len(flat) - n_test - n_valid, 1, 0))
 
+
+def synthesize(config: SyntheticConfig | None = None) -> Synthetic:
+    """Generate items, user sequences and the time split (deterministic for ``config.seed``)."""
+    cfg = config or SyntheticConfig()
+    rng = np.random.default_rng(cfg.seed)
+    codes, cluster = _items(cfg, rng)
+    cat = _catalog(cfg, rng, cluster)
+    seqs = [_user_sequence(cfg, rng, cat) for _ in range(cfg.num_users)]
+    split = _time_split(cfg, rng, seqs)
     train: dict[int, list[int]] = {}
     valid: dict[int, list[int]] = {}
     test: dict[int, list[int]] = {}
@@ -193,12 +218,13 @@ def synthesize(config: SyntheticConfig | None = None) -> Synthetic:
             continue
         u = len(train)
         train[u], valid[u], test[u] = parts
+    I = cfg.num_items
     item_codes = {i: [code_token(d, int(c)) for d, c in enumerate(codes[i])] for i in range(I)}
     stats = {
         "generated_users": cfg.num_users,
         "users": len(train),
         "dropped_users_lt2_train": dropped,
-        "clusters": K,
+        "clusters": cfg.num_clusters,
         "train_interactions": sum(map(len, train.values())),
         "valid_interactions": sum(map(len, valid.values())),
         "test_interactions": sum(map(len, test.values())),
