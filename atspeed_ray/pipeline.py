@@ -12,15 +12,19 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from atspeed_ray.settings import LossName
+
 
 class StageSettings(BaseModel):
+    """Flags of one training stage; None = the command's own default (the flag is not passed)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(3, ge=1)
-    micro_batch: int = 64
-    lr: float = 1e-3
-    max_samples: int | None = None  # subsample the training rows
-    workers: int = 1  # Ray Train workers (0 = in-process)
+    epochs: int | None = Field(None, ge=1)
+    micro_batch: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0.0)
+    max_samples: int | None = Field(None, ge=1)  # subsample the training rows
+    workers: int | None = Field(None, ge=0)  # Ray Train workers (0 = in-process)
     extra: list[str] = []  # more CLI flags, passed as is
 
 
@@ -34,15 +38,15 @@ class PipelineConfig(BaseModel):
     align: StageSettings = StageSettings()
     teacher_k: int = 10
     teacher_samples: int | None = None  # subsample train prompts for teacher data
-    teacher_workers: int = 2
-    losses: list[str] = ["sft", "atspeed-s", "atspeed-r"]
-    alpha: float = 0.7
+    teacher_workers: int | None = None  # None: the teacher command's default
+    losses: list[LossName] = ["sft", "atspeed-s", "atspeed-r"]
+    alpha: float | None = None  # None: the align command's default
     eval_k: list[int] = [1, 5, 10]
     eval_prompts: int | None = None
     timing_prompts: int = 30
     draft_beams: int | str | None = None  # N, or a multiple of K such as "2k"
     draft_init_layers: int | None = None  # drafts start from the target's first N layers (align --init-layers)
-    gamma: int = 3
+    gamma: int | None = None  # None: the evaluate command's default
     use_gpu: bool = False
 
 
@@ -58,14 +62,21 @@ def run_cli(argv: list[str]) -> None:
     print(f"[{argv[0]} done in {time.perf_counter() - t0:.1f} s]", flush=True)
 
 
+def flags(**values: object) -> list[str]:
+    """``--name value`` for each value that is set (None: leave the command's default)."""
+    out: list[str] = []
+    for name, value in values.items():
+        if value is not None:
+            out += ["--" + name.replace("_", "-"), str(value)]
+    return out
+
+
 def stage_flags(s: StageSettings, use_gpu: bool) -> list[str]:
-    flags = ["--epochs", str(s.epochs), "--micro-batch", str(s.micro_batch), "--lr", str(s.lr),
-             "--workers", str(s.workers)]
-    if s.max_samples is not None:
-        flags += ["--max-samples", str(s.max_samples)]
+    out = flags(epochs=s.epochs, micro_batch=s.micro_batch, lr=s.lr, workers=s.workers,
+                max_samples=s.max_samples)
     if use_gpu:
-        flags += ["--use-gpu"]
-    return flags + list(s.extra)
+        out += ["--use-gpu"]
+    return out + list(s.extra)
 
 
 def done(path: Path, marker: str) -> bool:
@@ -87,10 +98,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         run_cli(["train-target", "--data", str(data), "--out", str(target), "--preset", cfg.preset]
                 + stage_flags(cfg.target, cfg.use_gpu))
     if not done(teacher, "teacher.json"):
-        argv = ["teacher", "--data", str(data), "--target", str(target), "--out", str(teacher),
-                "--k", str(cfg.teacher_k), "--workers", str(cfg.teacher_workers)]
-        if cfg.teacher_samples is not None:
-            argv += ["--max-samples", str(cfg.teacher_samples)]
+        argv = ["teacher", "--data", str(data), "--target", str(target), "--out", str(teacher)]
+        argv += flags(k=cfg.teacher_k, workers=cfg.teacher_workers, max_samples=cfg.teacher_samples)
         run_cli(argv + (["--use-gpu"] if cfg.use_gpu else []))
     drafts = []
     for loss in cfg.losses:
@@ -98,20 +107,17 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         drafts.append(draft)
         if not done(draft, "config.json"):
             run_cli(["align", "--data", str(data), "--target", str(target), "--teacher", str(teacher),
-                     "--out", str(draft), "--loss", loss, "--alpha", str(cfg.alpha),
-                     "--preset", cfg.preset] + stage_flags(cfg.align, cfg.use_gpu)
-                    + (["--init-layers", str(cfg.draft_init_layers)] if cfg.draft_init_layers else []))
+                     "--out", str(draft), "--loss", loss, "--preset", cfg.preset]
+                    + flags(alpha=cfg.alpha, init_layers=cfg.draft_init_layers or None)
+                    + stage_flags(cfg.align, cfg.use_gpu))
     evaluation = out / "eval"
     if not done(evaluation, "speed.json"):
         argv = ["evaluate", "--data", str(data), "--target", str(target), "--out", str(evaluation),
-                "--k", ",".join(map(str, cfg.eval_k)), "--timing-prompts", str(cfg.timing_prompts),
-                "--gamma", str(cfg.gamma)]
+                "--k", ",".join(map(str, cfg.eval_k))]
+        argv += flags(timing_prompts=cfg.timing_prompts, gamma=cfg.gamma,
+                      num_prompts=cfg.eval_prompts, draft_beams=cfg.draft_beams)
         for d in drafts:
             argv += ["--draft", str(d)]
-        if cfg.eval_prompts is not None:
-            argv += ["--num-prompts", str(cfg.eval_prompts)]
-        if cfg.draft_beams is not None:
-            argv += ["--draft-beams", str(cfg.draft_beams)]
         run_cli(argv)
     else:
         print((evaluation / "accuracy.md").read_text())

@@ -1,9 +1,10 @@
 """``atspeed-ray tune``: Ray Tune search of the alignment weights.
 
-Each trial runs the Ray Train alignment (``atspeed_ray.training.trainer.build_trainer``: TorchTrainer
-+ DeepSpeed) with one sampled configuration, inside a function trainable, and forwards the
-per-epoch metrics to Tune with ``TuneReportCallback`` (the pattern that works with Ray Train V2,
-see STACK.md). ASHA stops weak trials early on the objective.
+Each trial runs the Ray Train alignment (``atspeed_ray.training.trainer.build_trainer``:
+TorchTrainer + DeepSpeed) with one sampled configuration, inside a function trainable, and
+forwards the per-epoch metrics to Tune with ``TuneReportCallback`` (Ray Train V2 refuses a
+``TorchTrainer`` passed to ``Tuner`` directly: "Improper 'run'"). ASHA stops weak trials early
+on the objective.
 
 The objective is validation acceptance, not training loss:
 
@@ -197,10 +198,6 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
              out: str, resume: bool = False, max_concurrent: int | None = None,
              cpus_per_trial: float = 1.0, grace_period: int = 1, base_overrides: dict | None = None,
              time_budget_s: float | None = None, log=print) -> dict[str, Any]:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
-
     from atspeed_ray.training.config import TrainConfig
     from atspeed_ray.training.ray_utils import init_ray
 
@@ -210,38 +207,68 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
     base = {"task": "align", "data": str(Path(data).resolve()), "target": str(Path(target).resolve()),
             "teacher": str(Path(teacher).resolve()) if teacher else None, "out": str(out_dir / "unused"),
             "workers": 1, **space.fixed, **(base_overrides or {})}
-    TrainConfig(**base)  # fail early, naming the field, on a bad fixed section
+    checked = TrainConfig(**base)  # fail early, naming the field, on a bad fixed section
     init_ray()
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    per_trial = cpus_per_trial * int(base.get("workers", 1)) + 0.01
+    per_trial = cpus_per_trial * checked.workers + 0.01
     concurrent = max_concurrent or max(1, int(cpus // per_trial))
-    storage, name = str(out_dir / "ray_results"), space.name
-    trainable = tune.with_resources(trial, {"cpu": 0.01})
-    if resume:
-        if not tune.Tuner.can_restore(str(Path(storage) / name)):
-            raise FileNotFoundError(f"--resume: no interrupted search at {Path(storage) / name}")
-        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable=trainable,
-                                   resume_unfinished=True, resume_errored=True)
-    else:
-        param_space = {**to_tune(space), "_base": base, "_mode": space.mode, "_guard": space.recall_guard}
-        points = [dict(space.baseline)] if space.baseline else None
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=OBJECTIVE, mode="max", num_samples=num_samples,
-                max_concurrent_trials=concurrent, time_budget_s=time_budget_s,
-                # the searcher must carry the limit itself: Tune does not apply max_concurrent_trials
-                # to a BasicVariantGenerator passed in (trials hold only 0.01 CPU, so without it
-                # every trial starts and queues its Ray Train worker)
-                search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent),
-                scheduler=ASHAScheduler(grace_period=grace_period, reduction_factor=2,
-                                        max_t=int(base.get("epochs", 1)), time_attr="training_iteration")),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_release_callback()]))
+    tuner = make_tuner(space, base, out_dir / "ray_results", resume, num_samples, concurrent,
+                       time_budget_s, grace_period, checked.epochs)
     log(f"tune {space.name}: {num_samples} trials, {concurrent} at a time, objective "
         f"{'val_accept' if space.mode == 'strict' else 'val_accept with recall guard'}")
     results = tuner.fit()
+    rows = trial_rows(results, space)
+    write_trials(rows, out_dir)
+    failed = [r["trial_id"] for r in rows if r["status"] == "error"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(rows)} trials did not finish ({', '.join(failed)}); "
+                           f"continue the search with --resume")
+    best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="last")
+    summary = best_summary(best, rows, space)
+    (out_dir / "best_config.json").write_text(json.dumps(summary, indent=2))
+    export_best(best.metrics["checkpoint_path"] if "checkpoint_path" in best.metrics
+                else best.checkpoint.path, out_dir / "best_draft")
+    log(f"best trial {summary['trial']}: objective {summary['objective']:.3f} with "
+        f"{summary['config']}; draft exported to {out_dir / 'best_draft'}")
+    return summary
+
+
+def make_tuner(space: SearchSpace, base: dict[str, Any], storage: Path, resume: bool,
+               num_samples: int, concurrent: int, time_budget_s: float | None, grace_period: int,
+               epochs: int):
+    """The Tuner of the search (restored from ``storage`` with ``resume``); ``epochs`` per trial
+    is ASHA's longest run."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    trainable = tune.with_resources(trial, {"cpu": 0.01})
+    if resume:
+        if not tune.Tuner.can_restore(str(storage / space.name)):
+            raise FileNotFoundError(f"--resume: no interrupted search at {storage / space.name}")
+        return tune.Tuner.restore(str(storage / space.name), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    param_space = {**to_tune(space), "_base": base, "_mode": space.mode, "_guard": space.recall_guard}
+    points = [dict(space.baseline)] if space.baseline else None
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE, mode="max", num_samples=num_samples,
+            max_concurrent_trials=concurrent, time_budget_s=time_budget_s,
+            # the searcher must carry the limit itself: Tune does not apply max_concurrent_trials
+            # to a BasicVariantGenerator passed in (trials hold only 0.01 CPU, so without it
+            # every trial starts and queues its Ray Train worker)
+            search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent),
+            scheduler=ASHAScheduler(grace_period=grace_period, reduction_factor=2, max_t=epochs,
+                                    time_attr="training_iteration")),
+        run_config=tune.RunConfig(name=space.name, storage_path=str(storage),
+                                  callbacks=[_release_callback()]))
+
+
+def trial_rows(results, space: SearchSpace) -> list[dict[str, Any]]:
+    """One row per trial (status, sampled config, last metrics), best objective first."""
     rows = []
     for r in results:
         status = "error" if r.error else "ok" if r.metrics and OBJECTIVE in r.metrics else "no report"
@@ -255,12 +282,11 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
             row.get(k) == v for k, v in space.baseline.items())
         rows.append(row)
     rows.sort(key=lambda r: -r.get(OBJECTIVE, -math.inf))
-    write_trials(rows, out_dir)
-    failed = [r["trial_id"] for r in rows if r["status"] == "error"]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(rows)} trials did not finish ({', '.join(failed)}); "
-                           f"continue the search with --resume")
-    best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="last")
+    return rows
+
+
+def best_summary(best, rows: list[dict[str, Any]], space: SearchSpace) -> dict[str, Any]:
+    """``best_config.json``: the best trial, and its gain over the baseline trial if any."""
     best_cfg = {k: v for k, v in best.config.items() if not k.startswith("_")}
     summary = {"space": space.name, "mode": space.mode, "objective": best.metrics[OBJECTIVE],
                "val_accept": best.metrics.get("val_accept"), "config": best_cfg,
@@ -271,11 +297,6 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
         summary["baseline"] = {"config": space.baseline, "objective": baseline[OBJECTIVE],
                                "epochs": baseline.get("training_iteration")}
         summary["gain_over_baseline"] = summary["objective"] - baseline[OBJECTIVE]
-    (out_dir / "best_config.json").write_text(json.dumps(summary, indent=2))
-    export_best(best.metrics["checkpoint_path"] if "checkpoint_path" in best.metrics
-                else best.checkpoint.path, out_dir / "best_draft")
-    log(f"best trial {summary['trial']}: objective {summary['objective']:.3f} with {best_cfg}; "
-        f"draft exported to {out_dir / 'best_draft'}")
     return summary
 
 

@@ -23,7 +23,6 @@ from atspeed_ray.pipeline import PipelineConfig, StageSettings, run_pipeline  # 
 from atspeed_ray.settings import LOSS_NAMES  # noqa: E402
 
 
-
 def machine() -> str:
     """CPU model, cores, memory, GPU and library versions, for RUN.md."""
     import os
@@ -74,7 +73,7 @@ def main() -> None:
         align=StageSettings(epochs=args.align_epochs or (20 if gpu else 10), micro_batch=32, lr=3e-3,
                             workers=args.workers or (4 if gpu else 2)),
         teacher_k=20, teacher_samples=args.teacher_samples if args.teacher_samples or gpu else 3000,
-        teacher_workers=args.workers or 2, losses=list(LOSS_NAMES), eval_k=[1, 3, 5, 10, 20],
+        teacher_workers=args.workers, losses=list(LOSS_NAMES), eval_k=[1, 3, 5, 10, 20],
         eval_prompts=args.eval_prompts if args.eval_prompts or gpu else 1000,
         timing_prompts=args.timing_prompts, draft_beams=args.draft_beams,
         draft_init_layers=args.draft_init_layers,

@@ -1,11 +1,14 @@
-"""Shared fixtures for decoding tests: random catalogs and seeded random tiny Llamas."""
+"""Shared test helpers: random catalogs, seeded random tiny Llamas, the training probe reader."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.models import LlamaSize, build_llama
+from atspeed_ray.training.core import Batch
 
 N_SPECIAL = 5  # pad, bos, eos, unk, sep (as in atspeed_ray.data.tokenizer)
 
@@ -45,3 +48,13 @@ def random_prompts(n: int, vocab: int, seed: int, min_len: int = 3, max_len: int
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
         out.append(torch.randint(1, vocab, (length,), generator=g).tolist())
     return out
+
+
+def load_probe(path: Path) -> tuple[Batch, torch.Tensor]:
+    """The batch and logits the ``save_probe`` training hook stored (training.probe)."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    batch = Batch(t["input_ids"], t["position_ids"], t["visible"].bool(), t["query"], t["qmap"],
+                  t["codes"], t["branch_valid"], t["nodes"])
+    return batch, t["logits"]

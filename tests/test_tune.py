@@ -11,7 +11,7 @@ import pytest
 from atspeed_ray.data.prepare import prepare
 from atspeed_ray.data.synthetic import SyntheticConfig
 from atspeed_ray.models import load_model
-from atspeed_ray.training.config import TrainConfig
+from atspeed_ray.training.config import TeacherConfig, TrainConfig
 from atspeed_ray.training.trainer import fit
 from atspeed_ray.training.teacher import generate_teacher
 from atspeed_ray.tune import load_space, objective, run_tune
@@ -30,8 +30,9 @@ def assets(tmp_path_factory):
     fit(TrainConfig(task="target", runner="local", data=str(prep), out=str(target), epochs=2,
                     **QUICK), log=lambda m: None)
     teacher = root / "teacher"
-    generate_teacher(prep, target, teacher, k=5, workers=0, max_samples=192, max_valid=32,
-                     chunk_size=64, log=lambda m: None)
+    generate_teacher(TeacherConfig(data=str(prep), target=str(target), out=str(teacher), k=5,
+                                   workers=0, max_samples=192, max_valid=32, chunk_size=64),
+                     log=lambda m: None)
     return prep, target, teacher
 
 

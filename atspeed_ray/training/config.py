@@ -15,65 +15,93 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from atspeed_ray.settings import DEFAULT_MODE, LOSS_NAMES, LossName, Mode, Precision, check_choice
 
 
+# the alignment objective when none is given: ``train-target`` trains next-item SFT only,
+# ``align`` defaults to AtSpeed-S (strict verification)
+DEFAULT_LOSS: dict[str, LossName] = {"target": "sft", "align": "atspeed-s"}
+TeacherLogits = Literal["auto", "stored", "online"]
+ZeroStage = Literal[0, 1, 2, 3]
+
+
 class TrainConfig(BaseModel):
+    """Every setting of one training run, with its default and its meaning.
+
+    The ``train-target`` and ``align`` flags are generated from these fields (name, type,
+    default, choices, help = the description), so a default exists only here.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["target", "align"]
-    data: str  # prepared data folder
-    out: str  # final HF export folder
-    preset: str = "tiny"
-    init: str | None = None  # start from this HF model folder instead of a fresh preset model
-    # align: start the draft from the target's first N decoder layers (+ its embeddings, final
-    # norm and head) instead of a fresh preset model; exclusive with ``init``
-    init_layers: int | None = Field(None, ge=1)
+    task: Literal["target", "align"] = Field(description="train the target, or align a draft with it")
+    data: str = Field(description="prepared data folder")
+    out: str = Field(description="folder for the final HF export (of the target or the draft)")
+    preset: str = Field("tiny", description="model preset (tiny, cpu, gpu) of a fresh model: its "
+                                            "target size for train-target, its draft size for align")
+    init: str | None = Field(None, description="start from this HF model folder instead of a fresh one")
+    init_layers: int | None = Field(
+        None, ge=1, description="align: start the draft from the target's first N layers (with its "
+                                "embeddings, final norm and head) instead of a fresh --preset draft")
     # alignment
-    target: str | None = None  # HF folder of the trained target (align)
-    teacher: str | None = None  # teacher data folder (align)
-    loss: LossName = "sft"
-    alpha: float = Field(0.7, ge=0.0, le=1.0)
-    temperature: float = Field(1.0, gt=0.0)
-    topk: int = Field(10, ge=1)  # AtSpeed-S: top-K codes per position
-    teacher_k: int | None = None  # teacher sequences used per sample (default: all stored)
-    teacher_logits: Literal["auto", "stored", "online"] = "auto"
+    target: str | None = Field(None, description="trained target model folder (align)")
+    teacher: str | None = Field(None, description="teacher data folder (`atspeed-ray teacher`)")
+    loss: LossName | None = Field(
+        None, description="alignment objective (default: "
+                          + ", ".join(f"{v} for {k}" for k, v in DEFAULT_LOSS.items()) + ")")
+    alpha: float = Field(0.7, ge=0.0, le=1.0,
+                         description="weight of the align term: (1-a) SFT + a align")
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature of the align losses")
+    topk: int = Field(10, ge=1, description="atspeed-s: top-K codes per position")
+    teacher_k: int | None = Field(None, ge=1, description="teacher sequences per sample (default all)")
+    teacher_logits: TeacherLogits = Field(
+        "auto", description="target distributions from the teacher files, or a frozen target "
+                            "forward per step (auto: stored when the teacher files hold them)")
     # optimisation
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.1, ge=0.0)
-    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
-    grad_clip: float = Field(1.0, ge=0.0)
-    micro_batch: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    seed: int = 0
-    max_samples: int | None = Field(None, ge=1)  # random subsample of the training rows
+    epochs: int = Field(3, ge=1, description="passes over the training rows")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate (linear warmup, cosine decay)")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay of the matrices")
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="share of the steps spent warming up")
+    grad_clip: float = Field(1.0, ge=0.0, description="gradient norm clipping (0 = off)")
+    micro_batch: int = Field(32, ge=1, description="samples per worker per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    seed: int = Field(0, description="seed of the model, the shuffling and the subsample")
+    max_samples: int | None = Field(None, ge=1, description="random subset of the training rows")
     # distribution
-    runner: Literal["ray", "local"] = "ray"
-    workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    use_gpu: bool = False
-    zero_stage: int = Field(2, ge=0, le=3)
-    precision: Precision = "auto"
-    threads: int | None = Field(None, ge=1)  # torch threads per worker (default: its CPUs)
-    storage_path: str | None = None  # Ray Train results + checkpoints (default: OUT/ray_results)
-    name: str | None = None  # Ray Train run name (default: derived from --out)
-    resume: bool = False
-    max_failures: int = Field(0, ge=-1)
-    keep_checkpoints: int = Field(2, ge=1)
+    runner: Literal["ray", "local"] = Field(
+        "ray", description="Ray Train + DeepSpeed, or in-process plain torch (the CLI's --workers 0)")
+    workers: int = Field(1, ge=1, description="Ray Train workers (on the command line, 0 = "
+                                              "in-process, no Ray/DeepSpeed)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per Ray Train worker")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    zero_stage: ZeroStage = Field(2, description="DeepSpeed ZeRO stage")
+    precision: Precision = Field("auto", description="auto: fp32 on CPU, bf16 on GPU")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
+    storage_path: str | None = Field(None, description="Ray Train storage (default OUT/ray_results)")
+    name: str | None = Field(None, description="run name under the storage path (default: from --out)")
+    resume: bool = Field(False, description="continue the run of that name from its last checkpoint")
+    max_failures: int = Field(0, ge=-1, description="worker-failure retries (FailureConfig)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per run")
     # validation and logging
-    val_samples: int = Field(128, ge=0)
-    val_k: int = Field(10, ge=1)  # K of val_accept / val_recall
-    val_draft_beams: int = Field(20, ge=1)  # N of val_accept
-    val_gamma: int = Field(3, ge=0)
-    # align: verification mode of val_accept; "relaxed" also reports val_recall (relaxed SD) and
-    # val_target_recall (the target's beam search) for the tuner's recall guard
-    val_mode: Mode = DEFAULT_MODE
-    log_every: int = Field(50, ge=1)
-    # testing hooks
-    # internal (tune): rank 0 writes the id of the worker group's placement group to this file,
-    # so the tuner can release it when Tune stops the trial (Ray issue 54305: a Train V2 run
-    # stopped from Tune leaves its placement group reserved)
-    placement_group_file: str | None = None
-    fail_after_epoch: int | None = None  # raise once after reporting this epoch's checkpoint
-    save_probe: bool = False  # save a probe batch and the trained module's logits with the export
+    val_samples: int = Field(128, ge=0, description="validation prompts evaluated after each epoch")
+    val_k: int = Field(10, ge=1, description="K of val_accept / val_recall")
+    val_draft_beams: int = Field(20, ge=1, description="N (draft beams) of val_accept")
+    val_gamma: int = Field(3, ge=0, description="drafted steps per round of val_accept")
+    val_mode: Mode = Field(
+        DEFAULT_MODE, description="align: verification mode of val_accept; relaxed also reports "
+                                  "val_recall (relaxed SD) and val_target_recall (the target's beam "
+                                  "search) for the tuner's recall guard")
+    log_every: int = Field(50, ge=1, description="micro-steps between progress lines")
+    # testing and internal hooks: no user-facing flag (--fail-after-epoch and --save-probe exist
+    # but are hidden from --help)
+    placement_group_file: str | None = Field(
+        None, description="internal (tune): rank 0 writes the id of the worker group's placement "
+                          "group to this file, so the tuner can release it when Tune stops the "
+                          "trial (Ray issue 54305: a Train V2 run stopped from Tune leaves its "
+                          "placement group reserved)")
+    fail_after_epoch: int | None = Field(
+        None, description="testing hook: every worker raises once after reporting this epoch's "
+                          "checkpoint (tests FailureConfig restarts and --resume)")
+    save_probe: bool = Field(
+        False, description="testing hook: save a probe batch and the trained module's logits "
+                           "with the export (tests that the export is exact)")
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -83,6 +111,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        if self.loss is None:
+            self.loss = DEFAULT_LOSS[self.task]
         if self.task == "align":
             if not self.target:
                 raise ValueError("align needs --target (the trained target model folder)")
@@ -121,8 +151,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for ``cfg`` on ``world_size`` data-parallel workers.
 
     The optimizer is NOT configured here: the worker passes a ``torch.optim.AdamW`` (a config
-    optimizer would become FusedAdam / DeepSpeedCPUAdam, compiled on first use; see STACK.md),
-    and a torch LR scheduler. ``zero_allow_untested_optimizer`` lets ZeRO wrap it.
+    optimizer would become FusedAdam / DeepSpeedCPUAdam, a C++/CUDA extension compiled on first
+    use), and a torch LR scheduler. ``zero_allow_untested_optimizer`` lets ZeRO wrap it.
     """
     precision = cfg.resolved_precision()
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
@@ -143,3 +173,25 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+
+
+class TeacherConfig(BaseModel):
+    """Every setting of ``atspeed-ray teacher`` (its flags are generated from these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="prepared data folder")
+    target: str = Field(description="trained target model folder")
+    out: str = Field(description="output folder")
+    k: int = Field(20, ge=1, description="beam width = sequences kept per sample")
+    workers: int = Field(2, ge=0, description="Ray actors (0 = in-process)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per Ray actor")
+    chunk_size: int = Field(512, ge=1, description="samples per Ray task")
+    batch_size: int = Field(64, ge=1, description="prompts per beam search")
+    max_samples: int | None = Field(None, description="random subset of train rows")
+    max_valid: int | None = Field(None, description="random subset of valid rows")
+    seed: int = Field(0, description="seed of the subsets")
+    with_dist: bool = Field(True, description="store the target's distributions along the sequences "
+                                              "(--no-dist: sequences and scores only; align then "
+                                              "needs --teacher-logits online)")
+    use_gpu: bool = Field(False, description="one GPU per Ray actor")

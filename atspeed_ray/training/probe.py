@@ -1,5 +1,6 @@
 """The probe: one validation batch and the trained module's logits on it, saved with the export
-(``save_probe``, a testing hook) so a test can check that the exported HF model reproduces them.
+(the ``save_probe`` testing hook) so a test can check that the exported HF model reproduces
+them (the tests' ``load_probe`` reads it back).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from atspeed_ray.training.core import Batch, forward_branches
 PROBE = "probe.safetensors"
 
 # the Batch tensors a probe stores (``visible`` is stored as uint8: safetensors has no bool)
-_FIELDS = ("input_ids", "position_ids", "query", "qmap", "codes", "branch_valid", "nodes")
+FIELDS = ("input_ids", "position_ids", "query", "qmap", "codes", "branch_valid", "nodes")
 
 
 def save_probe(model: torch.nn.Module, batch: Batch, path: Path) -> None:
@@ -22,16 +23,7 @@ def save_probe(model: torch.nn.Module, batch: Batch, path: Path) -> None:
 
     with torch.no_grad():
         logits = forward_branches(model, batch).float().cpu()
-    tensors = {k: getattr(batch, k).cpu().contiguous() for k in _FIELDS}
+    tensors = {k: getattr(batch, k).cpu().contiguous() for k in FIELDS}
     tensors["visible"] = batch.visible.to(torch.uint8).cpu().contiguous()
     tensors["logits"] = logits.contiguous()
     save_file(tensors, str(path))
-
-
-def load_probe(path: Path) -> tuple[Batch, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
-    batch = Batch(t["input_ids"], t["position_ids"], t["visible"].bool(), t["query"], t["qmap"],
-                  t["codes"], t["branch_valid"], t["nodes"])
-    return batch, t["logits"]

@@ -1,8 +1,8 @@
 """Teacher data: the target's top-K beam sequences and its next-token distributions along them.
 
-``atspeed-ray teacher --data DIR --target DIR --out DIR --k 20`` runs the target's constrained
-beam search over the train and valid prompts, in chunks spread over a pool of Ray actors (or
-in-process with ``--workers 0``), and writes ``OUT/{train,valid}.parquet`` plus
+``atspeed-ray teacher --data DIR --target DIR --out DIR --k 20`` (:func:`generate_teacher` with
+a ``TeacherConfig``) runs the target's constrained beam search over the train and valid prompts,
+in chunks spread over a pool of Ray actors (or in-process with ``--workers 0``), and writes ``OUT/{train,valid}.parquet`` plus
 ``OUT/teacher.json`` (K, L, row counts, bytes per sample, timings).
 
 The files' schema, why the distributions are stored in that form, and their reader are in
@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from atspeed_ray.training.config import TeacherConfig
 from atspeed_ray.training.teacher_data import META, SCHEMA, subsample
 
 
@@ -97,59 +98,27 @@ class TeacherWorker:
                             self.with_dist)
 
 
-def generate_teacher(data: str | Path, target: str | Path, out: str | Path, k: int = 20,
-                     workers: int = 2, chunk_size: int = 512, batch_size: int = 64,
-                     max_samples: int | None = None, max_valid: int | None = None, seed: int = 0,
-                     with_dist: bool = True, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-                     log=print) -> dict[str, Any]:
+def generate_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write teacher data for the train and valid splits; return the summary (teacher.json)."""
     from atspeed_ray.data.prepare import load_prepared
 
-    data, target, out = Path(data).resolve(), Path(target).resolve(), Path(out).resolve()
+    data, target, out = (Path(p).resolve() for p in (cfg.data, cfg.target, cfg.out))
     prepared = load_prepared(data)
     if not (target / "config.json").is_file():
         raise FileNotFoundError(f"{target}: not a trained model folder (no config.json)")
-    if k < 1:
-        raise ValueError(f"--k must be >= 1, got {k}")
     out.mkdir(parents=True, exist_ok=True)
-    limits = {"train": max_samples, "valid": max_valid}
-    plan = {s: subsample(prepared.table(s).num_rows, limits[s], seed) for s in ("train", "valid")}
-
-    pool = None
-    if workers > 0:
-        import ray
-        from ray.util import ActorPool
-
-        from atspeed_ray.training.ray_utils import init_ray
-
-        init_ray()
-        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0)(TeacherWorker)
-        threads = max(1, int(cpus_per_worker))
-        pool = ActorPool([actor.remote(str(data), str(target), k, batch_size, threads, with_dist,
-                                       use_gpu) for _ in range(workers)])
-    else:
-        local = TeacherWorker(str(data), str(target), k, batch_size, None, with_dist, use_gpu)
-
-    summary: dict[str, Any] = {"k": k, "L": prepared.index.L, "vocab_size": len(prepared.tokenizer),
-                               "data": str(data), "target": str(target), "with_dist": with_dist,
-                               "workers": workers, "splits": {}}
+    limits = {"train": cfg.max_samples, "valid": cfg.max_valid}
+    plan = {s: subsample(prepared.table(s).num_rows, limits[s], cfg.seed) for s in ("train", "valid")}
+    run_chunks = chunk_runner(cfg.model_copy(update={"data": str(data), "target": str(target)}))
+    summary: dict[str, Any] = {"k": cfg.k, "L": prepared.index.L,
+                               "vocab_size": len(prepared.tokenizer), "data": str(data),
+                               "target": str(target), "with_dist": cfg.with_dist,
+                               "workers": cfg.workers, "splits": {}}
     for split, rows in plan.items():
-        chunks = [rows[i:i + chunk_size].tolist() for i in range(0, len(rows), chunk_size)]
+        chunks = [rows[i:i + cfg.chunk_size].tolist() for i in range(0, len(rows), cfg.chunk_size)]
         path = out / f"{split}.parquet"
-        t0 = last = time.time()
-        done = 0
-        with pq.ParquetWriter(path, SCHEMA, compression="zstd") as writer:
-            results = (pool.map(lambda a, c, s=split: a.run.remote(s, c), chunks) if pool
-                       else (local.run(split, c) for c in chunks))
-            for table in results:  # in order: rows stay sorted
-                writer.write_table(table)
-                done += table.num_rows
-                now = time.time()
-                if now - last > 10 or done == len(rows):
-                    rate = done / max(now - t0, 1e-9)
-                    log(f"teacher {split}: {done}/{len(rows)} samples ({100 * done / len(rows):.0f}%)"
-                        f", {rate:.1f} samples/s, eta {(len(rows) - done) / max(rate, 1e-9):.0f} s")
-                    last = now
+        t0 = time.time()
+        write_split(path, run_chunks(split, chunks), len(rows), f"teacher {split}", log)
         secs = time.time() - t0
         size = path.stat().st_size
         summary["splits"][split] = {
@@ -158,6 +127,43 @@ def generate_teacher(data: str | Path, target: str | Path, out: str | Path, k: i
             "bytes_per_sample": round(size / max(len(rows), 1), 1),
         }
     V, L = summary["vocab_size"], summary["L"]
-    summary["dense_bytes_per_sample"] = (k + 1) * L * V * 4
+    summary["dense_bytes_per_sample"] = (cfg.k + 1) * L * V * 4
     (out / META).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def chunk_runner(cfg: TeacherConfig) -> Callable[[str, list[list[int]]], Iterator[pa.Table]]:
+    """``(split, chunks) -> tables in chunk order``: over a pool of ``cfg.workers`` Ray actors,
+    or in this process with ``workers = 0``."""
+    args = (cfg.data, cfg.target, cfg.k, cfg.batch_size)
+    if cfg.workers == 0:
+        local = TeacherWorker(*args, None, cfg.with_dist, cfg.use_gpu)
+        return lambda split, chunks: (local.run(split, c) for c in chunks)
+    import ray
+    from ray.util import ActorPool
+
+    from atspeed_ray.training.ray_utils import init_ray
+
+    init_ray()
+    actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)(TeacherWorker)
+    threads = max(1, int(cfg.cpus_per_worker))
+    pool = ActorPool([actor.remote(*args, threads, cfg.with_dist, cfg.use_gpu)
+                      for _ in range(cfg.workers)])
+    return lambda split, chunks: pool.map(lambda a, c: a.run.remote(split, c), chunks)
+
+
+def write_split(path: Path, tables: Iterable[pa.Table], total: int, what: str,
+                log: Callable[[str], None]) -> None:
+    """Write ``tables`` (in order: rows stay sorted) to one Parquet file, logging progress."""
+    t0 = last = time.time()
+    done = 0
+    with pq.ParquetWriter(path, SCHEMA, compression="zstd") as writer:
+        for table in tables:
+            writer.write_table(table)
+            done += table.num_rows
+            now = time.time()
+            if now - last > 10 or done == total:
+                rate = done / max(now - t0, 1e-9)
+                log(f"{what}: {done}/{total} samples ({100 * done / total:.0f}%)"
+                    f", {rate:.1f} samples/s, eta {(total - done) / max(rate, 1e-9):.0f} s")
+                last = now

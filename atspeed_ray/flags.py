@@ -1,0 +1,68 @@
+"""Command-line options generated from the fields of a pydantic model.
+
+A command that parses its flags into a pydantic model declares which fields it exposes; each
+option takes its name (``--field-name``), type, default, choices (a ``Literal`` field) and help
+(the field's description) from the field, so a default is written once, in the model. Booleans
+become switches: ``--name`` for a field that defaults to False; a field that defaults to True
+needs an explicit ``flag`` (for example ``--no-dist`` for ``with_dist``) and clears it.
+
+Imports nothing heavy (only argparse and pydantic), so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+
+
+def _plain(annotation: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, model: type[BaseModel],
+           name: str, *, flag: str | None = None, **overrides: Any) -> None:
+    """Add the option of ``model``'s field ``name``; ``overrides`` replace any add_argument
+    keyword (``required``, ``help=argparse.SUPPRESS`` for a hidden flag, ...)."""
+    field = model.model_fields[name]
+    kind = _plain(field.annotation)
+    kw: dict[str, Any] = {"dest": name, "help": field.description}
+    if field.is_required():
+        kw["required"] = True
+    else:
+        kw["default"] = field.get_default(call_default_factory=True)
+    if kind is bool:
+        if kw.get("default") and flag is None:
+            raise ValueError(f"{model.__name__}.{name} defaults to True: give the flag that clears it")
+        kw["action"] = "store_false" if kw.get("default") else "store_true"
+    elif get_origin(kind) is Literal:
+        choices = get_args(kind)
+        kw.update(choices=list(choices), type=type(choices[0]))
+    elif kind in (int, float, str):
+        kw["type"] = kind
+    else:
+        raise TypeError(f"{model.__name__}.{name}: no command-line form for {kind!r}")
+    if kw.get("default") is not None and kind is not bool and kw.get("help"):
+        kw["help"] += " (default: %(default)s)"
+    kw.update(overrides)
+    parser.add_argument(flag or "--" + name.replace("_", "-"), **kw)
+
+
+def options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, model: type[BaseModel],
+            names: typing.Iterable[str], **per_field: dict[str, Any]) -> None:
+    """:func:`option` for each of ``names``; ``per_field[name]`` holds that field's overrides."""
+    for name in names:
+        option(parser, model, name, **per_field.get(name, {}))
+
+
+def values(args: argparse.Namespace, names: typing.Iterable[str]) -> dict[str, Any]:
+    """The parsed values of ``names`` (the fields added with :func:`options`)."""
+    return {name: getattr(args, name) for name in names}
