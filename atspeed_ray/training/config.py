@@ -113,16 +113,16 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.loss is None:
             self.loss = DEFAULT_LOSS[self.task]
+        if self.init_layers is not None:  # conflicting flags first: they name the mistake
+            if self.task != "align":
+                raise ValueError("--init-layers starts a draft from the target: align only")
+            if self.init:
+                raise ValueError("give --init or --init-layers, not both")
         if self.task == "align":
             if not self.target:
                 raise ValueError("align needs --target (the trained target model folder)")
             if not self.teacher and self.loss != "sft":
                 raise ValueError(f"align --loss {self.loss} needs --teacher (teacher data folder)")
-        if self.init_layers is not None:
-            if self.task != "align":
-                raise ValueError("--init-layers starts a draft from the target: align only")
-            if self.init:
-                raise ValueError("give --init or --init-layers, not both")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("fp16 needs a GPU (--use-gpu)")
         if self.val_draft_beams < self.val_k:
@@ -191,7 +191,7 @@ class TeacherConfig(BaseModel):
     max_samples: int | None = Field(None, description="random subset of train rows")
     max_valid: int | None = Field(None, description="random subset of valid rows")
     seed: int = Field(0, description="seed of the subsets")
-    with_dist: bool = Field(True, description="store the target's distributions along the sequences "
-                                              "(--no-dist: sequences and scores only; align then "
-                                              "needs --teacher-logits online)")
+    with_dist: bool = Field(True, description="store the target's distributions along the sequences; "
+                                              "--no-dist stores sequences and scores only (align "
+                                              "then needs --teacher-logits online)")
     use_gpu: bool = Field(False, description="one GPU per Ray actor")

@@ -25,7 +25,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from atspeed_ray.training.core import Batch, Stepper, epoch_batches, eval_loss, steps_per_epoch, train_step
+from atspeed_ray.training.core import (
+    Batch, Stepper, epoch_batches, eval_loss, steps_per_epoch, train_step,
+)
 from atspeed_ray.training.setup import Setup
 from atspeed_ray.training.validation import validate_model
 

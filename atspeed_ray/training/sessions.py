@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from atspeed_ray.training.config import TrainConfig, deepspeed_config
-from atspeed_ray.training.core import DeepSpeedStepper, TorchStepper, forward_branches, lr_lambda, steps_per_epoch
+from atspeed_ray.training.core import (
+    DeepSpeedStepper, TorchStepper, forward_branches, lr_lambda, steps_per_epoch,
+)
 from atspeed_ray.training.loop import History, Log, Session, export_hf, run
 from atspeed_ray.training.probe import PROBE, save_probe
 from atspeed_ray.training.setup import Setup, build_setup, make_optimizer

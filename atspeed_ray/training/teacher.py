@@ -2,8 +2,9 @@
 
 ``atspeed-ray teacher --data DIR --target DIR --out DIR --k 20`` (:func:`generate_teacher` with
 a ``TeacherConfig``) runs the target's constrained beam search over the train and valid prompts,
-in chunks spread over a pool of Ray actors (or in-process with ``--workers 0``), and writes ``OUT/{train,valid}.parquet`` plus
-``OUT/teacher.json`` (K, L, row counts, bytes per sample, timings).
+in chunks spread over a pool of Ray actors (or in-process with ``--workers 0``), and writes
+``OUT/{train,valid}.parquet`` plus ``OUT/teacher.json`` (K, L, row counts, bytes per sample,
+timings).
 
 The files' schema, why the distributions are stored in that form, and their reader are in
 ``training.teacher_data``.
