@@ -24,6 +24,8 @@ GROUPS = {
     "distribution": ("workers", "cpus_per_worker", "threads", "use_gpu", "zero_stage",
                      "precision", "storage_path", "name", "resume", "max_failures",
                      "keep_checkpoints"),
+    "fine-tuning an LLM": ("new_token_init", "lora_r", "lora_alpha", "lora_dropout",
+                           "lora_targets", "samples"),
     "validation and logging": ("val_samples", "val_k", "val_draft_beams", "val_gamma",
                                "log_every", "fail_after_epoch", "save_probe"),
 }

@@ -20,6 +20,8 @@ from atspeed_ray.settings import DEFAULT_MODE, LOSS_NAMES, LossName, Mode, Preci
 DEFAULT_LOSS: dict[str, LossName] = {"target": "sft", "align": "atspeed-s"}
 TeacherLogits = Literal["auto", "stored", "online"]
 ZeroStage = Literal[0, 1, 2, 3]
+NewTokenInit = Literal["mean", "noise", "pieces"]  # training/init_model.py
+Samples = Literal["auto", "prefix", "sequence"]  # training/sequences.py
 
 
 class TrainConfig(BaseModel):
@@ -40,6 +42,22 @@ class TrainConfig(BaseModel):
     init_layers: int | None = Field(
         None, ge=1, description="align: start the draft from the target's first N layers (with its "
                                 "embeddings, final norm and head) instead of a fresh --preset draft")
+    new_token_init: NewTokenInit = Field(
+        "mean", description="--init: rows of the tokens the prepared tokenizer adds start from the "
+                            "existing rows' mean, mean + noise, or the mean of the rows of the "
+                            "pieces the base tokenizer cuts the token's text into")
+    lora_r: int | None = Field(None, ge=1, description="LoRA rank (PEFT) on --init's model; the "
+                                                        "code-token rows train too (default: full "
+                                                        "fine-tuning)")
+    lora_alpha: float = Field(16.0, gt=0.0, description="LoRA scale numerator (scale alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
+    lora_targets: str = Field("q_proj,v_proj", description="comma-separated linear layers that "
+                                                            "get LoRA adapters")
+    samples: Samples = Field(
+        "auto", description="train-target samples: prefix = one per prefix of a user's sequence "
+                            "(the prepared rows), sequence = one forward per user window with the "
+                            "next-item loss at every item; auto = sequence where the prompt "
+                            "template allows (train-target), else prefix")
     # alignment
     target: str | None = Field(None, description="trained target model folder (align)")
     teacher: str | None = Field(None, description="teacher data folder (`atspeed-ray teacher`)")
@@ -118,6 +136,11 @@ class TrainConfig(BaseModel):
                 raise ValueError("--init-layers starts a draft from the target: align only")
             if self.init:
                 raise ValueError("give --init or --init-layers, not both")
+        if self.lora_r is not None and not (self.init or self.init_layers):
+            raise ValueError("--lora-r adapts an existing model: give --init MODEL_DIR")
+        if self.samples == "sequence" and self.task == "align":
+            raise ValueError("--samples sequence is for train-target (align trains on per-prefix "
+                             "teacher rows)")
         if self.task == "align":
             if not self.target:
                 raise ValueError("align needs --target (the trained target model folder)")
@@ -139,6 +162,12 @@ class TrainConfig(BaseModel):
         import torch
 
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+
+    def resolved_samples(self) -> str:
+        """``auto``: whole sequences for the target, per-prefix rows for alignment."""
+        if self.samples != "auto":
+            return self.samples
+        return "sequence" if self.task == "target" else "prefix"
 
     def resolved_storage(self) -> Path:
         return Path(self.storage_path or Path(self.out) / "ray_results").resolve()

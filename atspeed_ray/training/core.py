@@ -30,6 +30,7 @@ from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.training.losses import combine, get_loss
+from atspeed_ray.training.sequences import SequenceBatch, sequence_loss
 
 
 # ---------------------------------------------------------------------------- samples
@@ -223,7 +224,12 @@ class Objective:
     def __post_init__(self) -> None:
         self.spec = get_loss(self.name)
 
-    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, model: torch.nn.Module, batch: Batch | SequenceBatch
+                 ) -> tuple[Tensor, dict[str, float]]:
+        if isinstance(batch, SequenceBatch):  # whole-sequence next-item SFT (sequences.py)
+            if self.name != "sft":
+                raise ValueError(f"loss {self.name} needs per-prefix batches, got sequences")
+            return sequence_loss(model, batch), {}
         logits = forward_branches(model, batch)  # [B, S, L, V]
         kw: dict = {}
         spec = self.spec

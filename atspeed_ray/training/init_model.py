@@ -1,0 +1,105 @@
+"""Start a model from an existing causal LM: vocabulary resizing and new-row initialisation.
+
+``train-target --init MODEL_DIR`` fine-tunes MODEL_DIR on a folder prepared with that model's
+tokenizer plus the code tokens (``prepare --base-model MODEL_DIR``). The prepared tokenizer is
+the model's vocabulary followed by the added tokens, so the embedding matrix (and an untied LM
+head) grows to ``len(tokenizer)``; the model's own rows keep their ids and values.
+
+New rows start from (``TrainConfig.new_token_init``):
+
+* ``mean``: the mean of the existing rows (of the embedding matrix and, untied, of the head);
+  every new token starts as the "average token", so its logit starts near the typical one;
+* ``noise``: that mean plus Gaussian noise of 0.1 x the rows' per-dimension standard deviation,
+  which makes the new tokens distinguishable from the first step;
+* ``pieces``: the mean of the rows of the pieces the *base* tokenizer cuts the token's text
+  into (``<a_12>`` -> ``<``, ``a``, ``_``, ``12``, ``>``), so codes of one level start close to
+  each other and apart from the other levels (needs the base tokenizer in MODEL_DIR).
+
+A tokenizer in MODEL_DIR must agree with the prepared one on every token it holds (same id):
+otherwise the data was prepared for another model and the run stops with an error naming both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+NOISE_SCALE = 0.1  # ``noise``: std of the added noise, relative to the rows' per-dimension std
+
+
+@dataclass
+class Resized:
+    """What :func:`resize_to_tokenizer` did: ids of the rows it added (empty: none)."""
+
+    old_vocab: int
+    new_ids: list[int]
+
+
+def base_tokenizer(model_dir: str | Path):
+    """The tokenizer saved in ``model_dir``, or None when there is none."""
+    from transformers import AutoTokenizer
+
+    d = Path(model_dir)
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                            "tokenizer.model", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def check_same_vocabulary(base, prepared, model_dir: str | Path, data_dir: str | Path) -> None:
+    """Every token of the base tokenizer has the same id in the prepared tokenizer."""
+    have = prepared.get_vocab()
+    wrong = [(t, i, have.get(t)) for t, i in base.get_vocab().items() if have.get(t) != i]
+    if wrong:
+        t, i, j = sorted(wrong, key=lambda x: x[1])[0]
+        raise ValueError(
+            f"--init {model_dir}: its tokenizer does not match the tokenizer of --data {data_dir} "
+            f"({len(wrong)} tokens differ; e.g. {t!r} is id {i} in the model, {j} in the data): "
+            f"prepare the data with --base-model {model_dir}")
+
+
+def _new_rows(weight: torch.Tensor, old: int, new_ids: list[int], rule: str,
+              pieces: list[list[int]] | None, gen: torch.Generator) -> torch.Tensor:
+    """[len(new_ids), d] initial values of the new rows of ``weight`` [V, d] (rows < old exist)."""
+    rows = weight[:old].float()
+    mean = rows.mean(0)
+    if rule == "mean":
+        return mean.expand(len(new_ids), -1).clone()
+    if rule == "noise":
+        std = rows.std(0) * NOISE_SCALE
+        return mean + std * torch.randn(len(new_ids), rows.shape[1], generator=gen)
+    assert pieces is not None
+    return torch.stack([rows[p].mean(0) if p else mean for p in pieces])
+
+
+def resize_to_tokenizer(model: torch.nn.Module, tokenizer, rule: str = "mean", base=None,
+                        seed: int = 0) -> Resized:
+    """Grow ``model``'s vocabulary to ``len(tokenizer)`` and initialise the new rows by ``rule``.
+
+    ``base`` is the model's own tokenizer (for ``pieces``). A model that already has enough rows
+    is left as it is."""
+    emb = model.get_input_embeddings().weight
+    old, V = emb.shape[0], len(tokenizer)
+    if V <= old:
+        return Resized(old, [])
+    new_ids = list(range(old, V))
+    pieces = None
+    if rule == "pieces":
+        if base is None:
+            raise ValueError("new_token_init 'pieces' needs the base model's tokenizer in --init")
+        texts = tokenizer.convert_ids_to_tokens(new_ids)
+        pieces = [[i for i in base(t, add_special_tokens=False)["input_ids"] if i < old]
+                  for t in texts]
+    model.resize_token_embeddings(V, mean_resizing=False)
+    gen = torch.Generator().manual_seed(seed)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    with torch.no_grad():
+        targets = [model.get_input_embeddings().weight]
+        head = model.get_output_embeddings()
+        if head is not None and not tied and head.weight is not targets[0]:
+            targets.append(head.weight)
+        for w in targets:
+            w[old:] = _new_rows(w, old, new_ids, rule, pieces, gen).to(w.dtype)
+    return Resized(old, new_ids)
