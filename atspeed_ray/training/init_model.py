@@ -103,3 +103,26 @@ def resize_to_tokenizer(model: torch.nn.Module, tokenizer, rule: str = "mean", b
         for w in targets:
             w[old:] = _new_rows(w, old, new_ids, rule, pieces, gen).to(w.dtype)
     return Resized(old, new_ids)
+
+
+def trainable_token_ids(prepared, resized: Resized) -> list[int]:
+    """The rows LoRA trains in the embeddings: every added row, every code token, the separator."""
+    codes = torch.unique(prepared.index.codes).tolist()
+    return sorted(set(resized.new_ids) | set(codes) | {prepared.prompt_format.sep_id})
+
+
+def adapt_model(model: torch.nn.Module, cfg, prepared) -> torch.nn.Module:
+    """A loaded model made ready for ``cfg``: grown to the prepared tokenizer (``--init``), then
+    wrapped with LoRA adapters when ``cfg.lora_r`` is set (training/lora.py)."""
+    from atspeed_ray.training.lora import apply_lora
+
+    resized = Resized(model.get_input_embeddings().weight.shape[0], [])
+    if cfg.init:
+        base = base_tokenizer(cfg.init)
+        if base is not None:
+            check_same_vocabulary(base, prepared.tokenizer, cfg.init, cfg.data)
+        resized = resize_to_tokenizer(model, prepared.tokenizer, cfg.new_token_init, base, cfg.seed)
+    if cfg.lora_r is None:
+        return model
+    return apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
+                      trainable_token_ids(prepared, resized))
