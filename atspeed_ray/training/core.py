@@ -49,6 +49,10 @@ class Examples:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def lengths(self) -> np.ndarray:
+        """[N] prompt lengths (the batcher groups similar lengths)."""
+        return np.array([len(p) for p in self.prompts])
+
     def select(self, idx: Sequence[int] | np.ndarray) -> "Examples":
         idx = np.asarray(idx, dtype=np.int64)
         pick = lambda x: None if x is None else (  # noqa: E731

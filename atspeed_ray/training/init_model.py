@@ -15,8 +15,10 @@ New rows start from (``TrainConfig.new_token_init``):
   into (``<a_12>`` -> ``<``, ``a``, ``_``, ``12``, ``>``), so codes of one level start close to
   each other and apart from the other levels (needs the base tokenizer in MODEL_DIR).
 
-A tokenizer in MODEL_DIR must agree with the prepared one on every token it holds (same id):
-otherwise the data was prepared for another model and the run stops with an error naming both.
+The new rows are the ids past the base tokenizer's vocabulary (a model whose matrix already has
+spare rows, as Qwen2 pads its vocabulary, gets those rows initialised too; the matrix only
+grows where the tokenizer needs it). MODEL_DIR must fit the prepared folder (its base model, or a
+model trained on it: ``data.llm.check_base_model``), else the run stops with an error naming it.
 """
 
 from __future__ import annotations
@@ -37,29 +39,6 @@ class Resized:
     new_ids: list[int]
 
 
-def base_tokenizer(model_dir: str | Path):
-    """The tokenizer saved in ``model_dir``, or None when there is none."""
-    from transformers import AutoTokenizer
-
-    d = Path(model_dir)
-    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                            "tokenizer.model", "vocab.json")):
-        return None
-    return AutoTokenizer.from_pretrained(str(d))
-
-
-def check_same_vocabulary(base, prepared, model_dir: str | Path, data_dir: str | Path) -> None:
-    """Every token of the base tokenizer has the same id in the prepared tokenizer."""
-    have = prepared.get_vocab()
-    wrong = [(t, i, have.get(t)) for t, i in base.get_vocab().items() if have.get(t) != i]
-    if wrong:
-        t, i, j = sorted(wrong, key=lambda x: x[1])[0]
-        raise ValueError(
-            f"--init {model_dir}: its tokenizer does not match the tokenizer of --data {data_dir} "
-            f"({len(wrong)} tokens differ; e.g. {t!r} is id {i} in the model, {j} in the data): "
-            f"prepare the data with --base-model {model_dir}")
-
-
 def _new_rows(weight: torch.Tensor, old: int, new_ids: list[int], rule: str,
               pieces: list[list[int]] | None, gen: torch.Generator) -> torch.Tensor:
     """[len(new_ids), d] initial values of the new rows of ``weight`` [V, d] (rows < old exist)."""
@@ -76,12 +55,10 @@ def _new_rows(weight: torch.Tensor, old: int, new_ids: list[int], rule: str,
 
 def resize_to_tokenizer(model: torch.nn.Module, tokenizer, rule: str = "mean", base=None,
                         seed: int = 0) -> Resized:
-    """Grow ``model``'s vocabulary to ``len(tokenizer)`` and initialise the new rows by ``rule``.
-
-    ``base`` is the model's own tokenizer (for ``pieces``). A model that already has enough rows
-    is left as it is."""
-    emb = model.get_input_embeddings().weight
-    old, V = emb.shape[0], len(tokenizer)
+    """Give ``model`` a row for every id of ``tokenizer`` and initialise the rows of the ids past
+    ``base`` (the model's own tokenizer; None: past the model's rows) by ``rule``."""
+    rows, V = model.get_input_embeddings().weight.shape[0], len(tokenizer)
+    old = min(len(base), rows) if base is not None else rows
     if V <= old:
         return Resized(old, [])
     new_ids = list(range(old, V))
@@ -92,7 +69,8 @@ def resize_to_tokenizer(model: torch.nn.Module, tokenizer, rule: str = "mean", b
         texts = tokenizer.convert_ids_to_tokens(new_ids)
         pieces = [[i for i in base(t, add_special_tokens=False)["input_ids"] if i < old]
                   for t in texts]
-    model.resize_token_embeddings(V, mean_resizing=False)
+    if V > rows:
+        model.resize_token_embeddings(V, mean_resizing=False)
     gen = torch.Generator().manual_seed(seed)
     tied = getattr(model.config, "tie_word_embeddings", False)
     with torch.no_grad():
@@ -101,7 +79,7 @@ def resize_to_tokenizer(model: torch.nn.Module, tokenizer, rule: str = "mean", b
         if head is not None and not tied and head.weight is not targets[0]:
             targets.append(head.weight)
         for w in targets:
-            w[old:] = _new_rows(w, old, new_ids, rule, pieces, gen).to(w.dtype)
+            w[old:V] = _new_rows(w, old, new_ids, rule, pieces, gen).to(w.dtype)
     return Resized(old, new_ids)
 
 
@@ -114,13 +92,13 @@ def trainable_token_ids(prepared, resized: Resized) -> list[int]:
 def adapt_model(model: torch.nn.Module, cfg, prepared) -> torch.nn.Module:
     """A loaded model made ready for ``cfg``: grown to the prepared tokenizer (``--init``), then
     wrapped with LoRA adapters when ``cfg.lora_r`` is set (training/lora.py)."""
+    from atspeed_ray.data.llm import check_base_model, has_tokenizer, load_base_tokenizer
     from atspeed_ray.training.lora import apply_lora
 
     resized = Resized(model.get_input_embeddings().weight.shape[0], [])
     if cfg.init:
-        base = base_tokenizer(cfg.init)
-        if base is not None:
-            check_same_vocabulary(base, prepared.tokenizer, cfg.init, cfg.data)
+        check_base_model(prepared, cfg.init)
+        base = load_base_tokenizer(cfg.init) if has_tokenizer(Path(cfg.init)) else None
         resized = resize_to_tokenizer(model, prepared.tokenizer, cfg.new_token_init, base, cfg.seed)
     if cfg.lora_r is None:
         return model

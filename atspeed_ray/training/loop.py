@@ -8,7 +8,7 @@ stepping, checkpoints and reporting.
 Metrics of each epoch (rank 0's view; losses are averaged over ranks):
 
 * ``loss`` (mean train loss of the epoch), ``sft`` / ``align`` parts, ``val_loss``
-* ``samples_per_s`` (all workers together), ``epoch_seconds``, ``lr``, ``step`` (micro-steps per
+* ``samples_per_s`` (training samples = target items, all workers together), ``epoch_seconds``, ``lr``, ``step`` (micro-steps per
   rank so far), ``optimizer_steps``
 * the decoding metrics of ``training.validation`` (``val_accept`` for align, recall and NDCG
   for the target)
@@ -16,11 +16,12 @@ Metrics of each epoch (rank 0's view; losses are averaged over ranks):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -70,6 +71,10 @@ class Session:
     def restore(self) -> History | None:
         return None
 
+    def autocast(self) -> ContextManager:
+        """The context of a training step's forward and backward (mixed precision, if any)."""
+        return contextlib.nullcontext()
+
     def finish_epoch(self, s: Setup, hist: History, metrics: dict[str, Any], final: bool,
                      eval_model: torch.nn.Module, probe: Batch | None) -> None:
         raise NotImplementedError
@@ -77,15 +82,17 @@ class Session:
 
 def load_full_state(eval_model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     missing, unexpected = eval_model.load_state_dict(state_dict, strict=False)
-    tied = {"lm_head.weight"} if getattr(eval_model.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
+    tied = getattr(eval_model.config, "tie_word_embeddings", False)
+    if [k for k in missing if not (tied and k.endswith("lm_head.weight"))] or unexpected:
         raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
 
 
 def export_hf(model: torch.nn.Module, tokenizer, out: Path) -> None:
+    """A plain HF checkpoint (LoRA adapters merged into a copy) with the tokenizer."""
     from atspeed_ray.models import save_model
+    from atspeed_ray.training.lora import plain_model
 
-    save_model(model, tokenizer, out)
+    save_model(plain_model(model), tokenizer, out)
 
 
 @dataclass
@@ -94,6 +101,7 @@ class Epoch:
 
     sums: dict[str, float]  # summed loss parts over the epoch's micro-steps
     steps: int  # micro-steps of this rank
+    items: int  # training samples (target items) of this rank
     seconds: float
 
 
@@ -105,7 +113,7 @@ def run(s: Setup, session: Session, log: Log = print) -> History:
     fwd, stepper = session.prepare(s)
     hist = session.restore() or History()
     per_epoch = steps_per_epoch(len(s.train), world, cfg.micro_batch, cfg.grad_accum)
-    lengths = np.array([len(x) for x in s.train.prompts])
+    lengths = s.train.lengths()
     val_batches = [s.batch(s.val, np.arange(i, min(i + cfg.micro_batch, len(s.val))))
                    for i in range(0, len(s.val), cfg.micro_batch)]
     probe = val_batches[0] if (cfg.save_probe and val_batches) else None
@@ -134,8 +142,12 @@ def train_epoch(s: Setup, session: Session, fwd: torch.nn.Module, stepper: Stepp
                             cfg.grad_accum, lengths)
     t0 = last = time.time()
     sums: dict[str, float] = {}
+    items = 0  # training samples (target items) of this rank: a whole-sequence batch holds many
     for i, idx in enumerate(batches):
-        parts = train_step(fwd, s.batch(s.train, idx), s.objective, stepper)
+        batch = s.batch(s.train, idx)
+        with session.autocast():
+            parts = train_step(fwd, batch, s.objective, stepper)
+        items += batch.size
         hist.step += 1
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -143,13 +155,13 @@ def train_epoch(s: Setup, session: Session, fwd: torch.nn.Module, stepper: Stepp
             hist.steps.append([hist.step, round(parts["loss"], 5)])
             now = time.time()
             if (i + 1) % cfg.log_every == 0 or i + 1 == len(batches) or now - last > 30:
-                sps = (i + 1) * cfg.micro_batch * world / max(now - t0, 1e-9)
+                sps = items * world / max(now - t0, 1e-9)
                 extra = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "loss")
                 log(f"{s.log_prefix} epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{len(batches)}"
                     f" loss {parts['loss']:.4f} ({extra}) lr {stepper.lr():.2e}"
                     f" {sps:.1f} samples/s")
                 last = now
-    return Epoch(sums, len(batches), time.time() - t0)
+    return Epoch(sums, len(batches), items, time.time() - t0)
 
 
 def end_epoch(s: Setup, session: Session, fwd: torch.nn.Module, stepper: Stepper, hist: History,
@@ -167,7 +179,7 @@ def end_epoch(s: Setup, session: Session, fwd: torch.nn.Module, stepper: Stepper
     metrics = session.broadcast(metrics)
     hist.epoch += 1
     metrics.update(epoch=hist.epoch, step=hist.step, optimizer_steps=hist.step // cfg.grad_accum,
-                   samples_per_s=ep.steps * cfg.micro_batch * world / max(ep.seconds, 1e-9),
+                   samples_per_s=session.mean(ep.items) * world / max(ep.seconds, 1e-9),
                    epoch_seconds=ep.seconds, lr=stepper.lr())
     hist.epochs.append(dict(metrics))
     return metrics

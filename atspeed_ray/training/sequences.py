@@ -23,7 +23,8 @@ per-prefix loop averages the same per-item loss over its samples (one item each)
 
 This only holds for prompt templates where the prompt of a shorter history is a prefix of the
 prompt of a longer one (plain history, or a fixed instruction before it); a template that puts
-text after the history is refused with a clear error.
+text after the history (``instruction``, ``chat``) is refused with a clear error, and
+``samples="auto"`` then trains on the per-prefix rows.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from torch import Tensor
 
 
 # ---------------------------------------------------------------------------- layout
+class TemplateError(ValueError):
+    """The prompt template puts text after the history: whole sequences do not apply."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where the codes of history item k sit in a prompt: ``offset + k * stride + j``."""
@@ -55,7 +60,7 @@ class Layout:
               and p1[:offset] == p0 and p1[offset:offset + L] == a
               and p2[offset + stride:offset + stride + L] == b)
         if not ok:
-            raise ValueError("samples='sequence' needs a prompt template in which the prompt of a "
+            raise TemplateError("samples='sequence' needs a prompt template in which the prompt of a "
                              "shorter history is a prefix of a longer one's (nothing after the "
                              "history); this prepared folder's template is not: use samples='prefix'")
         return cls(offset, stride, L)

@@ -45,13 +45,19 @@ def lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, n_train: int, worl
 class LocalSession(Session):
     def prepare(self, s: Setup):
         cfg = s.cfg
-        self.model = s.model
+        self.model, self.device, self.precision = s.model, s.device, cfg.resolved_precision()
         opt = make_optimizer(s.model, cfg)
         sched = lr_schedule(opt, cfg, len(s.train), 1)
         return s.model, TorchStepper(s.model, opt, sched, cfg.grad_accum, cfg.grad_clip)
 
     def full_state_dict(self):
         return self.model.state_dict()
+
+    def autocast(self):
+        """bf16: torch autocast over fp32 weights (DeepSpeed does its own bf16 on Ray)."""
+        if self.precision != "bf16":
+            return super().autocast()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def finish_epoch(self, s, hist, metrics, final, eval_model, probe):
         if not final:

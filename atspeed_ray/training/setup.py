@@ -15,13 +15,14 @@ import torch
 
 from atspeed_ray.training.config import TrainConfig
 from atspeed_ray.training.core import Batch, Examples, Objective, collate
+from atspeed_ray.training.sequences import SequenceBatch, Sequences, collate_sequences
 
 
 @dataclass
 class Setup:
     cfg: TrainConfig
     prepared: Any
-    train: Examples
+    train: Examples | Sequences  # per-prefix rows, or whole-sequence windows (train-target)
     val: Examples
     objective: Objective
     teacher_k: int
@@ -32,7 +33,9 @@ class Setup:
     log_prefix: str
     val_target_recall: float | None = None  # cached: the target's recall on ``val``
 
-    def batch(self, ex: Examples, idx) -> Batch:
+    def batch(self, ex: Examples | Sequences, idx) -> Batch | SequenceBatch:
+        if isinstance(ex, Sequences):
+            return collate_sequences(ex, idx, self.prepared.prompt_format.pad_id).to(self.device)
         return collate(ex, idx, self.prepared.index, self.prepared.prompt_format.pad_id,
                        self.teacher_k, self.with_p).to(self.device)
 
@@ -42,22 +45,49 @@ def build_model(cfg: TrainConfig, prepared, device: torch.device) -> torch.nn.Mo
     first ``cfg.init_layers`` layers (align), or a fresh ``cfg.preset`` model (its target size
     for ``train-target``, its draft size for ``align``) over the prepared tokenizer."""
     from atspeed_ray.models import DeviceConfig, build_llama, first_layers, get_preset, load_weights
+    from atspeed_ray.training.init_model import adapt_model
 
     vocab = len(prepared.tokenizer)
     dev_cfg = DeviceConfig(device=str(device), dtype="float32")
     if cfg.init:
-        model = load_weights(cfg.init, dev_cfg)
+        model = adapt_model(load_weights(cfg.init, dev_cfg), cfg, prepared)
     elif cfg.init_layers:
-        model = first_layers(load_weights(cfg.target, dev_cfg), cfg.init_layers)
+        model = adapt_model(first_layers(load_weights(cfg.target, dev_cfg), cfg.init_layers),
+                            cfg, prepared)
     else:
         preset = get_preset(cfg.preset)
         size = preset.target if cfg.task == "target" else preset.draft
+        if cfg.task == "align":  # the target's vocabulary (an LLM may pad it past the tokenizer)
+            vocab = max(vocab, vocab_rows(cfg.target))
         model = build_llama(size, vocab, pad_token_id=prepared.prompt_format.pad_id,
                             seed=cfg.seed).to(device)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < vocab:
         raise ValueError(f"model vocabulary {rows} < tokenizer size {vocab} of {cfg.data}")
     return model.train()
+
+
+def vocab_rows(model_dir: str) -> int:
+    """The vocabulary size in ``model_dir``'s config.json (0 when it names none)."""
+    import json
+    from pathlib import Path
+
+    return int(json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size") or 0)
+
+
+def train_samples(cfg: TrainConfig, prepared) -> Sequences | None:
+    """Whole-sequence windows when ``cfg`` trains on them (None: the per-prefix rows).
+    ``samples="auto"`` takes them where the prompt template allows (see sequences.py)."""
+    from atspeed_ray.training.sequences import TemplateError, build_sequences
+
+    if cfg.resolved_samples() != "sequence":
+        return None
+    try:
+        return build_sequences(prepared)
+    except TemplateError:
+        if cfg.samples == "auto":
+            return None
+        raise
 
 
 def load_frozen_target(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -77,7 +107,8 @@ def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     spec = Objective(cfg.loss).spec if cfg.task == "align" else Objective("sft").spec
     teacher = load_teacher(cfg.teacher) if (cfg.task == "align" and cfg.teacher) else None
     # with teacher data, every loss (sft included) trains on the teacher's rows: same samples
-    train = load_examples(prepared, "train", teacher)
+    train = train_samples(cfg, prepared) if teacher is None else None
+    train = load_examples(prepared, "train", teacher) if train is None else train
     if cfg.max_samples:
         train = train.select(subsample(len(train), cfg.max_samples, cfg.seed))
     val = load_examples(prepared, "valid", teacher)
@@ -113,4 +144,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     rest = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": rest, "weight_decay": 0.0}]
+    # no empty group (LoRA trains matrices only): ZeRO drops it and the LR schedule would not
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
