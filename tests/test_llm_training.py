@@ -195,11 +195,14 @@ def full_target(llama_dir, llm_prep, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_target(llama_dir, llm_prep, tmp_path_factory) -> Path:
-    from atspeed_ray.training.trainer import fit
+    from atspeed_ray.cli import main
 
-    out = tmp_path_factory.mktemp("lora")
-    fit(llm_cfg(data=str(llm_prep), out=str(out), init=str(llama_dir), lora_r=4, lora_alpha=8,
-                lr=1e-2), log=lambda m: None)
+    out = tmp_path_factory.mktemp("lora")  # through the CLI: the flags come from TrainConfig
+    rc = main(["train-target", "--data", str(llm_prep), "--out", str(out), "--init", str(llama_dir),
+               "--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--workers", "0",
+               "--epochs", "2", "--micro-batch", "8", "--threads", "1", "--val-samples", "8",
+               "--val-k", "3", "--log-every", "1000"])
+    assert rc == 0
     return out
 
 
