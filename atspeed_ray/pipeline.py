@@ -1,18 +1,36 @@
 """The whole pipeline as one job: prepare -> train target -> teacher data -> align drafts ->
 evaluate (-> serve). ``jobs/demo.py`` runs it on the built-in synthetic data, ``jobs/reproduce.py``
 on a paper-format data set. Each stage is skipped when its output already exists, so a second run
-reuses the first one's work. Every stage is the same CLI command a user would type."""
+reuses the first one's work. Every stage is the same CLI command a user would type, run as its
+own process: its stdout (stage lines, progress, tables) comes to the terminal, its stderr (Ray's,
+DeepSpeed's and the other libraries' logs, and its error messages) goes to ``logs/<command>.log``
+in the run folder (see ``StageOutput``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from atspeed_ray.settings import LossName
+
+
+VERBOSE_ENV = "ATSPEED_VERBOSE"
+
+
+def env_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 class StageSettings(BaseModel):
@@ -48,17 +66,75 @@ class PipelineConfig(BaseModel):
     draft_init_layers: int | None = None  # drafts start from the target's first N layers (align --init-layers)
     gamma: int | None = None  # None: the evaluate command's default
     use_gpu: bool = False
+    verbose: bool = Field(default_factory=env_verbose)  # library logs on the terminal too
 
 
-def run_cli(argv: list[str]) -> None:
-    """Run one ``atspeed-ray`` command in this process; stop the pipeline if it fails."""
-    from atspeed_ray.cli import main
+@dataclass(frozen=True)
+class StageOutput:
+    """Where the stages' output goes. An ``atspeed-ray`` command writes its own report to stdout
+    and everything else to stderr; the terminal gets stdout, ``logs/<command>.log`` gets stderr
+    (appended, one header line per run), or the terminal gets both when ``verbose``."""
 
+    logs: Path
+    verbose: bool = False
+
+    def announce(self) -> None:
+        if not self.verbose:
+            print(f"logs of Ray, DeepSpeed and the other libraries: {self.logs}/ "
+                  f"(--verbose or {VERBOSE_ENV}=1 prints them here)", flush=True)
+
+    def path(self, command: str) -> Path:
+        return self.logs / f"{command}.log"
+
+    @contextmanager
+    def stderr(self, argv: list[str]) -> Iterator[IO[str] | None]:
+        """The file a command's stderr goes to (None: this process's stderr)."""
+        if self.verbose:
+            yield None
+            return
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.path(argv[0]), "a") as f:
+            f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} $ atspeed-ray {shlex.join(argv)}\n")
+            f.flush()
+            yield f
+
+    def failure(self, argv: list[str], rc: int, lines: int = 30) -> str:
+        """The message for a failed command: with the end of its log when that is not on screen."""
+        msg = f"stage failed (exit {rc}): atspeed-ray {shlex.join(argv)}"
+        if self.verbose:
+            return msg
+        tail = self.path(argv[0]).read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join([msg, f"last lines of {self.path(argv[0])}:", *tail])
+
+
+def cli_process(argv: list[str], stderr: IO[str] | None, **kw) -> subprocess.Popen:
+    """``atspeed-ray ARGV`` as a child process running this same ``atspeed_ray`` package."""
+    import atspeed_ray
+
+    root = str(Path(atspeed_ray.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    return subprocess.Popen([sys.executable, "-m", "atspeed_ray.cli", *argv], stderr=stderr, env=env, **kw)
+
+
+def wait_child(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C: give it time to shut Ray down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+def run_cli(argv: list[str], output: StageOutput) -> None:
+    """Run one ``atspeed-ray`` command as a child process; stop the pipeline if it fails."""
     print(f"\n$ atspeed-ray {shlex.join(argv)}", flush=True)
     t0 = time.perf_counter()
-    rc = main(argv)
+    with output.stderr(argv) as err:
+        rc = wait_child(cli_process(argv, err))
     if rc:
-        raise SystemExit(f"stage failed (exit {rc}): atspeed-ray {shlex.join(argv)}")
+        raise SystemExit(output.failure(argv, rc))
     print(f"[{argv[0]} done in {time.perf_counter() - t0:.1f} s]", flush=True)
 
 
@@ -91,16 +167,18 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.json").write_text(cfg.model_dump_json(indent=2))
     data, target, teacher = out / "data", out / "target", out / "teacher"
+    output = StageOutput(out / "logs", cfg.verbose)
+    output.announce()
     t0 = time.perf_counter()
     if not done(data, "summary.json"):
-        run_cli(["prepare", "--data", cfg.data, "--out", str(data)])
+        run_cli(["prepare", "--data", cfg.data, "--out", str(data)], output)
     if not done(target, "config.json"):
         run_cli(["train-target", "--data", str(data), "--out", str(target), "--preset", cfg.preset]
-                + stage_flags(cfg.target, cfg.use_gpu))
+                + stage_flags(cfg.target, cfg.use_gpu), output)
     if not done(teacher, "teacher.json"):
         argv = ["teacher", "--data", str(data), "--target", str(target), "--out", str(teacher)]
         argv += flags(k=cfg.teacher_k, workers=cfg.teacher_workers, max_samples=cfg.teacher_samples)
-        run_cli(argv + (["--use-gpu"] if cfg.use_gpu else []))
+        run_cli(argv + (["--use-gpu"] if cfg.use_gpu else []), output)
     drafts = []
     for loss in cfg.losses:
         draft = out / "drafts" / loss
@@ -109,7 +187,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             run_cli(["align", "--data", str(data), "--target", str(target), "--teacher", str(teacher),
                      "--out", str(draft), "--loss", loss, "--preset", cfg.preset]
                     + flags(alpha=cfg.alpha, init_layers=cfg.draft_init_layers or None)
-                    + stage_flags(cfg.align, cfg.use_gpu))
+                    + stage_flags(cfg.align, cfg.use_gpu), output)
     evaluation = out / "eval"
     if not done(evaluation, "speed.json"):
         argv = ["evaluate", "--data", str(data), "--target", str(target), "--out", str(evaluation),
@@ -118,7 +196,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                       num_prompts=cfg.eval_prompts, draft_beams=cfg.draft_beams)
         for d in drafts:
             argv += ["--draft", str(d)]
-        run_cli(argv)
+        run_cli(argv, output)
     else:
         print((evaluation / "accuracy.md").read_text())
         print((evaluation / "speed.md").read_text())
@@ -128,14 +206,11 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     return out
 
 
-def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool | None = None) -> None:
+def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool | None = None,
+               verbose: bool = False) -> None:
     """Start the endpoint on the pipeline's target and draft, send one example request, print it
-    as a curl line. With ``wait`` (default: when stdin is a terminal) keep serving until Ctrl-C."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
+    as a curl line. With ``wait`` (default: when stdin is a terminal) keep serving until Ctrl-C.
+    The server's stderr (Ray Serve's logs) goes to ``logs/serve.log`` like the stages'."""
     import httpx
 
     from atspeed_ray.data.prepare import load_prepared
@@ -143,36 +218,60 @@ def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool
     history = load_prepared(out / "data").histories("test", limit=1)[0]
     body = json.dumps({"history": history, "k": 5, "mode": "strict"})
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "atspeed_ray.cli", "serve", "--target", str(out / "target"),
-           "--draft", str(out / "drafts" / draft), "--data", str(out / "data"), "--port", str(port)]
-    print(f"\n$ atspeed-ray {shlex.join(cmd[3:])}", flush=True)
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    argv = ["serve", "--target", str(out / "target"), "--draft", str(out / "drafts" / draft),
+            "--data", str(out / "data"), "--port", str(port)]
+    output = StageOutput(out / "logs", verbose)
+    print(f"\n$ atspeed-ray {shlex.join(argv)}", flush=True)
+    with output.stderr(argv) as err:
+        # its own session: Ctrl-C reaches only this process, which stops the server in order
+        proc = cli_process(argv, err, start_new_session=True)
+        try:
+            wait_healthy(proc, url, output, argv)
+            reply = httpx.post(f"{url}/recommend", content=body,
+                               headers={"content-type": "application/json"}, timeout=60)
+            print(f"\nexample request:\n  curl -s -X POST {url}/recommend -H 'content-type: application/json' "
+                  f"-d '{body}'\nreply ({reply.status_code}): {reply.text}\nAPI docs: {url}/docs", flush=True)
+            if wait if wait is not None else sys.stdin.isatty():
+                print("serving; press Ctrl-C to stop", flush=True)
+                proc.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_server(proc)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, output: StageOutput, argv: list[str],
+                 timeout_s: float = 240) -> None:
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(output.failure(argv, proc.returncode))
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise SystemExit(f"the endpoint did not come up within {timeout_s:.0f} s")
+        time.sleep(2)
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM to the server alone: it shuts Serve and its Ray instance down in order (signalling
+    the whole group would kill the Serve controller under ``serve.shutdown``). Its process group
+    (Ray's processes included) is killed only if that takes longer than ``timeout_s``."""
+    if proc.poll() is None:
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+            print(f"server stopped in {time.perf_counter() - t0:.1f} s", flush=True)
+        except subprocess.TimeoutExpired:
+            print(f"the server did not stop within {timeout_s:.0f} s: killing it", flush=True)
     try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"serve exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit("the endpoint did not come up within 240 s")
-            time.sleep(2)
-        reply = httpx.post(f"{url}/recommend", content=body,
-                           headers={"content-type": "application/json"}, timeout=60)
-        print(f"\nexample request:\n  curl -s -X POST {url}/recommend -H 'content-type: application/json' "
-              f"-d '{body}'\nreply ({reply.status_code}): {reply.text}\nAPI docs: {url}/docs", flush=True)
-        if wait if wait is not None else sys.stdin.isatty():
-            print("serving; press Ctrl-C to stop", flush=True)
-            proc.wait()
-    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of its session is left
+    except ProcessLookupError:
         pass
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from atspeed_ray.data.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
+from atspeed_ray.report import print_summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,5 +36,5 @@ def run_prepare(args: argparse.Namespace) -> int:
                       base_model=args.base_model, prompt_template=args.prompt_template)
     keys = ("users", "items", "L", "vocab_size", "samples", "skipped", "collision_groups",
             "prompt_template", "prompt_tokens")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+    print_summary(f"prepared {args.out} (summary.json):", {k: summary[k] for k in keys if k in summary})
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -140,7 +141,9 @@ def run_serve(args: argparse.Namespace) -> int:
         port = config["http_options"].get("port", 8000)
         print(f"serving on http://{args.host}:{port}  (POST /recommend, GET /healthz, /docs)", flush=True)
         try:
-            serve_cli.main(["run", str(path)], standalone_mode=False)
+            # `serve run` reports on stdout; that is Ray's log, stdout is this command's own
+            with contextlib.redirect_stdout(sys.stderr):
+                serve_cli.main(["run", str(path)], standalone_mode=False)
         except (KeyboardInterrupt, SystemExit):
             pass
         finally:

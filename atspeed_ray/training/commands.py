@@ -7,10 +7,10 @@ Their flags are generated from the fields of ``TrainConfig`` and ``TeacherConfig
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from atspeed_ray.flags import options, values
+from atspeed_ray.report import print_summary
 from atspeed_ray.training.config import TeacherConfig, TrainConfig
 
 # the TrainConfig fields each command exposes, by help group (``workers`` is translated: the
@@ -82,8 +82,9 @@ def _train(args: argparse.Namespace, task: str) -> int:
     cfg = config_from_args(args, task)
     res = fit(cfg)
     last = res["epochs"][-1] if res["epochs"] else {}
-    print(json.dumps({"out": res["out"], "epochs": res["epoch"], "steps": res["step"], **last},
-                     indent=2, default=str))
+    keep = {k: v for k, v in last.items() if k not in ("epoch", "step", "optimizer_steps", "epoch_seconds")}
+    print_summary(f"trained {res['out']} (history in training.json):",
+                  {"epochs": res["epoch"], "steps": res["step"], "last epoch": keep})
     return 0
 
 
@@ -100,7 +101,8 @@ def run_teacher(args: argparse.Namespace) -> int:
         from atspeed_ray.training.teacher import generate_teacher
 
         summary = generate_teacher(TeacherConfig(**values(args, TEACHER_FIELDS)))
-        print(json.dumps(summary, indent=2))
+        print_summary(f"teacher data {args.out} (teacher.json):",
+                      {k: summary[k] for k in ("k", "workers", "splits", "dense_bytes_per_sample") if k in summary})
         return 0
 
     return _guard("teacher", go)

@@ -1,8 +1,16 @@
-"""Connecting to Ray from the training commands."""
+"""Connecting to Ray from the training commands, and keeping the libraries' output on stderr.
+
+The commands write their own report (stage lines, progress, tables) to stdout and leave stderr to
+Ray, DeepSpeed and the other libraries, so that ``2> file`` (what ``jobs/demo.py`` does per stage)
+separates the two. Ray logs to stderr already, and so do its actors' forwarded log lines."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+from collections.abc import Iterator
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
@@ -12,7 +20,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     Inside ``ray job submit`` (``RAY_ADDRESS`` is set) or with an explicit ``address`` it joins
     that cluster. Otherwise it starts a private local instance (``address="local"``) rather than
     attaching to whatever cluster happens to run on this machine. The dashboard stays on: Ray
-    Train V2 logs a flood of warnings without it (STACK.md).
+    Train V2 logs a flood of warnings without it.
     """
     import ray
 
@@ -24,3 +32,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                  log_to_driver=True)
+
+
+@contextlib.contextmanager
+def library_output_to_stderr() -> Iterator[None]:
+    """DeepSpeed prints its setup messages (``... built successfully``) and logs through a handler
+    on stdout: send both to stderr while it is set up (and its logger for good)."""
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

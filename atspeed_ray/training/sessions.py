@@ -116,11 +116,14 @@ class RaySession(Session):
     def prepare(self, s: Setup):
         import deepspeed
 
+        from atspeed_ray.training.ray_utils import library_output_to_stderr
+
         cfg = s.cfg
         opt = make_optimizer(s.model, cfg)
         sched = lr_schedule(opt, cfg, len(s.train), self.world)
-        engine, _, _, _ = deepspeed.initialize(model=s.model, optimizer=opt, lr_scheduler=sched,
-                                               config=deepspeed_config(cfg, self.world))
+        with library_output_to_stderr():
+            engine, _, _, _ = deepspeed.initialize(model=s.model, optimizer=opt, lr_scheduler=sched,
+                                                   config=deepspeed_config(cfg, self.world))
         safe_checkpoint_loading(engine)
         self.engine, self.stage, self.device = engine, cfg.zero_stage, s.device
         return engine, DeepSpeedStepper(engine)
