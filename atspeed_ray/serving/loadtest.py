@@ -100,6 +100,46 @@ def make_bodies(histories: list[list[int]], n: int, k: int, mode: str, seed: int
     return bodies
 
 
+@dataclass
+class Tally:
+    """Running sums of the numeric response stats; their means become ``LoadResult.server``."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, stats: dict[str, Any]) -> None:
+        for key, v in stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.sums[key] = self.sums.get(key, 0.0) + v
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def record_answer(res: LoadResult, tally: Tally, i: int, ms: float, data: dict[str, Any]) -> None:
+    """A 200 answer to request ``i`` after ``ms`` milliseconds."""
+    res.ok += 1
+    res.latencies_ms.append(ms)
+    res.answers[i] = data.get("items")
+    stats = data.get("stats", {})
+    path = str(stats.get("path"))
+    res.paths[path] = res.paths.get(path, 0) + 1
+    tally.add(stats)
+
+
+async def watch_replicas(client: httpx.AsyncClient, url: str, res: LoadResult, every_s: float) -> None:
+    """Until cancelled: every ``every_s`` seconds, the most running replicas seen (GET /stats)."""
+    while True:
+        try:
+            r = await client.get(f"{url}/stats")
+            for name, count in r.json().get("replicas", {}).items():
+                res.max_replicas[name] = max(res.max_replicas.get(name, 0), int(count))
+        except Exception:  # noqa: BLE001 - diagnostics only
+            pass
+        await asyncio.sleep(every_s)
+
+
 async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float = 60.0,
                    client: httpx.AsyncClient | None = None, watch_s: float | None = None,
                    on_response: Callable[[int], None] | None = None) -> LoadResult:
@@ -114,17 +154,15 @@ async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, tim
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency must be in [1, {MAX_CONCURRENCY}], got {concurrency}")
     res = LoadResult(url, n, concurrency, answers=[None] * n)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    nxt = done = 0
+    tally = Tally()
+    todo = iter(range(n))  # shared by the workers: each request is sent once
+    done = 0
     own = client is None
     client = client or httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency + 1))
 
     async def worker() -> None:
-        nonlocal nxt, done
-        while nxt < n:
-            i = nxt
-            nxt += 1
+        nonlocal done
+        for i in todo:
             t0 = time.perf_counter()
             try:
                 r = await client.post(f"{url}/recommend", json=bodies[i])
@@ -141,28 +179,9 @@ async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, tim
                 res.errors += 1
                 res.error_samples.append(f"{type(e).__name__}: {e}")
                 continue
-            res.ok += 1
-            res.latencies_ms.append(ms)
-            res.answers[i] = data.get("items")
-            stats = data.get("stats", {})
-            path = str(stats.get("path"))
-            res.paths[path] = res.paths.get(path, 0) + 1
-            for key, v in stats.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    sums[key] = sums.get(key, 0.0) + v
-                    counts[key] = counts.get(key, 0) + 1
+            record_answer(res, tally, i, ms, data)
 
-    async def watch() -> None:
-        while True:
-            try:
-                r = await client.get(f"{url}/stats")
-                for name, count in r.json().get("replicas", {}).items():
-                    res.max_replicas[name] = max(res.max_replicas.get(name, 0), int(count))
-            except Exception:  # noqa: BLE001 - diagnostics only
-                pass
-            await asyncio.sleep(watch_s or 1.0)
-
-    watcher = asyncio.create_task(watch()) if watch_s else None
+    watcher = asyncio.create_task(watch_replicas(client, url, res, watch_s)) if watch_s else None
     t0 = time.perf_counter()
     try:
         await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
@@ -172,7 +191,7 @@ async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, tim
             watcher.cancel()
         if own:
             await client.aclose()
-    res.server = {k: sums[k] / counts[k] for k in sums}
+    res.server = tally.means()
     return res
 
 
