@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atspeed_ray.benchmarking import (
+    DraftWidth, add_forward_arg, batches, measure_speculative, parse_ks, search_params,
+)
 from atspeed_ray.settings import MODES
-from atspeed_ray.bench import DraftWidth, _batches, _ks, add_forward_arg, measure_speculative
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
     p.add_argument("--target", required=True)
     p.add_argument("--draft", required=True, action="append", help="a draft model dir (repeatable)")
-    p.add_argument("--k", type=_ks, default=[1, 3, 5, 10, 20])
+    p.add_argument("--k", type=parse_ks, default=[1, 3, 5, 10, 20])
     p.add_argument("--out", required=True, help="output folder for tables and plots")
     p.add_argument("--draft-beams", type=DraftWidth, default=DraftWidth("1k"),
                    help="draft width: N, or a multiple of K such as 2k (default: K; at least K)")
@@ -112,12 +115,30 @@ def plot(speed: list[dict[str, Any]], out: Path) -> None:
                      "requests", out / "accepted_steps_hist.png")
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    import torch
+SPEED_COLUMNS = [
+    "method", "mode", "k", "draft_beams", "walltime_speedup", "accepted_steps_per_round",
+    "target_calls_per_request", "draft_calls_per_request", "identical_rate",
+    "oracle_speedup", "tree_bound_speedup", "one_round_bound_speedup", "beam_search_s",
+    "speculative_s"]
 
+
+@dataclass
+class Setup:
+    """What every table of one ``evaluate`` run reads."""
+
+    args: argparse.Namespace
+    modes: list[str]
+    out: Path
+    data: Any  # the opened data (``open_data``)
+    index: Any  # ItemIndex on the models' device
+    target: Any  # the target model
+    drafts: dict[str, Any]  # method name -> draft model
+    prompts: list[list[int]]  # test prompts
+    targets: list[list[int]]  # their target items, in code space
+
+
+def load_setup(args: argparse.Namespace) -> Setup:
     from atspeed_ray.data.prepare import open_data
-    from atspeed_ray.decoding import beam_search, speculative_beam_search
-    from atspeed_ray.metrics import ndcg_at_k, recall_at_k
     from atspeed_ray.models import DeviceConfig, load_decoder
 
     modes = [m for m in args.modes.split(",") if m]
@@ -135,61 +156,77 @@ def run_evaluate(args: argparse.Namespace) -> int:
     targets = data.targets("test", limit=args.num_prompts)
     # evaluation compares in code space: colliding items count as their representative
     targets = [index.canonical(t).tolist() for t in targets]
-    batches = _batches(prompts, args.batch_size)
-    kmax = max(args.k)
-    print(f"evaluate: {len(prompts)} test prompts, K={args.k}, drafts={list(drafts)}, modes={modes}")
+    return Setup(args, modes, out, data, index, target, drafts, prompts, targets)
+
+
+def accuracy_table(s: Setup) -> list[dict[str, Any]]:
+    """Recall/NDCG@K of popularity, the target's beam search and relaxed SD with every draft."""
+    import torch
+
+    from atspeed_ray.data.prepare import popularity_topk
+    from atspeed_ray.decoding import SearchParams, beam_search, speculative_search
+    from atspeed_ray.metrics import ndcg_at_k, recall_at_k
+
+    args, index, ks = s.args, s.index, s.args.k
+    prompt_batches = batches(s.prompts, args.batch_size)
+    accuracy: list[dict[str, Any]] = []
 
     def ranked(fn) -> list[list[int]]:
         with torch.no_grad():
-            return [items for b in batches for items in fn(b).items]
-
-    accuracy: list[dict[str, Any]] = []
+            return [items for b in prompt_batches for items in fn(b).items]
 
     def add_accuracy(method: str, mode: str, items_by_k: dict[int, list[list[int]]]) -> None:
-        for k in args.k:
+        for k in ks:
             accuracy.append({"method": method, "mode": mode, "k": k,
-                             "recall": recall_at_k(items_by_k[k], targets, k),
-                             "ndcg": ndcg_at_k(items_by_k[k], targets, k)})
+                             "recall": recall_at_k(items_by_k[k], s.targets, k),
+                             "ndcg": ndcg_at_k(items_by_k[k], s.targets, k)})
         last = accuracy[-1]
         print(f"  {method:>12} {mode:>8}: recall@{last['k']}={last['recall']:.4f} "
               f"ndcg@{last['k']}={last['ndcg']:.4f}", flush=True)
 
-    from atspeed_ray.data.prepare import popularity_topk
-
-    popular = index.canonical(popularity_topk(data, kmax)).tolist()
-    add_accuracy("popularity", "-", {k: [popular[:k]] * len(targets) for k in args.k})
+    popular = index.canonical(popularity_topk(s.data, max(ks))).tolist()
+    add_accuracy("popularity", "-", {k: [popular[:k]] * len(s.targets) for k in ks})
     # beam search of width K gives a different list per K: run each K
-    add_accuracy("target", "beam", {k: ranked(lambda b, k=k: beam_search(target, b, index, k))
-                                    for k in args.k})
-    if "relaxed" in modes:
-        for name, draft in drafts.items():
-            gen = torch.Generator(device=index.device).manual_seed(args.seed)
-            add_accuracy(name, "relaxed", {k: ranked(lambda b, k=k: speculative_beam_search(
-                target, draft, b, index, k, draft_beams=args.draft_beams.of(k),
-                gamma=args.gamma, mode="relaxed", generator=gen)) for k in args.k})
-    write_table(accuracy, out, "accuracy", ["method", "mode", "k", "recall", "ndcg"])
+    add_accuracy("target", "beam", {k: ranked(lambda b, k=k: beam_search(s.target, b, index, k))
+                                    for k in ks})
+    if "relaxed" in s.modes:
+        for name, draft in s.drafts.items():
+            gen = torch.Generator(device=index.device).manual_seed(args.seed)  # one per draft
+            add_accuracy(name, "relaxed", {k: ranked(lambda b, k=k: speculative_search(
+                s.target, draft, b, index,
+                SearchParams(k, args.draft_beams.of(k), args.gamma, "relaxed", gen))) for k in ks})
+    return accuracy
 
+
+def speed_table(s: Setup) -> list[dict[str, Any]]:
+    """WS, accepted steps and calls of every draft under every mode, timed at batch 1."""
+    args = s.args
     speed: list[dict[str, Any]] = []
-    timing = prompts[: args.timing_prompts]
-    for name, draft in drafts.items():
-        for mode in modes:
+    timing = s.prompts[: args.timing_prompts]
+    for name, draft in s.drafts.items():
+        for mode in s.modes:
             for k in args.k:
-                n = args.draft_beams.of(k)
-                row, _, _ = measure_speculative(target, draft, index, timing, k, n, args.gamma,
-                                                mode, batch_size=1, seed=args.seed)
+                params = search_params(k, args.draft_beams, args.gamma, mode, args.seed, s.index.device)
+                row, _, _ = measure_speculative(s.target, draft, s.index, timing, params, batch_size=1)
                 row["method"] = name
                 speed.append(row)
                 print(f"  {name:>12} {mode:>8} K={k:>2}: WS {row['walltime_speedup']:.2f}x, "
                       f"accepted steps/round {row['accepted_steps_per_round']:.2f}, "
                       f"target calls/request {row['target_calls_per_request']:.2f}", flush=True)
-    write_table(speed, out, "speed", [
-        "method", "mode", "k", "draft_beams", "walltime_speedup", "accepted_steps_per_round",
-        "target_calls_per_request", "draft_calls_per_request", "identical_rate",
-        "oracle_speedup", "tree_bound_speedup", "one_round_bound_speedup", "beam_search_s",
-        "speculative_s"])
+    return speed
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    s = load_setup(args)
+    out = s.out
+    print(f"evaluate: {len(s.prompts)} test prompts, K={args.k}, drafts={list(s.drafts)}, "
+          f"modes={s.modes}")
+    write_table(accuracy_table(s), out, "accuracy", ["method", "mode", "k", "recall", "ndcg"])
+    speed = speed_table(s)
+    write_table(speed, out, "speed", SPEED_COLUMNS)
     plot(speed, out)
     print((out / "accuracy.md").read_text())
     print((out / "speed.md").read_text())
     print(f"wrote {out}/accuracy.{{json,csv,md}}, speed.{{json,csv,md}}, ws_vs_k.png, "
-          f"accepted_steps_hist.png (k up to {kmax})")
+          f"accepted_steps_hist.png (k up to {max(args.k)})")
     return 0

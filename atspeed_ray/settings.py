@@ -8,6 +8,7 @@ torch-free serving config can use it.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 # Verification mode of speculative beam search: strict top-K (lossless: equals the target's
@@ -35,6 +36,12 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 # by exactly these names; a test checks the two agree).
 LossName = Literal["sft", "seqkd", "wordkd", "tvdkd", "atspeed-s", "atspeed-r"]
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+
+
+def draft_width(k: int, factor: float) -> int:
+    """Draft width N for top-``k`` as a multiple of k: ceil(factor * k), never below k (the
+    serve configs' ``draft_beams_factor`` and ``bench --draft-beams 2k``)."""
+    return max(k, math.ceil(k * factor - 1e-9))
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:

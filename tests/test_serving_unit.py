@@ -14,7 +14,7 @@ import yaml
 
 from atspeed_ray.data.prepare import load_prepared, prepare
 from atspeed_ray.data.synthetic import SyntheticConfig
-from atspeed_ray.decoding import beam_search, speculative_beam_search
+from atspeed_ray.decoding import SearchParams, beam_search, speculative_beam_search
 from atspeed_ray.models import DeviceConfig, load_model
 from atspeed_ray.serving.batching import (
     BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch, draft_batch,
@@ -22,7 +22,7 @@ from atspeed_ray.serving.batching import (
 )
 from atspeed_ray.serving.catalog import load_catalog
 from atspeed_ray.serving.config import AppArgs, RecommendRequest
-from atspeed_ray.serving.driver import DraftUnavailable, remote_speculative
+from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
 from atspeed_ray.serving.loadtest import NotLoopback, check_loopback, make_bodies, run_load
 from atspeed_ray.serving.testing import build_random_pair
 
@@ -78,10 +78,11 @@ def test_remote_loop_equals_offline_speculative_and_beam_search(small):
     async def run(k, n, gamma):
         prop = Batcher(lambda rs: draft_batch(draft, index, rs))
         ver = Batcher(lambda rs: verify_batch(target, index, rs))
-        calls = [{} for _ in prompts]
+        calls = [{"draft": 0, "target": 0} for _ in prompts]
         outs = await asyncio.gather(*(
-            remote_speculative(prop, ver, [p], index, k, n, gamma, "strict", None,
-                               dtype=torch.float64, calls=c) for p, c in zip(prompts, calls)))
+            remote_speculative(RemoteModels(prop, ver, calls=c), [p], index,
+                               SearchParams(k, n, gamma, "strict"), dtype=torch.float64)
+            for p, c in zip(prompts, calls)))
         return outs, calls, prop.sizes + ver.sizes
 
     for k, n, gamma in [(5, 10, 3), (3, 3, 2)]:
@@ -109,8 +110,9 @@ def test_remote_relaxed_with_seed_equals_offline(small):
 
     for seed, p in enumerate(prompts[:3]):
         gen = torch.Generator().manual_seed(seed)
-        out = asyncio.run(remote_speculative(prop, ver, [p], index, 5, 10, 3, "relaxed", gen,
-                                             seeded=True, dtype=torch.float64))
+        out = asyncio.run(remote_speculative(RemoteModels(prop, ver), [p], index,
+                                             SearchParams(5, 10, 3, "relaxed", gen, seeded=True),
+                                             dtype=torch.float64))
         off = speculative_beam_search(target, draft, [p], index, 5, draft_beams=10, gamma=3,
                                       mode="relaxed", generator=torch.Generator().manual_seed(seed))
         assert out.items == off.items and out.stats == off.stats
@@ -130,8 +132,9 @@ def test_draft_failure_and_deadline_raise_draft_unavailable(small):
 
     for fn, reason in ((broken, "error"), (slow, "deadline")):
         with pytest.raises(DraftUnavailable) as e:
-            asyncio.run(remote_speculative(fn, ver, prompts[:1], catalog.index, 3, 3, 3, "strict",
-                                           None, draft_timeout_s=0.05, dtype=torch.float64))
+            asyncio.run(remote_speculative(RemoteModels(fn, ver, draft_timeout_s=0.05), prompts[:1],
+                                           catalog.index, SearchParams(3, 3, 3, "strict"),
+                                           dtype=torch.float64))
         assert e.value.reason == reason
 
 

@@ -12,7 +12,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from atspeed_ray.decoding import beam_search, speculative_beam_search
 from atspeed_ray.decoding.beam import root_beams
-from atspeed_ray.decoding.speculative import draft_phase, verify_phase
+from atspeed_ray.decoding.drafting import draft_phase
+from atspeed_ray.decoding.search import SearchParams
+from atspeed_ray.decoding.verification import verify_phase
 from atspeed_ray.decoding.tree import Nodes, tree_forward
 from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
 
@@ -172,8 +174,10 @@ def test_verification_pass_logits_at_every_drafted_node(setup):
     t = torch.zeros(B, dtype=torch.long)
     g = torch.full((B,), G)
     with torch.no_grad():
-        steps, beams, _ = draft_phase(unrelated, None, beams, t, g, G, prompts, index, N, False, None)
-        root_logp, step_logp, _, steps, _ = verify_phase(target, None, beams, t, steps, prompts, index)
+        steps, beams, _ = draft_phase(unrelated, None, beams, t, g, prompts, index,
+                                      SearchParams(K, N, G))
+        verified, _ = verify_phase(target, None, beams, t, steps, prompts, index)
+    root_logp, step_logp, steps = verified.root_logp, verified.step_logp, verified.steps
     # replies are in column space: the log-probs of the code tokens of the next depth
     for b in range(B):
         plain = torch.log_softmax(plain_last_logits(target, prompts[b]), -1)

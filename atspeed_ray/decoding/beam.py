@@ -7,6 +7,7 @@ score is the sum of its tokens' log-probabilities.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -119,22 +120,59 @@ def beam_step(cands: Candidates, width: int, sample: bool = False,
 
 @dataclass
 class Beams:
-    """M beams per request and where their tokens sit in each model's tree cache."""
+    """M beams per request and where their tokens sit in each model's tree cache.
+
+    Row operations (``select_rows``, ``split``, ``cat``, ``where_rows``) act on the request
+    dimension B, ``take`` on the beam dimension M; every tensor field (and every cache's slots)
+    moves together.
+    """
 
     tokens: Tensor  # [B, M, L] code tokens (0 beyond the beam's depth)
     scores: Tensor  # [B, M] cumulative target log-probs (-inf = dead beam)
     node: Tensor  # [B, M] trie node
     slots: dict[str, Tensor]  # cache name -> [B, M, L] slot of the token at each depth (-1 = not cached)
 
-    def take(self, idx: Tensor) -> "Beams":
-        return Beams(take(self.tokens, idx), take(self.scores, idx), take(self.node, idx),
-                     {k: take(v, idx) for k, v in self.slots.items()})
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Beams:
+        """``fn`` applied to every tensor (tokens, scores, node and each cache's slots)."""
+        return Beams(fn(self.tokens), fn(self.scores), fn(self.node),
+                     {k: fn(v) for k, v in self.slots.items()})
 
-    def select_rows(self, rows: Tensor) -> "Beams":
-        return Beams(self.tokens[rows], self.scores[rows], self.node[rows],
-                     {k: v[rows] for k, v in self.slots.items()})
+    def take(self, idx: Tensor) -> Beams:
+        """Beams ``idx`` [B, W] of each request -> [B, W, ...]."""
+        return self.map(lambda x: take(x, idx))
 
-    def extend(self, step: Step, depth: Tensor) -> "Beams":
+    def select_rows(self, rows: Tensor | slice) -> Beams:
+        """Requests ``rows`` only (an index tensor [B'] or a slice)."""
+        return self.map(lambda x: x[rows])
+
+    def to(self, device: torch.device) -> Beams:
+        return self.map(lambda x: x.to(device))
+
+    def split(self, sizes: list[int]) -> list[Beams]:
+        """Consecutive groups of ``sizes`` requests (the inverse of ``Beams.cat``)."""
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [self.select_rows(slice(s, s + n)) for s, n in zip(starts, sizes)]
+
+    @staticmethod
+    def cat(parts: Sequence[Beams]) -> Beams:
+        """The requests of ``parts`` stacked along the batch dimension (same M, L, caches)."""
+        return Beams(torch.cat([p.tokens for p in parts]), torch.cat([p.scores for p in parts]),
+                     torch.cat([p.node for p in parts]),
+                     {k: torch.cat([p.slots[k] for p in parts]) for k in parts[0].slots})
+
+    def where_rows(self, mask: Tensor, other: Beams) -> Beams:
+        """Per request: these beams where ``mask`` [B], else ``other``'s."""
+        def pick(x: Tensor, y: Tensor) -> Tensor:
+            return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x, y)
+        return Beams(pick(self.tokens, other.tokens), pick(self.scores, other.scores),
+                     pick(self.node, other.node),
+                     {k: pick(v, other.slots[k]) for k, v in self.slots.items()})
+
+    def forget_slots(self) -> Beams:
+        """The same beams with nothing cached anywhere (for a stateless forward)."""
+        return replace(self, slots={k: torch.full_like(v, -1) for k, v in self.slots.items()})
+
+    def extend(self, step: Step, depth: Tensor) -> Beams:
         """The beams of ``step`` (children of self), their new token written at ``depth`` [B]."""
         child = self.take(step.parent)
         at = depth[:, None, None].expand(-1, step.token.shape[1], 1)
@@ -142,7 +180,7 @@ class Beams:
         slots = {k: v.scatter(2, at, -1) for k, v in child.slots.items()}
         return Beams(tokens, step.score, step.node, slots)
 
-    def with_slots(self, name: str, depth: Tensor, slot: Tensor) -> "Beams":
+    def with_slots(self, name: str, depth: Tensor, slot: Tensor) -> Beams:
         """Record that the token at ``depth`` [B] of each beam now sits in cache slot ``slot`` [B, M]."""
         at = depth[:, None, None].expand(-1, slot.shape[1], 1)
         slots = dict(self.slots)

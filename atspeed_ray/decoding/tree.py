@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -112,6 +113,12 @@ class Nodes:
     cached: Tensor  # [B, T, D] cache slots of the node's cached ancestors (-1 = none)
     valid: Tensor  # [B, T] bool; invalid nodes see only themselves and are seen by no one
 
+    @staticmethod
+    def cat(parts: Sequence[Nodes]) -> Nodes:
+        """``parts`` one after the other in one chunk (their ``parent`` indices already count
+        from the start of the chunk; every part has the same ``cached`` width D)."""
+        return Nodes(*(torch.cat([getattr(p, f.name) for p in parts], 1) for f in fields(Nodes)))
+
 
 def ancestor_matrix(parent: Tensor, valid: Tensor, max_depth: int) -> Tensor:
     """[B, T] parent pointers -> [B, T, T] bool: node q sees node m (m is q or an ancestor)."""
@@ -125,6 +132,29 @@ def ancestor_matrix(parent: Tensor, valid: Tensor, max_depth: int) -> Tensor:
         anc |= hit[..., :T]
         cur = torch.where(cur >= 0, parent.gather(1, cur.clamp(min=0)), -1)
     return anc
+
+
+def chunk_visibility(nodes: Nodes, p_valid: Tensor, is_prompt_old: Tensor, max_chain: int) -> Tensor:
+    """What each position of a chunk [prompt block (P) | nodes (T)] may attend to, over the S
+    cached slots (``is_prompt_old`` [B, S]) and the chunk itself: [B, P + T, S + P + T] bool."""
+    B, T = nodes.tokens.shape
+    P, S = p_valid.shape[1], is_prompt_old.shape[1]
+    dev = nodes.tokens.device
+    Q = P + T
+    vis = torch.zeros(B, Q, S + Q, dtype=torch.bool, device=dev)
+    # prompt block: causal over real tokens; a pad token sees only itself
+    causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=dev))
+    vis[:, :P, S:S + P] = causal & p_valid[:, None, :]
+    vis[:, :P, S:S + P] |= torch.eye(P, dtype=torch.bool, device=dev)
+    # tree nodes: cached prompt + cached ancestors + prompt block + in-chunk ancestors + self
+    valid = nodes.valid
+    seen = torch.zeros(B, T, S + 1, dtype=torch.bool, device=dev)
+    cached = torch.where(nodes.cached >= 0, nodes.cached, S)
+    seen.scatter_(2, cached, True)
+    vis[:, P:, :S] = (seen[..., :S] | is_prompt_old[:, None, :]) & valid[..., None]
+    vis[:, P:, S:S + P] = p_valid[:, None, :] & valid[..., None]
+    vis[:, P:, S + P:] = ancestor_matrix(nodes.parent, valid, max_chain)
+    return vis
 
 
 def tree_forward(
@@ -149,33 +179,15 @@ def tree_forward(
     if prompt is not None:
         assert cache is None, "the prompt block goes into a fresh cache"
         p_tok, p_valid = prompt
-        P = p_tok.shape[1]
         prompt_len = p_valid.sum(1)
-        S = 0
         is_prompt_old = torch.zeros(B, 0, dtype=torch.bool, device=dev)
     else:
         assert cache is not None
-        P = 0
         p_tok = nodes.tokens.new_zeros(B, 0)
         p_valid = torch.zeros(B, 0, dtype=torch.bool, device=dev)
-        prompt_len = cache.prompt_len
-        S = cache.size
-        is_prompt_old = cache.is_prompt
-    Q = P + T
-    vis = torch.zeros(B, Q, S + Q, dtype=torch.bool, device=dev)
-    # prompt block: causal over real tokens; a pad token sees only itself
-    causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=dev))
-    vis[:, :P, S:S + P] = causal & p_valid[:, None, :]
-    vis[:, :P, S:S + P] |= torch.eye(P, dtype=torch.bool, device=dev)
-    # tree nodes: cached prompt + cached ancestors + prompt block + in-chunk ancestors + self
-    valid = nodes.valid
-    seen = torch.zeros(B, T, S + 1, dtype=torch.bool, device=dev)
-    cached = torch.where(nodes.cached >= 0, nodes.cached, S)
-    seen.scatter_(2, cached, True)
-    node_vis = (seen[..., :S] | is_prompt_old[:, None, :]) & valid[..., None]
-    vis[:, P:, :S] = node_vis
-    vis[:, P:, S:S + P] = p_valid[:, None, :] & valid[..., None]
-    vis[:, P:, S + P:] = ancestor_matrix(nodes.parent, valid, max_chain)
+        prompt_len, is_prompt_old = cache.prompt_len, cache.is_prompt
+    P, S = p_tok.shape[1], is_prompt_old.shape[1]
+    vis = chunk_visibility(nodes, p_valid, is_prompt_old, max_chain)
     # position ids
     p_pos = (torch.cumsum(p_valid.long(), 1) - 1).clamp(min=0)
     n_pos = prompt_len[:, None] + nodes.depth

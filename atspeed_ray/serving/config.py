@@ -12,22 +12,16 @@ Limits (documented in the OpenAPI schema at /docs):
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from atspeed_ray.settings import Dtype, Forward, Mode
+from atspeed_ray.settings import DEFAULT_MODE, Dtype, Forward, Mode, draft_width
 
 MAX_HISTORY = 50
 MAX_K = 50
 
 ItemId = Annotated[int, Field(strict=True, ge=0, le=2**62)]
-
-
-def draft_width(k: int, factor: float) -> int:
-    """Draft width N for top-``k``: ceil(factor * k), never below k (also ``bench --draft-beams 2k``)."""
-    return max(k, math.ceil(k * factor - 1e-9))
 
 
 # --------------------------------------------------------------------------------------- HTTP
@@ -41,7 +35,7 @@ class RecommendRequest(BaseModel):
         description=f"Item ids the user interacted with, oldest first (1 to {MAX_HISTORY}; the "
                     "most recent history_window of them are used).")
     k: int = Field(default=10, ge=1, le=MAX_K, description="Number of items to return.")
-    mode: Mode = Field(default="strict", description="strict: exact target beam search; "
+    mode: Mode = Field(default=DEFAULT_MODE, description="strict: exact target beam search; "
                                                      "relaxed: sampling verification.")
     seed: int | None = Field(default=None, ge=0, le=2**62,
                              description="relaxed mode: seed for a reproducible answer.")

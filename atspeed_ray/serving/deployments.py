@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Counter, Histogram
 
+from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.serving.batching import (
     BeamReply, BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch,
     draft_batch, verify_batch,
@@ -37,7 +38,7 @@ from atspeed_ray.serving.catalog import Catalog, load_catalog
 from atspeed_ray.serving.config import (
     MAX_HISTORY, MAX_K, AppArgs, FaultConfig, ModelSettings, RecommendRequest, RecommendResponse,
 )
-from atspeed_ray.serving.driver import DraftUnavailable, remote_speculative
+from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
 from atspeed_ray.serving.routing import Arm, Router
 
 logger = logging.getLogger("ray.serve")
@@ -287,52 +288,69 @@ class Recommender:
     def _count_status(self, app_path: str, mode: str, status: str) -> None:
         self.m_requests.inc(tags={"app_path": app_path, "mode": mode, "status": status})
 
+    def search_params(self, req: RecommendRequest) -> SearchParams:
+        """The request's search: its k and mode, the app's gamma and draft width; a relaxed
+        request samples from its own generator (seeded by ``seed``, else at random)."""
+        gen: torch.Generator | None = None
+        if req.mode == "relaxed":
+            gen = torch.Generator()
+            gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "little"))
+        return SearchParams(req.k, self.args.draft_width(req.k), self.args.gamma, req.mode, gen,
+                            seeded=req.seed is not None)
+
     async def _decode(self, req: RecommendRequest, arm: Arm = "speculative"
                       ) -> tuple[list[int], list[float], dict[str, Any]]:
         prompt = self.catalog.prompt(req.history)
         stats: dict[str, Any] = {"mode": req.mode, "k": req.k, "prompt_tokens": len(prompt)}
         calls = {"draft": 0, "target": 0}
         if self.draft is not None and arm == "speculative":
-            gen: torch.Generator | None = None
-            if req.mode == "relaxed":
-                gen = torch.Generator()
-                gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "little"))
-            draft, target = self.draft, self.target
-            N = self.args.draft_width(req.k)
-            times: dict[str, float] = {}
-            try:
-                res = await remote_speculative(
-                    lambda r: _result(draft.propose.remote(r)),
-                    lambda r: asyncio.wait_for(_result(target.verify.remote(r)), self.args.target_timeout_s),
-                    [prompt], self.catalog.index, req.k, N, self.args.gamma, req.mode, gen,
-                    seeded=req.seed is not None, draft_timeout_s=self.args.draft_timeout_s,
-                    dtype=self.dtype, calls=calls, times=times)
-                stats.update({k: round(v, 3) for k, v in times.items()})
-                stats.update(path="speculative", rounds=res.stats["rounds"][0],
-                             accepted_steps=res.stats["accepted_steps"][0],
-                             target_forwards=res.stats["target_calls"][0],
-                             draft_forwards=res.stats["draft_calls"][0],
-                             handle_calls=calls["draft"] + calls["target"], draft_width=N)
-                return self._answer(res.items[0], res.scores[0].tolist(), stats)
-            except DraftUnavailable as e:
-                reason, detail = e.reason, str(e)
-            except Exception as e:  # noqa: BLE001 - a target call failed: one more try, alone
-                logger.exception("speculative path failed")
-                reason, detail = "target_error", f"{type(e).__name__}: {e}"
-            self.counts["fallbacks"] += 1
-            self.counts[f"fallback_{reason}"] = self.counts.get(f"fallback_{reason}", 0) + 1
-            self.m_fallbacks.inc(tags={"reason": reason})
-            logger.warning("target-only fallback (%s): %s", reason, detail)
-            stats.update(path="fallback", fallback_reason=reason, fallback_detail=detail[:200])
+            answer = await self._speculative(prompt, self.search_params(req), stats, calls)
+            if answer is not None:
+                return answer
         elif self.draft is not None:  # adaptive routing chose the target alone: same strict answer
             self.counts["routed_target_only"] += 1
             stats.update(path="target_only", routed=True)
         else:
             stats["path"] = "target_only"
+        return await self._target_alone(prompt, req.k, stats, calls)
+
+    async def _speculative(self, prompt: list[int], params: SearchParams, stats: dict[str, Any],
+                           calls: dict[str, int]) -> tuple[list[int], list[float], dict[str, Any]] | None:
+        """The speculative path; None (with the fallback noted in ``stats``) if it failed."""
+        draft, target = self.draft, self.target
+        assert draft is not None
+        models = RemoteModels(
+            lambda r: _result(draft.propose.remote(r)),
+            lambda r: asyncio.wait_for(_result(target.verify.remote(r)), self.args.target_timeout_s),
+            draft_timeout_s=self.args.draft_timeout_s, calls=calls)
+        try:
+            res = await remote_speculative(models, [prompt], self.catalog.index, params, self.dtype)
+            stats.update({k: round(v, 3) for k, v in models.times.items()})
+            stats.update(path="speculative", rounds=res.stats["rounds"][0],
+                         accepted_steps=res.stats["accepted_steps"][0],
+                         target_forwards=res.stats["target_calls"][0],
+                         draft_forwards=res.stats["draft_calls"][0],
+                         handle_calls=calls["draft"] + calls["target"], draft_width=params.N)
+            return self._answer(res.items[0], res.scores[0].tolist(), stats)
+        except DraftUnavailable as e:
+            reason, detail = e.reason, str(e)
+        except Exception as e:  # noqa: BLE001 - a target call failed: one more try, alone
+            logger.exception("speculative path failed")
+            reason, detail = "target_error", f"{type(e).__name__}: {e}"
+        self.counts["fallbacks"] += 1
+        self.counts[f"fallback_{reason}"] = self.counts.get(f"fallback_{reason}", 0) + 1
+        self.m_fallbacks.inc(tags={"reason": reason})
+        logger.warning("target-only fallback (%s): %s", reason, detail)
+        stats.update(path="fallback", fallback_reason=reason, fallback_detail=detail[:200])
+        return None
+
+    async def _target_alone(self, prompt: list[int], k: int, stats: dict[str, Any],
+                            calls: dict[str, int]) -> tuple[list[int], list[float], dict[str, Any]]:
+        """Plain target beam search: the target-only app, routed requests and fallbacks."""
         calls["target"] += 1
         t0 = time.perf_counter()
         reply: BeamReply = await asyncio.wait_for(
-            _result(self.target.beam_search.remote(BeamRequest([prompt], req.k))),
+            _result(self.target.beam_search.remote(BeamRequest([prompt], k))),
             self.args.target_timeout_s)
         stats.update(rounds=None, accepted_steps=None, target_forwards=self.catalog.index.L,
                      handle_calls=calls["draft"] + calls["target"],

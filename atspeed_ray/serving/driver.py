@@ -18,10 +18,11 @@ import torch
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import DecodeResult
+from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.speculative import (
-    EndRoundCall, Mode, ModelCall, ProposeCall, SpeculativeLoop, Verified, VerifyCall,
-    speculative_loop,
+    EndRoundCall, ModelCall, ProposeCall, SpeculativeLoop, VerifyCall, speculative_loop,
 )
+from atspeed_ray.decoding.verification import Verified
 from atspeed_ray.serving.batching import DraftReply, DraftRequest, VerifyReply, VerifyRequest
 
 ProposeFn = Callable[[DraftRequest], Awaitable[DraftReply]]
@@ -52,12 +53,15 @@ async def run_loop_async(loop: SpeculativeLoop,
 
 @dataclass
 class RemoteModels:
-    """Answers the loop's calls with remote (stateless) draft and target calls."""
+    """Answers the loop's calls with remote (stateless) draft and target calls.
+
+    ``calls`` counts the draft and target calls (also when one fails); ``times`` sums their
+    round trips and the replicas' compute time (ms). A seeded request's generator state travels
+    to the draft and back (``SearchParams.seeded``)."""
 
     propose: ProposeFn
     verify: VerifyFn
-    seeded: bool = False  # the generator is the request's own: ship its state to the draft
-    draft_timeout_s: float | None = None
+    draft_timeout_s: float | None = None  # deadline of one draft call (None: no deadline)
     calls: dict[str, int] = field(default_factory=lambda: {"draft": 0, "target": 0})
     # where the time goes (ms): round trips of the calls and the compute inside the replicas
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
@@ -68,7 +72,7 @@ class RemoteModels:
             self.calls["draft"] += 1
             t0 = time.perf_counter()
             try:
-                coro = self.propose(DraftRequest.of(call, self.seeded))
+                coro = self.propose(DraftRequest.of(call))
                 reply = await (asyncio.wait_for(coro, self.draft_timeout_s)
                                if self.draft_timeout_s is not None else coro)
             except (asyncio.TimeoutError, TimeoutError) as e:
@@ -79,8 +83,9 @@ class RemoteModels:
                 raise DraftUnavailable("error", f"{type(e).__name__}: {e}") from e
             self.times["draft_rtt_ms"] += (time.perf_counter() - t0) * 1000
             self.times["draft_compute_ms"] += reply.compute_ms
-            if reply.generator_state is not None and call.generator is not None:
-                call.generator.set_state(reply.generator_state)
+            gen = call.params.generator
+            if reply.generator_state is not None and gen is not None:
+                gen.set_state(reply.generator_state)
             return reply.steps, reply.beams
         if isinstance(call, VerifyCall):
             self.calls["target"] += 1
@@ -93,28 +98,13 @@ class RemoteModels:
         return call.beams  # no cache to compact: the calls are stateless
 
 
-async def remote_speculative(
-    propose: ProposeFn, verify: VerifyFn, prompts: list[list[int]], index: ItemIndex, k: int,
-    draft_beams: int, gamma: int, mode: Mode, generator: torch.Generator | None,
-    seeded: bool = False, draft_timeout_s: float | None = None,
-    dtype: torch.dtype = torch.float32, calls: dict[str, int] | None = None,
-    times: dict[str, float] | None = None,
-) -> DecodeResult:
-    """Speculative beam search with remote draft and target.
+async def remote_speculative(models: RemoteModels, prompts: list[list[int]], index: ItemIndex,
+                             params: SearchParams, dtype: torch.dtype = torch.float32) -> DecodeResult:
+    """Speculative beam search with the remote draft and target of ``models`` (whose ``calls``
+    and ``times`` are updated in place; ``dtype``: the beam score dtype).
 
-    ``calls`` (updated in place, also when a call fails) counts the draft and target calls;
-    ``times`` (in place too) sums their round trips and the replicas' compute time (ms).
-    Raises ``DraftUnavailable`` when a draft call fails or misses ``draft_timeout_s``."""
-    models = RemoteModels(propose, verify, seeded, draft_timeout_s)
-    if calls is not None:
-        calls.setdefault("draft", 0)
-        calls.setdefault("target", 0)
-        models.calls = calls
-    if times is not None:
-        times.update(models.times)
-        models.times = times
-    loop = speculative_loop(prompts, index, k, draft_beams, gamma, mode, generator,
-                            keep_cache=False, dtype=dtype)
+    Raises ``DraftUnavailable`` when a draft call fails or misses ``models.draft_timeout_s``."""
+    loop = speculative_loop(prompts, index, params, keep_cache=False, dtype=dtype)
     # no torch.no_grad() here: grad mode is per thread, and a `with` block held across an
     # `await` leaks its state into every coroutine interleaved with this one. The loop itself
     # only combines tensors that carry no graph (the models run under no_grad where they live).

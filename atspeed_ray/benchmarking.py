@@ -1,0 +1,241 @@
+"""What ``bench`` and ``evaluate`` share: their command-line values and the speed measurements.
+
+* command line: ``parse_ks`` (``--k 1,5,10``), ``DraftWidth`` (``--draft-beams 20`` or ``2k``),
+  ``add_forward_arg``, ``positive``;
+* measurements: ``timed`` / ``time_per_batch``, the two bounds (``oracle_pass_time``: one target
+  pass over a full tree; ``draft_round_time``: the draft's first round) and
+  ``measure_speculative``, which times the target's beam search against speculative beam search
+  on the same prompts in the same process.
+
+Torch is imported inside the functions: the CLI imports this module for ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from atspeed_ray.settings import DEFAULT_FORWARD, FORWARDS, draft_width
+
+if TYPE_CHECKING:
+    import torch
+
+    from atspeed_ray.data.index import ItemIndex
+    from atspeed_ray.decoding.search import SearchParams
+
+X = TypeVar("X")
+Batch = list[list[int]]  # prompts decoded together
+
+
+# ----------------------------------------------------------------------------- command line
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def parse_ks(text: str) -> list[int]:
+    """``--k``: comma-separated beam counts, each >= 1."""
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k must be comma-separated integers, got {text!r}")
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k values must be >= 1, got {text!r}")
+    return ks
+
+
+class DraftWidth:
+    """``--draft-beams``: a fixed width N ("20") or a multiple of K ("2k"); never below K."""
+
+    def __init__(self, text: str):
+        t = text.strip().lower()
+        try:
+            self.factor = float(t[:-1]) if t.endswith("k") else None
+            self.fixed = None if t.endswith("k") else int(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--draft-beams must be N or a multiple of K like 2k, got {text!r}")
+        if (self.factor is not None and self.factor < 1) or (self.fixed is not None and self.fixed < 1):
+            raise argparse.ArgumentTypeError(f"--draft-beams must be >= 1 (or >= 1k), got {text!r}")
+        self.text = text
+
+    def of(self, k: int) -> int:
+        """N for ``k``: the fixed width, or ceil(factor * k) as the serve configs'
+        draft_beams_factor; at least k."""
+        if self.fixed is not None:
+            return max(self.fixed, k)
+        assert self.factor is not None
+        return draft_width(k, self.factor)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def add_forward_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--forward", choices=FORWARDS, default=DEFAULT_FORWARD,
+                   help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
+
+
+def write_json(out: str | None, result: dict) -> None:
+    """``result`` as JSON at ``out`` (nothing if None)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------- measurements
+def batches(xs: list[X], size: int) -> list[list[X]]:
+    """``xs`` in consecutive chunks of ``size`` (the last one may be shorter)."""
+    return [xs[i:i + size] for i in range(0, len(xs), size)]
+
+
+def timed(fn: Callable[[], X], repeat: int = 1) -> tuple[float, X]:
+    """(best wall time of ``repeat`` calls of ``fn`` in seconds, the last call's result); CUDA
+    work is waited for."""
+    import torch
+
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, out  # type: ignore[return-value]
+
+
+def time_per_batch(one: Callable[[Batch], Any], prompt_batches: list[Batch], repeat: int) -> float:
+    """Sum over batches of the best of ``repeat`` timings of ``one(batch)``."""
+    return sum(timed(lambda b=b: one(b), repeat=repeat)[0] for b in prompt_batches)
+
+
+def oracle_pass_time(target: torch.nn.Module, prompt_batches: list[Batch], width: int, gamma: int,
+                   repeat: int = 1) -> float:
+    """Time of ONE target forward over each batch's prompts + width*gamma tree tokens (width K:
+    the oracle pass; width N: a verification pass over a full N-beam draft tree)."""
+    import torch
+
+    from atspeed_ray.decoding.beam import prefill
+    from atspeed_ray.decoding.tree import Nodes
+
+    def one(batch: Batch) -> None:
+        B, T = len(batch), width * gamma
+        dev = next(target.parameters()).device
+        tok = torch.ones(B, T, dtype=torch.long, device=dev)
+        idx = torch.arange(T, device=dev)
+        depth = (idx // width).expand(B, T)  # gamma levels of width nodes below each other
+        parent = torch.where(idx >= width, idx - width, -1).expand(B, T)
+        nodes = Nodes(tok, depth, parent, torch.full((B, T, 1), -1, device=dev),
+                      torch.ones(B, T, dtype=torch.bool, device=dev))
+        prefill(target, batch, nodes)
+
+    return time_per_batch(one, prompt_batches, repeat)
+
+
+def draft_round_time(draft: torch.nn.Module, index: ItemIndex, prompt_batches: list[Batch],
+                     params: SearchParams, repeat: int = 1) -> float:
+    """Time of the draft's first round for each batch: its prefill and min(gamma, L - 1)
+    width-N drafting steps from the root (top-N drafting), as ``draft_phase`` runs them."""
+    import dataclasses
+
+    import torch
+
+    from atspeed_ray.decoding.beam import root_beams, score_dtype
+    from atspeed_ray.decoding.drafting import draft_phase
+
+    G = min(params.gamma, index.L - 1)
+    top_n = dataclasses.replace(params, mode="strict", generator=None)
+
+    def one(batch: Batch) -> None:
+        B, dev = len(batch), index.device
+        beams = root_beams(B, params.k, index.L, ["target", "draft"], dev, score_dtype(draft))
+        t = torch.zeros(B, dtype=torch.long, device=dev)
+        draft_phase(draft, None, beams, t, torch.full_like(t, G), batch, index, top_n)
+
+    return time_per_batch(one, prompt_batches, repeat)
+
+
+def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
+                        prompts: list[list[int]], params: SearchParams, batch_size: int,
+                        repeat: int = 1) -> tuple[dict, list, list]:
+    """Time the target's beam search and speculative beam search on the same prompts (same
+    process, warm-up first; with ``repeat`` > 1 the two alternate and each keeps its best time).
+    Relaxed sampling draws from ``params.generator`` (warm-up included).
+    Returns (row of measurements, plain items, speculative items)."""
+    import torch
+
+    from atspeed_ray.decoding import beam_search, speculative_search
+
+    prompt_batches = batches(prompts, batch_size)
+    k, n = params.k, params.N
+
+    def plain() -> list:
+        return [beam_search(target, b, index, k) for b in prompt_batches]
+
+    def spec() -> list:
+        return [speculative_search(target, draft, b, index, params) for b in prompt_batches]
+
+    with torch.no_grad():
+        beam_search(target, prompt_batches[0], index, k)  # warm-up
+        speculative_search(target, draft, prompt_batches[0], index, params)
+        t_plain = t_spec = float("inf")
+        for _ in range(repeat):  # alternating, so that a slow spell of the machine hits both
+            t, ref = timed(plain)
+            t_plain = min(t_plain, t)
+            t, out = timed(spec)
+            t_spec = min(t_spec, t)
+        t_pass = oracle_pass_time(target, prompt_batches, k, params.gamma, repeat)
+        t_tree = t_pass if n == k else oracle_pass_time(target, prompt_batches, n, params.gamma, repeat)
+        t_draft = draft_round_time(draft, index, prompt_batches, params, repeat)
+    ref_items = [i for r in ref for i in r.items]
+    out_items = [i for r in out for i in r.items]
+    row = speed_row(params, t_plain, t_spec, t_pass, t_tree, t_draft,
+                    {key: [v for r in out for v in r.stats[key]]
+                     for key in ("target_calls", "draft_calls", "rounds", "accepted_steps")})
+    if params.mode == "strict":
+        row["identical_rate"] = sum(a == b for a, b in zip(out_items, ref_items)) / len(prompts)
+    return row, ref_items, out_items
+
+
+def speed_row(params: SearchParams, t_plain: float, t_spec: float, t_pass: float, t_tree: float,
+              t_draft: float, stats: dict[str, list[int]]) -> dict[str, Any]:
+    """One row of the speed table from the measured times (s) and the per-request counters."""
+    n_requests = len(stats["rounds"])
+    return {
+        "k": params.k, "draft_beams": params.N, "mode": params.mode, "beam_search_s": t_plain,
+        "speculative_s": t_spec, "walltime_speedup": t_plain / t_spec,
+        "oracle_speedup": t_plain / t_pass,
+        "fraction_of_oracle": (t_plain / t_spec) / (t_plain / t_pass),
+        # WS if every round were fully accepted and drafting were free, at this N: the verify
+        # pass carries N*gamma drafted tokens, not K*gamma, so fraction_of_oracle is at most
+        # t_pass / t_tree whatever the draft
+        "tree_bound_speedup": t_plain / t_tree,
+        # ... and with the draft's cost counted: every request done in ONE fully accepted round
+        # (one draft round + one verify pass), no bookkeeping
+        "one_round_bound_speedup": t_plain / (t_tree + t_draft),
+        "target_calls_per_request": sum(stats["target_calls"]) / n_requests,
+        "draft_calls_per_request": sum(stats["draft_calls"]) / n_requests,
+        "accepted_steps_per_round": sum(stats["accepted_steps"]) / sum(stats["rounds"]),
+        "accepted_steps_per_request": stats["accepted_steps"],
+        "rounds_per_request": stats["rounds"],
+    }
+
+
+def search_params(k: int, width: DraftWidth, gamma: int, mode: str, seed: int,
+                  device: torch.device) -> SearchParams:
+    """The search of one table row: width ``width.of(k)``; relaxed sampling from a generator
+    seeded with ``seed`` on ``device`` (a fresh one per row)."""
+    import torch
+
+    from atspeed_ray.decoding.search import SearchParams
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return SearchParams(k, width.of(k), gamma, mode, gen)  # type: ignore[arg-type]

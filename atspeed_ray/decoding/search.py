@@ -1,0 +1,55 @@
+"""The parameters of one speculative beam search, as one validated object.
+
+``SearchParams`` travels unchanged from where a search is asked for (the HTTP request, the
+``bench`` / ``evaluate`` commands, the training loop's validation) down to ``speculative_loop``
+and, on the wire, to the draft replicas. No torch import here: the generator is only typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from atspeed_ray.settings import DEFAULT_MODE, MODES, Mode, check_choice
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Top-``k`` by speculative beam search: draft width, draft steps per round, verification.
+
+    Validated once, on construction (a ValueError names the bad field).
+    """
+
+    k: int  # beams kept = items returned
+    draft_beams: int | None = None  # draft width N (k <= N); None: N = k
+    gamma: int = 3  # draft steps per round (0: every round is one target step)
+    mode: Mode = DEFAULT_MODE  # strict top-K (lossless) or relaxed sampling verification
+    # relaxed: the random stream of sampling and acceptance (None: torch's default generator)
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    # relaxed: the generator's stream is the request's own (it was seeded for a reproducible
+    # answer), so whoever drafts must continue it instead of using a stream of its own
+    seeded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.draft_beams is None:
+            object.__setattr__(self, "draft_beams", self.k)
+        if self.k < 1 or self.N < self.k:
+            raise ValueError(f"need 1 <= k <= draft_beams, got k={self.k}, draft_beams={self.N}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        check_choice(self.mode, MODES, "mode")
+
+    @property
+    def N(self) -> int:
+        """The draft width (``draft_beams``, resolved)."""
+        assert self.draft_beams is not None  # resolved in __post_init__
+        return self.draft_beams
+
+    @property
+    def sample(self) -> bool:
+        """Relaxed mode: draft by sampling N without replacement, accept by min(1, p/q)."""
+        return self.mode == "relaxed"
+
