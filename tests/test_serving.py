@@ -245,7 +245,7 @@ def test_draft_errors_and_deadline_fall_back_to_the_strict_answer(app):
         assert r["items"] == want and r["stats"]["fallback_reason"] == "error"
         r = answer("relaxed")  # relaxed mode falls back to the (strict) target beam search too
         assert r is not None and r["items"] == want
-        set_fault({"fault": "delay", "fault_delay_s": 6.0})  # local.yaml: draft_timeout_s 2.0
+        set_fault({"fault": "delay", "fault_delay_s": 6.0})  # draft_timeout_s: 2.0 (default)
         r = until(lambda: (a := answer()) and a["stats"]["fallback_reason"] == "deadline" and a)
         assert r["items"] == want and 2000 <= r["stats"]["latency_ms"] < 5000
     finally:

@@ -307,4 +307,38 @@ def test_router_backs_off_probing_while_the_same_path_keeps_winning():
             break
     assert r.best("strict", 10) == "speculative" and r.state[("strict", 10)].interval == 4
     assert serve(20, 10.0).count("speculative") >= 16
-    assert Router(probe_every=4).max_backoff == 1  # default: no backoff
+    assert Router(probe_every=4, max_backoff=1).max_backoff == 1  # 1: no backoff
+
+
+# ----------------------------------------------------------------------------- defaults
+def test_serving_defaults_are_defined_once():
+    """The @serve.batch decorators start from BatchSettings' defaults, Router from AppArgs'."""
+    from atspeed_ray.serving.config import BatchSettings
+    from atspeed_ray.serving.deployments import DraftModel, TargetModel
+    from atspeed_ray.serving.routing import Router
+
+    batch = BatchSettings()
+    for method in (DraftModel.func_or_class.propose, TargetModel.func_or_class.verify,
+                   TargetModel.func_or_class.beam_search):
+        assert method._get_max_batch_size() == batch.max_batch_size
+        assert method._get_batch_wait_timeout_s() == batch.batch_wait_timeout_s
+    fields = AppArgs.model_fields
+    router = Router()
+    assert router.probe_every == fields["probe_every"].default
+    assert router.max_backoff == fields["probe_backoff"].default
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
+def test_configs_write_only_what_they_change(name):
+    """A YAML app arg (or batch setting) that repeats its default would silently disagree with
+    the code the day the default moves: the configs state only what they change."""
+    from atspeed_ray.serving.config import BatchSettings
+
+    args = yaml.safe_load((CONFIGS / name).read_text())["applications"][0]["args"]
+    fields = AppArgs.model_fields
+    repeated = [key for key, v in args.items()
+                if key in fields and not fields[key].is_required() and v == fields[key].default]
+    batch_defaults = BatchSettings().model_dump()
+    for key in ("target_batch", "draft_batch"):
+        repeated += [f"{key}.{k}" for k, v in args.get(key, {}).items() if v == batch_defaults[k]]
+    assert not repeated, f"{name} repeats defaults: {repeated}"

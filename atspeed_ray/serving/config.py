@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from atspeed_ray.serving.routing import PROBE_BACKOFF, PROBE_EVERY
 from atspeed_ray.settings import DEFAULT_MODE, Dtype, Forward, Mode, draft_width
 
 MAX_HISTORY = 50
@@ -51,6 +52,9 @@ class RecommendResponse(BaseModel):
 
 # ------------------------------------------------------------------------------------ settings
 class BatchSettings(BaseModel):
+    """``@serve.batch`` settings of a model replica's methods (the decorators in
+    ``deployments.py`` start from these defaults; a replica applies its own in ``__init__``)."""
+
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(default=16, ge=1, le=256)
@@ -110,9 +114,9 @@ class AppArgs(BaseModel):
         default="speculative",
         description="adaptive: strict requests go to whichever of speculative decoding and plain target "
                     "beam search has been faster lately (same answer either way; see serving/routing.py)")
-    probe_every: int = Field(default=10, ge=2, le=10_000,
+    probe_every: int = Field(default=PROBE_EVERY, ge=2, le=10_000,
                              description="adaptive routing: every n-th request tries the slower path")
-    probe_backoff: int = Field(default=8, ge=1, le=1000,
+    probe_backoff: int = Field(default=PROBE_BACKOFF, ge=1, le=1000,
                                description="adaptive routing: while probes keep confirming the faster "
                                            "path, the probe interval doubles up to probe_every * this "
                                            "(1 = always every probe_every-th request)")

@@ -36,7 +36,8 @@ from atspeed_ray.serving.batching import (
 )
 from atspeed_ray.serving.catalog import Catalog, load_catalog
 from atspeed_ray.serving.config import (
-    MAX_HISTORY, MAX_K, AppArgs, FaultConfig, ModelSettings, RecommendRequest, RecommendResponse,
+    MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings, RecommendRequest,
+    RecommendResponse,
 )
 from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
 from atspeed_ray.serving.routing import Arm, Router
@@ -46,6 +47,10 @@ logger = logging.getLogger("ray.serve")
 BATCH_BOUNDS = [1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5]
 LATENCY_BOUNDS_MS = [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 SMALL_COUNT_BOUNDS = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5]
+
+# the batched model methods start from BatchSettings' defaults; each replica then applies its
+# own settings (ModelSettings.batch, from the app's draft_batch / target_batch) in __init__
+batched = serve.batch(**BatchSettings().model_dump())
 
 
 class ModelReplica:
@@ -106,7 +111,7 @@ class DraftModel(ModelReplica):
         self.fault = FaultConfig.model_validate(user_config or {})
         logger.warning("DraftModel fault config: %s", self.fault)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @batched
     async def propose(self, reqs: list[DraftRequest]) -> list[DraftReply]:
         self.observe_batch("propose", len(reqs))
         if self.fault.fault == "raise":
@@ -127,12 +132,12 @@ class TargetModel(ModelReplica):
             method.set_max_batch_size(b.max_batch_size)
             method.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @batched
     async def verify(self, reqs: list[VerifyRequest]) -> list[VerifyReply]:
         self.observe_batch("verify", len(reqs))
         return await self.run(verify_batch, self.model, self.index, reqs)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @batched
     async def beam_search(self, reqs: list[BeamRequest]) -> list[BeamReply]:
         self.observe_batch("beam_search", len(reqs))
         return await self.run(beam_batch, self.model, self.index, reqs)

@@ -25,6 +25,10 @@ from typing import Literal
 Arm = Literal["speculative", "target_only"]
 ARMS: tuple[Arm, Arm] = ("speculative", "target_only")
 
+# defaults of the app's ``probe_every`` / ``probe_backoff`` (``AppArgs``) and of ``Router``
+PROBE_EVERY = 10
+PROBE_BACKOFF = 8
+
 
 @dataclass
 class ArmStats:
@@ -45,8 +49,8 @@ class KeyState:
 
 
 class Router:
-    def __init__(self, probe_every: int = 10, warmup: int = 3, alpha: float = 0.2,
-                 max_backoff: int = 1):
+    def __init__(self, probe_every: int = PROBE_EVERY, warmup: int = 3, alpha: float = 0.2,
+                 max_backoff: int = PROBE_BACKOFF):
         if probe_every < 2 or warmup < 1 or not 0.0 < alpha <= 1.0 or max_backoff < 1:
             raise ValueError("need probe_every >= 2, warmup >= 1, 0 < alpha <= 1, max_backoff >= 1")
         self.probe_every, self.warmup, self.alpha = probe_every, warmup, alpha
