@@ -38,6 +38,12 @@ def take(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, view)
 
 
+def row_slices(sizes: list[int]) -> list[slice]:
+    """Consecutive row ranges of ``sizes`` rows each: [0, s0), [s0, s0 + s1), ..."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [slice(s, s + n) for s, n in zip(starts, sizes)]
+
+
 @dataclass
 class Candidates:
     """All one-token extensions of M beams under the trie, in a padded column space."""
@@ -150,8 +156,7 @@ class Beams:
 
     def split(self, sizes: list[int]) -> list[Beams]:
         """Consecutive groups of ``sizes`` requests (the inverse of ``Beams.cat``)."""
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [self.select_rows(slice(s, s + n)) for s, n in zip(starts, sizes)]
+        return [self.select_rows(rows) for rows in row_slices(sizes)]
 
     @staticmethod
     def cat(parts: Sequence[Beams]) -> Beams:

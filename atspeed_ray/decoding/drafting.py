@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
-from atspeed_ray.decoding.beam import Beams, beam_step, expand, log_probs, step_nodes
+from atspeed_ray.decoding.beam import Beams, beam_step, expand, log_probs, row_slices, step_nodes
 from atspeed_ray.decoding.feed import feed
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.tree import TreeCache, tree_forward
@@ -46,8 +46,7 @@ class DraftStep:
 
     def split(self, sizes: list[int]) -> list[DraftStep]:
         """Consecutive groups of ``sizes`` requests (the inverse of ``DraftStep.cat``)."""
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [self.select_rows(slice(s, s + n)) for s, n in zip(starts, sizes)]
+        return [self.select_rows(rows) for rows in row_slices(sizes)]
 
     @staticmethod
     def cat(parts: Sequence[DraftStep]) -> DraftStep:

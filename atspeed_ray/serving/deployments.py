@@ -81,6 +81,13 @@ class ModelReplica:
     async def run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    def apply_batch_settings(self, *methods: Any) -> None:
+        """This replica's ``ModelSettings.batch`` on its ``@serve.batch`` methods."""
+        b = self.settings.batch
+        for method in methods:
+            method.set_max_batch_size(b.max_batch_size)
+            method.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+
     def observe_batch(self, method: str, n: int) -> None:
         b = self.batches
         b["batches"] += 1
@@ -100,9 +107,7 @@ class DraftModel(ModelReplica):
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
-        b = self.settings.batch
-        self.propose.set_max_batch_size(b.max_batch_size)
-        self.propose.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+        self.apply_batch_settings(self.propose)
         self.generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(4), "little"))
         self.fault = FaultConfig()
 
@@ -127,10 +132,7 @@ class TargetModel(ModelReplica):
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
-        b = self.settings.batch
-        for method in (self.verify, self.beam_search):
-            method.set_max_batch_size(b.max_batch_size)
-            method.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+        self.apply_batch_settings(self.verify, self.beam_search)
 
     @batched
     async def verify(self, reqs: list[VerifyRequest]) -> list[VerifyReply]:
