@@ -238,3 +238,14 @@ def test_relaxed_sampling_follows_the_target_distribution():
 def test_decoding_core_imports_no_ray():
     code = "import sys, atspeed_ray.decoding, atspeed_ray.data; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_search_params_are_checked_once_naming_the_bad_value():
+    assert SearchParams(5).N == 5 and SearchParams(5, 10).N == 10
+    assert SearchParams(3, mode="relaxed").sample and not SearchParams(3).sample
+    for kwargs, word in (({"k": 0}, "k"), ({"k": 5, "draft_beams": 4}, "draft_beams"),
+                         ({"k": 1, "gamma": -1}, "gamma"), ({"k": 1, "mode": "fast"}, "mode")):
+        with pytest.raises(ValueError, match=word):
+            SearchParams(**kwargs)
+    with pytest.raises(AttributeError):
+        SearchParams(5).k = 6  # frozen: one search, one set of parameters
