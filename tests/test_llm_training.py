@@ -301,7 +301,7 @@ def test_ray_zero2_lora_resume_and_merged_export(ray_local, llama_dir, llm_prep,
     finishes it from the checkpoint (adapters, token rows and optimizer state); the merged
     export reloads as a plain model with the trained module's logits."""
     from atspeed_ray.training.trainer import fit
-    from atspeed_ray.training.probe import load_probe
+    from tests.helpers import load_probe
 
     out, storage = tmp_path / "target", tmp_path / "ray"
     cfg = llm_cfg(runner="ray", workers=1, zero_stage=2, data=str(llm_prep), out=str(out),
