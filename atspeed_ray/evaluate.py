@@ -1,8 +1,10 @@
 """``atspeed-ray evaluate``: the paper's tables for a target and one or more drafts, in one run.
 
 * accuracy: Recall@K / NDCG@K on the test split for a popularity baseline (the most frequent
-  training items), the target's beam search, strict SD (equal
-  to it by construction; the identical rate is measured) and relaxed SD with every draft;
+  training items), two reference recommenders fitted on the same train sequences (``transition``
+  and ``sasrec``, see ``atspeed_ray.reference``; yardsticks, not the product), the target's beam
+  search, strict SD (equal to it by construction; the identical rate is measured) and relaxed SD
+  with every draft;
 * speed: walltime speedup (WS), accepted steps per round and target calls per request for every
   draft under strict and relaxed verification, timed at batch 1 on a prompt subset;
 * written as JSON, CSV and Markdown, with PNG plots (WS against K per method; histogram of
@@ -24,6 +26,7 @@ from atspeed_ray.benchmarking import (
     DraftWidth, add_forward_arg, batches, measure_speculative, parse_ks, search_params,
 )
 from atspeed_ray.settings import MODES
+from atspeed_ray.reference.config import add_reference_args, reference_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     add_forward_arg(p)
+    add_reference_args(p)
     p.set_defaults(func=run_evaluate)
 
 
@@ -160,7 +164,8 @@ def load_setup(args: argparse.Namespace) -> Setup:
 
 
 def accuracy_table(s: Setup) -> list[dict[str, Any]]:
-    """Recall/NDCG@K of popularity, the target's beam search and relaxed SD with every draft."""
+    """Recall/NDCG@K of popularity, the reference recommenders, the target's beam search and
+    relaxed SD with every draft."""
     import torch
 
     from atspeed_ray.data.prepare import popularity_topk
@@ -186,6 +191,11 @@ def accuracy_table(s: Setup) -> list[dict[str, Any]]:
 
     popular = index.canonical(popularity_topk(s.data, max(ks))).tolist()
     add_accuracy("popularity", "-", {k: [popular[:k]] * len(s.targets) for k in ks})
+    from atspeed_ray.reference.data import reference_rankings
+
+    for name, refs in reference_rankings(s.data, s.data.histories("test", limit=args.num_prompts),
+                                         max(ks), reference_config(args)).items():
+        add_accuracy(name, "-", {k: [r[:k] for r in refs] for k in ks})
     # beam search of width K gives a different list per K: run each K
     add_accuracy("target", "beam", {k: ranked(lambda b, k=k: beam_search(s.target, b, index, k))
                                     for k in ks})

@@ -74,12 +74,13 @@ def test_evaluate_command_writes_the_tables_and_plots(tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--data", str(data), "--target", str(target), "--draft", str(draft),
                  "--k", "1,3", "--num-prompts", "12", "--timing-prompts", "3", "--draft-beams", "6",
-                 "--out", str(out)]) == 0
+                 "--sasrec-epochs", "2", "--out", str(out)]) == 0
     for name in ("accuracy", "speed"):
         assert {p.name for p in out.glob(f"{name}.*")} == {f"{name}.json", f"{name}.csv", f"{name}.md"}
     accuracy = json.loads((out / "accuracy.json").read_text())
-    assert {(r["method"], r["mode"]) for r in accuracy} == {("popularity", "-"), ("target", "beam"),
-                                                            ("draft", "relaxed")}
+    assert {(r["method"], r["mode"]) for r in accuracy} == {
+        ("popularity", "-"), ("transition", "-"), ("sasrec", "-"), ("target", "beam"), ("draft", "relaxed")}
+    assert [r["k"] for r in accuracy if r["method"] in ("transition", "sasrec")] == [1, 3, 1, 3]
     assert all(0.0 <= r["recall"] <= 1.0 and 0.0 <= r["ndcg"] <= 1.0 for r in accuracy)
     with open(out / "speed.csv") as f:
         speed = list(csv.DictReader(f))

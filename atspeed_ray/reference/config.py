@@ -69,5 +69,6 @@ def add_reference_args(p: argparse.ArgumentParser) -> None:
 
 
 def reference_config(args: argparse.Namespace) -> ReferenceConfig:
+    """The settings from the flags of ``add_reference_args`` (and ``--seed`` for SASRec)."""
     return ReferenceConfig(methods=args.references, skip_history=not args.references_keep_history,
-                           sasrec=SASRecConfig(epochs=args.sasrec_epochs))
+                           sasrec=SASRecConfig(epochs=args.sasrec_epochs, seed=args.seed))
