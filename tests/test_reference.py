@@ -55,13 +55,13 @@ def _successor_sequences(n_users: int, n_items: int, length: int, seed: int) -> 
     return [[(int(s) + t) % n_items for t in range(length)] for s in g.integers(n_items, size=n_users)]
 
 
-TINY = SASRecConfig(dim=32, blocks=1, heads=2, dropout=0.0, max_len=8, epochs=40, batch_size=32,
+TINY = SASRecConfig(dim=32, blocks=1, heads=2, dropout=0.0, max_len=8, epochs=10, batch_size=32,
                     lr=1e-2, val_rows=0, negatives=16)
 
 
 def test_sasrec_learns_the_successor_pattern_far_above_popularity():
     n = 40
-    train = _successor_sequences(300, n, 8, seed=0)
+    train = _successor_sequences(200, n, 8, seed=0)
     test = _successor_sequences(100, n, 6, seed=1)
     histories, targets = [s[:-1] for s in test], [[s[-1]] for s in test]
     allowed = torch.ones(n, dtype=torch.bool)
@@ -112,3 +112,22 @@ def test_references_rank_canonical_items_only():
     index = ItemIndex.from_codes({0: [5, 9], 1: [5, 9], 2: [6, 9], 3: [6, 10]})  # 0 and 1 collide
     assert allowed_items(index).tolist() == [True, False, True, True]
     assert canonical_lists(index, [[1, 2], [], [3, 1]]) == [[0, 2], [], [3, 0]]
+
+
+def test_reference_command_writes_rows_in_the_accuracy_format(tmp_path):
+    import json
+
+    from atspeed_ray.data.prepare import prepare
+    from atspeed_ray.data.synthetic import SyntheticConfig
+    from atspeed_ray.reference.__main__ import main
+
+    data = tmp_path / "data"
+    prepare("synthetic", data, synthetic=SyntheticConfig(num_users=60, num_items=80))
+    out = tmp_path / "ref"
+    assert main(["--data", str(data), "--out", str(out), "--k", "1,5", "--num-prompts", "10",
+                 "--sasrec-epochs", "1"]) == 0
+    rows = json.loads((out / "accuracy.json").read_text())
+    assert [(r["method"], r["mode"], r["k"]) for r in rows] == [
+        (m, "-", k) for m in ("popularity", "transition", "sasrec") for k in (1, 5)]
+    assert all(0.0 <= r["recall"] <= 1.0 and 0.0 <= r["ndcg"] <= 1.0 for r in rows)
+    assert (out / "accuracy.md").read_text().startswith("| method | mode | k | recall | ndcg |")

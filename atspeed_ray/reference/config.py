@@ -23,7 +23,7 @@ class SASRecConfig(BaseModel):
     dim: int = Field(64, ge=1)  # embedding and hidden size
     blocks: int = Field(2, ge=1)  # self-attention blocks
     heads: int = Field(1, ge=1)  # attention heads (dim must be a multiple)
-    dropout: float = Field(0.3, ge=0, lt=1)
+    dropout: float = Field(0.5, ge=0, lt=1)  # the paper's rate for the sparse Beauty data
     max_len: int = Field(20, ge=1)  # items seen per sequence: the prompts' history length
     epochs: int = Field(40, ge=1)  # at most; validation stops earlier
     batch_size: int = Field(128, ge=1)
