@@ -15,13 +15,13 @@ from atspeed_ray.reference.config import add_reference_args, reference_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from atspeed_ray.bench import _ks
+    from atspeed_ray.benchmarking import parse_ks
 
     p = argparse.ArgumentParser(prog="python -m atspeed_ray.reference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
     p.add_argument("--out", required=True, help="output folder for accuracy.{json,csv,md}")
-    p.add_argument("--k", type=_ks, default=[1, 3, 5, 10, 20])
+    p.add_argument("--k", type=parse_ks, default=[1, 3, 5, 10, 20])
     p.add_argument("--num-prompts", type=int, default=None, help="test prompts (default: all)")
     p.add_argument("--seed", type=int, default=0)
     add_reference_args(p)
