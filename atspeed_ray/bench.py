@@ -139,6 +139,15 @@ def bench_line(row: dict, ref_items: list, out_items: list, targets: list[list[i
                    f"{row[f'ndcg@{k}_beam']:.4f}/{row[f'ndcg@{k}_spec']:.4f}")
 
 
+def breakdown_line(row: dict) -> str:
+    """The per-request time split of one row (ms): where the speculative search's time goes,
+    beside the target's beam search and the parts of the bounds."""
+    return ("    ms/request: draft {draft_ms:.2f} + verify {verify_ms:.2f} + accept {accept_ms:.2f} "
+            "+ bookkeeping {bookkeeping_ms:.2f} + rest {rest_ms:.2f} = {total_ms:.2f} "
+            "(beam search {beam_search_ms:.2f}; bounds: oracle pass {oracle_pass_ms:.2f}, "
+            "N-tree pass {tree_pass_ms:.2f}, draft round {draft_round_ms:.2f})").format(**row)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from atspeed_ray.data.prepare import open_data
     from atspeed_ray.models import DeviceConfig, load_decoder
@@ -160,7 +169,8 @@ def run_bench(args: argparse.Namespace) -> int:
         params = search_params(k, args.draft_beams, args.gamma, args.mode, args.seed, index.device)
         row, ref_items, out_items = measure_speculative(target, draft, index, prompts, params,
                                                         args.batch_size, args.repeat)
-        print(bench_line(row, ref_items, out_items, targets), flush=True)
+        print(bench_line(row, ref_items, out_items, targets))
+        print(breakdown_line(row), flush=True)
         rows.append(row)
     result = {"target": args.target, "draft": args.draft, "mode": args.mode, "gamma": args.gamma,
               "split": args.split, "prompts": len(prompts), "batch_size": args.batch_size,

@@ -5,7 +5,8 @@
 * measurements: ``timed`` / ``time_per_batch``, the two bounds (``oracle_pass_time``: one target
   pass over a full tree; ``draft_round_time``: the draft's first round) and
   ``measure_speculative``, which times the target's beam search against speculative beam search
-  on the same prompts in the same process.
+  on the same prompts in the same process, with the speculative time split by phase
+  (``breakdown_ms``: draft, verify, accept, bookkeeping, rest per request).
 
 Torch is imported inside the functions: the CLI imports this module for ``--help``.
 """
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
     from atspeed_ray.data.index import ItemIndex
     from atspeed_ray.decoding.search import SearchParams
+    from atspeed_ray.decoding.timing import Timings
 
 X = TypeVar("X")
 Batch = list[list[int]]  # prompts decoded together
@@ -163,11 +165,36 @@ def draft_round_time(draft: torch.nn.Module, index: ItemIndex, prompt_batches: l
     return time_per_batch(one, prompt_batches, repeat)
 
 
+def alternate(plain: Callable[[], X], spec: Callable[[Timings | None], X], repeat: int,
+              device: torch.device) -> tuple[float, X, float, X, Timings]:
+    """Best of ``repeat`` alternating timings of ``plain()`` and ``spec(timings)``, so that a
+    slow spell of the machine hits both. On the CPU the timed speculative runs carry the phase
+    timer (a few clock reads per round) and the best run's phases are returned; on CUDA the
+    timer synchronises at every phase, so it runs once more, untimed, on its own.
+    Returns (plain s, plain result, speculative s, speculative result, phase timings)."""
+    from atspeed_ray.decoding.timing import Timings
+
+    t_plain = t_spec = float("inf")
+    best: Timings | None = None
+    for _ in range(repeat):
+        t, ref = timed(plain)
+        t_plain = min(t_plain, t)
+        timings = Timings(device) if device.type == "cpu" else None
+        t, out = timed(lambda: spec(timings))
+        if t < t_spec:
+            t_spec, best = t, timings
+    if best is None:
+        best = Timings(device)
+        spec(best)
+    return t_plain, ref, t_spec, out, best
+
+
 def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
                         prompts: list[list[int]], params: SearchParams, batch_size: int,
                         repeat: int = 1) -> tuple[dict, list, list]:
     """Time the target's beam search and speculative beam search on the same prompts (same
-    process, warm-up first; with ``repeat`` > 1 the two alternate and each keeps its best time).
+    process, warm-up first; with ``repeat`` > 1 the two alternate and each keeps its best time),
+    with the speculative time split by phase (``Timings``) and the bounds measured beside.
     Relaxed sampling draws from ``params.generator`` (warm-up included).
     Returns (row of measurements, plain items, speculative items)."""
     import torch
@@ -180,18 +207,14 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     def plain() -> list:
         return [beam_search(target, b, index, k) for b in prompt_batches]
 
-    def spec() -> list:
-        return [speculative_search(target, draft, b, index, params) for b in prompt_batches]
+    def spec(timings: Timings | None) -> list:
+        return [speculative_search(target, draft, b, index, params, timings=timings)
+                for b in prompt_batches]
 
     with torch.no_grad():
         beam_search(target, prompt_batches[0], index, k)  # warm-up
         speculative_search(target, draft, prompt_batches[0], index, params)
-        t_plain = t_spec = float("inf")
-        for _ in range(repeat):  # alternating, so that a slow spell of the machine hits both
-            t, ref = timed(plain)
-            t_plain = min(t_plain, t)
-            t, out = timed(spec)
-            t_spec = min(t_spec, t)
+        t_plain, ref, t_spec, out, timings = alternate(plain, spec, repeat, index.device)
         t_pass = oracle_pass_time(target, prompt_batches, k, params.gamma, repeat)
         t_tree = t_pass if n == k else oracle_pass_time(target, prompt_batches, n, params.gamma, repeat)
         t_draft = draft_round_time(draft, index, prompt_batches, params, repeat)
@@ -200,9 +223,27 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     row = speed_row(params, t_plain, t_spec, t_pass, t_tree, t_draft,
                     {key: [v for r in out for v in r.stats[key]]
                      for key in ("target_calls", "draft_calls", "rounds", "accepted_steps")})
+    row.update(breakdown_ms(timings, len(prompts), t_plain, t_pass, t_tree, t_draft))
     if params.mode == "strict":
         row["identical_rate"] = sum(a == b for a, b in zip(out_items, ref_items)) / len(prompts)
     return row, ref_items, out_items
+
+
+BREAKDOWN_COLUMNS = ("draft_ms", "verify_ms", "accept_ms", "bookkeeping_ms", "rest_ms",
+                     "total_ms", "beam_search_ms", "oracle_pass_ms", "tree_pass_ms",
+                     "draft_round_ms")
+
+
+def breakdown_ms(timings: Timings, n_requests: int, t_plain: float, t_pass: float,
+                 t_tree: float, t_draft: float) -> dict[str, float]:
+    """Milliseconds per request (``BREAKDOWN_COLUMNS``): the speculative search by phase (their
+    sum is ``total_ms``), beside the target's beam search and the bounds' parts (one oracle
+    pass over K*gamma tree tokens, one over N*gamma, the draft's first round)."""
+    row = timings.per_request(n_requests)
+    for name, seconds in (("beam_search_ms", t_plain), ("oracle_pass_ms", t_pass),
+                          ("tree_pass_ms", t_tree), ("draft_round_ms", t_draft)):
+        row[name] = 1e3 * seconds / n_requests
+    return row
 
 
 def speed_row(params: SearchParams, t_plain: float, t_spec: float, t_pass: float, t_tree: float,

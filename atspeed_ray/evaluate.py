@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from atspeed_ray.benchmarking import (
-    DraftWidth, add_forward_arg, batches, measure_speculative, parse_ks, search_params,
+    BREAKDOWN_COLUMNS, DraftWidth, add_forward_arg, batches, measure_speculative, parse_ks,
+    search_params,
 )
 from atspeed_ray.settings import MODES
 from atspeed_ray.reference.config import add_reference_args, reference_config
@@ -122,8 +123,8 @@ def plot(speed: list[dict[str, Any]], out: Path) -> None:
 SPEED_COLUMNS = [
     "method", "mode", "k", "draft_beams", "walltime_speedup", "accepted_steps_per_round",
     "target_calls_per_request", "draft_calls_per_request", "identical_rate",
-    "oracle_speedup", "tree_bound_speedup", "one_round_bound_speedup", "beam_search_s",
-    "speculative_s"]
+    "oracle_speedup", "fraction_of_oracle", "tree_bound_speedup", "one_round_bound_speedup",
+    "beam_search_s", "speculative_s", *BREAKDOWN_COLUMNS]
 
 
 @dataclass

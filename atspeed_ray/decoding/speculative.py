@@ -34,6 +34,7 @@ from atspeed_ray.decoding.acceptance import accept_round
 from atspeed_ray.decoding.beam import Beams, DecodeResult, root_beams, score_dtype, take
 from atspeed_ray.decoding.drafting import DraftStep, draft_phase
 from atspeed_ray.decoding.search import SearchParams
+from atspeed_ray.decoding.timing import Timings, phase, whole
 from atspeed_ray.decoding.tree import TreeCache
 from atspeed_ray.decoding.verification import Verified, verify_phase
 from atspeed_ray.settings import DEFAULT_MODE, Mode
@@ -118,14 +119,16 @@ class Answers:
 
 
 def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchParams,
-                     keep_cache: bool = True, dtype: torch.dtype = torch.float32
-                     ) -> SpeculativeLoop:
+                     keep_cache: bool = True, dtype: torch.dtype = torch.float32,
+                     timings: Timings | None = None) -> SpeculativeLoop:
     """The speculative beam search loop over ``prompts``; model calls are yielded (see above).
 
     ``index`` must be on the device the beams live on; ``dtype`` is the beam score dtype
     (``score_dtype(target)``). With ``keep_cache=False`` every round starts with no cached token
     (``Beams.forget_slots``): the draft and the target recompute prompt and beams in each forward.
     ``stats`` of the result: per-request lists target_calls, draft_calls, rounds, accepted_steps.
+    ``timings`` (optional) adds each phase's wall time: the draft and verify calls as the driver
+    answers them, acceptance, and the bookkeeping after it (the end-of-round call included).
     """
     device = index.device
     B, L, K = len(prompts), index.L, params.k
@@ -141,21 +144,25 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
         G = int(g.max())
         steps: list[DraftStep] = []
         if G > 0:
-            reply = yield ProposeCall(beams, t, g, active_prompts, params)
+            with phase(timings, "draft"):
+                reply = yield ProposeCall(beams, t, g, active_prompts, params)
             steps, beams = reply  # type: ignore[misc]
-        verified = yield VerifyCall(beams, t, steps, active_prompts)
+        with phase(timings, "verify"):
+            verified = yield VerifyCall(beams, t, steps, active_prompts)
         assert isinstance(verified, Verified)
-        beams, acc = accept_round(verified, t, g, index, params)
-        t = t + acc + 1
-        answers.count_round(rows, g, G, acc)
-        # ---- drop rejected branches from the caches, retire finished requests
-        done = t >= L
-        keep = (~done).nonzero().flatten() if bool(done.any()) else None
-        beams = yield EndRoundCall(beams, keep)  # type: ignore[assignment]
-        if keep is not None:
-            answers.store(rows[done], beams.select_rows(done))
-            beams, t, rows = beams.select_rows(keep), t[keep], rows[keep]
-            active_prompts = [active_prompts[i] for i in keep.tolist()]
+        with phase(timings, "accept"):
+            beams, acc = accept_round(verified, t, g, index, params)
+        with phase(timings, "bookkeeping"):
+            t = t + acc + 1
+            answers.count_round(rows, g, G, acc)
+            # ---- drop rejected branches from the caches, retire finished requests
+            done = t >= L
+            keep = (~done).nonzero().flatten() if bool(done.any()) else None
+            beams = yield EndRoundCall(beams, keep)  # type: ignore[assignment]
+            if keep is not None:
+                answers.store(rows[done], beams.select_rows(done))
+                beams, t, rows = beams.select_rows(keep), t[keep], rows[keep]
+                active_prompts = [active_prompts[i] for i in keep.tolist()]
     return answers.result(index, best_first=params.sample)
 
 
@@ -219,17 +226,19 @@ class LocalModels:
 
 @torch.no_grad()
 def speculative_search(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[list[int]],
-                       index: ItemIndex, params: SearchParams, keep_cache: bool = True
-                       ) -> DecodeResult:
+                       index: ItemIndex, params: SearchParams, keep_cache: bool = True,
+                       timings: Timings | None = None) -> DecodeResult:
     """Top-``params.k`` items per prompt by speculative beam search (see the module docstring).
 
     ``stats`` holds per-request lists: target_calls, draft_calls, rounds, accepted_steps.
     ``keep_cache=False`` runs every round stateless (prompt and beams recomputed each forward):
     the same result, the mode used when draft and target are remote replicas without caches.
+    ``timings`` (optional, ``Timings``) adds the time of each phase and of the whole call.
     """
     index = index.to(next(target.parameters()).device)
-    loop = speculative_loop(prompts, index, params, keep_cache, score_dtype(target))
-    return run_loop(loop, LocalModels(target, draft, index, keep_cache))
+    loop = speculative_loop(prompts, index, params, keep_cache, score_dtype(target), timings)
+    with whole(timings):
+        return run_loop(loop, LocalModels(target, draft, index, keep_cache))
 
 
 def speculative_beam_search(

@@ -1,0 +1,79 @@
+"""Where the time goes: the optional phase timer of speculative search and bench's breakdown."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from atspeed_ray.benchmarking import BREAKDOWN_COLUMNS, measure_speculative
+from atspeed_ray.decoding import SearchParams, speculative_search
+from atspeed_ray.decoding.timing import PHASES, Timings
+from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
+
+CODEBOOK = [16, 16, 16]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    index = random_catalog(600, CODEBOOK, seed=0)
+    V = vocab_size(CODEBOOK)
+    target = random_model(V, seed=1)
+    draft = random_model(V, seed=2, hidden=16, layers=1)
+    return index, target, draft, random_prompts(4, V, seed=3)
+
+
+@pytest.mark.parametrize("mode", ["strict", "relaxed"])
+def test_timed_search_gives_the_same_result_and_phases_sum_to_its_time(setup, mode):
+    index, target, draft, prompts = setup
+    params = SearchParams(5, 10, 2, mode, torch.Generator().manual_seed(0))
+    plain = speculative_search(target, draft, prompts, index, params)
+    timings = Timings()
+    params = SearchParams(5, 10, 2, mode, torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    out = speculative_search(target, draft, prompts, index, params, timings=timings)
+    outside = time.perf_counter() - t0
+    assert out.items == plain.items and torch.equal(out.scores, plain.scores)
+    assert set(timings.seconds) == set(PHASES)
+    assert all(s > 0 for s in timings.seconds.values())  # every phase ran at least once
+    phases = sum(timings.seconds.values())
+    assert phases <= timings.total <= outside
+    assert timings.rest == pytest.approx(timings.total - phases)
+    assert timings.total > 0.9 * outside  # the timer brackets (almost) the whole call
+    ms = timings.per_request(len(prompts))
+    assert sum(ms[f"{p}_ms"] for p in PHASES) + ms["rest_ms"] == pytest.approx(ms["total_ms"])
+
+
+def test_timings_add_up_over_calls(setup):
+    index, target, draft, prompts = setup
+    params = SearchParams(3, 3, 1, "strict", None)
+    timings = Timings()
+    speculative_search(target, draft, prompts[:2], index, params, timings=timings)
+    first = dict(timings.seconds), timings.total
+    speculative_search(target, draft, prompts[2:], index, params, timings=timings)
+    assert all(timings.seconds[p] > first[0][p] for p in PHASES) and timings.total > first[1]
+
+
+def test_bench_row_carries_the_breakdown_and_it_sums_to_the_measured_time(setup):
+    index, target, draft, prompts = setup
+    params = SearchParams(5, 10, 2, "strict", None)
+    row, ref, out = measure_speculative(target, draft, index, prompts, params, batch_size=2,
+                                        repeat=2)
+    assert row["identical_rate"] == 1.0 and ref == out
+    for col in BREAKDOWN_COLUMNS:
+        assert row[col] >= 0, col
+    parts = sum(row[c] for c in ("draft_ms", "verify_ms", "accept_ms", "bookkeeping_ms", "rest_ms"))
+    assert parts == pytest.approx(row["total_ms"])
+    # the phases were timed in the best timed run itself: its total sits inside that run's time
+    measured_ms = 1e3 * row["speculative_s"] / len(prompts)
+    assert 0.8 * measured_ms <= row["total_ms"] <= measured_ms * 1.0001
+    assert row["beam_search_ms"] == pytest.approx(1e3 * row["beam_search_s"] / len(prompts))
+    assert row["verify_ms"] > 0 and row["draft_ms"] > 0 and row["oracle_pass_ms"] > 0
+    assert 0 < row["fraction_of_oracle"]
+
+
+def test_evaluate_speed_table_carries_the_breakdown_columns():
+    from atspeed_ray.evaluate import SPEED_COLUMNS
+
+    assert set(BREAKDOWN_COLUMNS) <= set(SPEED_COLUMNS) and "fraction_of_oracle" in SPEED_COLUMNS
