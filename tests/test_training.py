@@ -281,7 +281,7 @@ def test_ray_zero2_two_workers_learn_survive_a_failure_and_export(ray_local, pre
     out, storage = tmp_path / "target", tmp_path / "ray"
     rc = main(["train-target", "--data", str(prep), "--out", str(out), *RAY_FLAGS,
                "--zero-stage", "2", "--storage-path", str(storage), "--max-failures", "1",
-               "--fail-after-epoch", "1"])
+               "--fail-after-epoch", "1", "--samples", "prefix"])  # 384 per-prefix rows
     assert rc == 0
     run_dir = next(storage.iterdir())
     assert (run_dir / ".injected_failure_rank0").exists()  # the failure did happen
