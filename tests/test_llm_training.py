@@ -261,17 +261,32 @@ def test_local_bf16_autocast_trains(llama_dir, llm_prep, tmp_path):
 
 
 # ---------------------------------------------------------------------------- drafts
-@pytest.mark.parametrize("which", ["full", "lora"])
+@pytest.fixture(scope="module")
+def qwen_case(tmp_path_factory) -> tuple[Path, Path]:
+    """A tied Qwen2 (vocabulary padded past its tokenizer) fine-tuned with LoRA."""
+    from atspeed_ray.training.trainer import fit
+
+    root = tmp_path_factory.mktemp("qwen")
+    base = tiny_llm_folder(root / "base", "qwen2")
+    prep = prepare_for(base, root / "prep")
+    fit(llm_cfg(data=str(prep), out=str(root / "target"), init=str(base), lora_r=4, lora_alpha=8,
+                lr=1e-2), log=lambda m: None)
+    return root / "target", prep
+
+
+@pytest.mark.parametrize("which", ["full", "lora", "qwen2-lora"])
 def test_drafts_for_an_llm_target_decode_exactly(which, full_target, lora_target, llm_prep,
-                                                 tmp_path):
+                                                 qwen_case, tmp_path):
     """``align --init-layers 1`` cuts a draft from the LLM target (GQA heads, its embeddings and
-    head); a fresh preset draft gets the target's vocabulary; with either, strict speculative
-    beam search equals the target's beam search."""
+    head, tied or not); a fresh preset draft gets the target's vocabulary size; with either,
+    strict speculative beam search equals the target's beam search."""
     from atspeed_ray.decoding import beam_search, speculative_beam_search
     from atspeed_ray.models import load_decoder, load_weights
     from atspeed_ray.training.trainer import fit
 
-    target_dir = full_target if which == "full" else lora_target
+    target_dir, prep = {"full": (full_target, llm_prep), "lora": (lora_target, llm_prep),
+                        "qwen2-lora": qwen_case}[which]
+    llm_prep = prep
     p = load_prepared(llm_prep)
     drafts = {}
     for name, kw in {"cut": dict(init_layers=1), "fresh": dict(preset="tiny")}.items():
@@ -282,7 +297,10 @@ def test_drafts_for_an_llm_target_decode_exactly(which, full_target, lora_target
     target = load_decoder(target_dir, DeviceConfig(device="cpu", dtype="float64"))
     cut, fresh = drafts["cut"], drafts["fresh"]
     assert cut.config.num_hidden_layers == 1 and cut.config.num_key_value_heads == 2
-    assert fresh.get_input_embeddings().weight.shape[0] == len(p.tokenizer)
+    rows = load_weights(target_dir, CPU32).get_input_embeddings().weight.shape[0]
+    assert rows >= len(p.tokenizer)
+    assert fresh.get_input_embeddings().weight.shape[0] == rows
+    assert cut.config.tie_word_embeddings == (which == "qwen2-lora")
     prompts = p.prompts("test", 4)
     for k in (1, 3, 5):
         ref = beam_search(target, prompts, p.index, k)
