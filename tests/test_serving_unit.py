@@ -380,3 +380,70 @@ def test_router_recovers_quickly_after_an_outage():
     assert n <= 150, n
     n = outage_recovery(Router(), outage_requests=200, stall_ms=30_000.0)
     assert n <= 150, n
+
+
+# ----------------------------------------------------------------------------- HTTP guards
+@pytest.fixture(scope="module")
+def guarded():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from atspeed_ray.serving.http import install
+
+    app = FastAPI()
+    install(app)
+
+    @app.post("/recommend")
+    def recommend(req: RecommendRequest) -> dict:
+        return {"k": req.k}
+
+    return TestClient(app)
+
+
+@pytest.mark.parametrize("raw,field", [
+    ('{"history": [1, NaN]}', ["body", "history", 1]),
+    ('{"history": [1], "k": Infinity}', ["body", "k"]),
+    ('{"history": [-Infinity]}', ["body", "history", 0]),
+    ('{"history": [1], "seed": 1e400}', ["body", "seed"]),
+    ('{"history": [1], "extra": NaN}', ["body", "extra"]),
+])
+def test_non_finite_numbers_get_a_422_naming_the_field(guarded, raw, field, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        r = guarded.post("/recommend", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert [d["loc"] for d in r.json()["detail"]] == [field]
+    lines = [rec for rec in caplog.records if rec.name == "ray.serve"]
+    assert len(lines) == 1 and "\n" not in lines[0].getMessage() and lines[0].exc_info is None
+
+
+def test_oversized_bodies_get_a_413_and_422s_echo_little(guarded):
+    from atspeed_ray.serving.config import MAX_BODY_BYTES
+    from atspeed_ray.serving.http import MAX_ECHO_CHARS
+
+    big = '{"history": [' + ",".join(["1"] * MAX_BODY_BYTES) + "]}"
+    r = guarded.post("/recommend", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and str(MAX_BODY_BYTES) in r.json()["detail"]
+
+    def chunks():  # no Content-Length: counted while it streams in
+        for i in range(0, len(big), 4096):
+            yield big[i:i + 4096].encode()
+
+    r = guarded.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    long = {"history": list(range(5000))}  # within the byte limit, over MAX_HISTORY
+    r = guarded.post("/recommend", json=long)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "history"]
+    assert len(r.content) < MAX_ECHO_CHARS + 300
+    assert guarded.post("/recommend", json={"history": [1, 2]}).json() == {"k": 10}
+
+
+def test_the_ingress_has_the_guards():
+    from fastapi.exceptions import RequestValidationError
+
+    from atspeed_ray.serving.deployments import api
+    from atspeed_ray.serving.http import BodyLimit
+
+    assert any(m.cls is BodyLimit for m in api.user_middleware)
+    assert RequestValidationError in api.exception_handlers

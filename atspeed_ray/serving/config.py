@@ -6,6 +6,8 @@ Limits (documented in the OpenAPI schema at /docs):
   ``history_window`` items (default: the prepared data's ``history_len``, 20) go into the prompt,
   exactly as training built its prompts. Longer histories get a 422 naming ``history``.
 * ``k``: 1 to ``MAX_K`` (50), and at most the app's ``max_k`` and the number of distinct items.
+* the body: at most ``MAX_BODY_BYTES`` (64 KiB; more gets a 413 before parsing). A 422 echoes
+  at most 200 characters of the input it names.
 * ``mode``: ``strict`` (lossless: the target's own beam search) or ``relaxed`` (sampling
   verification; add ``seed`` for a reproducible answer).
 """
@@ -21,6 +23,7 @@ from atspeed_ray.settings import DEFAULT_MODE, Dtype, Forward, Mode, draft_width
 
 MAX_HISTORY = 50
 MAX_K = 50
+MAX_BODY_BYTES = 64 * 1024  # POST bodies: 50 ids of 19 digits are ~1 KiB
 
 ItemId = Annotated[int, Field(strict=True, ge=0, le=2**62)]
 

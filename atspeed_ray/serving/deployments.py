@@ -36,10 +36,11 @@ from atspeed_ray.serving.batching import (
 )
 from atspeed_ray.serving.catalog import Catalog, load_catalog
 from atspeed_ray.serving.config import (
-    MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings, RecommendRequest,
+    MAX_BODY_BYTES, MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings, RecommendRequest,
     RecommendResponse,
 )
 from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
+from atspeed_ray.serving.http import install as install_http_guards
 from atspeed_ray.serving.routing import Arm, Router
 
 logger = logging.getLogger("ray.serve")
@@ -152,9 +153,11 @@ api = FastAPI(
         "Top-k next-item recommendation by speculative beam search (AtSpeed): a draft model "
         "proposes, the target verifies. `strict` mode returns exactly the target's beam search. "
         f"Limits: history 1..{MAX_HISTORY} item ids (the most recent history_window are used), "
-        f"k 1..{MAX_K} (and at most the app's max_k / the number of items)."),
+        f"k 1..{MAX_K} (and at most the app's max_k / the number of items); bodies up to "
+        f"{MAX_BODY_BYTES} bytes (413 beyond)."),
     version="0.1.0",
 )
+install_http_guards(api)  # body-size limit (413) and safe, short 422s
 
 
 def field_error(loc: list[str | int], msg: str, value: Any, kind: str = "value_error") -> HTTPException:

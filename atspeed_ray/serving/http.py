@@ -1,0 +1,93 @@
+"""HTTP guards of the ingress: a body-size limit and validation errors that are safe to send.
+
+* A body over ``MAX_BODY_BYTES`` gets a 413 before it is parsed (by its ``Content-Length``, or
+  while a chunked body streams in).
+* A 422 names the field (``detail[*].loc``) and echoes at most ``MAX_ECHO_CHARS`` of the input
+  that was wrong; values JSON cannot encode (``NaN``, ``Infinity``, ``1e400`` parse as floats)
+  are echoed as text. Each 422 is logged in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from atspeed_ray.serving.config import MAX_BODY_BYTES
+
+MAX_ECHO_CHARS = 200
+
+logger = logging.getLogger("ray.serve")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def too_large(limit: int) -> HTTPException:
+    return HTTPException(status_code=413, detail=f"request body over {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, before anything parses it."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            response = JSONResponse(status_code=413, content={"detail": too_large(self.limit).detail})
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:  # a chunked body: count as it arrives
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise too_large(self.limit)  # FastAPI's body reader re-raises HTTPExceptions
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def echo(value: Any) -> Any:
+    """``value`` if it is valid JSON of at most ``MAX_ECHO_CHARS``, else a shortened text of it."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):  # NaN, inf, bytes, ...
+        text = repr(value)
+        return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "..."
+    return value if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "..."
+
+
+def loc_text(loc: Any) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 shape (``type``, ``loc``, ``msg``, ``input``) with a safe, short ``input``."""
+    errors = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg"),
+               "input": echo(e.get("input"))} for e in exc.errors()]
+    first = errors[0] if errors else {"loc": [], "msg": ""}
+    logger.info("422 %s %s: %d error(s), first %s: %s", request.method, request.url.path,
+                len(errors), loc_text(first["loc"]), first["msg"])
+    return JSONResponse(status_code=422, content={"detail": errors})
+
+
+def install(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """The guards above on ``app``."""
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
