@@ -447,3 +447,55 @@ def test_the_ingress_has_the_guards():
 
     assert any(m.cls is BodyLimit for m in api.user_middleware)
     assert RequestValidationError in api.exception_handlers
+
+
+# ----------------------------------------------------------------------------- bad starts
+def test_the_contract_form_needs_no_data_folder(small):
+    """The exports carry the item index and prompt format: ``--target T --draft D`` alone serves
+    the prompts training built."""
+    root, catalog, *_ = small
+    bare = load_catalog(None, str(root / "models/target"))
+    assert bare.history_window == catalog.history_window
+    assert bare.prompt_format == catalog.prompt_format
+    for hist in catalog.examples[:8]:
+        assert bare.prompt(hist) == catalog.prompt(hist)
+    AppArgs(target=str(root / "models/target"), draft=str(root / "models/draft")).check_paths()
+
+
+def test_bad_paths_are_refused_in_one_line_before_any_replica(small, tmp_path, capsys):
+    from atspeed_ray.cli import main
+    from atspeed_ray.serving.app import build_app
+
+    root = small[0]
+    (tmp_path / "config.json").write_text("{}")  # a model folder without the catalog files
+    cases = [({"target": str(tmp_path), "draft": str(root / "models/draft")}, "index.json"),
+             ({"target": str(root / "models/target"), "draft": str(root / "data")}, "config.json"),
+             ({"target": str(root / "models/target"), "draft": str(root / "models/draft"),
+               "data": str(tmp_path)}, "not a prepared data folder")]
+    for args, needle in cases:
+        with pytest.raises(ValueError, match=needle) as e:
+            build_app(args)
+        assert "\n" not in str(e.value)
+        capsys.readouterr()
+        rc = main(["serve", *[f"--{k}={v}" for k, v in args.items()], "--print-config"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+
+
+def test_serve_status_failure_names_the_deployment_and_the_cause():
+    from types import SimpleNamespace as NS
+
+    from atspeed_ray.serving.process import failure, running
+
+    tb = ("A replica failed to start with exception. Retrying 2 more time(s). Error:\n"
+          "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+          "ray.exceptions.RayTaskError(DataError): ray::ServeReplica...\n"
+          "atspeed_ray.data.errors.DataError: /m/index.json: no index.json beside the target model\n")
+    dep = {"TargetModel": NS(status="UPDATING", message=tb), "Recommender": NS(status="UPDATING", message="")}
+    status = NS(applications={"atspeed": NS(status="DEPLOYING", message="", deployments=dep)})
+    assert failure(status) == ("atspeed/TargetModel cannot start: atspeed_ray.data.errors.DataError: "
+                               "/m/index.json: no index.json beside the target model")
+    assert not running(status)
+    ok = NS(applications={"atspeed": NS(status="RUNNING", message="", deployments={
+        "TargetModel": NS(status="HEALTHY", message="")})})
+    assert failure(ok) is None and running(ok)

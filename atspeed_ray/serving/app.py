@@ -22,6 +22,7 @@ from atspeed_ray.serving.deployments import DraftModel, Recommender, TargetModel
 def build(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> Application:
     """The app graph; ``options`` = per-deployment ``.options(...)`` overrides, by deployment name
     (what a YAML ``deployments:`` list does), e.g. ``{"DraftModel": {"num_replicas": 2}}``."""
+    args.check_paths()  # a bad path: one line now, not a replica traceback per retry
     opts = options or {}
 
     def dep(d: Any) -> Any:

@@ -91,7 +91,7 @@ def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
                 raise FileNotFoundError(f"--{key} {value}: no such folder")
             paths[key] = str(Path(value).resolve())
     app_args = {**main.get("args", {}), **extra, **paths, "target_only": bool(args.target_only)}
-    AppArgs.model_validate(app_args)  # fail here, not inside a replica
+    AppArgs.model_validate(app_args).check_paths()  # fail here, not inside a replica
     main["args"] = app_args
     if args.target_only:
         main["deployments"] = [d for d in main.get("deployments", []) if d.get("name") != "DraftModel"]
@@ -112,48 +112,28 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.draft is None and not args.target_only:
         print("atspeed-ray serve: error: --draft is required (or --target-only)", file=sys.stderr)
         return 2
-    config = resolved_config(args)
+    try:
+        config = resolved_config(args)
+    except ValueError as e:  # a bad path or app arg: one line (pydantic's errors are ValueErrors)
+        print(f"atspeed-ray serve: error: {str(e).strip()}", file=sys.stderr)
+        return 2
     text = yaml.safe_dump(config, sort_keys=False)
     if args.print_config:
         print(text)
         return 0
     import os
-    import signal
 
     # autoscaling reacts within seconds on this small config (the defaults push metrics every 10 s)
     for var in ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                 "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
         os.environ.setdefault(var, "1")
-
-    def stop(_sig: int, _frame: object) -> None:  # SIGTERM: shut Serve and Ray down cleanly
-        raise KeyboardInterrupt
-
-    import ray
-    from ray.serve.scripts import cli as serve_cli
+    from atspeed_ray.serving.process import serve_until_stopped
 
     with tempfile.TemporaryDirectory(prefix="atspeed-serve-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(text)
-        # a fresh local instance: never deploy onto a cluster someone else started
-        ray.init(address="local", namespace="serve", num_cpus=args.num_cpus,
-                 object_store_memory=512 * 1024**2)
-        signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own handler
         port = config["http_options"].get("port", 8000)
-        print(f"serving on http://{args.host}:{port}  (POST /recommend, GET /healthz, /docs)", flush=True)
-        try:
-            # `serve run` reports on stdout; that is Ray's log, stdout is this command's own
-            with contextlib.redirect_stdout(sys.stderr):
-                serve_cli.main(["run", str(path)], standalone_mode=False)
-        except (KeyboardInterrupt, SystemExit):
-            pass
-        finally:
-            from ray import serve
-
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-    return 0
+        return serve_until_stopped(path, f"http://{args.host}:{port}", args.num_cpus)
 
 
 def run_loadtest(args: argparse.Namespace) -> int:

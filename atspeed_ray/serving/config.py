@@ -14,6 +14,7 @@ Limits (documented in the OpenAPI schema at /docs):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -133,6 +134,18 @@ class AppArgs(BaseModel):
         if self.draft is None and not self.target_only:
             raise ValueError("draft is required unless target_only is true")
         return self
+
+    def check_paths(self) -> None:
+        """Refuse, in one line, paths the replicas could not start from (before they start)."""
+        from atspeed_ray.serving.catalog import catalog_source_error
+
+        models = [("target", self.target)] + ([("draft", self.draft)] if self.speculative else [])
+        for name, path in models:
+            if path is None or not (Path(path) / "config.json").is_file():
+                raise ValueError(f"{name} {path}: not a model folder (no config.json)")
+        error = catalog_source_error(self.data, self.target)
+        if error is not None:
+            raise ValueError(error)
 
     @property
     def speculative(self) -> bool:

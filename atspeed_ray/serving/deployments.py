@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -36,10 +36,11 @@ from atspeed_ray.serving.batching import (
 )
 from atspeed_ray.serving.catalog import Catalog, load_catalog
 from atspeed_ray.serving.config import (
-    MAX_BODY_BYTES, MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings, RecommendRequest,
-    RecommendResponse,
+    MAX_BODY_BYTES, MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings,
+    RecommendRequest, RecommendResponse,
 )
 from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
+from atspeed_ray.serving.http import field_error
 from atspeed_ray.serving.http import install as install_http_guards
 from atspeed_ray.serving.routing import Arm, Router
 
@@ -48,6 +49,8 @@ logger = logging.getLogger("ray.serve")
 BATCH_BOUNDS = [1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5]
 LATENCY_BOUNDS_MS = [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 SMALL_COUNT_BOUNDS = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5]
+READY_TIMEOUT_S = 1.0  # /readyz: a model deployment that does not answer a ping by then is not ready
+READY_CACHE_S = 2.0  # /readyz pings at most this often
 
 # the batched model methods start from BatchSettings' defaults; each replica then applies its
 # own settings (ModelSettings.batch, from the app's draft_batch / target_batch) in __init__
@@ -95,6 +98,10 @@ class ModelReplica:
         b["requests"] += n
         b["max_batch"] = max(b["max_batch"], n)
         self.batch_size.observe(n, tags={"method": method})
+
+    async def ping(self) -> bool:
+        """Readiness probe of the ingress: answered by the event loop, no model work."""
+        return True
 
     def info(self) -> dict[str, Any]:
         """This replica: pid, device, torch threads and batching counters."""
@@ -157,18 +164,7 @@ api = FastAPI(
         f"{MAX_BODY_BYTES} bytes (413 beyond)."),
     version="0.1.0",
 )
-install_http_guards(api)  # body-size limit (413) and safe, short 422s
-
-
-def field_error(loc: list[str | int], msg: str, value: Any, kind: str = "value_error") -> HTTPException:
-    """A 422 shaped like FastAPI's own validation errors (``detail[*].loc`` names the field)."""
-    return HTTPException(status_code=422, detail=[{"type": kind, "loc": loc, "msg": msg, "input": value}])
-
-
-@api.exception_handler(Exception)
-async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("request failed: %s", exc)
-    return JSONResponse(status_code=503, content={"detail": f"temporarily unavailable: {type(exc).__name__}"})
+install_http_guards(api)  # body-size limit (413), safe and short 422s, 503 for internal errors
 
 
 def running_replicas() -> dict[str, int]:
@@ -197,6 +193,17 @@ async def _result(resp: DeploymentResponse) -> Any:
     return await resp
 
 
+async def _ping(handle: DeploymentHandle) -> str:
+    """"ok", or why a model deployment did not answer a ping in time."""
+    try:
+        await asyncio.wait_for(_result(handle.ping.remote()), READY_TIMEOUT_S)
+        return "ok"
+    except asyncio.TimeoutError:
+        return f"no answer within {READY_TIMEOUT_S} s"
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 @serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Recommender:
@@ -211,6 +218,7 @@ class Recommender:
         self.draft = draft if self.args.speculative else None
         self.router = (Router(probe_every=self.args.probe_every, max_backoff=self.args.probe_backoff)
                        if self.draft is not None and self.args.routing == "adaptive" else None)
+        self.ready: tuple[float, dict[str, str]] | None = None  # (when, model -> "ok" | why not)
         self.counts: dict[str, float] = {
             "requests": 0, "ok": 0, "errors": 0, "fallbacks": 0, "fallback_error": 0,
             "fallback_deadline": 0, "routed_target_only": 0, "handle_calls": 0, "rounds": 0,
@@ -235,6 +243,22 @@ class Recommender:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "speculative": self.draft is not None}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """200 when every model deployment answers a ping within ``READY_TIMEOUT_S`` (checked at
+        most every ``READY_CACHE_S``), else 503 naming the one(s) that did not. ``/healthz`` only
+        says this ingress replica runs."""
+        now = time.monotonic()
+        if self.ready is None or now - self.ready[0] > READY_CACHE_S:
+            handles = {"TargetModel": self.target, "DraftModel": self.draft}
+            checks = {name: h for name, h in handles.items() if h is not None}
+            answers = await asyncio.gather(*(_ping(h) for h in checks.values()))
+            self.ready = (now, dict(zip(checks, answers)))
+        models = self.ready[1]
+        ok = all(v == "ok" for v in models.values())
+        return JSONResponse(status_code=200 if ok else 503,
+                            content={"status": "ready" if ok else "not ready", "models": models})
 
     @api.get("/meta")
     async def meta(self) -> dict[str, Any]:

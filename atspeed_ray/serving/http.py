@@ -1,4 +1,5 @@
-"""HTTP guards of the ingress: a body-size limit and validation errors that are safe to send.
+"""HTTP guards of the ingress: a body-size limit, validation errors that are safe to send, and
+a 503 (with the traceback in the log) for anything else that fails.
 
 * A body over ``MAX_BODY_BYTES`` gets a 413 before it is parsed (by its ``Content-Length``, or
   while a chunked body streams in).
@@ -87,7 +88,18 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(status_code=422, content={"detail": errors})
 
 
+def field_error(loc: list[str | int], msg: str, value: Any, kind: str = "value_error") -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors (``detail[*].loc`` names the field)."""
+    return HTTPException(status_code=422, detail=[{"type": kind, "loc": loc, "msg": msg, "input": echo(value)}])
+
+
+async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request failed: %s", exc)
+    return JSONResponse(status_code=503, content={"detail": f"temporarily unavailable: {type(exc).__name__}"})
+
+
 def install(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """The guards above on ``app``."""
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, internal_error)

@@ -87,12 +87,15 @@ def load_full_state(eval_model: torch.nn.Module, state_dict: dict[str, torch.Ten
         raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
 
 
-def export_hf(model: torch.nn.Module, tokenizer, out: Path) -> None:
-    """A plain HF checkpoint (LoRA adapters merged into a copy) with the tokenizer."""
+def export_hf(model: torch.nn.Module, prepared, out: Path) -> None:
+    """A plain HF checkpoint (LoRA adapters merged into a copy) with the tokenizer, and the item
+    index and prompt format serving needs (``index.json``, ``catalog.json``)."""
     from atspeed_ray.models import save_model
+    from atspeed_ray.serving.catalog import export_catalog
     from atspeed_ray.training.lora import plain_model
 
-    save_model(plain_model(model), tokenizer, out)
+    save_model(plain_model(model), prepared.tokenizer, out)
+    export_catalog(prepared, out)
 
 
 @dataclass

@@ -13,14 +13,19 @@ import sys
 from collections.abc import Iterator
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             include_dashboard: bool = True) -> None:
+             include_dashboard: bool = True, namespace: str | None = None,
+             object_store_memory: int | None = None) -> None:
     """Connect to Ray once.
 
     Inside ``ray job submit`` (``RAY_ADDRESS`` is set) or with an explicit ``address`` it joins
     that cluster. Otherwise it starts a private local instance (``address="local"``) rather than
     attaching to whatever cluster happens to run on this machine. The dashboard stays on: Ray
-    Train V2 logs a flood of warnings without it.
+    Train V2 logs a flood of warnings without it. The private instance binds the loopback address
+    (GCS, raylet, workers, dashboard): it runs without auth, so no other host may reach it.
     """
     import ray
 
@@ -28,10 +33,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, namespace=namespace)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
-                 log_to_driver=True)
+                 log_to_driver=True, namespace=namespace, object_store_memory=object_store_memory,
+                 _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
 
 
 @contextlib.contextmanager

@@ -63,7 +63,7 @@ class LocalSession(Session):
         if not final:
             return
         out = Path(s.cfg.out)
-        export_hf(eval_model, s.prepared.tokenizer, out)
+        export_hf(eval_model, s.prepared, out)
         (out / "training.json").write_text(json.dumps(hist.to_json()))
         if probe is not None:
             save_probe(self.model, probe, out / PROBE)
@@ -183,7 +183,7 @@ class RaySession(Session):
             if self.rank == 0:
                 (d / STATE).write_text(json.dumps(hist.to_json()))
                 if final:
-                    export_hf(eval_model, s.prepared.tokenizer, d / HF_DIR)
+                    export_hf(eval_model, s.prepared, d / HF_DIR)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(d)))
         finally:
             shutil.rmtree(d, ignore_errors=True)
