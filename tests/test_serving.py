@@ -86,6 +86,77 @@ def deploy(config: dict, tmp: Path) -> None:
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.ray, pytest.mark.timeout(600)]
 
 
+# ------------------------------------------------------------- the CLI process (own Ray each)
+def start_cli(args: list[str], log: Path) -> "subprocess.Popen[bytes]":
+    """``atspeed-ray serve`` in its own process group, stdout+stderr to ``log``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log, "wb") as f:
+        return subprocess.Popen([sys.executable, "-m", "atspeed_ray.cli", "serve", *args], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random pair as the training commands export it (index.json, catalog.json beside)."""
+    root = tmp_path_factory.mktemp("serving_cli")
+    prepare("synthetic", root / "data", synthetic=SyntheticConfig(num_users=60, num_items=100))
+    build_random_pair(root / "data", root / "models", "tiny", seed=5)
+    return root
+
+
+@pytest.mark.timeout(240)
+def test_serve_exits_on_a_replica_that_cannot_start(exported, tmp_path):
+    """Paths that look right but a model that cannot load: exit 1 within a bound, the cause in
+    one line (not a wait for health forever)."""
+    import shutil
+
+    bad = tmp_path / "target"
+    shutil.copytree(exported / "models" / "target", bad)
+    (bad / "model.safetensors").write_bytes(b"not a checkpoint")
+    log = tmp_path / "serve.log"
+    proc = start_cli(["--target", str(bad), "--draft", str(exported / "models" / "draft"),
+                      "--port", str(free_port()), "--num-cpus", "2"], log)
+    t0 = time.monotonic()
+    rc = proc.wait(timeout=180)
+    took = time.monotonic() - t0
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("atspeed-ray serve: error:")]
+    assert rc == 1 and len(lines) == 1, log.read_text()[-3000:]
+    assert "TargetModel cannot start" in lines[0] or "DraftModel cannot start" in lines[0], lines[0]
+    print(f"bad start ended in {took:.1f} s: {lines[0]}")
+
+
+@pytest.mark.timeout(540)
+def test_contract_form_serves_is_ready_and_stops_fast_on_a_group_sigterm(exported, tmp_path):
+    import os
+    import signal
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = start_cli(["--target", str(exported / "models" / "target"),
+                      "--draft", str(exported / "models" / "draft"), "--port", str(port), "--num-cpus", "2"], log)
+    try:
+        deadline = time.monotonic() + 420
+        while "serving on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/readyz", timeout=30).json()["status"] == "ready"
+        history = httpx.get(f"{url}/meta", timeout=30).json()["example_histories"][0]
+        r = httpx.post(f"{url}/recommend", json={"history": history, "k": 5}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["items"]) == 5
+    finally:
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    took = time.monotonic() - t0
+    print(f"group SIGTERM: stopped in {took:.1f} s")
+    assert rc == 0 and took < 20, log.read_text()[-3000:]
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")

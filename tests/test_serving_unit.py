@@ -496,6 +496,9 @@ def test_serve_status_failure_names_the_deployment_and_the_cause():
     assert failure(status) == ("atspeed/TargetModel cannot start: atspeed_ray.data.errors.DataError: "
                                "/m/index.json: no index.json beside the target model")
     assert not running(status)
-    ok = NS(applications={"atspeed": NS(status="RUNNING", message="", deployments={
-        "TargetModel": NS(status="HEALTHY", message="")})})
+    from ray.serve._private.common import DeploymentStatus
+    from ray.serve.schema import ApplicationStatus
+
+    ok = NS(applications={"atspeed": NS(status=ApplicationStatus.RUNNING, message="", deployments={
+        "TargetModel": NS(status=DeploymentStatus.HEALTHY, message="")})})
     assert failure(ok) is None and running(ok)

@@ -25,13 +25,18 @@ SERVE_SHUTDOWN_S = 5.0
 STARTUP_FAILED = "A replica failed to start"  # how Serve's deployment status says so
 
 
+def state(value: Any) -> str:
+    """A Serve status enum as its name: ``str()`` of a str-Enum is ``"Class.MEMBER"``."""
+    return str(getattr(value, "value", value))
+
+
 def failure(status: Any) -> str | None:
     """``serve.status()`` -> one line naming the deployment that cannot start, or None."""
     for app_name, app in status.applications.items():
         for name, dep in app.deployments.items():
-            if str(dep.status) == "DEPLOY_FAILED" or dep.message.startswith(STARTUP_FAILED):
+            if state(dep.status) == "DEPLOY_FAILED" or dep.message.startswith(STARTUP_FAILED):
                 return f"{app_name}/{name} cannot start: {cause(dep.message)}"
-        if str(app.status) == "DEPLOY_FAILED":
+        if state(app.status) == "DEPLOY_FAILED":
             return f"{app_name} cannot start: {cause(app.message)}"
     return None
 
@@ -45,7 +50,7 @@ def cause(message: str) -> str:
 
 
 def running(status: Any) -> bool:
-    return bool(status.applications) and all(str(a.status) == "RUNNING" for a in status.applications.values())
+    return bool(status.applications) and all(state(a.status) == "RUNNING" for a in status.applications.values())
 
 
 def serve_until_stopped(config: Path, url: str, num_cpus: float | None) -> int:
