@@ -119,6 +119,39 @@ def first_layers(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
     return model
 
 
+# A code-head draft: its config.json lists the token ids its decoding head keeps (the catalogue's
+# code tokens) under this key. The folder stays a normal HF checkpoint with the full vocabulary
+# (input embeddings must cover the prompts' tokens; the HF forward keeps its full head);
+# ``load_decoder`` on the fast forward runs the head as ``lm_head.weight[ids]``, one [H, E]
+# matmul (H ~ 1k codes) instead of [V, E] (~50k for an LLM), its log-softmax over the head.
+# That changes the draft's scores, so which beams are drafted, never a strict result. A key in
+# the config (rather than a file beside it) travels with every export path (local, Ray
+# checkpoints, merged LoRA) unchanged. The draft emits no special token while decoding (items
+# are fixed-length code tuples), so only code tokens are kept.
+CODE_HEAD_KEY = "code_head_ids"
+
+
+def code_token_ids(index) -> list[int]:
+    """Every token id the catalogue ``index`` (``ItemIndex``) uses as a code, ascending."""
+    return (index.token_column >= 0).nonzero()[:, 1].unique().tolist()
+
+
+def set_code_head(model: PreTrainedModel, index) -> PreTrainedModel:
+    """Record in ``model``'s config that it decodes with a head over ``index``'s code tokens."""
+    setattr(model.config, CODE_HEAD_KEY, code_token_ids(index))
+    return model
+
+
+def code_head_of(model: torch.nn.Module) -> list[int] | None:
+    """The code head recorded in ``model``'s config (None: a full-vocabulary head)."""
+    ids = getattr(getattr(model, "config", None), CODE_HEAD_KEY, None)
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"config {CODE_HEAD_KEY!r} must be a non-empty list of token ids")
+    return ids
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """HF checkpoint: config + safetensors weights + tokenizer files in one directory."""
     out = Path(out_dir)
@@ -146,9 +179,14 @@ def load_model(path: str | Path, device: DeviceConfig | None = None
 
 def load_decoder(path: str | Path, device: DeviceConfig | None = None) -> torch.nn.Module:
     """A model for decoding only (beam search, speculative decoding, serving): the HF model of
-    ``path``, on ``FastLlama`` when ``device.forward`` is ``fast`` and the checkpoint is a Llama."""
+    ``path``, on ``FastLlama`` when ``device.forward`` is ``fast`` and the checkpoint is a Llama
+    (with its code head, ``CODE_HEAD_KEY``, if its config records one)."""
     from atspeed_ray.decoding.fast_llama import fast_forward
 
     device = device or DeviceConfig()
     model = load_weights(path, device)
-    return fast_forward(model) if device.forward == "fast" else model
+    try:
+        head = code_head_of(model)
+    except ValueError as e:
+        raise ValueError(f"{Path(path) / 'config.json'}: {e}") from None
+    return fast_forward(model, head) if device.forward == "fast" else model

@@ -54,12 +54,37 @@ class Candidates:
     num_columns: int
 
 
-def column_log_probs(logp: Tensor, depth: Tensor, index: ItemIndex) -> Tensor:
+def column_log_probs(logp: Tensor, depth: Tensor, index: ItemIndex, head: Tensor | None = None
+                     ) -> Tensor:
     """logp [B, M, V] -> [B, M, C]: the log-probs of the C code tokens of depth [B] (the only
-    ones a constrained step reads; C is the widest codebook, far below V for an LLM vocabulary)."""
+    ones a constrained step reads; C is the widest codebook, far below V for an LLM vocabulary).
+    A code-head model's logp is [B, M, H] over its head; ``head`` [V] (``head_columns``) maps a
+    token id to its column there."""
     B, M, _ = logp.shape
     tokens = index.column_tokens(depth)  # [B, C]
+    if head is not None:  # padding columns (no child at any node) may miss the head: masked later
+        tokens = head[tokens].clamp(min=0)
     return logp.gather(2, tokens[:, None, :].expand(B, M, tokens.shape[1]))
+
+
+def head_columns(model: torch.nn.Module) -> Tensor | None:
+    """A code-head model's token id -> logit column map [V] (``FastLlama.restrict_head``);
+    None when its logits cover the whole vocabulary."""
+    return getattr(model, "head_columns", None)
+
+
+def check_code_head(model: torch.nn.Module, index: ItemIndex) -> None:
+    """ValueError unless every code token of ``index`` has a column in ``model``'s code head."""
+    head = head_columns(model)
+    if head is None:
+        return
+    tokens = (index.token_column >= 0).nonzero()[:, 1].unique().to(head.device)  # code token ids
+    missing = tokens[(tokens >= head.numel())]
+    inside = tokens[tokens < head.numel()]
+    missing = torch.cat([missing, inside[head[inside] < 0]])
+    if missing.numel():
+        raise ValueError(f"the draft's code head lacks {missing.numel()} code token(s) of the "
+                         f"catalogue, e.g. id {int(missing[0])}: rebuild it from this data")
 
 
 def expand_columns(col_logp: Tensor, scores: Tensor, node: Tensor, depth: Tensor,
@@ -73,9 +98,11 @@ def expand_columns(col_logp: Tensor, scores: Tensor, node: Tensor, depth: Tensor
     return Candidates(cand.reshape(B, M * C), child.reshape(B, M * C), tokens, C)
 
 
-def expand(logp: Tensor, scores: Tensor, node: Tensor, depth: Tensor, index: ItemIndex) -> Candidates:
-    """logp [B, M, V], beam scores [B, M], trie nodes [B, M], depth [B] -> candidates."""
-    return expand_columns(column_log_probs(logp, depth, index), scores, node, depth, index)
+def expand(logp: Tensor, scores: Tensor, node: Tensor, depth: Tensor, index: ItemIndex,
+           head: Tensor | None = None) -> Candidates:
+    """logp [B, M, V] (a code head's: [B, M, H], ``head`` its column map), beam scores [B, M],
+    trie nodes [B, M], depth [B] -> candidates."""
+    return expand_columns(column_log_probs(logp, depth, index, head), scores, node, depth, index)
 
 
 @dataclass
@@ -251,13 +278,15 @@ def beam_search(model: torch.nn.Module, prompts: list[list[int]], index: ItemInd
         raise ValueError(f"k must be >= 1, got {k}")
     device = next(model.parameters()).device
     index = index.to(device)
+    check_code_head(model, index)
+    head = head_columns(model)  # a code-head model searches over its own (head-normalised) scores
     B, L = len(prompts), index.L
     last_logits, cache, _, _ = prefill(model, prompts)
     logp = log_probs(last_logits)[:, None, :]  # [B, 1, V] one live root per request
     beams = root_beams(B, 1, L, ["target"], device, score_dtype(model))
     for d in range(L):
         depth = torch.full((B,), d, dtype=torch.long, device=device)
-        step = beam_step(expand(logp, beams.scores, beams.node, depth, index), k)
+        step = beam_step(expand(logp, beams.scores, beams.node, depth, index, head), k)
         beams = beams.extend(step, depth)
         if d == L - 1:
             break

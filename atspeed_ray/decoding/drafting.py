@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
-from atspeed_ray.decoding.beam import Beams, beam_step, expand, log_probs, row_slices, step_nodes
+from atspeed_ray.decoding.beam import (
+    Beams, beam_step, expand, head_columns, log_probs, row_slices, step_nodes,
+)
 from atspeed_ray.decoding.feed import feed
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.tree import TreeCache, tree_forward
@@ -63,17 +65,18 @@ def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, 
 
     ``beams`` [B, K, L] at ``t`` [B] tokens; ``g`` [B] drafted steps usable per request (later
     steps of a request are drafted but not valid). Returns the steps, the beams with the draft's
-    cache slots recorded, and the draft's cache.
+    cache slots recorded, and the draft's cache. A code-head draft (``head_columns``) scores
+    over its head: log-softmax over the code tokens only.
     """
     G = int(g.max())
     generator = params.generator if params.sample else None
     logp, _, _, beams, dcache = feed(draft, dcache, beams, t, "draft", prompts)
     steps: list[DraftStep] = []
     parents = beams
-    L = index.L
+    L, head = index.L, head_columns(draft)
     for j in range(1, G + 1):
         depth = (t + j - 1).clamp(max=L - 1)  # requests with g < j draft nothing valid here
-        cands = expand(logp, parents.scores, parents.node, depth, index)
+        cands = expand(logp, parents.scores, parents.node, depth, index, head)
         step = beam_step(cands, params.N, sample=params.sample, generator=generator)
         child = parents.extend(step, depth)
         q = q_sel = None

@@ -13,6 +13,11 @@ inference-only (no grads, no dropout) and checked against the HF forward
 with ``assert_close`` (tests/test_fast_llama.py). ``fast_forward(model)`` returns it for plain
 Llama checkpoints and the HF model unchanged for anything else.
 
+A *code head* (``head_ids``) keeps only the output rows of the code tokens: a draft only ever
+proposes code tokens, so its logits over the rest of an LLM's ~50k-token vocabulary are never
+read. Its log-softmax is then taken over the head alone; that changes the draft's scores (which
+beams are drafted), never a strict result, which the target's full-vocabulary scores define.
+
 Pretrained Llama-family LLMs such as SmolLM2-135M run on it as they are: grouped-query attention
 (fewer key/value heads than query heads; K/V are cached per key/value head and repeated for the
 query heads at attention time), tied input/output embeddings (one shared matrix), and any rope
@@ -86,7 +91,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
 class FastLlama(nn.Module):
     """Inference forward of a ``LlamaForCausalLM`` (weights copied from it, q|k|v and gate|up fused)."""
 
-    def __init__(self, hf: nn.Module):
+    def __init__(self, hf: nn.Module, head_ids: Tensor | list[int] | None = None):
         super().__init__()
         reason = unsupported_reason(hf)
         if reason is not None:
@@ -122,6 +127,8 @@ class FastLlama(nn.Module):
         # tied embeddings (SmolLM2, our presets) keep one [V, E] matrix for both ends
         tied = hf.lm_head.weight is base.embed_tokens.weight
         self.lm_head = self.embed if tied else frozen(hf.lm_head.weight)  # [V, E]
+        if head_ids is not None:
+            self.restrict_head(head_ids)
         # rope table over every position, computed as HF does (fp32, then the model's dtype); HF
         # computes any position on the fly, so the table also covers prompts past the trained length
         rot = base.rotary_emb
@@ -132,6 +139,23 @@ class FastLlama(nn.Module):
         dtype = self.embed.dtype
         self.register_buffer("cos", (emb.cos() * rot.attention_scaling).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * rot.attention_scaling).to(dtype), persistent=False)
+
+    def restrict_head(self, head_ids: Tensor | list[int]) -> None:
+        """Make this a code-head model: logits over the vocabulary ids ``head_ids`` [H] only
+        (in that order), one [H, E] matmul instead of [V, E]; the input embedding keeps all V
+        rows (prompts use the whole vocabulary). ``head_columns`` [V] maps a token id to its
+        logit column (-1: not in the head); the decoding core reads it (``beam.head_columns``)."""
+        V = self.lm_head.shape[0]
+        ids = torch.as_tensor(head_ids, dtype=torch.long, device=self.embed.device).flatten()
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise ValueError(f"code head: token ids must be in 0..{V - 1}")
+        if ids.unique().numel() != ids.numel():
+            raise ValueError("code head: token ids must be distinct")
+        self.lm_head = nn.Parameter(self.lm_head.detach()[ids].clone(), requires_grad=False)  # [H, E]
+        columns = torch.full((V,), -1, dtype=torch.long, device=ids.device)
+        columns[ids] = torch.arange(ids.numel(), device=ids.device)
+        self.register_buffer("head_columns", columns, persistent=False)
+        self.head_ids = ids
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.wqkv))
@@ -216,8 +240,13 @@ class FastLlama(nn.Module):
         return Output(F.linear(self.rms_norm(x, self.norm_out), self.lm_head))
 
 
-def fast_forward(model: nn.Module) -> nn.Module:
-    """``FastLlama`` of ``model`` for plain Llama checkpoints, else ``model`` itself (HF forward)."""
-    if isinstance(model, FastLlama) or unsupported_reason(model) is not None:
+def fast_forward(model: nn.Module, head_ids: Tensor | list[int] | None = None) -> nn.Module:
+    """``FastLlama`` of ``model`` for plain Llama checkpoints, else ``model`` itself (HF forward).
+    ``head_ids``: a code head (``FastLlama.restrict_head``); the HF forward keeps its full head."""
+    if isinstance(model, FastLlama):
+        if head_ids is not None:
+            model.restrict_head(head_ids)
         return model
-    return FastLlama(model)  # its weights and rope table sit on the model's device already
+    if unsupported_reason(model) is not None:
+        return model
+    return FastLlama(model, head_ids)  # its weights and rope table sit on the model's device already

@@ -31,7 +31,9 @@ from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.acceptance import accept_round
-from atspeed_ray.decoding.beam import Beams, DecodeResult, root_beams, score_dtype, take
+from atspeed_ray.decoding.beam import (
+    Beams, DecodeResult, check_code_head, head_columns, root_beams, score_dtype, take,
+)
 from atspeed_ray.decoding.drafting import DraftStep, draft_phase
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.timing import Timings, phase, whole
@@ -234,8 +236,13 @@ def speculative_search(target: torch.nn.Module, draft: torch.nn.Module, prompts:
     ``keep_cache=False`` runs every round stateless (prompt and beams recomputed each forward):
     the same result, the mode used when draft and target are remote replicas without caches.
     ``timings`` (optional, ``Timings``) adds the time of each phase and of the whole call.
+    The draft may have a code head (``FastLlama.restrict_head``); the target may not.
     """
     index = index.to(next(target.parameters()).device)
+    if head_columns(target) is not None:
+        raise ValueError("the target has a code head: its scores must be over the whole "
+                         "vocabulary (a code head is for drafts)")
+    check_code_head(draft, index)
     loop = speculative_loop(prompts, index, params, keep_cache, score_dtype(target), timings)
     with whole(timings):
         return run_loop(loop, LocalModels(target, draft, index, keep_cache))

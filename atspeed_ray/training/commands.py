@@ -17,7 +17,7 @@ from atspeed_ray.training.config import TeacherConfig, TrainConfig
 # CLI's 0 means runner "local")
 TARGET_FIELDS = ("data", "out", "preset")
 ALIGN_FIELDS = ("data", "target", "teacher", "out", "loss", "preset", "alpha", "temperature",
-                "topk", "teacher_k", "teacher_logits", "init_layers")
+                "topk", "teacher_k", "teacher_logits", "init_layers", "code_head")
 GROUPS = {
     "training": ("init", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip",
                  "micro_batch", "grad_accum", "seed", "max_samples"),

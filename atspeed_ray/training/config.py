@@ -42,6 +42,10 @@ class TrainConfig(BaseModel):
     init_layers: int | None = Field(
         None, ge=1, description="align: start the draft from the target's first N layers (with its "
                                 "embeddings, final norm and head) instead of a fresh --preset draft")
+    code_head: bool = Field(
+        False, description="align: the draft gets a code head (its logits over the code tokens "
+                           "only, one small matmul instead of the whole vocabulary's, when "
+                           "decoding on the fast forward); recorded in its config.json")
     new_token_init: NewTokenInit = Field(
         "mean", description="--init: rows of the tokens the prepared tokenizer adds start from the "
                             "existing rows' mean, mean + noise, or the mean of the rows of the "
@@ -138,6 +142,9 @@ class TrainConfig(BaseModel):
                 raise ValueError("give --init or --init-layers, not both")
         if self.lora_r is not None and not (self.init or self.init_layers):
             raise ValueError("--lora-r adapts an existing model: give --init MODEL_DIR")
+        if self.code_head and self.task != "align":
+            raise ValueError("--code-head is for drafts (align): the target's scores are over the "
+                             "whole vocabulary")
         if self.samples == "sequence" and self.task == "align":
             raise ValueError("--samples sequence is for train-target (align trains on per-prefix "
                              "teacher rows)")

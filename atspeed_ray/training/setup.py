@@ -43,7 +43,8 @@ class Setup:
 def build_model(cfg: TrainConfig, prepared, device: torch.device) -> torch.nn.Module:
     """The model to train, in train mode on ``device``: loaded from ``cfg.init``, the target's
     first ``cfg.init_layers`` layers (align), or a fresh ``cfg.preset`` model (its target size
-    for ``train-target``, its draft size for ``align``) over the prepared tokenizer."""
+    for ``train-target``, its draft size for ``align``) over the prepared tokenizer; with
+    ``cfg.code_head`` the draft's config records its code head (``models.set_code_head``)."""
     from atspeed_ray.models import DeviceConfig, build_llama, first_layers, get_preset, load_weights
     from atspeed_ray.training.init_model import adapt_model
 
@@ -64,6 +65,10 @@ def build_model(cfg: TrainConfig, prepared, device: torch.device) -> torch.nn.Mo
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < vocab:
         raise ValueError(f"model vocabulary {rows} < tokenizer size {vocab} of {cfg.data}")
+    if cfg.code_head:  # recorded in the config: it travels with every export of the draft
+        from atspeed_ray.models import set_code_head
+
+        set_code_head(model, prepared.index)
     return model.train()
 
 
