@@ -77,7 +77,7 @@ def run_bench_beam(args: argparse.Namespace) -> int:
     from atspeed_ray.decoding.fast_llama import fast_forward
     from atspeed_ray.models import DeviceConfig, build_llama, get_preset, load_weights
 
-    data = open_data(args.data)
+    data = open_data(args.data, models=(args.model,))
     dev = DeviceConfig(device=args.device)
     if args.model:
         model = load_weights(args.model, dev)
@@ -152,7 +152,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from atspeed_ray.data.prepare import open_data
     from atspeed_ray.models import DeviceConfig, load_decoder
 
-    data = open_data(args.data)
+    data = open_data(args.data, models=(args.target, args.draft))
     dev = DeviceConfig(device=args.device, forward=args.forward)
     target = load_decoder(args.target, dev)
     draft = load_decoder(args.draft, dev)

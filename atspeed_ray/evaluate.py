@@ -152,7 +152,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
             raise SystemExit(f"--modes: unknown mode {m!r} ({', '.join(MODES)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = open_data(args.data)
+    data = open_data(args.data, models=(args.target, *args.draft))
     dev = DeviceConfig(device=args.device, forward=args.forward)
     target = load_decoder(args.target, dev)
     drafts = {method_name(d): load_decoder(d, dev) for d in args.draft}

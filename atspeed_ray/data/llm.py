@@ -87,24 +87,42 @@ def check_base_model(prepared: "PreparedData", model_dir: str | Path) -> None:
     folder was made with (same model type and base vocabulary), or a model that carries the
     folder's own tokenizer. A model folder without a tokenizer is judged by its config: same
     model type, and room in its vocabulary for every prepared token."""
+    check_model_fits(prepared.root, prepared.summary, prepared.tokenizer, model_dir)
+
+
+def check_model_fits(root: Path, summary: dict[str, Any], tokenizer: "PreTrainedTokenizerBase",
+                     model_dir: str | Path) -> None:
+    """:func:`check_base_model` on the parts of a prepared folder (``root``, its summary.json,
+    its tokenizer), for readers that do not open it whole (serving's catalog)."""
     from transformers import AutoTokenizer
 
-    root = Path(model_dir)
-    base = prepared.summary.get("base_model")
-    made = (f"{prepared.root} was prepared with base model {base['path']}" if base
-            else f"{prepared.root} was prepared with its own word-level tokenizer")
-    config = read_config(root)
+    model = Path(model_dir)
+    base = summary.get("base_model")
+    made = (f"{root} was prepared with base model {base['path']}" if base
+            else f"{root} was prepared with its own word-level tokenizer")
+    config = read_config(model)
     if base and config.get("model_type") != base["model_type"]:
         raise DataError(f"model type {config.get('model_type')!r} is not the base model's "
-                        f"{base['model_type']!r}: {made}", root)
-    if not has_tokenizer(root):
-        if int(config.get("vocab_size") or 0) < len(prepared.tokenizer):
-            raise DataError(f"vocabulary of {config.get('vocab_size')} < the {len(prepared.tokenizer)} "
-                            f"tokens of the prepared tokenizer: {made}", root)
+                        f"{base['model_type']!r}: {made}", model)
+    if not has_tokenizer(model):
+        if int(config.get("vocab_size") or 0) < len(tokenizer):
+            raise DataError(f"vocabulary of {config.get('vocab_size')} < the {len(tokenizer)} "
+                            f"tokens of the prepared tokenizer: {made}", model)
         return
-    digest = vocab_sha256(AutoTokenizer.from_pretrained(str(root)))
-    if digest == vocab_sha256(prepared.tokenizer) or (base and digest == base["vocab_sha256"]):
+    try:
+        digest = vocab_sha256(AutoTokenizer.from_pretrained(str(model)))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"cannot load its tokenizer ({type(e).__name__}: {e})",
+                        tokenizer_file(model)) from e
+    if digest == vocab_sha256(tokenizer) or (base and digest == base["vocab_sha256"]):
         return
     hint = "prepare again with --base-model on this model" if base else "use a model trained on it"
     raise DataError(f"its tokenizer is neither the prepared folder's nor its base model's: {made}; "
-                    f"{hint}", tokenizer_file(root))
+                    f"{hint}", tokenizer_file(model))
+
+
+def check_models(prepared: "PreparedData", *model_dirs: str | Path | None) -> None:
+    """:func:`check_base_model` for every model folder given (None: not given)."""
+    for model_dir in model_dirs:
+        if model_dir is not None:
+            check_base_model(prepared, model_dir)

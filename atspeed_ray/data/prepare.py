@@ -24,7 +24,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from atspeed_ray.data.errors import DataError
 from atspeed_ray.data.index import ItemIndex
-from atspeed_ray.data.llm import base_fingerprint, load_base_tokenizer, tokenizer_file
+from atspeed_ray.data.llm import base_fingerprint, check_models, load_base_tokenizer, tokenizer_file
 from atspeed_ray.data.release import (
     SPLITS, Release, load_release, parse_code, read_index_json, write_release,
 )
@@ -239,15 +239,20 @@ def popularity_topk(prepared: PreparedData, k: int) -> list[int]:
     return [i for i, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:k]]
 
 
-def open_data(data: str | Path, workdir: str | Path | None = None) -> PreparedData:
+def open_data(data: str | Path, workdir: str | Path | None = None,
+              models: Sequence[str | Path | None] = ()) -> PreparedData:
     """A prepared folder as is; ``"synthetic"`` or a release folder is prepared first, into
-    ``workdir`` (default: a fresh temporary folder)."""
+    ``workdir`` (default: a fresh temporary folder). Every model folder of ``models`` (None: not
+    given) must fit it (``data.llm.check_base_model``), else a DataError names the model's file."""
     path = Path(data)
     if str(data) != "synthetic" and (path / "summary.json").exists():
-        return load_prepared(path)
-    if workdir is None:
-        import tempfile
+        prepared = load_prepared(path)
+    else:
+        if workdir is None:
+            import tempfile
 
-        workdir = tempfile.mkdtemp(prefix="atspeed-prepared-")
-    prepare(data, workdir)
-    return load_prepared(workdir)
+            workdir = tempfile.mkdtemp(prefix="atspeed-prepared-")
+        prepare(data, workdir)
+        prepared = load_prepared(workdir)
+    check_models(prepared, *models)
+    return prepared

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from atspeed_ray.data.errors import DataError
 from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.data.llm import check_model_fits
 from atspeed_ray.data.release import read_index_json
 from atspeed_ray.data.tokenizer import PromptFormat, codes_to_token_ids
 
@@ -75,6 +76,7 @@ def load_catalog(data: str | None, model_dir: str, history_window: int | None = 
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         window = history_window or int(summary.get("history_len", DEFAULT_HISTORY_WINDOW))
         examples = _test_histories(root)
+        check_model_fits(root, summary, tok, model_dir)
     else:
         path = Path(model_dir) / INDEX_FILE
         if not path.is_file():

@@ -18,7 +18,8 @@ New rows start from (``TrainConfig.new_token_init``):
 The new rows are the ids past the base tokenizer's vocabulary (a model whose matrix already has
 spare rows, as Qwen2 pads its vocabulary, gets those rows initialised too; the matrix only
 grows where the tokenizer needs it). MODEL_DIR must fit the prepared folder (its base model, or a
-model trained on it: ``data.llm.check_base_model``), else the run stops with an error naming it.
+model trained on it: ``data.llm.check_base_model``, which ``train-target`` runs before it
+starts), else the run stops with an error naming it.
 """
 
 from __future__ import annotations
@@ -92,12 +93,11 @@ def trainable_token_ids(prepared, resized: Resized) -> list[int]:
 def adapt_model(model: torch.nn.Module, cfg, prepared) -> torch.nn.Module:
     """A loaded model made ready for ``cfg``: grown to the prepared tokenizer (``--init``), then
     wrapped with LoRA adapters when ``cfg.lora_r`` is set (training/lora.py)."""
-    from atspeed_ray.data.llm import check_base_model, has_tokenizer, load_base_tokenizer
+    from atspeed_ray.data.llm import has_tokenizer, load_base_tokenizer
     from atspeed_ray.training.lora import apply_lora
 
     resized = Resized(model.get_input_embeddings().weight.shape[0], [])
     if cfg.init:
-        check_base_model(prepared, cfg.init)
         base = load_base_tokenizer(cfg.init) if has_tokenizer(Path(cfg.init)) else None
         resized = resize_to_tokenizer(model, prepared.tokenizer, cfg.new_token_init, base, cfg.seed)
     if cfg.lora_r is None:

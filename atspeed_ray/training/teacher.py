@@ -101,12 +101,14 @@ class TeacherWorker:
 
 def generate_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write teacher data for the train and valid splits; return the summary (teacher.json)."""
+    from atspeed_ray.data.llm import check_base_model
     from atspeed_ray.data.prepare import load_prepared
 
     data, target, out = (Path(p).resolve() for p in (cfg.data, cfg.target, cfg.out))
     prepared = load_prepared(data)
     if not (target / "config.json").is_file():
         raise FileNotFoundError(f"{target}: not a trained model folder (no config.json)")
+    check_base_model(prepared, target)
     out.mkdir(parents=True, exist_ok=True)
     limits = {"train": cfg.max_samples, "valid": cfg.max_valid}
     plan = {s: subsample(prepared.table(s).num_rows, limits[s], cfg.seed) for s in ("train", "valid")}

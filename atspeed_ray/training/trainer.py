@@ -69,11 +69,17 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """A clear error for an input folder that does not exist (before Ray starts)."""
+    """A clear error for an input folder that does not exist or a model that does not fit the
+    prepared folder (before Ray starts)."""
     for path, what in ((cfg.data, "--data"), (cfg.target, "--target"), (cfg.teacher, "--teacher"),
                        (cfg.init, "--init")):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{what} {path}: no such folder")
+    from atspeed_ray.data.llm import check_models
+    from atspeed_ray.data.prepare import load_prepared
+
+    # the models must fit the prepared folder's tokenizer (its base model, or trained on it)
+    check_models(load_prepared(cfg.data), cfg.init, cfg.target if cfg.task == "align" else None)
 
 
 def fit(cfg: TrainConfig, log: Log = print) -> dict[str, Any]:
