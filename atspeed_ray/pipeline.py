@@ -52,6 +52,8 @@ class PipelineConfig(BaseModel):
     data: str = "synthetic"  # "synthetic" or a release folder
     out: str = "demo_out"
     preset: str = "tiny"
+    base_model: str | None = None  # a pretrained LLM folder: prepare --base-model, train-target --init
+    prompt_template: str | None = None  # with base_model; None: prepare's default
     target: StageSettings = StageSettings()
     align: StageSettings = StageSettings()
     teacher_k: int = 10
@@ -162,6 +164,18 @@ def done(path: Path, marker: str) -> bool:
     return False
 
 
+def prepare_argv(cfg: PipelineConfig, data: Path) -> list[str]:
+    return (["prepare", "--data", cfg.data, "--out", str(data)]
+            + flags(base_model=cfg.base_model, prompt_template=cfg.prompt_template))
+
+
+def target_argv(cfg: PipelineConfig, data: Path, target: Path) -> list[str]:
+    """train-target: fine-tunes ``cfg.base_model`` when given, else a fresh ``cfg.preset`` model."""
+    model = ["--init", cfg.base_model] if cfg.base_model else ["--preset", cfg.preset]
+    return (["train-target", "--data", str(data), "--out", str(target), *model]
+            + stage_flags(cfg.target, cfg.use_gpu))
+
+
 def run_pipeline(cfg: PipelineConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,10 +185,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     output.announce()
     t0 = time.perf_counter()
     if not done(data, "summary.json"):
-        run_cli(["prepare", "--data", cfg.data, "--out", str(data)], output)
+        run_cli(prepare_argv(cfg, data), output)
     if not done(target, "config.json"):
-        run_cli(["train-target", "--data", str(data), "--out", str(target), "--preset", cfg.preset]
-                + stage_flags(cfg.target, cfg.use_gpu), output)
+        run_cli(target_argv(cfg, data, target), output)
     if not done(teacher, "teacher.json"):
         argv = ["teacher", "--data", str(data), "--target", str(target), "--out", str(teacher)]
         argv += flags(k=cfg.teacher_k, workers=cfg.teacher_workers, max_samples=cfg.teacher_samples)

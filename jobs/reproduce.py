@@ -3,6 +3,11 @@ prepare, train the target, teacher data, align a draft with every loss, evaluate
 tables and plots to --results (default results/<data set name>).
 
     python jobs/reproduce.py --data ../shared/data/beauty [--gpu] [--out runs/beauty]
+    python jobs/reproduce.py --data ../shared/data/beauty --base-model MODEL_DIR  # an LLM target
+
+--base-model fine-tunes that pretrained LLM folder (``atspeed-ray base-model smollm2 --out DIR``
+writes one) as the target: prepare tokenizes with its tokenizer, train-target starts from it
+(--init); the work and results folders default to runs/<name>-llm and results/<name>-llm.
 
 CPU presets by default (a 2-core machine: the training rows are subsampled, see the flags);
 --gpu selects the `gpu` preset, bf16 and all the data for a GPU cluster.
@@ -45,12 +50,16 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="release folder, e.g. ../shared/data/beauty")
     p.add_argument("--out", default=None, help="work folder (default runs/<name>)")
     p.add_argument("--results", default=None, help="tables and plots (default results/<name>)")
     p.add_argument("--gpu", action="store_true", help="GPU cluster presets")
+    p.add_argument("--base-model", default=None,
+                   help="pretrained LLM folder fine-tuned as the target (prepare --base-model, "
+                        "train-target --init)")
+    p.add_argument("--prompt-template", default=None, help="with --base-model: prepare's template")
     p.add_argument("--target-epochs", type=int, default=None)
     p.add_argument("--target-samples", type=int, default=None, help="training rows for the target")
     p.add_argument("--teacher-samples", type=int, default=None, help="train prompts with teacher data")
@@ -62,11 +71,19 @@ def main() -> None:
     p.add_argument("--draft-beams", default="20", help="draft width: N, or a multiple of K like 2k")
     p.add_argument("--draft-init-layers", type=int, default=None,
                    help="drafts start from the target's first N layers instead of the preset draft")
-    args = p.parse_args()
-    name = Path(args.data).resolve().name
+    return p.parse_args(argv)
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """The data set's name, ``-llm`` appended for an LLM target."""
+    return Path(args.data).resolve().name + ("-llm" if args.base_model else "")
+
+
+def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     gpu = args.gpu
-    cfg = PipelineConfig(
-        data=args.data, out=args.out or f"runs/{name}", preset="gpu" if gpu else "cpu",
+    return PipelineConfig(
+        data=args.data, out=args.out or f"runs/{run_name(args)}", preset="gpu" if gpu else "cpu",
+        base_model=args.base_model, prompt_template=args.prompt_template,
         target=StageSettings(epochs=args.target_epochs or (10 if gpu else 2), micro_batch=64 if gpu else 32,
                              lr=1e-3 if gpu else 2e-3, workers=args.workers or (4 if gpu else 2),
                              max_samples=args.target_samples if args.target_samples or gpu else 48000),
@@ -79,6 +96,12 @@ def main() -> None:
         draft_init_layers=args.draft_init_layers,
         use_gpu=gpu,
     )
+
+
+def main() -> None:
+    args = parse_args()
+    name = run_name(args)
+    cfg = pipeline_config(args)
     out = run_pipeline(cfg)
     results = Path(args.results or f"results/{name}")
     results.mkdir(parents=True, exist_ok=True)

@@ -167,6 +167,29 @@ def test_pipeline_passes_only_the_stage_flags_it_sets():
         "--epochs", "2", "--lr", "0.003", "--use-gpu", "--seed", "1"]
 
 
+def test_reproduce_passes_the_base_model_to_prepare_and_train_target(tmp_path):
+    import importlib.util
+
+    from atspeed_ray.pipeline import prepare_argv, target_argv
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "reproduce.py"
+    spec = importlib.util.spec_from_file_location("reproduce", path)
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    d, t = tmp_path / "data", tmp_path / "target"
+    plain = reproduce.pipeline_config(reproduce.parse_args(["--data", "x/beauty"]))
+    assert plain.base_model is None and plain.out == "runs/beauty"
+    assert prepare_argv(plain, d) == ["prepare", "--data", "x/beauty", "--out", str(d)]
+    assert target_argv(plain, d, t)[:7] == ["train-target", "--data", str(d), "--out", str(t),
+                                            "--preset", "cpu"]
+    llm = reproduce.pipeline_config(reproduce.parse_args(
+        ["--data", "x/beauty", "--base-model", "m/smollm2", "--prompt-template", "instruction"]))
+    assert llm.out == "runs/beauty-llm"
+    assert prepare_argv(llm, d)[-4:] == ["--base-model", "m/smollm2", "--prompt-template", "instruction"]
+    argv = target_argv(llm, d, t)
+    assert argv[5:7] == ["--init", "m/smollm2"] and "--preset" not in argv
+
+
 # ---------------------------------------------------------------------------- teacher data
 def test_teacher_data_holds_beam_search_and_exact_distributions(prep, target_dir, teacher_dir):
     p = load_prepared(prep)

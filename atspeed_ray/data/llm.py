@@ -83,10 +83,11 @@ def base_fingerprint(model_dir: str | Path, tokenizer: "PreTrainedTokenizerBase"
 
 
 def check_base_model(prepared: "PreparedData", model_dir: str | Path) -> None:
-    """Stop with a DataError naming ``model_dir`` unless it fits ``prepared``: the base model the
-    folder was made with (same model type and base vocabulary), or a model that carries the
-    folder's own tokenizer. A model folder without a tokenizer is judged by its config: same
-    model type, and room in its vocabulary for every prepared token."""
+    """Stop with a DataError naming ``model_dir`` unless it fits ``prepared``: a model that carries
+    the folder's own tokenizer (every model trained on it, a draft of another architecture too),
+    or the base model the folder was made with (same model type and base vocabulary). A model
+    folder without a tokenizer is judged by its config: the base model's type, and room in its
+    vocabulary for every prepared token."""
     check_model_fits(prepared.root, prepared.summary, prepared.tokenizer, model_dir)
 
 
@@ -94,31 +95,43 @@ def check_model_fits(root: Path, summary: dict[str, Any], tokenizer: "PreTrained
                      model_dir: str | Path) -> None:
     """:func:`check_base_model` on the parts of a prepared folder (``root``, its summary.json,
     its tokenizer), for readers that do not open it whole (serving's catalog)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     model = Path(model_dir)
     base = summary.get("base_model")
     made = (f"{root} was prepared with base model {base['path']}" if base
             else f"{root} was prepared with its own word-level tokenizer")
     config = read_config(model)
+    digest = None
+    if has_tokenizer(model):
+        # read as load_prepared reads the folder's own: AutoTokenizer would pick a class from
+        # config.json's model type, which may add tokens (a Qwen2 class adds <|endoftext|>)
+        if (model / "tokenizer.json").is_file() and vocab_sha256(
+                load_tokenizer(model, PreTrainedTokenizerFast)) == vocab_sha256(tokenizer):
+            return  # trained on the folder (any architecture: a draft too)
+        digest = vocab_sha256(load_tokenizer(model, AutoTokenizer))
     if base and config.get("model_type") != base["model_type"]:
         raise DataError(f"model type {config.get('model_type')!r} is not the base model's "
                         f"{base['model_type']!r}: {made}", model)
-    if not has_tokenizer(model):
+    if digest is None:
         if int(config.get("vocab_size") or 0) < len(tokenizer):
             raise DataError(f"vocabulary of {config.get('vocab_size')} < the {len(tokenizer)} "
                             f"tokens of the prepared tokenizer: {made}", model)
         return
-    try:
-        digest = vocab_sha256(AutoTokenizer.from_pretrained(str(model)))
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise DataError(f"cannot load its tokenizer ({type(e).__name__}: {e})",
-                        tokenizer_file(model)) from e
-    if digest == vocab_sha256(tokenizer) or (base and digest == base["vocab_sha256"]):
+    if base and digest == base["vocab_sha256"]:
         return
     hint = "prepare again with --base-model on this model" if base else "use a model trained on it"
     raise DataError(f"its tokenizer is neither the prepared folder's nor its base model's: {made}; "
                     f"{hint}", tokenizer_file(model))
+
+
+def load_tokenizer(model_dir: Path, cls) -> "PreTrainedTokenizerBase":
+    """``cls.from_pretrained(model_dir)``, or a DataError naming its tokenizer file."""
+    try:
+        return cls.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"cannot load its tokenizer ({type(e).__name__}: {e})",
+                        tokenizer_file(model_dir)) from e
 
 
 def check_models(prepared: "PreparedData", *model_dirs: str | Path | None) -> None:
