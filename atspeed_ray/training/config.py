@@ -47,7 +47,7 @@ class TrainConfig(BaseModel):
                            "only, one small matmul instead of the whole vocabulary's, when "
                            "decoding on the fast forward); recorded in its config.json")
     new_token_init: NewTokenInit = Field(
-        "mean", description="--init: rows of the tokens the prepared tokenizer adds start from the "
+        "pieces", description="--init: rows of the tokens the prepared tokenizer adds start from the "
                             "existing rows' mean, mean + noise, or the mean of the rows of the "
                             "pieces the base tokenizer cuts the token's text into")
     lora_r: int | None = Field(None, ge=1, description="LoRA rank (PEFT) on --init's model; the "

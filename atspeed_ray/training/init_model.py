@@ -11,9 +11,16 @@ New rows start from (``TrainConfig.new_token_init``):
   every new token starts as the "average token", so its logit starts near the typical one;
 * ``noise``: that mean plus Gaussian noise of 0.1 x the rows' per-dimension standard deviation,
   which makes the new tokens distinguishable from the first step;
-* ``pieces``: the mean of the rows of the pieces the *base* tokenizer cuts the token's text
-  into (``<a_12>`` -> ``<``, ``a``, ``_``, ``12``, ``>``), so codes of one level start close to
-  each other and apart from the other levels (needs the base tokenizer in MODEL_DIR).
+* ``pieces`` (default): the mean of the rows of the pieces the *base* tokenizer cuts the
+  token's text into (``<a_12>`` -> ``<``, ``a``, ``_``, ``12``, ``>``), so codes of one level
+  start close to each other and apart from the other levels (needs the base tokenizer in
+  MODEL_DIR).
+
+Measured (SmolLM2-135M-Instruct cut to its first 4 layers, tied embeddings, Beauty prepared
+with its tokenizer, full fine-tuning, 8 steps of 8 whole-sequence windows, lr 5e-4): first-step
+loss 32.9 / 32.9 / 19.3, epoch mean 30.9 / 26.2 / 10.3, validation loss 18.2 / 17.2 / 7.0
+for mean / noise / pieces: under a tied head the mean init gives every code the same, low
+logit; the pieces init starts the codes where related text tokens are.
 
 The new rows are the ids past the base tokenizer's vocabulary (a model whose matrix already has
 spare rows, as Qwen2 pads its vocabulary, gets those rows initialised too; the matrix only
