@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from atspeed_ray.benchmarking import (
-    DraftWidth, add_forward_arg, batches, measure_speculative, parse_ks, positive, search_params,
-    timed, write_json,
+    DraftWidth, add_forward_arg, add_precision_arg, batches, measure_speculative, parse_ks,
+    positive, search_params, timed, write_json,
 )
 from atspeed_ray.settings import DEFAULT_MODE, MODES
 
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="time each side this many times (alternating) and keep the best")
     p.add_argument("--device", default="auto")
     add_forward_arg(p)
+    add_precision_arg(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=run_bench)
 
@@ -150,10 +151,13 @@ def breakdown_line(row: dict) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     from atspeed_ray.data.prepare import open_data
-    from atspeed_ray.models import DeviceConfig, load_decoder
+    from atspeed_ray.models import DeviceConfig, decoding_dtype, load_decoder
 
     data = open_data(args.data, models=(args.target, args.draft))
     dev = DeviceConfig(device=args.device, forward=args.forward)
+    dtype, why = decoding_dtype(args.precision, dev.torch_device())
+    dev = dev.model_copy(update={"dtype": dtype})
+    print(f"precision: {why}")
     target = load_decoder(args.target, dev)
     draft = load_decoder(args.draft, dev)
     index = data.index.to(dev.torch_device())
@@ -175,6 +179,7 @@ def run_bench(args: argparse.Namespace) -> int:
     result = {"target": args.target, "draft": args.draft, "mode": args.mode, "gamma": args.gamma,
               "split": args.split, "prompts": len(prompts), "batch_size": args.batch_size,
               "repeat": args.repeat,
-              "device": str(dev.torch_device()), "forward": args.forward, "rows": rows}
+              "device": str(dev.torch_device()), "forward": args.forward,
+              "precision": args.precision, "dtype": dtype, "rows": rows}
     write_json(args.out, result)
     return 0

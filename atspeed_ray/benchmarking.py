@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from atspeed_ray.settings import DEFAULT_FORWARD, FORWARDS, draft_width
+from atspeed_ray.settings import DEFAULT_FORWARD, FORWARDS, PRECISIONS, draft_width
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +81,12 @@ class DraftWidth:
 def add_forward_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forward", choices=FORWARDS, default=DEFAULT_FORWARD,
                    help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="decoding dtype: auto = bf16 on a GPU, fp32 on a CPU; bf16 on a CPU with "
+                        "AMX or AVX512-BF16 (fp32 on other CPUs); the one used is printed")
 
 
 def write_json(out: str | None, result: dict) -> None:

@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from atspeed_ray.settings import DEFAULT_FORWARD, Dtype, Forward
+from atspeed_ray.settings import DEFAULT_FORWARD, Dtype, Forward, Precision
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
+PRECISION_DTYPE: dict[str, Dtype] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class LlamaSize(BaseModel):
@@ -81,6 +84,39 @@ class DeviceConfig(BaseModel):
             dev = self.torch_device()
             return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         return getattr(torch, self.dtype)
+
+
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """The native-bf16 flags (``CPU_BF16_FLAGS``) this CPU reports (empty if none or unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return []
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                      if ln.startswith("flags")), []))
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def decoding_dtype(precision: Precision, device: torch.device,
+                   cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[Dtype, str]:
+    """The parameter dtype decoding runs in for ``precision`` on ``device``, and why.
+
+    ``auto``: bf16 on a GPU that supports it, fp32 on a CPU (the default everywhere).
+    ``bf16`` on a CPU: bf16 when it has native bf16 matmuls (AMX or AVX512-BF16), else fp32 (bf16
+    emulated there is slower than fp32). ``fp16``: GPU only, fp32 on a CPU. ``fp32``: fp32.
+    """
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: a GPU with bf16"
+        return "float32", f"auto: fp32 on {device.type}"
+    if device.type == "cuda" or precision == "fp32":
+        return PRECISION_DTYPE[precision], f"{precision} as asked"
+    if precision == "bf16":
+        flags = cpu_bf16_flags(cpuinfo)
+        if flags:
+            return "bfloat16", f"bf16 (the CPU has {', '.join(flags)})"
+        return "float32", "fp32 (bf16 asked, but the CPU has neither AMX nor AVX512-BF16)"
+    return "float32", "fp32 (fp16 asked, which needs a GPU)"
 
 
 def build_llama(size: LlamaSize, vocab_size: int, pad_token_id: int | None = None,
