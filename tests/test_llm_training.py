@@ -189,7 +189,8 @@ def full_target(llama_dir, llm_prep, tmp_path_factory) -> Path:
     from atspeed_ray.training.trainer import fit
 
     out = tmp_path_factory.mktemp("full")
-    fit(llm_cfg(data=str(llm_prep), out=str(out), init=str(llama_dir)), log=lambda m: None)
+    fit(llm_cfg(data=str(llm_prep), out=str(out), init=str(llama_dir), samples="auto"),
+        log=lambda m: None)
     return out
 
 
@@ -200,6 +201,7 @@ def lora_target(llama_dir, llm_prep, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lora")  # through the CLI: the flags come from TrainConfig
     rc = main(["train-target", "--data", str(llm_prep), "--out", str(out), "--init", str(llama_dir),
                "--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--workers", "0",
+               "--samples", "sequence",
                "--epochs", "2", "--micro-batch", "8", "--threads", "1", "--val-samples", "8",
                "--val-k", "3", "--log-every", "1000"])
     assert rc == 0

@@ -58,10 +58,10 @@ class TrainConfig(BaseModel):
     lora_targets: str = Field("q_proj,v_proj", description="comma-separated linear layers that "
                                                             "get LoRA adapters")
     samples: Samples = Field(
-        "auto", description="train-target samples: prefix = one per prefix of a user's sequence "
-                            "(the prepared rows), sequence = one forward per user window with the "
-                            "next-item loss at every item; auto = sequence where the prompt "
-                            "template allows (train-target), else prefix")
+        "prefix", description="train-target samples: prefix = one per prefix of a user's sequence "
+                              "(the prepared rows), sequence = one forward per user window with "
+                              "the next-item loss at every item (fewer, larger steps per epoch); "
+                              "auto = sequence where the prompt template allows, else prefix")
     # alignment
     target: str | None = Field(None, description="trained target model folder (align)")
     teacher: str | None = Field(None, description="teacher data folder (`atspeed-ray teacher`)")
