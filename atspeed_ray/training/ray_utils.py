@@ -24,8 +24,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     Inside ``ray job submit`` (``RAY_ADDRESS`` is set) or with an explicit ``address`` it joins
     that cluster. Otherwise it starts a private local instance (``address="local"``) rather than
     attaching to whatever cluster happens to run on this machine. The dashboard stays on: Ray
-    Train V2 logs a flood of warnings without it. The private instance binds the loopback address
-    (GCS, raylet, workers, dashboard): it runs without auth, so no other host may reach it.
+    Train V2 logs a flood of warnings without it. The private instance listens on loopback only
+    (``loopback_only``): no other host can reach it, whatever its auth mode.
     """
     import ray
 
@@ -35,9 +35,36 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if address:
         ray.init(address=address, log_to_driver=True, namespace=namespace)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
-                 log_to_driver=True, namespace=namespace, object_store_memory=object_store_memory,
-                 _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
+        with loopback_only():
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                     log_to_driver=True, namespace=namespace,
+                     object_store_memory=object_store_memory, dashboard_host=LOOPBACK)
+
+
+# Ray's single-machine mode (its default on macOS and Windows): the node address is 127.0.0.1,
+# and with it GCS, raylet, object manager, workers and agents listen on loopback only.
+# ``ray.init(_node_ip_address="127.0.0.1")`` does not do it: Ray swaps a loopback address for
+# the machine's reachable one.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Single-machine mode while a local instance starts (its processes inherit it); restored
+    afterwards, so that a later ``ray start`` from this process is not refused."""
+    from ray._private import ray_constants
+
+    saved_env, saved = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; ray is imported by now
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = saved_env
 
 
 @contextlib.contextmanager
