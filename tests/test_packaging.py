@@ -77,8 +77,10 @@ def test_wheel_installs_with_the_serve_configs_and_serve_finds_its_default(tmp_p
     assert config.read_bytes() == (REPO / "serve_configs" / "local.yaml").read_bytes()
 
     # the console script, with the default --config
-    (elsewhere / "target").mkdir()
-    (elsewhere / "draft").mkdir()
+    for name in ("target", "draft"):  # what serve checks before it prints: model folders, and
+        (elsewhere / name).mkdir()      # the target's item index (the contract form, no --data)
+        (elsewhere / name / "config.json").write_text("{}")
+    (elsewhere / "target" / "index.json").write_text("{}")
     script = python.parent / "atspeed-ray"
     help_text = run([str(script), "serve", "--help"], cwd=elsewhere, env=env)
     assert f"(default:{config})" in "".join(help_text.split())  # argparse wraps long paths
