@@ -40,25 +40,27 @@ class Timings:
             torch.cuda.synchronize(self.device)
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def _clock(self, name: str | None) -> Iterator[None]:
+        """Time the block into phase ``name``, or into ``total`` when ``name`` is None."""
         self.sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self.sync()
-            self.seconds[name] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            if name is None:
+                self.total += dt
+            else:
+                self.seconds[name] += dt
 
-    @contextmanager
-    def whole(self) -> Iterator[None]:
+    def phase(self, name: str) -> AbstractContextManager[None]:
+        """Around one phase of a search (one of ``PHASES``)."""
+        return self._clock(name)
+
+    def whole(self) -> AbstractContextManager[None]:
         """Around a whole search call: adds to ``total``."""
-        self.sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.total += time.perf_counter() - t0
+        return self._clock(None)
 
     @property
     def rest(self) -> float:
