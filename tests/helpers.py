@@ -58,3 +58,15 @@ def load_probe(path: Path) -> tuple[Batch, torch.Tensor]:
     batch = Batch(t["input_ids"], t["position_ids"], t["visible"].bool(), t["query"], t["qmap"],
                   t["codes"], t["branch_valid"], t["nodes"])
     return batch, t["logits"]
+
+
+def prepared_random_pair(tmp: Path, users: int, items: int, seed: int) -> tuple[Path, Path, Path]:
+    """A prepared synthetic data folder and a random tiny (target, draft) pair on it."""
+    from atspeed_ray.data.prepare import prepare
+    from atspeed_ray.data.synthetic import SyntheticConfig
+    from atspeed_ray.serving.testing import build_random_pair
+
+    data = tmp / "data"
+    prepare("synthetic", data, synthetic=SyntheticConfig(num_users=users, num_items=items))
+    target, draft = build_random_pair(data, tmp / "models", "tiny", seed=seed)
+    return data, target, draft

@@ -64,13 +64,9 @@ def test_evaluate_command_writes_the_tables_and_plots(tmp_path):
     import json
 
     from atspeed_ray.cli import main
-    from atspeed_ray.data.prepare import prepare
-    from atspeed_ray.data.synthetic import SyntheticConfig
-    from atspeed_ray.serving.testing import build_random_pair
+    from tests.helpers import prepared_random_pair
 
-    data = tmp_path / "data"
-    prepare("synthetic", data, synthetic=SyntheticConfig(num_users=60, num_items=80))
-    target, draft = build_random_pair(data, tmp_path / "models", "tiny", seed=3)
+    data, target, draft = prepared_random_pair(tmp_path, users=60, items=80, seed=3)
     out = tmp_path / "eval"
     assert main(["evaluate", "--data", str(data), "--target", str(target), "--draft", str(draft),
                  "--k", "1,3", "--num-prompts", "12", "--timing-prompts", "3", "--draft-beams", "6",
@@ -98,13 +94,9 @@ def test_bench_commands_on_either_forward(tmp_path, forward, capsys):
     import json
 
     from atspeed_ray.cli import main
-    from atspeed_ray.data.prepare import prepare
-    from atspeed_ray.data.synthetic import SyntheticConfig
-    from atspeed_ray.serving.testing import build_random_pair
+    from tests.helpers import prepared_random_pair
 
-    data = tmp_path / "data"
-    prepare("synthetic", data, synthetic=SyntheticConfig(num_users=40, num_items=60))
-    target, draft = build_random_pair(data, tmp_path / "models", "tiny", seed=5)
+    data, target, draft = prepared_random_pair(tmp_path, users=40, items=60, seed=5)
     out = tmp_path / "bench.json"
     assert main(["bench", "--data", str(data), "--target", str(target), "--draft", str(draft),
                  "--k", "1,5", "--draft-beams", "2k", "--num-prompts", "4", "--forward", forward,

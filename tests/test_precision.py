@@ -44,13 +44,9 @@ def test_other_precisions_on_a_cpu(tmp_path):
 
 def test_bench_prints_and_records_the_precision_it_used(tmp_path, capsys):
     from atspeed_ray.cli import main
-    from atspeed_ray.data.prepare import prepare
-    from atspeed_ray.data.synthetic import SyntheticConfig
-    from atspeed_ray.serving.testing import build_random_pair
+    from tests.helpers import prepared_random_pair
 
-    data = tmp_path / "data"
-    prepare("synthetic", data, synthetic=SyntheticConfig(num_users=30, num_items=40))
-    target, draft = build_random_pair(data, tmp_path / "models", "tiny", seed=5)
+    data, target, draft = prepared_random_pair(tmp_path, users=30, items=40, seed=5)
     out = tmp_path / "bench.json"
     assert main(["bench", "--data", str(data), "--target", str(target), "--draft", str(draft),
                  "--k", "3", "--num-prompts", "3", "--repeat", "1", "--precision", "bf16",
