@@ -59,6 +59,7 @@ class PipelineConfig(BaseModel):
     teacher_k: int = 10
     teacher_samples: int | None = None  # subsample train prompts for teacher data
     teacher_workers: int | None = None  # None: the teacher command's default
+    teacher_extra: list[str] = []  # more teacher flags, passed as is
     losses: list[LossName] = ["sft", "atspeed-s", "atspeed-r"]
     alpha: float | None = None  # None: the align command's default
     eval_k: list[int] = [1, 5, 10]
@@ -67,6 +68,7 @@ class PipelineConfig(BaseModel):
     draft_beams: int | str | None = None  # N, or a multiple of K such as "2k"
     draft_init_layers: int | None = None  # drafts start from the target's first N layers (align --init-layers)
     gamma: int | None = None  # None: the evaluate command's default
+    eval_extra: list[str] = []  # more evaluate flags, passed as is
     use_gpu: bool = False
     verbose: bool = Field(default_factory=env_verbose)  # library logs on the terminal too
 
@@ -191,7 +193,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if not done(teacher, "teacher.json"):
         argv = ["teacher", "--data", str(data), "--target", str(target), "--out", str(teacher)]
         argv += flags(k=cfg.teacher_k, workers=cfg.teacher_workers, max_samples=cfg.teacher_samples)
-        run_cli(argv + (["--use-gpu"] if cfg.use_gpu else []), output)
+        run_cli(argv + (["--use-gpu"] if cfg.use_gpu else []) + list(cfg.teacher_extra), output)
     drafts = []
     for loss in cfg.losses:
         draft = out / "drafts" / loss
@@ -209,7 +211,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                       num_prompts=cfg.eval_prompts, draft_beams=cfg.draft_beams)
         for d in drafts:
             argv += ["--draft", str(d)]
-        run_cli(argv, output)
+        run_cli(argv + list(cfg.eval_extra), output)
     else:
         print((evaluation / "accuracy.md").read_text())
         print((evaluation / "speed.md").read_text())

@@ -71,6 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-beams", default="20", help="draft width: N, or a multiple of K like 2k")
     p.add_argument("--draft-init-layers", type=int, default=None,
                    help="drafts start from the target's first N layers instead of the preset draft")
+    p.add_argument("--target-lr", type=float, default=None,
+                   help="peak learning rate of train-target (default 2e-3 from scratch, 3e-4 for --base-model)")
+    p.add_argument("--target-micro-batch", type=int, default=None,
+                   help="train-target micro-batch (default 32 from scratch, 8 windows for --base-model)")
+    p.add_argument("--teacher-k", type=int, default=20, help="beam width of the teacher data")
+    p.add_argument("--losses", default=",".join(LOSS_NAMES), help="comma-separated align losses")
+    p.add_argument("--eval-k", default="1,3,5,10,20", help="comma-separated K of evaluate")
+    for stage in ("target", "align", "teacher", "eval"):
+        p.add_argument(f"--{stage}-flags", default="",
+                       help=f"more flags for the {stage} stage's command, as one quoted string")
     return p.parse_args(argv)
 
 
@@ -79,18 +89,32 @@ def run_name(args: argparse.Namespace) -> str:
     return Path(args.data).resolve().name + ("-llm" if args.base_model else "")
 
 
+def target_settings(args: argparse.Namespace) -> StageSettings:
+    """From scratch: the preset's model at a high learning rate. A pretrained LLM (--base-model):
+    a lower rate, whole-sequence windows (--samples sequence) in smaller micro-batches."""
+    gpu, llm = args.gpu, bool(args.base_model)
+    lr = 3e-4 if llm else (1e-3 if gpu else 2e-3)
+    micro_batch = (16 if gpu else 8) if llm else (64 if gpu else 32)
+    extra = (["--samples", "sequence"] if llm else []) + shlex.split(args.target_flags)
+    return StageSettings(epochs=args.target_epochs or (10 if gpu else 2),
+                         micro_batch=args.target_micro_batch or micro_batch, lr=args.target_lr or lr,
+                         workers=args.workers or (4 if gpu else 2), extra=extra,
+                         max_samples=args.target_samples if args.target_samples or gpu else 48000)
+
+
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     gpu = args.gpu
     return PipelineConfig(
         data=args.data, out=args.out or f"runs/{run_name(args)}", preset="gpu" if gpu else "cpu",
         base_model=args.base_model, prompt_template=args.prompt_template,
-        target=StageSettings(epochs=args.target_epochs or (10 if gpu else 2), micro_batch=64 if gpu else 32,
-                             lr=1e-3 if gpu else 2e-3, workers=args.workers or (4 if gpu else 2),
-                             max_samples=args.target_samples if args.target_samples or gpu else 48000),
+        target=target_settings(args),
         align=StageSettings(epochs=args.align_epochs or (20 if gpu else 10), micro_batch=32, lr=3e-3,
-                            workers=args.workers or (4 if gpu else 2)),
-        teacher_k=20, teacher_samples=args.teacher_samples if args.teacher_samples or gpu else 3000,
-        teacher_workers=args.workers, losses=list(LOSS_NAMES), eval_k=[1, 3, 5, 10, 20],
+                            workers=args.workers or (4 if gpu else 2), extra=shlex.split(args.align_flags)),
+        teacher_k=args.teacher_k, teacher_samples=args.teacher_samples if args.teacher_samples or gpu else 3000,
+        teacher_workers=args.workers, teacher_extra=shlex.split(args.teacher_flags),
+        losses=[x.strip() for x in args.losses.split(",") if x.strip()],
+        eval_k=[int(x) for x in args.eval_k.split(",") if x.strip()],
+        eval_extra=shlex.split(args.eval_flags),
         eval_prompts=args.eval_prompts if args.eval_prompts or gpu else 1000,
         timing_prompts=args.timing_prompts, draft_beams=args.draft_beams,
         draft_init_layers=args.draft_init_layers,

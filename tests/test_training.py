@@ -188,6 +188,12 @@ def test_reproduce_passes_the_base_model_to_prepare_and_train_target(tmp_path):
     assert prepare_argv(llm, d)[-4:] == ["--base-model", "m/smollm2", "--prompt-template", "instruction"]
     argv = target_argv(llm, d, t)
     assert argv[5:7] == ["--init", "m/smollm2"] and "--preset" not in argv
+    assert argv[argv.index("--lr") + 1] == "0.0003" and argv[-2:] == ["--samples", "sequence"]
+    cut = reproduce.pipeline_config(reproduce.parse_args(
+        ["--data", "x/beauty", "--base-model", "m", "--teacher-k", "10", "--losses", "sft,atspeed-s",
+         "--eval-k", "1,10", "--target-flags", "--precision bf16", "--eval-flags", "--references ''"]))
+    assert (cut.teacher_k, cut.losses, cut.eval_k) == (10, ["sft", "atspeed-s"], [1, 10])
+    assert target_argv(cut, d, t)[-2:] == ["--precision", "bf16"] and cut.eval_extra == ["--references", ""]
 
 
 # ---------------------------------------------------------------------------- teacher data
