@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-samples", type=int, default=None, help="training rows for the target")
     p.add_argument("--teacher-samples", type=int, default=None, help="train prompts with teacher data")
     p.add_argument("--align-epochs", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray Train workers and teacher actors (0 = in-process; default 2 on CPU, 4 with --gpu)")
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="test prompts for accuracy (default: all with --gpu, 1000 on CPU)")
     p.add_argument("--timing-prompts", type=int, default=30, help="test prompts timed at batch 1")
@@ -89,6 +90,11 @@ def run_name(args: argparse.Namespace) -> str:
     return Path(args.data).resolve().name + ("-llm" if args.base_model else "")
 
 
+def default_workers(args: argparse.Namespace) -> int:
+    """--workers, where 0 (in-process, no Ray) counts; else 4 on a GPU cluster, 2 on CPU."""
+    return args.workers if args.workers is not None else (4 if args.gpu else 2)
+
+
 def target_settings(args: argparse.Namespace) -> StageSettings:
     """From scratch: the preset's model at a high learning rate. A pretrained LLM (--base-model):
     a lower rate, whole-sequence windows (--samples sequence) in smaller micro-batches."""
@@ -98,7 +104,7 @@ def target_settings(args: argparse.Namespace) -> StageSettings:
     extra = (["--samples", "sequence"] if llm else []) + shlex.split(args.target_flags)
     return StageSettings(epochs=args.target_epochs or (10 if gpu else 2),
                          micro_batch=args.target_micro_batch or micro_batch, lr=args.target_lr or lr,
-                         workers=args.workers or (4 if gpu else 2), extra=extra,
+                         workers=default_workers(args), extra=extra,
                          max_samples=args.target_samples if args.target_samples or gpu else 48000)
 
 
@@ -109,7 +115,7 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
         base_model=args.base_model, prompt_template=args.prompt_template,
         target=target_settings(args),
         align=StageSettings(epochs=args.align_epochs or (20 if gpu else 10), micro_batch=32, lr=3e-3,
-                            workers=args.workers or (4 if gpu else 2), extra=shlex.split(args.align_flags)),
+                            workers=default_workers(args), extra=shlex.split(args.align_flags)),
         teacher_k=args.teacher_k, teacher_samples=args.teacher_samples if args.teacher_samples or gpu else 3000,
         teacher_workers=args.workers, teacher_extra=shlex.split(args.teacher_flags),
         losses=[x.strip() for x in args.losses.split(",") if x.strip()],

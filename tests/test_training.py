@@ -193,6 +193,9 @@ def test_reproduce_passes_the_base_model_to_prepare_and_train_target(tmp_path):
         ["--data", "x/beauty", "--base-model", "m", "--teacher-k", "10", "--losses", "sft,atspeed-s",
          "--eval-k", "1,10", "--target-flags", "--precision bf16", "--eval-flags", "--references ''"]))
     assert (cut.teacher_k, cut.losses, cut.eval_k) == (10, ["sft", "atspeed-s"], [1, 10])
+    assert cut.target.workers == 2
+    local = reproduce.pipeline_config(reproduce.parse_args(["--data", "x/beauty", "--workers", "0"]))
+    assert (local.target.workers, local.align.workers, local.teacher_workers) == (0, 0, 0)
     assert target_argv(cut, d, t)[-2:] == ["--precision", "bf16"] and cut.eval_extra == ["--references", ""]
 
 
