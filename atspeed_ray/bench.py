@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 
 from atspeed_ray.benchmarking import (
-    DraftWidth, add_forward_arg, add_precision_arg, batches, measure_speculative, parse_ks,
-    positive, search_params, timed, write_json,
+    add_forward_arg, add_precision_arg, batches, measure_speculative, parse_counts, parse_ks,
+    parse_widths, positive, row_params, search_params, timed, write_json,
 )
-from atspeed_ray.settings import DEFAULT_MODE, MODES
+from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, DEFAULT_MODE, MODES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,11 +34,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", required=True, help="HF model dir of the draft")
     p.add_argument("--k", type=parse_ks, default=[1, 3, 5, 10, 20])
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
-    p.add_argument("--draft-beams", type=DraftWidth, default=DraftWidth("1k"),
-                   help="draft width: N, or a multiple of K such as 2k (default: K; raised to K where smaller)")
+    p.add_argument("--draft-beams", type=parse_widths, default=parse_widths("1k"),
+                   help="draft width: N, a multiple of K such as 2k (raised to K where smaller), or "
+                        "auto: chosen per K and batch size by measured cost on --calibration-prompts "
+                        "validation prompts; several, comma-separated, are each timed (a sweep beside "
+                        "auto) (default: K)")
+    p.add_argument("--calibration-prompts", type=positive, default=AUTO_WIDTH_PROMPTS,
+                   help="--draft-beams auto: validation prompts the choice is measured on")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=1, help="requests decoded together")
+    p.add_argument("--batch-size", type=parse_counts, default=[1],
+                   help="requests decoded together; several (1,8,32) are each timed")
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=positive, default=3,
@@ -116,8 +122,8 @@ def run_bench_beam(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_HEADER = (f"{'K':>3} {'N':>3} {'beam s':>8} {'spec s':>8} {'WS':>6} {'oracle':>7} {'%orcl':>6} "
-                f"{'N-tree':>7} {'1-round':>7} {'tgt calls/req':>13} {'acc steps/rnd':>13} ")
+BENCH_HEADER = (f"{'B':>3} {'K':>3} {'N':>3} {'beam s':>8} {'spec s':>8} {'WS':>6} {'oracle':>7} "
+                f"{'%orcl':>6} {'N-tree':>7} {'1-round':>7} {'tgt calls/req':>13} {'acc steps/rnd':>13} ")
 
 
 def bench_line(row: dict, ref_items: list, out_items: list, targets: list[list[int]]) -> str:
@@ -125,7 +131,8 @@ def bench_line(row: dict, ref_items: list, out_items: list, targets: list[list[i
     from atspeed_ray.metrics import ndcg_at_k, recall_at_k
 
     k = row["k"]
-    line = (f"{k:>3} {row['draft_beams']:>3} {row['beam_search_s']:>8.3f} {row['speculative_s']:>8.3f} "
+    line = (f"{row['batch_size']:>3} {k:>3} {row['draft_beams']:>3} {row['beam_search_s']:>8.3f} "
+            f"{row['speculative_s']:>8.3f} "
             f"{row['walltime_speedup']:>5.2f}x {row['oracle_speedup']:>6.2f}x "
             f"{100 * row['fraction_of_oracle']:>5.0f}% {row['tree_bound_speedup']:>6.2f}x "
             f"{row['one_round_bound_speedup']:>6.2f}x "
@@ -149,6 +156,22 @@ def breakdown_line(row: dict) -> str:
             "N-tree pass {tree_pass_ms:.2f}, draft round {draft_round_ms:.2f})").format(**row)
 
 
+def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list[int]],
+              targets: list[list[int]], calibration: list[list[int]], k: int, width,
+              batch_size: int) -> dict:
+    """Time one row (batch size, K, width spec) and print it; ``auto`` is chosen first."""
+    params = search_params(k, width, args.gamma, args.mode, args.seed, index.device)
+    params, choice = row_params(params, width, target, draft, index, calibration, batch_size)
+    row, ref_items, out_items = measure_speculative(target, draft, index, prompts, params,
+                                                    batch_size, args.repeat)
+    row["draft_beams_spec"] = repr(width)
+    if choice is not None:
+        row["width_choice"] = choice.record()
+    print(bench_line(row, ref_items, out_items, targets) + ("  (auto)" if choice else ""))
+    print(breakdown_line(row), flush=True)
+    return row
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from atspeed_ray.data.prepare import open_data
     from atspeed_ray.models import DeviceConfig, decoding_dtype, load_decoder
@@ -163,21 +186,21 @@ def run_bench(args: argparse.Namespace) -> int:
     index = data.index.to(dev.torch_device())
     prompts = data.prompts(args.split, limit=args.num_prompts)
     targets = data.targets(args.split, limit=args.num_prompts)
+    calibration = data.prompts("valid", limit=args.calibration_prompts)
     print(f"target {args.target}, draft {args.draft}, {len(prompts)} prompts of {args.split}, "
-          f"batch {args.batch_size}, mode {args.mode}, gamma {args.gamma}, device {dev.torch_device()}, "
-          f"{args.forward} forward, best of {args.repeat} timings")
+          f"batch {','.join(map(str, args.batch_size))}, mode {args.mode}, gamma {args.gamma}, "
+          f"device {dev.torch_device()}, {args.forward} forward, best of {args.repeat} timings")
     print(BENCH_HEADER + ("identical" if args.mode == "strict"
                           else "recall@K beam/spec  ndcg@K beam/spec"))
     rows = []
-    for k in args.k:
-        params = search_params(k, args.draft_beams, args.gamma, args.mode, args.seed, index.device)
-        row, ref_items, out_items = measure_speculative(target, draft, index, prompts, params,
-                                                        args.batch_size, args.repeat)
-        print(bench_line(row, ref_items, out_items, targets))
-        print(breakdown_line(row), flush=True)
-        rows.append(row)
+    for batch_size in args.batch_size:
+        for k in args.k:
+            for width in args.draft_beams:
+                rows.append(bench_row(args, target, draft, index, prompts, targets, calibration,
+                                      k, width, batch_size))
     result = {"target": args.target, "draft": args.draft, "mode": args.mode, "gamma": args.gamma,
-              "split": args.split, "prompts": len(prompts), "batch_size": args.batch_size,
+              "split": args.split, "prompts": len(prompts), "batch_sizes": args.batch_size,
+              "draft_beams": [repr(w) for w in args.draft_beams],
               "repeat": args.repeat,
               "device": str(dev.torch_device()), "forward": args.forward,
               "precision": args.precision, "dtype": dtype, "rows": rows}

@@ -1,12 +1,14 @@
 """What ``bench`` and ``evaluate`` share: their command-line values and the speed measurements.
 
-* command line: ``parse_ks`` (``--k 1,5,10``), ``DraftWidth`` (``--draft-beams 20`` or ``2k``),
-  ``add_forward_arg``, ``positive``;
+* command line: ``parse_ks`` (``--k 1,5,10``), ``parse_counts`` (``--batch-size 1,8,32``),
+  ``DraftWidth`` (``--draft-beams 20``, ``2k`` or ``auto``), ``add_forward_arg``, ``positive``;
 * measurements: ``timed`` / ``time_per_batch``, the two bounds (``oracle_pass_time``: one target
   pass over a full tree; ``draft_round_time``: the draft's first round) and
   ``measure_speculative``, which times the target's beam search against speculative beam search
   on the same prompts in the same process, with the speculative time split by phase
-  (``breakdown_ms``: draft, verify, accept, bookkeeping, rest per request).
+  (``breakdown_ms``: draft, verify, accept, bookkeeping, rest per request);
+* ``--draft-beams auto``: ``row_params`` picks N per K and batch size by measured cost
+  (``atspeed_ray.width``) on a few validation prompts before the row is timed.
 
 Torch is imported inside the functions: the CLI imports this module for ``--help``.
 """
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from atspeed_ray.settings import DEFAULT_FORWARD, FORWARDS, PRECISIONS, draft_width
+from atspeed_ray.settings import AUTO, DEFAULT_FORWARD, FORWARDS, PRECISIONS, draft_width
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from atspeed_ray.data.index import ItemIndex
     from atspeed_ray.decoding.search import SearchParams
     from atspeed_ray.decoding.timing import Timings
+    from atspeed_ray.width import WidthChoice
 
 X = TypeVar("X")
 Batch = list[list[int]]  # prompts decoded together
@@ -41,22 +44,35 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def parse_ks(text: str) -> list[int]:
-    """``--k``: comma-separated beam counts, each >= 1."""
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k must be comma-separated integers, got {text!r}")
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"--k values must be >= 1, got {text!r}")
-    return ks
+def int_list(flag: str) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers, each >= 1 (``flag`` names them in errors)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be comma-separated integers, got {text!r}")
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{flag} values must be >= 1, got {text!r}")
+        return values
+
+    return parse
+
+
+parse_ks = int_list("--k")  # --k 1,5,10: beam counts
+parse_counts = int_list("--batch-size")  # --batch-size 1,8,32: requests decoded together
 
 
 class DraftWidth:
-    """``--draft-beams``: a fixed width N ("20") or a multiple of K ("2k"); never below K."""
+    """``--draft-beams``: a fixed width N ("20"), a multiple of K ("2k"; never below K), or
+    ``auto``: chosen per K by measured cost (``atspeed_ray.width``, see ``row_params``)."""
 
     def __init__(self, text: str):
         t = text.strip().lower()
+        self.auto = t == AUTO
+        if self.auto:
+            self.factor, self.fixed, self.text = None, None, AUTO
+            return
         try:
             self.factor = float(t[:-1]) if t.endswith("k") else None
             self.fixed = None if t.endswith("k") else int(t)
@@ -68,7 +84,9 @@ class DraftWidth:
 
     def of(self, k: int) -> int:
         """N for ``k``: the fixed width, or ceil(factor * k) as the serve configs'
-        draft_beams_factor; at least k."""
+        draft_beams_factor; at least k (``auto``: k, until ``row_params`` measures it)."""
+        if self.auto:
+            return k
         if self.fixed is not None:
             return max(self.fixed, k)
         assert self.factor is not None
@@ -76,6 +94,12 @@ class DraftWidth:
 
     def __repr__(self) -> str:
         return self.text
+
+
+def parse_widths(text: str) -> list[DraftWidth]:
+    """``bench --draft-beams 1k,2k,auto``: several widths, each timed as its own row (a sweep
+    beside the automatic choice, in one process)."""
+    return [DraftWidth(t) for t in text.split(",") if t.strip()] or [DraftWidth("")]
 
 
 def add_forward_arg(p: argparse.ArgumentParser) -> None:
@@ -226,7 +250,7 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
         t_draft = draft_round_time(draft, index, prompt_batches, params, repeat)
     ref_items = [i for r in ref for i in r.items]
     out_items = [i for r in out for i in r.items]
-    row = speed_row(params, t_plain, t_spec, t_pass, t_tree, t_draft,
+    row = speed_row(params, batch_size, t_plain, t_spec, t_pass, t_tree, t_draft,
                     {key: [v for r in out for v in r.stats[key]]
                      for key in ("target_calls", "draft_calls", "rounds", "accepted_steps")})
     row.update(breakdown_ms(timings, len(prompts), t_plain, t_pass, t_tree, t_draft))
@@ -252,12 +276,13 @@ def breakdown_ms(timings: Timings, n_requests: int, t_plain: float, t_pass: floa
     return row
 
 
-def speed_row(params: SearchParams, t_plain: float, t_spec: float, t_pass: float, t_tree: float,
-              t_draft: float, stats: dict[str, list[int]]) -> dict[str, Any]:
+def speed_row(params: SearchParams, batch_size: int, t_plain: float, t_spec: float, t_pass: float,
+              t_tree: float, t_draft: float, stats: dict[str, list[int]]) -> dict[str, Any]:
     """One row of the speed table from the measured times (s) and the per-request counters."""
     n_requests = len(stats["rounds"])
     return {
-        "k": params.k, "draft_beams": params.N, "mode": params.mode, "beam_search_s": t_plain,
+        "k": params.k, "draft_beams": params.N, "gamma": params.gamma, "mode": params.mode,
+        "batch_size": batch_size, "beam_search_s": t_plain,
         "speculative_s": t_spec, "walltime_speedup": t_plain / t_spec,
         "oracle_speedup": t_plain / t_pass,
         "fraction_of_oracle": (t_plain / t_spec) / (t_plain / t_pass),
@@ -286,3 +311,18 @@ def search_params(k: int, width: DraftWidth, gamma: int, mode: str, seed: int,
 
     gen = torch.Generator(device=device).manual_seed(seed)
     return SearchParams(k, width.of(k), gamma, mode, gen)  # type: ignore[arg-type]
+
+
+def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
+               draft: torch.nn.Module, index: ItemIndex, calibration: list[list[int]],
+               batch_size: int) -> tuple[SearchParams, WidthChoice | None]:
+    """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and
+    gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch
+    size (printed); the choice is returned to be recorded with the row."""
+    if not width.auto:
+        return params, None
+    from atspeed_ray.width import choose_width
+
+    choice = choose_width(target, draft, index, calibration, params.k, (params.gamma,), batch_size)
+    print(f"    {choice.summary()}", flush=True)
+    return choice.params(params), choice

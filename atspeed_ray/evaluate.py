@@ -6,7 +6,9 @@
   search, strict SD (equal to it by construction; the identical rate is measured) and relaxed SD
   with every draft;
 * speed: walltime speedup (WS), accepted steps per round and target calls per request for every
-  draft under strict and relaxed verification, timed at batch 1 on a prompt subset;
+  draft under strict and relaxed verification, timed on a prompt subset at each
+  ``--timing-batch`` size (default 1); ``--draft-beams auto`` picks N per draft, K and batch
+  size by measured cost (``atspeed_ray.width``) and records the choice with the row;
 * written as JSON, CSV and Markdown, with PNG plots (WS against K per method; histogram of
   accepted steps per round).
 
@@ -18,15 +20,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from atspeed_ray.benchmarking import (
-    BREAKDOWN_COLUMNS, DraftWidth, add_forward_arg, batches, measure_speculative, parse_ks,
-    search_params,
+    BREAKDOWN_COLUMNS, DraftWidth, add_forward_arg, add_precision_arg, batches,
+    measure_speculative, parse_counts, parse_ks, positive, row_params, search_params,
 )
-from atspeed_ray.settings import MODES
+from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, MODES
 from atspeed_ray.reference.config import add_reference_args, reference_config
 
 
@@ -38,15 +40,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=parse_ks, default=[1, 3, 5, 10, 20])
     p.add_argument("--out", required=True, help="output folder for tables and plots")
     p.add_argument("--draft-beams", type=DraftWidth, default=DraftWidth("1k"),
-                   help="draft width: N, or a multiple of K such as 2k (default: K; at least K)")
+                   help="draft width: N, a multiple of K such as 2k (at least K), or auto: chosen per "
+                        "draft, K and timing batch by measured cost on --calibration-prompts "
+                        "validation prompts (default: K)")
+    p.add_argument("--calibration-prompts", type=positive, default=AUTO_WIDTH_PROMPTS,
+                   help="--draft-beams auto: validation prompts the choice is measured on")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=None, help="accuracy prompts (default: all)")
-    p.add_argument("--timing-prompts", type=int, default=50, help="prompts timed at batch 1")
+    p.add_argument("--timing-prompts", type=int, default=50, help="prompts timed per row")
+    p.add_argument("--timing-batch", type=parse_counts, default=[1],
+                   help="requests per call in the timed rows; several (1,8,32) each get rows")
+    p.add_argument("--repeat", type=positive, default=1,
+                   help="time each side this many times (alternating) and keep the best")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for accuracy runs")
     p.add_argument("--modes", default="strict,relaxed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     add_forward_arg(p)
+    add_precision_arg(p)
     add_reference_args(p)
     p.set_defaults(func=run_evaluate)
 
@@ -92,6 +103,8 @@ def plot(speed: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    speed = [r for r in speed if r["batch_size"] == speed[0]["batch_size"]]  # the first timing batch
+
     methods = list(dict.fromkeys(r["method"] for r in speed))
     modes = list(dict.fromkeys(r["mode"] for r in speed))
     colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
@@ -121,7 +134,8 @@ def plot(speed: list[dict[str, Any]], out: Path) -> None:
 
 
 SPEED_COLUMNS = [
-    "method", "mode", "k", "draft_beams", "walltime_speedup", "accepted_steps_per_round",
+    "method", "mode", "batch_size", "k", "draft_beams", "gamma", "walltime_speedup",
+    "accepted_steps_per_round",
     "target_calls_per_request", "draft_calls_per_request", "identical_rate",
     "oracle_speedup", "fraction_of_oracle", "tree_bound_speedup", "one_round_bound_speedup",
     "beam_search_s", "speculative_s", *BREAKDOWN_COLUMNS]
@@ -140,11 +154,27 @@ class Setup:
     drafts: dict[str, Any]  # method name -> draft model
     prompts: list[list[int]]  # test prompts
     targets: list[list[int]]  # their target items, in code space
+    calibration: list[list[int]]  # validation prompts of --draft-beams auto
+    choices: dict[tuple[str, int, int], tuple[Any, Any]]  # (draft, k, batch) -> (params, choice)
+    dtype: str = "float32"  # decoding dtype (--precision)
+
+    def params(self, name: str, k: int, mode: str, batch_size: int) -> tuple[Any, Any]:
+        """The search of draft ``name`` at (k, mode, batch size) and its width choice (None
+        unless ``--draft-beams auto``); the choice is measured once per (draft, k, batch),
+        strict, and serves both modes."""
+        a = self.args
+        params = search_params(k, a.draft_beams, a.gamma, mode, a.seed, self.index.device)
+        key = (name, k, batch_size)
+        if key not in self.choices:
+            self.choices[key] = row_params(params, a.draft_beams, self.target, self.drafts[name],
+                                           self.index, self.calibration, batch_size)
+        chosen, choice = self.choices[key]
+        return replace(params, draft_beams=chosen.N, gamma=chosen.gamma), choice
 
 
 def load_setup(args: argparse.Namespace) -> Setup:
     from atspeed_ray.data.prepare import open_data
-    from atspeed_ray.models import DeviceConfig, load_decoder
+    from atspeed_ray.models import DeviceConfig, decoding_dtype, load_decoder
 
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
@@ -154,6 +184,9 @@ def load_setup(args: argparse.Namespace) -> Setup:
     out.mkdir(parents=True, exist_ok=True)
     data = open_data(args.data, models=(args.target, *args.draft))
     dev = DeviceConfig(device=args.device, forward=args.forward)
+    dtype, why = decoding_dtype(args.precision, dev.torch_device())
+    dev = dev.model_copy(update={"dtype": dtype})
+    print(f"precision: {why}")
     target = load_decoder(args.target, dev)
     drafts = {method_name(d): load_decoder(d, dev) for d in args.draft}
     index = data.index.to(dev.torch_device())
@@ -161,7 +194,9 @@ def load_setup(args: argparse.Namespace) -> Setup:
     targets = data.targets("test", limit=args.num_prompts)
     # evaluation compares in code space: colliding items count as their representative
     targets = [index.canonical(t).tolist() for t in targets]
-    return Setup(args, modes, out, data, index, target, drafts, prompts, targets)
+    calibration = data.prompts("valid", limit=args.calibration_prompts)
+    return Setup(args, modes, out, data, index, target, drafts, prompts, targets, calibration, {},
+                 dtype)
 
 
 def accuracy_table(s: Setup) -> list[dict[str, Any]]:
@@ -203,27 +238,37 @@ def accuracy_table(s: Setup) -> list[dict[str, Any]]:
     if "relaxed" in s.modes:
         for name, draft in s.drafts.items():
             gen = torch.Generator(device=index.device).manual_seed(args.seed)  # one per draft
-            add_accuracy(name, "relaxed", {k: ranked(lambda b, k=k: speculative_search(
-                s.target, draft, b, index,
-                SearchParams(k, args.draft_beams.of(k), args.gamma, "relaxed", gen))) for k in ks})
+
+            def relaxed(k: int) -> SearchParams:  # auto: the width chosen at the first timing batch
+                chosen, _ = s.params(name, k, "relaxed", args.timing_batch[0])
+                return SearchParams(k, chosen.N, chosen.gamma, "relaxed", gen)
+
+            add_accuracy(name, "relaxed", {k: ranked(lambda b, p=relaxed(k): speculative_search(
+                s.target, draft, b, index, p)) for k in ks})
     return accuracy
 
 
 def speed_table(s: Setup) -> list[dict[str, Any]]:
-    """WS, accepted steps and calls of every draft under every mode, timed at batch 1."""
+    """WS, accepted steps and calls of every draft under every mode, timed at each
+    ``--timing-batch`` size."""
     args = s.args
     speed: list[dict[str, Any]] = []
     timing = s.prompts[: args.timing_prompts]
-    for name, draft in s.drafts.items():
-        for mode in s.modes:
-            for k in args.k:
-                params = search_params(k, args.draft_beams, args.gamma, mode, args.seed, s.index.device)
-                row, _, _ = measure_speculative(s.target, draft, s.index, timing, params, batch_size=1)
-                row["method"] = name
-                speed.append(row)
-                print(f"  {name:>12} {mode:>8} K={k:>2}: WS {row['walltime_speedup']:.2f}x, "
-                      f"accepted steps/round {row['accepted_steps_per_round']:.2f}, "
-                      f"target calls/request {row['target_calls_per_request']:.2f}", flush=True)
+    for batch_size in args.timing_batch:
+        for name, draft in s.drafts.items():
+            for mode in s.modes:
+                for k in args.k:
+                    params, choice = s.params(name, k, mode, batch_size)
+                    row, _, _ = measure_speculative(s.target, draft, s.index, timing, params,
+                                                    batch_size, args.repeat)
+                    row["method"] = name
+                    if choice is not None:
+                        row["width_choice"] = choice.record()
+                    speed.append(row)
+                    print(f"  {name:>12} {mode:>8} B={batch_size:>2} K={k:>2} N={params.N:>2}: "
+                          f"WS {row['walltime_speedup']:.2f}x, "
+                          f"accepted steps/round {row['accepted_steps_per_round']:.2f}, "
+                          f"target calls/request {row['target_calls_per_request']:.2f}", flush=True)
     return speed
 
 

@@ -38,6 +38,14 @@ LossName = Literal["sft", "seqkd", "wordkd", "tvdkd", "atspeed-s", "atspeed-r"]
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 
 
+# ``--draft-beams auto`` / ``draft_beams_factor: auto``: the draft width chosen per K by measured
+# cost (``atspeed_ray.width``) among N = ceil(f * K) for these factors f.
+AUTO = "auto"
+AUTO_WIDTH_FACTORS: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+# validation prompts the choice is measured on
+AUTO_WIDTH_PROMPTS = 8
+
+
 def draft_width(k: int, factor: float) -> int:
     """Draft width N for top-``k`` as a multiple of k: ceil(factor * k), never below k (the
     serve configs' ``draft_beams_factor`` and ``bench --draft-beams 2k``)."""

@@ -1,0 +1,122 @@
+"""Choosing the draft width by cost: ``--draft-beams auto`` (``bench``, ``evaluate``, the
+pipeline) and ``draft_beams_factor: auto`` (the serve configs).
+
+A wider draft tree (N > K) gets more of the target's top-K drafted, so fewer rounds (target
+calls) per request; but every verification pass then carries N x gamma tree tokens and every
+draft step is a width-N beam step. Which N is cheapest depends on the models, the machine and
+the batch: on a CPU the target's pass is compute-bound, so a wide tree costs almost as much as
+it saves; on a GPU it costs little more than the oracle pass.
+
+``choose_width`` measures it on a few calibration prompts (the validation split) for every
+candidate (N, gamma):
+
+* acceptance: one strict speculative search over the prompts gives the mean rounds (= target
+  calls) per request; the counters do not depend on timing, so one run is exact;
+* cost of a round: one target pass over prefix + N x gamma tree tokens (``oracle_pass_time``
+  with width N) plus the draft's first round (``draft_round_time``), each the best of
+  ``repeat`` timings, per request at the batch size that will be used;
+* expected time per request = rounds x (pass + draft round). Later rounds re-use the cached
+  prefix and draft fewer steps, so this over-counts them a little; it ranks candidates, the
+  chosen one is then measured like any other.
+
+The candidate with the least expected time wins. The search's result is the same for every N
+(strict), so only time decides. Pure torch: the serving driver uses it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.search import SearchParams
+from atspeed_ray.settings import AUTO_WIDTH_FACTORS, draft_width
+
+
+@dataclass(frozen=True)
+class WidthCandidate:
+    """The measurements of one candidate (N, gamma), per request (ms)."""
+
+    n: int  # draft width N
+    gamma: int  # draft steps per round
+    rounds: float  # mean rounds (= target calls) per request, strict
+    pass_ms: float  # one target pass over prefix + N x gamma tree tokens
+    draft_ms: float  # the draft's first round (prefill + min(gamma, L-1) width-N steps)
+
+    @property
+    def expected_ms(self) -> float:
+        return self.rounds * (self.pass_ms + self.draft_ms)
+
+
+@dataclass(frozen=True)
+class WidthChoice:
+    """The chosen (N, gamma) for top-``k`` at ``batch_size``, and every candidate measured."""
+
+    k: int
+    batch_size: int
+    prompts: int  # calibration prompts
+    candidates: list[WidthCandidate]
+
+    @property
+    def best(self) -> WidthCandidate:
+        return min(self.candidates, key=lambda c: (c.expected_ms, c.n, c.gamma))
+
+    def params(self, base: SearchParams) -> SearchParams:
+        """``base`` with the chosen width and gamma."""
+        import dataclasses
+
+        return dataclasses.replace(base, draft_beams=self.best.n, gamma=self.best.gamma)
+
+    def record(self) -> dict:
+        """JSON-able: the choice and the table it was chosen from."""
+        return {"k": self.k, "batch_size": self.batch_size, "prompts": self.prompts,
+                "chosen_n": self.best.n, "chosen_gamma": self.best.gamma,
+                "candidates": [{**asdict(c), "expected_ms": c.expected_ms} for c in self.candidates]}
+
+    def summary(self) -> str:
+        """One line: the choice and each candidate's expected ms per request."""
+        parts = ", ".join(f"N={c.n}{'' if c.gamma == self.best.gamma else f'/g{c.gamma}'}: "
+                          f"{c.rounds:.2f} calls x ({c.pass_ms:.1f} + {c.draft_ms:.1f}) = "
+                          f"{c.expected_ms:.1f}" for c in self.candidates)
+        return (f"auto width K={self.k} batch {self.batch_size}: N={self.best.n} gamma={self.best.gamma} "
+                f"(expected ms/request on {self.prompts} calibration prompts: {parts})")
+
+
+def candidate_widths(k: int, factors: tuple[float, ...] = AUTO_WIDTH_FACTORS) -> list[int]:
+    """The distinct widths N = ceil(f * k) tried for top-``k``, smallest first."""
+    return sorted({draft_width(k, f) for f in factors})
+
+
+def calibration_batch(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """At least ``batch_size`` prompts (``prompts`` repeated as needed), so that the pass costs
+    are measured at the batch size that will run."""
+    if not prompts:
+        raise ValueError("auto draft width: no calibration prompts")
+    reps = -(-batch_size // len(prompts))
+    return (prompts * reps)[:max(batch_size, len(prompts))]
+
+
+@torch.no_grad()
+def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
+                 prompts: list[list[int]], k: int, gammas: tuple[int, ...], batch_size: int = 1,
+                 repeat: int = 2, factors: tuple[float, ...] = AUTO_WIDTH_FACTORS) -> WidthChoice:
+    """The (N, gamma) with the least expected time per request for top-``k`` (module
+    docstring), measured on ``prompts`` (a few validation prompts) at ``batch_size``."""
+    from atspeed_ray.benchmarking import batches, draft_round_time, oracle_pass_time
+    from atspeed_ray.decoding import speculative_search
+
+    calib = calibration_batch(prompts, batch_size)
+    groups = batches(calib, batch_size)
+    head = groups[:1]  # the cost of a round is timed on the first full batch
+    rows = len(head[0])
+    out = []
+    for gamma in gammas:
+        for n in candidate_widths(k, factors):
+            params = SearchParams(k, n, gamma, "strict")
+            rounds = [r for b in groups for r in speculative_search(target, draft, b, index, params).stats["rounds"]]
+            t_pass = oracle_pass_time(target, head, n, gamma, repeat)
+            t_draft = draft_round_time(draft, index, head, params, repeat) if gamma > 0 else 0.0
+            out.append(WidthCandidate(n, gamma, sum(rounds) / len(rounds),
+                                      1e3 * t_pass / rows, 1e3 * t_draft / rows))
+    return WidthChoice(k, batch_size, len(calib), out)

@@ -1,0 +1,91 @@
+"""``--draft-beams auto``: the draft width chosen per K and batch size by measured cost
+(``atspeed_ray.width``), in ``bench`` (beside a sweep, at several batch sizes) and ``evaluate``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atspeed_ray.benchmarking import DraftWidth, parse_widths
+from atspeed_ray.decoding.search import SearchParams
+from atspeed_ray.width import WidthCandidate, WidthChoice, calibration_batch, candidate_widths
+
+
+def test_candidates_and_the_cheapest_wins():
+    assert candidate_widths(1) == [1, 2, 3, 4]
+    assert candidate_widths(10) == [10, 15, 20, 30, 40]
+    assert candidate_widths(3, (1.0, 1.1)) == [3, 4]
+    # N=20 takes fewer rounds but each costs more; expected ms = rounds x (pass + draft)
+    choice = WidthChoice(10, 1, 8, [WidthCandidate(10, 3, 3.0, 100.0, 10.0),
+                                    WidthCandidate(20, 3, 1.5, 120.0, 15.0),
+                                    WidthCandidate(40, 3, 1.2, 200.0, 25.0)])
+    assert choice.best.n == 20 and choice.best.expected_ms == pytest.approx(202.5)
+    params = choice.params(SearchParams(10, 10, 3, "strict"))
+    assert (params.k, params.N, params.gamma) == (10, 20, 3)
+    rec = choice.record()
+    assert rec["chosen_n"] == 20 and [c["n"] for c in rec["candidates"]] == [10, 20, 40]
+    assert "N=20" in choice.summary()
+
+
+def test_calibration_batch_fills_the_batch():
+    assert calibration_batch([[1], [2]], 5) == [[1], [2], [1], [2], [1]]
+    assert calibration_batch([[1], [2], [3]], 1) == [[1], [2], [3]]
+    with pytest.raises(ValueError, match="no calibration prompts"):
+        calibration_batch([], 4)
+
+
+def test_draft_width_flag():
+    assert DraftWidth("auto").auto and DraftWidth("auto").of(7) == 7
+    assert [repr(w) for w in parse_widths("1k,auto,20")] == ["1k", "auto", "20"]
+    assert not DraftWidth("2k").auto and DraftWidth("2k").of(5) == 10
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        DraftWidth("wide")
+
+
+def test_bench_auto_beside_a_sweep_at_two_batch_sizes(tmp_path, capsys):
+    from atspeed_ray.cli import main
+    from tests.helpers import prepared_random_pair
+
+    data, target, draft = prepared_random_pair(tmp_path, users=40, items=60, seed=5)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--data", str(data), "--target", str(target), "--draft", str(draft),
+                 "--k", "3", "--draft-beams", "1k,auto", "--batch-size", "1,2", "--num-prompts", "4",
+                 "--calibration-prompts", "2", "--repeat", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["batch_size"], r["draft_beams_spec"]) for r in rows] == [
+        (1, "1k"), (1, "auto"), (2, "1k"), (2, "auto")]
+    assert all(r["identical_rate"] == 1.0 for r in rows)  # strict: exact whatever N
+    for r in rows[1::2]:
+        choice = r["width_choice"]
+        assert choice["batch_size"] == r["batch_size"] and choice["prompts"] >= r["batch_size"]
+        cands = choice["candidates"]
+        assert [c["n"] for c in cands] == candidate_widths(3)
+        best = min(cands, key=lambda c: c["expected_ms"])
+        assert r["draft_beams"] == choice["chosen_n"] == best["n"]
+        assert all(1.0 <= c["rounds"] <= 4.0 and c["pass_ms"] > 0 and c["draft_ms"] > 0 for c in cands)
+    printed = capsys.readouterr().out
+    assert printed.count("auto width K=3") == 2 and "(auto)" in printed
+
+
+def test_evaluate_auto_records_the_choice_per_timing_batch(tmp_path):
+    from atspeed_ray.cli import main
+    from tests.helpers import prepared_random_pair
+
+    data, target, draft = prepared_random_pair(tmp_path, users=40, items=60, seed=4)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(data), "--target", str(target), "--draft", str(draft),
+                 "--k", "2", "--num-prompts", "4", "--timing-prompts", "2", "--timing-batch", "1,2",
+                 "--draft-beams", "auto", "--calibration-prompts", "2", "--references", "",
+                 "--out", str(out)]) == 0
+    speed = json.loads((out / "speed.json").read_text())
+    assert {(r["batch_size"], r["mode"]) for r in speed} == {
+        (b, m) for b in (1, 2) for m in ("strict", "relaxed")}
+    for r in speed:
+        assert r["draft_beams"] == r["width_choice"]["chosen_n"]
+        assert r["width_choice"]["batch_size"] == r["batch_size"]
+    assert all(r["identical_rate"] == 1.0 for r in speed if r["mode"] == "strict")
+    assert "batch_size" in (out / "speed.md").read_text()
