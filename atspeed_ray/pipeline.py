@@ -73,6 +73,9 @@ class PipelineConfig(BaseModel):
     verbose: bool = Field(default_factory=env_verbose)  # library logs on the terminal too
 
 
+STAGE_TIMES = "stage_times.json"  # in the pipeline's work folder
+
+
 @dataclass(frozen=True)
 class StageOutput:
     """Where the stages' output goes. An ``atspeed-ray`` command writes its own report to stdout
@@ -81,6 +84,7 @@ class StageOutput:
 
     logs: Path
     verbose: bool = False
+    times: Path | None = None  # stage_times.json: every finished command and its seconds (appended)
 
     def announce(self) -> None:
         if not self.verbose:
@@ -109,6 +113,15 @@ class StageOutput:
             return msg
         tail = self.path(argv[0]).read_text(errors="replace").splitlines()[-lines:]
         return "\n".join([msg, f"last lines of {self.path(argv[0])}:", *tail])
+
+    def record(self, argv: list[str], seconds: float) -> None:
+        """Append a finished command to ``times`` (a resumed pipeline keeps the earlier runs')."""
+        if self.times is None:
+            return
+        rows = json.loads(self.times.read_text()) if self.times.exists() else []
+        rows.append({"command": shlex.join(["atspeed-ray", *argv]), "seconds": round(seconds, 1),
+                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.times.write_text(json.dumps(rows, indent=2))
 
 
 def cli_process(argv: list[str], stderr: IO[str] | None, **kw) -> subprocess.Popen:
@@ -139,7 +152,9 @@ def run_cli(argv: list[str], output: StageOutput) -> None:
         rc = wait_child(cli_process(argv, err))
     if rc:
         raise SystemExit(output.failure(argv, rc))
-    print(f"[{argv[0]} done in {time.perf_counter() - t0:.1f} s]", flush=True)
+    seconds = time.perf_counter() - t0
+    output.record(argv, seconds)
+    print(f"[{argv[0]} done in {seconds:.1f} s]", flush=True)
 
 
 def flags(**values: object) -> list[str]:
@@ -183,7 +198,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.json").write_text(cfg.model_dump_json(indent=2))
     data, target, teacher = out / "data", out / "target", out / "teacher"
-    output = StageOutput(out / "logs", cfg.verbose)
+    output = StageOutput(out / "logs", cfg.verbose, times=out / STAGE_TIMES)
     output.announce()
     t0 = time.perf_counter()
     if not done(data, "summary.json"):

@@ -16,6 +16,7 @@ CPU presets by default (a 2-core machine: the training rows are subsampled, see 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, under ray job submit
 
-from atspeed_ray.pipeline import PipelineConfig, StageSettings, run_pipeline  # noqa: E402
+from atspeed_ray.pipeline import STAGE_TIMES, PipelineConfig, StageSettings, run_pipeline  # noqa: E402
 from atspeed_ray.settings import LOSS_NAMES  # noqa: E402
 
 
@@ -128,6 +129,17 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     )
 
 
+def stage_table(times: Path) -> str:
+    """The stage commands this work folder ran (earlier sessions' too) and their wall times."""
+    if not times.exists():
+        return ""
+    rows = json.loads(times.read_text())
+    lines = ["Stages run (wall time; a resumed run lists every session's):", "",
+             "| finished | seconds | command |", "|---|---|---|"]
+    lines += [f"| {r['finished']} | {r['seconds']:.0f} | `{r['command']}` |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     args = parse_args()
     name = run_name(args)
@@ -140,7 +152,8 @@ def main() -> None:
     (results / "RUN.md").write_text(
         f"# {name}\n\nCommand: `python jobs/reproduce.py {shlex.join(sys.argv[1:])}`\n\n"
         f"Machine: {machine()}\n\n"
-        f"Pipeline settings:\n\n```json\n{cfg.model_dump_json(indent=2)}\n```\n")
+        f"Pipeline settings:\n\n```json\n{cfg.model_dump_json(indent=2)}\n```\n\n"
+        f"{stage_table(out / STAGE_TIMES)}")
     print(f"results in {results}/")
 
 
