@@ -52,8 +52,11 @@ class PipelineConfig(BaseModel):
     data: str = "synthetic"  # "synthetic" or a release folder
     out: str = "demo_out"
     preset: str = "tiny"
-    base_model: str | None = None  # a pretrained LLM folder: prepare --base-model, train-target --init
+    # a pretrained LLM: a folder, or a bundled name (smollm2), which a first stage writes to
+    # OUT/base-model (`atspeed-ray base-model NAME`); then prepare --base-model, train-target --init
+    base_model: str | None = None
     prompt_template: str | None = None  # with base_model; None: prepare's default
+    history_len: int | None = None  # items per prompt (prepare --history-len); None: its default
     target: StageSettings = StageSettings()
     align: StageSettings = StageSettings()
     teacher_k: int = 10
@@ -181,9 +184,28 @@ def done(path: Path, marker: str) -> bool:
     return False
 
 
+def bundled_base_model(cfg: PipelineConfig) -> bool:
+    """Whether ``cfg.base_model`` names a bundled model rather than a folder."""
+    from atspeed_ray.base_model import BUNDLED
+
+    return cfg.base_model in BUNDLED and not Path(cfg.base_model).exists()
+
+
+def base_model_stage(cfg: PipelineConfig, out: Path, output: StageOutput) -> PipelineConfig:
+    """A bundled ``base_model`` (smollm2) is written to OUT/base-model first; the later stages
+    get that folder."""
+    if cfg.base_model is None or not bundled_base_model(cfg):
+        return cfg
+    folder = out / "base-model"
+    if not done(folder, "config.json"):
+        run_cli(["base-model", cfg.base_model, "--out", str(folder)], output)
+    return cfg.model_copy(update={"base_model": str(folder)})
+
+
 def prepare_argv(cfg: PipelineConfig, data: Path) -> list[str]:
     return (["prepare", "--data", cfg.data, "--out", str(data)]
-            + flags(base_model=cfg.base_model, prompt_template=cfg.prompt_template))
+            + flags(base_model=cfg.base_model, prompt_template=cfg.prompt_template,
+                    history_len=cfg.history_len))
 
 
 def target_argv(cfg: PipelineConfig, data: Path, target: Path) -> list[str]:
@@ -201,6 +223,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     output = StageOutput(out / "logs", cfg.verbose, times=out / STAGE_TIMES)
     output.announce()
     t0 = time.perf_counter()
+    cfg = base_model_stage(cfg, out, output)
     if not done(data, "summary.json"):
         run_cli(prepare_argv(cfg, data), output)
     if not done(target, "config.json"):
@@ -250,6 +273,9 @@ def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool
     url = f"http://127.0.0.1:{port}"
     argv = ["serve", "--target", str(out / "target"), "--draft", str(out / "drafts" / draft),
             "--data", str(out / "data"), "--port", str(port)]
+    widths = measured_widths(out / "eval", draft)
+    if widths:  # evaluate measured them on these models: the app need not measure them again
+        argv += ["--set", f"draft_widths={json.dumps(widths)}"]
     output = StageOutput(out / "logs", verbose)
     print(f"\n$ atspeed-ray {shlex.join(argv)}", flush=True)
     with output.stderr(argv) as err:
@@ -268,6 +294,16 @@ def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool
             pass
         finally:
             stop_server(proc)
+
+
+def measured_widths(evaluation: Path, draft: str) -> dict[int, int]:
+    """k -> the draft width ``evaluate --draft-beams auto`` chose for ``draft`` (strict, at its
+    first timing batch size); empty when evaluate ran with a fixed width."""
+    path = evaluation / "speed.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    return {r["k"]: r["draft_beams"] for r in rows
+            if (r["method"], r["mode"]) == (draft, "strict") and "width_choice" in r
+            and r["batch_size"] == rows[0]["batch_size"]}
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, output: StageOutput, argv: list[str],

@@ -52,7 +52,8 @@ def make_config(base: dict, models: Path, data: Path, port: int, fault: dict | N
     config["http_options"]["port"] = port
     main = config["applications"][0]
     main["args"].update(target=str(models / "target"), draft=str(models / "draft"), data=str(data),
-                        dtype="float64", routing=routing)
+                        dtype="float64", routing=routing,
+                        draft_beams_factor=2.0)  # fixed N: the offline references use the same one
     if fault is not None:
         next(d for d in main["deployments"] if d["name"] == "DraftModel")["user_config"] = fault
     baseline = {**copy.deepcopy(main), "name": "baseline", "route_prefix": "/baseline",

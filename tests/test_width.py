@@ -89,3 +89,25 @@ def test_evaluate_auto_records_the_choice_per_timing_batch(tmp_path):
         assert r["width_choice"]["batch_size"] == r["batch_size"]
     assert all(r["identical_rate"] == 1.0 for r in speed if r["mode"] == "strict")
     assert "batch_size" in (out / "speed.md").read_text()
+
+
+def test_serving_auto_measures_a_width_table_when_the_app_is_built(tmp_path):
+    from atspeed_ray.serving.app import with_measured_widths
+    from atspeed_ray.serving.config import AppArgs
+    from tests.helpers import prepared_random_pair
+
+    data, target, draft = prepared_random_pair(tmp_path, users=40, items=60, seed=6)
+    args = AppArgs(target=str(target), draft=str(draft), data=str(data), device="cpu",
+                   draft_beams_factor="auto", max_k=5)
+    assert args.draft_width(5) == 5  # nothing measured yet: N = k
+    measured = with_measured_widths(args)
+    assert sorted(measured.draft_widths) == [1, 5]  # AUTO_WIDTH_KS up to max_k
+    assert all(candidate_widths(k)[0] <= n <= candidate_widths(k)[-1]
+               for k, n in measured.draft_widths.items())
+    assert with_measured_widths(measured) is measured  # given widths are kept
+    fixed = AppArgs(target="t", draft="d", draft_widths={1: 2, 10: 20})
+    assert (fixed.draft_width(1), fixed.draft_width(3), fixed.draft_width(8), fixed.draft_width(20)) == (2, 6, 16, 40)
+    broken = AppArgs(target=str(tmp_path), draft=str(draft), draft_beams_factor="auto")
+    assert with_measured_widths(broken).draft_widths == {}  # the replicas report the cause
+    with pytest.raises(ValueError):
+        AppArgs(target="t", draft="d", draft_beams_factor="wide")

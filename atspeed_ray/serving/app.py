@@ -9,20 +9,59 @@
 
 ``build_target_only_app`` is the baseline: the same ingress and TargetModel, no DraftModel.
 Deployment sizes and autoscaling are in the YAML ``deployments:`` overrides.
+
+``draft_beams_factor: auto`` without a ``draft_widths`` table: the builder measures one
+(``with_measured_widths``), in its own process, before the deployments start.
 """
 
+import logging
 from typing import Any
 
 from ray.serve import Application
 
 from atspeed_ray.serving.config import AppArgs
 from atspeed_ray.serving.deployments import DraftModel, Recommender, TargetModel
+from atspeed_ray.settings import AUTO, AUTO_WIDTH_PROMPTS
+
+logger = logging.getLogger(__name__)
+AUTO_WIDTH_KS = (1, 5, 10, 20)  # k the builder measures a width for (others: the nearest's N/k)
+
+
+def with_measured_widths(args: AppArgs) -> AppArgs:
+    """``args`` with ``draft_widths`` measured when ``draft_beams_factor`` is auto and none are
+    given: the served models loaded here, ``choose_width`` at one request per call on the
+    catalog's example histories, for each k of ``AUTO_WIDTH_KS`` the app allows. On a GPU
+    cluster, where the builder may run without the replicas' device, give ``draft_widths``
+    (as ``bench --draft-beams auto`` prints them) instead."""
+    if args.draft_beams_factor != AUTO or args.draft_widths or not args.speculative:
+        return args
+    from atspeed_ray.models import DeviceConfig, load_decoder
+    from atspeed_ray.serving.catalog import load_catalog
+    from atspeed_ray.width import choose_width
+
+    assert args.draft is not None
+    dev = DeviceConfig(device=args.device, dtype=args.dtype, forward=args.forward)
+    try:
+        target, draft = load_decoder(args.target, dev), load_decoder(args.draft, dev)
+        catalog = load_catalog(args.data, args.target, args.history_window)
+    except Exception as e:  # the replicas load the same files and report the cause themselves
+        logger.warning("draft_beams_factor auto: cannot load the models here (%s); N = k", e)
+        return args
+    index = catalog.index.to(next(target.parameters()).device)
+    prompts = [catalog.prompt(h) for h in catalog.examples[:AUTO_WIDTH_PROMPTS]]
+    widths = {}
+    for k in (k for k in AUTO_WIDTH_KS if k <= min(args.max_k, index.num_items)):
+        choice = choose_width(target, draft, index, prompts, k, (args.gamma,))
+        logger.warning("draft_beams_factor auto: %s", choice.summary())
+        widths[k] = choice.best.n
+    return args.model_copy(update={"draft_widths": widths})
 
 
 def build(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> Application:
     """The app graph; ``options`` = per-deployment ``.options(...)`` overrides, by deployment name
     (what a YAML ``deployments:`` list does), e.g. ``{"DraftModel": {"num_replicas": 2}}``."""
     args.check_paths()  # a bad path: one line now, not a replica traceback per retry
+    args = with_measured_widths(args)
     opts = options or {}
 
     def dep(d: Any) -> Any:

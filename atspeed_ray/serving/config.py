@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from atspeed_ray.serving.routing import PROBE_BACKOFF, PROBE_EVERY
-from atspeed_ray.settings import DEFAULT_MODE, Dtype, Forward, Mode, draft_width
+from atspeed_ray.settings import AUTO, DEFAULT_MODE, Dtype, Forward, Mode, draft_width
 
 MAX_HISTORY = 50
 MAX_K = 50
@@ -106,8 +106,14 @@ class AppArgs(BaseModel):
         default="fast", description="model forward: 'fast' = compact FastLlama for Llama "
                                     "checkpoints (others keep HF's), 'hf' = the HF model's own")
     gamma: int = Field(default=3, ge=0, le=16, description="draft steps per round")
-    draft_beams_factor: float = Field(default=1.0, ge=1.0, le=8.0,
-                                      description="draft width N = ceil(factor * k)")
+    draft_beams_factor: Annotated[float, Field(ge=1.0, le=8.0)] | Literal["auto"] = Field(
+        default=1.0, description="draft width N = ceil(factor * k); auto: N per k measured when the "
+                                 "app is built (draft_widths)")
+    draft_widths: dict[int, int] = Field(
+        default_factory=dict,
+        description="measured draft width N per k (draft_beams_factor auto fills it when the app is "
+                    "built; bench/evaluate --draft-beams auto print it); a k not listed takes the N/k "
+                    "of the nearest k listed. Given, it overrides draft_beams_factor")
     max_k: int = Field(default=MAX_K, ge=1, le=MAX_K)
     history_window: int | None = Field(default=None, ge=1, le=MAX_HISTORY,
                                        description="items of the history used (default: the data's history_len)")
@@ -152,7 +158,10 @@ class AppArgs(BaseModel):
         return not self.target_only and self.draft is not None
 
     def draft_width(self, k: int) -> int:
-        return draft_width(k, self.draft_beams_factor)
+        if self.draft_widths:
+            near = min(self.draft_widths, key=lambda kk: (abs(kk - k), kk))
+            return draft_width(k, self.draft_widths[near] / near)
+        return draft_width(k, 1.0 if self.draft_beams_factor == AUTO else self.draft_beams_factor)
 
     def model_settings(self, which: Literal["target", "draft"]) -> ModelSettings:
         draft = which == "draft"
