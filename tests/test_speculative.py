@@ -249,3 +249,100 @@ def test_search_params_are_checked_once_naming_the_bad_value():
             SearchParams(**kwargs)
     with pytest.raises(AttributeError):
         SearchParams(5).k = 6  # frozen: one search, one set of parameters
+
+
+def plackett_luce(w: dict[int, float], draws: int) -> dict[tuple[int, ...], float]:
+    """Ordered draws without replacement, each in proportion to weight ``w`` among those left
+    (what Gumbel top-k samples): {(x1, ..., x_draws): probability}."""
+    out: dict[tuple[int, ...], float] = {}
+    for seq in itertools.permutations([x for x, v in w.items() if v > 0], draws):
+        prob, left = 1.0, sum(w.values())
+        for x in seq:
+            prob *= w[x] / left
+            left -= w[x]
+        out[seq] = out.get(seq, 0.0) + prob
+    return out
+
+
+def relaxed_first_step(p: dict[int, float], q: dict[int, float], K: int, N: int,
+                       residual: bool = True) -> dict[frozenset, float]:
+    """The distribution of the K beams relaxed verification keeps after one drafted step from a
+    single root beam (derived from the scheme, not from the code): the draft proposes N codes
+    sampled without replacement from q; each proposal y is accepted with probability
+    min(1, p(y)/q(y)); with >= K accepted, K of them uniformly at random; else all accepted ones
+    plus draws without replacement from norm(max(p - q, 0)) over the rest (p over the rest if
+    that is all zero). ``residual=False``: a wrong scheme that refills from p instead."""
+    acc = {y: min(1.0, p[y] / q[y]) for y in q}
+    out: dict[frozenset, float] = {}
+
+    def add(s: frozenset, prob: float) -> None:
+        out[s] = out.get(s, 0.0) + prob
+
+    for drafted, p_draft in plackett_luce(q, N).items():
+        for mask in itertools.product([False, True], repeat=N):
+            A = [y for y, m in zip(drafted, mask) if m]
+            prob = p_draft
+            for y, m in zip(drafted, mask):
+                prob *= acc[y] if m else 1.0 - acc[y]
+            if len(A) >= K:
+                subsets = list(itertools.combinations(A, K))
+                for s in subsets:
+                    add(frozenset(s), prob / len(subsets))
+                continue
+            resid = {y: 0.0 if y in A else max(p[y] - q[y], 0.0) for y in p}
+            if sum(resid.values()) <= 0 or not residual:
+                resid = {y: 0.0 if y in A else p[y] for y in p}
+            assert sum(v > 0 for v in resid.values()) >= K - len(A), "degenerate case: pick other seeds"
+            for fill, p_fill in plackett_luce(resid, K - len(A)).items():
+                add(frozenset(A) | frozenset(fill), prob * p_fill)
+    return out
+
+
+@pytest.mark.parametrize("N", [2, 3])
+def test_relaxed_k2_follows_the_distribution_the_scheme_defines(N):
+    """K = 2 on a trie of 4 items (4 first codes, one second code each), gamma = 1: the round
+    drafts the first code and accepts or resamples it (``relaxed_first_step``); the bonus step
+    then keeps both children, so the returned item set is the kept set of first codes. The
+    empirical distribution of the item sets over 4000 seeded runs must match the derived one
+    (TVD < 0.05; sampling noise ~0.015 over the 6 possible sets) and be far (> 0.15) from what a
+    wrong scheme gives: at N = 2 refilling rejected slots from p instead of the residual
+    norm(max(p - q, 0)) (the derived distributions differ by ~0.19), at N = 3 keeping the draft's
+    sample without acceptance (~0.34)."""
+    codebook = [4, 1]
+    index = random_catalog(4, codebook, seed=0)
+    V = vocab_size(codebook)
+    target = random_model(V, seed=21, scale=1.5)
+    bad = random_model(V, seed=22, scale=3.0)
+    prompt = random_prompts(1, V, seed=23)[0]
+    K = 2
+    first = index.level_tokens[0, :4].tolist()
+    with torch.no_grad():
+        p, q = (dict(zip(first, torch.softmax(plain_last_logits(m, prompt)[first], -1).tolist()))
+                for m in (target, bad))
+    item = {a: int(index.items_of(torch.tensor([[a, int(index.level_tokens[1, 0])]]))[0])
+            for a in first}
+
+    def as_items(sets: dict[frozenset, float]) -> dict[frozenset, float]:
+        out: dict[frozenset, float] = {}
+        for s, prob in sets.items():
+            key = frozenset(item[a] for a in s)
+            out[key] = out.get(key, 0.0) + prob
+        return out
+
+    exact = as_items(relaxed_first_step(p, q, K, N))
+    assert abs(sum(exact.values()) - 1) < 1e-9
+    n = 4000
+    out = speculative_beam_search(target, bad, [prompt] * n, index, K, draft_beams=N, gamma=1,
+                                  mode="relaxed", generator=torch.Generator().manual_seed(0))
+    emp: dict[frozenset, float] = {}
+    for items in out.items:
+        emp[frozenset(items)] = emp.get(frozenset(items), 0.0) + 1 / n
+
+    def dist(a: dict[frozenset, float], b: dict[frozenset, float]) -> float:
+        return 0.5 * sum(abs(a.get(x, 0.0) - b.get(x, 0.0)) for x in set(a) | set(b))
+
+    wrong = (as_items(relaxed_first_step(p, q, K, N, residual=False)) if N == 2 else
+             as_items({frozenset(s): v for s, v in plackett_luce(q, K).items()}))
+    assert dist(exact, wrong) > 0.15, "the wrong scheme must differ for this test to mean anything"
+    assert dist(emp, exact) < 0.05
+    assert dist(emp, wrong) > 0.1
