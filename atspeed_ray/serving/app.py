@@ -12,15 +12,21 @@ Deployment sizes and autoscaling are in the YAML ``deployments:`` overrides.
 
 ``draft_beams_factor: auto`` without a ``draft_widths`` table: the builder measures one
 (``with_measured_widths``), in its own process, before the deployments start.
+
+``graph: colocated`` deploys one ``SpeculativeModel`` (draft and target in one replica) instead
+of ``DraftModel`` + ``TargetModel``; ``cache: replica`` routes the model deployments with
+``affinity.AffinityRouter`` (the rounds of a request reach the replicas holding its caches).
 """
 
 import logging
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
+from atspeed_ray.serving.affinity import AffinityRouter
 from atspeed_ray.serving.config import AppArgs
-from atspeed_ray.serving.deployments import DraftModel, Recommender, TargetModel
+from atspeed_ray.serving.deployments import DraftModel, Recommender, SpeculativeModel, TargetModel
 from atspeed_ray.settings import AUTO, AUTO_WIDTH_PROMPTS
 
 logger = logging.getLogger(__name__)
@@ -63,12 +69,20 @@ def build(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> Ap
     args.check_paths()  # a bad path: one line now, not a replica traceback per retry
     args = with_measured_widths(args)
     opts = options or {}
+    affinity = ({"request_router_config": RequestRouterConfig(request_router_class=AffinityRouter)}
+                if args.cache == "replica" and args.graph == "separate" else {})
 
-    def dep(d: Any) -> Any:
-        return d.options(**opts[d.name]) if d.name in opts else d
+    def dep(d: Any, routed: bool = False) -> Any:
+        return d.options(**{**(affinity if routed else {}), **opts.get(d.name, {})})
 
-    target = dep(TargetModel).bind(args.model_settings("target").model_dump())
-    draft = dep(DraftModel).bind(args.model_settings("draft").model_dump()) if args.speculative else None
+    target_settings = args.model_settings("target").model_dump()
+    if args.speculative and args.graph == "colocated":
+        target_settings["cache"] = None  # both caches live in the replica's own loop
+        both = dep(SpeculativeModel).bind(target_settings, args.model_settings("draft").model_dump())
+        return dep(Recommender).bind(args.model_dump(), both, None)
+    target = dep(TargetModel, routed=True).bind(target_settings)
+    draft = (dep(DraftModel, routed=True).bind(args.model_settings("draft").model_dump())
+             if args.speculative else None)
     return dep(Recommender).bind(args.model_dump(), target, draft)
 
 

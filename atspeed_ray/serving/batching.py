@@ -7,10 +7,14 @@ requests along the batch dimension (``Beams.cat``), run the core's ``draft_phase
 ``verify_phase`` / ``beam_search`` ONCE for the group (each request keeps its own progress
 ``t``), and split the result back per request (``Beams.split``).
 
-Calls are stateless: no KV cache outlives a call. The beams arrive with every cache slot
-forgotten (``Beams.forget_slots``), so each forward recomputes prompt + beams (``feed`` with
-``cache=None``). Requests that cannot be stacked (a different k or draft width, or a seeded
+Stateless calls (``cache: stateless``): no KV cache outlives a call. The beams arrive with every
+cache slot forgotten (``Beams.forget_slots``), so each forward recomputes prompt + beams (``feed``
+with ``cache=None``). Requests that cannot be stacked (a different k or draft width, or a seeded
 relaxed request whose random stream must stay its own) run as separate groups of the same batch.
+
+A request that carries a ``SessionRef`` (``cache: replica``) runs on its own tree cache kept in
+the replica's ``SessionStore`` (``cache.py``): one forward per such request (caches of different
+requests are not stacked), over only the tokens its cache does not hold yet.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from atspeed_ray.decoding.beam import Beams, beam_search
 from atspeed_ray.decoding.drafting import DraftStep, draft_phase
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.speculative import ProposeCall, VerifyCall
-from atspeed_ray.decoding.verification import verify_phase
+from atspeed_ray.decoding.verification import Verified, verify_phase
+from atspeed_ray.serving.cache import SessionRef, SessionStore, draft_cached, verify_cached
 
 T = TypeVar("T")
 CPU = torch.device("cpu")
@@ -45,18 +50,23 @@ class DraftRequest:
     prompts: list[list[int]]  # [B]
     params: SearchParams  # without its generator (a generator does not travel)
     generator_state: Tensor | None  # seeded relaxed request: its generator's state
+    session: SessionRef | None = None  # cache: replica (None: a stateless call)
 
     @property
     def G(self) -> int:
         """Draft steps this request needs (its replies keep exactly these)."""
         return int(self.g.max())
 
+    @property
+    def affinity_key(self) -> str | None:
+        return None if self.session is None else self.session.key
+
     @classmethod
-    def of(cls, call: ProposeCall) -> DraftRequest:
+    def of(cls, call: ProposeCall, session: SessionRef | None = None) -> DraftRequest:
         gen = call.params.generator
         state = gen.get_state() if (call.params.seeded and gen is not None) else None
         return cls(call.beams, call.t, call.g, call.prompts, replace(call.params, generator=None),
-                   state)
+                   state, session)
 
 
 @dataclass
@@ -65,6 +75,7 @@ class DraftReply:
     beams: Beams  # [B, K, L]
     generator_state: Tensor | None  # the seeded generator's state after drafting
     compute_ms: float = 0.0  # time of the batched call this request was part of
+    cache_hit: bool | None = None  # cache: replica: did the replica hold the request's cache
 
 
 @dataclass
@@ -75,10 +86,16 @@ class VerifyRequest:
     t: Tensor  # [B]
     steps: list[DraftStep]  # G steps of [B, N]
     prompts: list[list[int]]
+    session: SessionRef | None = None
+
+    @property
+    def affinity_key(self) -> str | None:
+        return None if self.session is None else self.session.key
 
     @classmethod
-    def of(cls, call: VerifyCall) -> VerifyRequest:
-        return cls(slim(call.beams), call.t, [slim_step(s) for s in call.steps], call.prompts)
+    def of(cls, call: VerifyCall, session: SessionRef | None = None) -> VerifyRequest:
+        return cls(slim(call.beams), call.t, [slim_step(s) for s in call.steps], call.prompts,
+                   session)
 
 
 @dataclass
@@ -86,6 +103,19 @@ class VerifyReply:
     root_logp: Tensor  # [B, K, C] column log-probs (C code columns, not the V-wide vocabulary)
     step_logp: list[Tensor]  # G x [B, N, C]
     compute_ms: float = 0.0
+    # cache: replica: where the target cached the beams' and drafted tokens, [B, K, L] and G x [B, N, L]
+    beam_slots: Tensor | None = None
+    step_slots: list[Tensor] | None = None
+    cache_hit: bool | None = None
+
+    def verified(self, beams: Beams, steps: list[DraftStep]) -> Verified:
+        """What acceptance reads; with the target's slots written into ``beams`` and ``steps``
+        when the target keeps a cache."""
+        if self.beam_slots is not None and self.step_slots is not None:
+            beams = replace(beams, slots={**beams.slots, "target": self.beam_slots})
+            steps = [replace(s, beams=replace(s.beams, slots={**s.beams.slots, "target": x}))
+                     for s, x in zip(steps, self.step_slots)]
+        return Verified(self.root_logp, self.step_logp, beams, steps)
 
 
 @dataclass
@@ -136,20 +166,50 @@ def group_by(items: Sequence[T], key: Callable[[T], Hashable]) -> list[list[int]
     return list(groups.values())
 
 
+def stateless_groups(reqs: Sequence[T], done: Sequence[object | None], key: Callable[[T], Hashable]
+                     ) -> list[list[int]]:
+    """``group_by`` over the requests not answered yet (``done[i] is None``), as indices of ``reqs``."""
+    todo = [i for i, d in enumerate(done) if d is None]
+    return [[todo[j] for j in grp] for grp in group_by([reqs[i] for i in todo], key)]
+
+
 # ------------------------------------------------------------------------------ the work
 def _draft_key(r: DraftRequest) -> Hashable:
     seeded = id(r) if r.generator_state is not None else None  # a seeded stream runs alone
     return (r.beams.tokens.shape[1], r.params.N, r.params.sample, seeded)
 
 
+def _draft_one(model: torch.nn.Module, index: ItemIndex, r: DraftRequest, store: SessionStore,
+               generator: torch.Generator | None) -> DraftReply:
+    """A request with a session: on its own cached tree (see ``cache.draft_cached``)."""
+    assert r.session is not None
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    gen = generator
+    if r.generator_state is not None:
+        gen = torch.Generator(device=device)
+        gen.set_state(r.generator_state)
+    steps, beams, hit = draft_cached(model, index, store, r.session, r.beams.to(device),
+                                     r.t.to(device), r.g.to(device), r.prompts,
+                                     replace(r.params, generator=gen))
+    state = gen.get_state() if r.generator_state is not None and gen is not None else None
+    return DraftReply([s.to(CPU) for s in steps], beams.to(CPU), state,
+                      (time.perf_counter() - t0) * 1000, hit)
+
+
 @torch.no_grad()
 def draft_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[DraftRequest],
-                generator: torch.Generator | None = None) -> list[DraftReply]:
+                generator: torch.Generator | None = None, store: SessionStore | None = None
+                ) -> list[DraftReply]:
     """``draft_phase`` over a batch of requests (``index`` on the model's device); ``generator``
-    is the replica's own stream, for relaxed requests that did not bring one."""
+    is the replica's own stream, for relaxed requests that did not bring one; requests with a
+    session run on their cache in ``store`` (one forward each)."""
     device = next(model.parameters()).device
     out: list[DraftReply | None] = [None] * len(reqs)
-    for idx in group_by(reqs, _draft_key):
+    for i, r in enumerate(reqs):
+        if r.session is not None and store is not None:
+            out[i] = _draft_one(model, index, r, store, generator)
+    for idx in stateless_groups(reqs, out, _draft_key):
         t0 = time.perf_counter()
         group = [reqs[i] for i in idx]
         first = group[0]
@@ -172,18 +232,35 @@ def draft_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[DraftRe
     return out  # type: ignore[return-value]
 
 
+def _verify_one(model: torch.nn.Module, index: ItemIndex, r: VerifyRequest, store: SessionStore
+                ) -> VerifyReply:
+    """A request with a session: on its own cached tree (see ``cache.verify_cached``)."""
+    assert r.session is not None
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    verified, hit = verify_cached(model, index, store, r.session, r.beams.to(device), r.t.to(device),
+                                  [s.to(device) for s in r.steps], r.prompts)
+    return VerifyReply(verified.root_logp.to(CPU), [lp.to(CPU) for lp in verified.step_logp],
+                       (time.perf_counter() - t0) * 1000, verified.beams.slots["target"].to(CPU),
+                       [s.beams.slots["target"].to(CPU) for s in verified.steps], hit)
+
+
 @torch.no_grad()
-def verify_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[VerifyRequest]
-                 ) -> list[VerifyReply]:
+def verify_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[VerifyRequest],
+                 store: SessionStore | None = None) -> list[VerifyReply]:
     """``verify_phase`` (ONE target forward) over a batch of requests; replies carry column
-    log-probs only (a few KB per request instead of V floats per node)."""
+    log-probs only (a few KB per request instead of V floats per node). Requests with a session
+    run on their cache in ``store`` (one forward each)."""
     device = next(model.parameters()).device
     out: list[VerifyReply | None] = [None] * len(reqs)
 
     def key(r: VerifyRequest) -> Hashable:
         return (r.beams.tokens.shape[1], r.steps[0].parent.shape[1] if r.steps else -1)
 
-    for idx in group_by(reqs, key):
+    for i, r in enumerate(reqs):
+        if r.session is not None and store is not None:
+            out[i] = _verify_one(model, index, r, store)
+    for idx in stateless_groups(reqs, out, key):
         t0 = time.perf_counter()
         group = [reqs[i] for i in idx]
         sizes = [r.beams.tokens.shape[0] for r in group]

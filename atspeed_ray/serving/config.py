@@ -65,6 +65,18 @@ class BatchSettings(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=1.0)
 
 
+class CacheLimits(BaseModel):
+    """Bounds of a model replica's per-request tree caches (``cache: replica``): least recently
+    used sessions are evicted beyond ``max_sessions`` or ``max_mb``, and a session unused for
+    ``ttl_s`` is dropped (a request whose ingress died never sends its release)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_sessions: int = Field(default=256, ge=1, le=1_000_000)
+    max_mb: float = Field(default=512.0, gt=0.0, le=1_000_000.0)
+    ttl_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+
+
 class ModelSettings(BaseModel):
     """What a model replica (``DraftModel`` / ``TargetModel``) needs."""
 
@@ -78,6 +90,7 @@ class ModelSettings(BaseModel):
     forward: Forward = "fast"  # FastLlama for Llama checkpoints, or the HF forward
     torch_threads: int | None = Field(default=None, ge=1, le=256)  # None: Ray's per-actor default
     batch: BatchSettings = BatchSettings()
+    cache: CacheLimits | None = None  # None: stateless calls only (no session store)
 
 
 class FaultConfig(BaseModel):
@@ -130,6 +143,18 @@ class AppArgs(BaseModel):
                                description="adaptive routing: while probes keep confirming the faster "
                                            "path, the probe interval doubles up to probe_every * this "
                                            "(1 = always every probe_every-th request)")
+    cache: Literal["stateless", "replica"] = Field(
+        default="stateless",
+        description="stateless: every round resends and recomputes prompt + beams on any replica; "
+                    "replica: the rounds of a request go to the same DraftModel / TargetModel "
+                    "replicas (AffinityRouter), which keep its tree caches between rounds "
+                    "(a miss recomputes: same answer)")
+    cache_limits: CacheLimits = CacheLimits()
+    graph: Literal["separate", "colocated"] = Field(
+        default="separate",
+        description="separate: DraftModel and TargetModel deployments (independent scaling and "
+                    "failure, 2 handle calls per round); colocated: one SpeculativeModel replica "
+                    "holds both models and answers a request in one handle call")
     draft_threads: int | None = Field(default=None, ge=1, le=256)
     target_threads: int | None = Field(default=None, ge=1, le=256)
     draft_batch: BatchSettings = BatchSettings()
@@ -172,4 +197,5 @@ class AppArgs(BaseModel):
             forward=self.forward,
             torch_threads=self.draft_threads if draft else self.target_threads,
             batch=self.draft_batch if draft else self.target_batch,
+            cache=self.cache_limits if self.cache == "replica" else None,
         )

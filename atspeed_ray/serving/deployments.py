@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,9 @@ from atspeed_ray.serving.batching import (
     BeamReply, BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch,
     draft_batch, verify_batch,
 )
+from atspeed_ray.serving.cache import Release, SessionStore
 from atspeed_ray.serving.catalog import Catalog, load_catalog
+from atspeed_ray.serving.colocated import SpeculateReply, SpeculateRequest, speculate_batch
 from atspeed_ray.serving.config import (
     MAX_BODY_BYTES, MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings,
     RecommendRequest, RecommendResponse,
@@ -80,6 +84,9 @@ class ModelReplica:
         self.batch_size = Histogram("atspeed_batch_size", description="requests per batched model call",
                                     boundaries=BATCH_BOUNDS, tag_keys=("method",))  # Serve adds deployment/replica/application
         self.batches = {"batches": 0, "requests": 0, "max_batch": 0}
+        c = s.cache
+        self.store = (SessionStore(c.max_sessions, int(c.max_mb * 2**20), c.ttl_s)
+                      if c is not None else None)  # cache: replica: per-request tree caches
         logger.info("%s: %s on %s, %d threads", self.kind, s.model, self.device, torch.get_num_threads())
 
     async def run(self, fn: Any, *args: Any) -> Any:
@@ -103,10 +110,24 @@ class ModelReplica:
         """Readiness probe of the ingress: answered by the event loop, no model work."""
         return True
 
+    async def release(self, req: Release) -> None:
+        """A request ended: free its tree cache (routed to its home by its ``affinity_key``)."""
+        if self.store is not None:  # in the compute thread, which alone touches the store
+            await self.run(self.store.release, req.key)
+
+    async def clear_cache(self) -> int:
+        """Drop every stored tree cache (tests: force misses); returns how many."""
+        if self.store is None:
+            return 0
+        n = len(self.store)
+        await self.run(self.store.clear)
+        return n
+
     def info(self) -> dict[str, Any]:
-        """This replica: pid, device, torch threads and batching counters."""
+        """This replica: pid, device, torch threads, batching and cache counters."""
+        cache = self.store.snapshot() if self.store is not None else None
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
-                **self.batches}
+                **self.batches, "cache": cache}
 
 
 @serve.deployment(name="DraftModel", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -131,7 +152,7 @@ class DraftModel(ModelReplica):
             raise RuntimeError("DraftModel fault injection: raise")
         if self.fault.fault == "delay":
             await asyncio.sleep(self.fault.fault_delay_s)
-        return await self.run(draft_batch, self.model, self.index, reqs, self.generator)
+        return await self.run(draft_batch, self.model, self.index, reqs, self.generator, self.store)
 
 
 @serve.deployment(name="TargetModel", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -145,7 +166,36 @@ class TargetModel(ModelReplica):
     @batched
     async def verify(self, reqs: list[VerifyRequest]) -> list[VerifyReply]:
         self.observe_batch("verify", len(reqs))
-        return await self.run(verify_batch, self.model, self.index, reqs)
+        return await self.run(verify_batch, self.model, self.index, reqs, self.store)
+
+    @batched
+    async def beam_search(self, reqs: list[BeamRequest]) -> list[BeamReply]:
+        self.observe_batch("beam_search", len(reqs))
+        return await self.run(beam_batch, self.model, self.index, reqs)
+
+
+@serve.deployment(name="SpeculativeModel", ray_actor_options={"num_cpus": 0.75},
+                  max_ongoing_requests=64)
+class SpeculativeModel(ModelReplica):
+    """Target and draft in one replica: ``speculate`` answers a whole request; ``beam_search``
+    is the target alone (routed requests and fallbacks), as on ``TargetModel``."""
+
+    kind = "SpeculativeModel"
+
+    def __init__(self, settings: dict[str, Any], draft_settings: dict[str, Any]):
+        from atspeed_ray.models import DeviceConfig, load_decoder
+
+        super().__init__(settings)  # the target, the item index, the compute thread
+        d = ModelSettings.model_validate(draft_settings)
+        self.draft = load_decoder(d.model, DeviceConfig(device=d.device, dtype=d.dtype, forward=d.forward))
+        self.apply_batch_settings(self.speculate, self.beam_search)
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            int.from_bytes(os.urandom(4), "little"))
+
+    @batched
+    async def speculate(self, reqs: list[SpeculateRequest]) -> list[SpeculateReply]:
+        self.observe_batch("speculate", len(reqs))
+        return await self.run(speculate_batch, self.model, self.draft, self.index, reqs, self.generator)
 
     @batched
     async def beam_search(self, reqs: list[BeamRequest]) -> list[BeamReply]:
@@ -214,15 +264,19 @@ class Recommender:
         self.max_k = min(self.args.max_k, self.catalog.index.num_leaves)
         check_positions(self.args.target, self.catalog)
         self.dtype = torch.float64 if self.args.dtype == "float64" else torch.float32
-        self.target = target
-        self.draft = draft if self.args.speculative else None
+        self.target = target  # TargetModel, or SpeculativeModel (graph: colocated)
+        self.colocated = self.args.speculative and self.args.graph == "colocated"
+        self.draft = draft if self.args.speculative and not self.colocated else None
+        self.speculative = self.draft is not None or self.colocated
         self.router = (Router(probe_every=self.args.probe_every, max_backoff=self.args.probe_backoff)
-                       if self.draft is not None and self.args.routing == "adaptive" else None)
+                       if self.speculative and self.args.routing == "adaptive" else None)
+        self.pending_releases: set[asyncio.Task[Any]] = set()
         self.ready: tuple[float, dict[str, str]] | None = None  # (when, model -> "ok" | why not)
         self.counts: dict[str, float] = {
             "requests": 0, "ok": 0, "errors": 0, "fallbacks": 0, "fallback_error": 0,
             "fallback_deadline": 0, "routed_target_only": 0, "handle_calls": 0, "rounds": 0,
-            "accepted_steps": 0, "target_forwards": 0, "latency_ms_sum": 0.0}
+            "accepted_steps": 0, "target_forwards": 0, "latency_ms_sum": 0.0, "cache_hits": 0,
+            "release_calls": 0}
         tags = ("app_path", "mode")
         self.m_requests = Counter("atspeed_requests", description="recommend requests",
                                   tag_keys=("app_path", "mode", "status"))
@@ -242,7 +296,7 @@ class Recommender:
     # ------------------------------------------------------------------ endpoints
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "speculative": self.draft is not None}
+        return {"status": "ok", "speculative": self.speculative}
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
@@ -251,7 +305,8 @@ class Recommender:
         says this ingress replica runs."""
         now = time.monotonic()
         if self.ready is None or now - self.ready[0] > READY_CACHE_S:
-            handles = {"TargetModel": self.target, "DraftModel": self.draft}
+            handles = {"SpeculativeModel" if self.colocated else "TargetModel": self.target,
+                       "DraftModel": self.draft}
             checks = {name: h for name, h in handles.items() if h is not None}
             answers = await asyncio.gather(*(_ping(h) for h in checks.values()))
             self.ready = (now, dict(zip(checks, answers)))
@@ -262,7 +317,8 @@ class Recommender:
 
     @api.get("/meta")
     async def meta(self) -> dict[str, Any]:
-        return {"speculative": self.draft is not None, "num_items": self.catalog.index.num_items,
+        return {"speculative": self.speculative, "graph": self.args.graph, "cache": self.args.cache,
+                "num_items": self.catalog.index.num_items,
                 "L": self.catalog.index.L, "max_k": self.max_k, "max_history": MAX_HISTORY,
                 "history_window": self.catalog.history_window, "gamma": self.args.gamma,
                 "draft_beams_factor": self.args.draft_beams_factor,
@@ -278,7 +334,7 @@ class Recommender:
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         self.counts["requests"] += 1
-        app_path = "speculative" if self.draft is not None else "target_only"
+        app_path = "speculative" if self.speculative else "target_only"
         if req.k > self.max_k:
             self._count_status(app_path, req.mode, "invalid")
             raise field_error(["body", "k"], f"k must be <= {self.max_k} for this catalog and app",
@@ -314,7 +370,7 @@ class Recommender:
         c = self.counts
         c["ok"] += 1
         c["latency_ms_sum"] += ms
-        for key in ("handle_calls", "rounds", "accepted_steps", "target_forwards"):
+        for key in ("handle_calls", "rounds", "accepted_steps", "target_forwards", "cache_hits"):
             c[key] += float(stats[key] or 0)  # type: ignore[arg-type]
         return RecommendResponse(items=items, scores=scores, stats=stats)
 
@@ -337,11 +393,12 @@ class Recommender:
         prompt = self.catalog.prompt(req.history)
         stats: dict[str, Any] = {"mode": req.mode, "k": req.k, "prompt_tokens": len(prompt)}
         calls = {"draft": 0, "target": 0}
-        if self.draft is not None and arm == "speculative":
-            answer = await self._speculative(prompt, self.search_params(req), stats, calls)
+        if self.speculative and arm == "speculative":
+            decode = self._colocated if self.colocated else self._speculative
+            answer = await decode(prompt, self.search_params(req), stats, calls)
             if answer is not None:
                 return answer
-        elif self.draft is not None:  # adaptive routing chose the target alone: same strict answer
+        elif self.speculative:  # adaptive routing chose the target alone: same strict answer
             self.counts["routed_target_only"] += 1
             stats.update(path="target_only", routed=True)
         else:
@@ -356,7 +413,8 @@ class Recommender:
         models = RemoteModels(
             lambda r: _result(draft.propose.remote(r)),
             lambda r: asyncio.wait_for(_result(target.verify.remote(r)), self.args.target_timeout_s),
-            draft_timeout_s=self.args.draft_timeout_s, calls=calls)
+            draft_timeout_s=self.args.draft_timeout_s, calls=calls,
+            session=uuid.uuid4().hex if self.args.cache == "replica" else None)
         try:
             res = await remote_speculative(models, [prompt], self.catalog.index, params, self.dtype)
             stats.update({k: round(v, 3) for k, v in models.times.items()})
@@ -364,13 +422,60 @@ class Recommender:
                          accepted_steps=res.stats["accepted_steps"][0],
                          target_forwards=res.stats["target_calls"][0],
                          draft_forwards=res.stats["draft_calls"][0],
-                         handle_calls=calls["draft"] + calls["target"], draft_width=params.N)
+                         handle_calls=calls["draft"] + calls["target"], draft_width=params.N,
+                         cache_hits=models.hits["draft"] + models.hits["target"])
             return self._answer(res.items[0], res.scores[0].tolist(), stats)
         except DraftUnavailable as e:
             reason, detail = e.reason, str(e)
         except Exception as e:  # noqa: BLE001 - a target call failed: one more try, alone
             logger.exception("speculative path failed")
             reason, detail = "target_error", f"{type(e).__name__}: {e}"
+        finally:
+            self._release(models)
+        return self._fallback(reason, detail, stats)
+
+    def _release(self, models: RemoteModels) -> None:
+        """Free the request's replica caches, off the request's path (fire and forget)."""
+        if models.session is None:
+            return
+        for handle, name in ((self.draft, "draft"), (self.target, "target")):
+            if handle is not None and models.calls[name]:
+                task = asyncio.ensure_future(_result(handle.release.remote(Release(models.session))))
+                self.counts["release_calls"] += 1
+                self.pending_releases.add(task)
+                task.add_done_callback(self._released)
+
+    def _released(self, task: "asyncio.Task[Any]") -> None:
+        self.pending_releases.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the replica died: nothing to free
+            logger.debug("release failed: %s", task.exception())
+
+    async def _colocated(self, prompt: list[int], params: SearchParams, stats: dict[str, Any],
+                         calls: dict[str, int]) -> tuple[list[int], list[float], dict[str, Any]] | None:
+        """graph: colocated: one call, the SpeculativeModel replica runs the whole loop."""
+        calls["target"] += 1
+        gen = params.generator
+        state = gen.get_state() if params.seeded and gen is not None else None
+        t0 = time.perf_counter()
+        try:
+            reply: SpeculateReply = await asyncio.wait_for(_result(self.target.speculate.remote(
+                SpeculateRequest(prompt, replace(params, generator=None), state))),
+                self.args.target_timeout_s)
+        except Exception as e:  # noqa: BLE001 - the replica failed: one more try, the target alone
+            logger.exception("colocated speculative call failed")
+            return self._fallback("target_error", f"{type(e).__name__}: {e}", stats)
+        if reply.generator_state is not None and gen is not None:
+            gen.set_state(reply.generator_state)
+        st = reply.stats
+        stats.update(path="speculative", rounds=st["rounds"], accepted_steps=st["accepted_steps"],
+                     target_forwards=st["target_calls"], draft_forwards=st["draft_calls"],
+                     handle_calls=calls["draft"] + calls["target"], draft_width=params.N,
+                     speculate_rtt_ms=round((time.perf_counter() - t0) * 1000, 3),
+                     speculate_compute_ms=round(reply.compute_ms, 3))
+        return self._answer(reply.items, reply.scores.tolist(), stats)
+
+    def _fallback(self, reason: str, detail: str, stats: dict[str, Any]) -> None:
+        """Count a fallback to the target alone and note it in ``stats``."""
         self.counts["fallbacks"] += 1
         self.counts[f"fallback_{reason}"] = self.counts.get(f"fallback_{reason}", 0) + 1
         self.m_fallbacks.inc(tags={"reason": reason})

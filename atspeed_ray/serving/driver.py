@@ -3,8 +3,11 @@ remote model calls. No Ray import: the two calls are async callables (Deployment
 ``deployments.py``, plain functions in tests).
 
 Per round: one draft call (``ProposeCall`` -> ``DraftRequest``) and one target call
-(``VerifyCall`` -> ``VerifyRequest``); acceptance runs here, in the ingress. Calls are stateless
-(``keep_cache=False``): see ``batching.py``.
+(``VerifyCall`` -> ``VerifyRequest``); acceptance runs here, in the ingress. Without a
+``session`` key the calls are stateless (``keep_cache=False``: see ``batching.py``); with one
+(``cache: replica``) every call carries a ``SessionRef`` and the replicas keep the request's tree
+caches between rounds (``cache.py``): the loop runs with ``keep_cache=True``, and what
+``EndRoundCall`` would do to the caches is sent along with the next call to each model.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import DecodeResult
@@ -22,8 +26,8 @@ from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.speculative import (
     EndRoundCall, ModelCall, ProposeCall, SpeculativeLoop, VerifyCall, speculative_loop,
 )
-from atspeed_ray.decoding.verification import Verified
 from atspeed_ray.serving.batching import DraftReply, DraftRequest, VerifyReply, VerifyRequest
+from atspeed_ray.serving.cache import SessionRef
 
 ProposeFn = Callable[[DraftRequest], Awaitable[DraftReply]]
 VerifyFn = Callable[[VerifyRequest], Awaitable[VerifyReply]]
@@ -56,8 +60,9 @@ class RemoteModels:
     """Answers the loop's calls with remote (stateless) draft and target calls.
 
     ``calls`` counts the draft and target calls (also when one fails); ``times`` sums their
-    round trips and the replicas' compute time (ms). A seeded request's generator state travels
-    to the draft and back (``SearchParams.seeded``)."""
+    round trips and the replicas' compute time (ms); ``hits`` counts the calls that found the
+    request's cache on their replica (``session`` set). A seeded request's generator state
+    travels to the draft and back (``SearchParams.seeded``)."""
 
     propose: ProposeFn
     verify: VerifyFn
@@ -66,13 +71,31 @@ class RemoteModels:
     # where the time goes (ms): round trips of the calls and the compute inside the replicas
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("draft_rtt_ms", "draft_compute_ms", "verify_rtt_ms", "verify_compute_ms"), 0.0))
+    session: str | None = None  # the request's key: replica-side caches (None: stateless)
+    hits: dict[str, int] = field(default_factory=lambda: {"draft": 0, "target": 0})
+    # per model: rows kept since its last call (EndRoundCall's ``keep``, composed)
+    _keep: dict[str, Tensor | None] = field(default_factory=lambda: {"draft": None, "target": None})
+
+    def ref(self, name: str) -> SessionRef | None:
+        """The session of the next call to ``name`` (its step = calls answered so far)."""
+        if self.session is None:
+            return None
+        keep, self._keep[name] = self._keep[name], None
+        return SessionRef(self.session, self.calls[name] - 1, keep)
+
+    def end_round(self, call: EndRoundCall) -> object:
+        """Nothing to compact here: the rows that stay travel with the next call to each model."""
+        if self.session is not None and call.keep is not None:
+            for name, prev in self._keep.items():
+                self._keep[name] = call.keep if prev is None else prev[call.keep]
+        return call.beams
 
     async def __call__(self, call: ModelCall) -> object:
         if isinstance(call, ProposeCall):
             self.calls["draft"] += 1
             t0 = time.perf_counter()
             try:
-                coro = self.propose(DraftRequest.of(call))
+                coro = self.propose(DraftRequest.of(call, self.ref("draft")))
                 reply = await (asyncio.wait_for(coro, self.draft_timeout_s)
                                if self.draft_timeout_s is not None else coro)
             except (asyncio.TimeoutError, TimeoutError) as e:
@@ -83,6 +106,7 @@ class RemoteModels:
                 raise DraftUnavailable("error", f"{type(e).__name__}: {e}") from e
             self.times["draft_rtt_ms"] += (time.perf_counter() - t0) * 1000
             self.times["draft_compute_ms"] += reply.compute_ms
+            self.hits["draft"] += int(bool(reply.cache_hit))
             gen = call.params.generator
             if reply.generator_state is not None and gen is not None:
                 gen.set_state(reply.generator_state)
@@ -90,12 +114,13 @@ class RemoteModels:
         if isinstance(call, VerifyCall):
             self.calls["target"] += 1
             t0 = time.perf_counter()
-            out = await self.verify(VerifyRequest.of(call))
+            out = await self.verify(VerifyRequest.of(call, self.ref("target")))
             self.times["verify_rtt_ms"] += (time.perf_counter() - t0) * 1000
             self.times["verify_compute_ms"] += out.compute_ms
-            return Verified(out.root_logp, out.step_logp, call.beams, call.steps)
+            self.hits["target"] += int(bool(out.cache_hit))
+            return out.verified(call.beams, call.steps)
         assert isinstance(call, EndRoundCall)
-        return call.beams  # no cache to compact: the calls are stateless
+        return self.end_round(call)
 
 
 async def remote_speculative(models: RemoteModels, prompts: list[list[int]], index: ItemIndex,
@@ -104,7 +129,7 @@ async def remote_speculative(models: RemoteModels, prompts: list[list[int]], ind
     and ``times`` are updated in place; ``dtype``: the beam score dtype).
 
     Raises ``DraftUnavailable`` when a draft call fails or misses ``models.draft_timeout_s``."""
-    loop = speculative_loop(prompts, index, params, keep_cache=False, dtype=dtype)
+    loop = speculative_loop(prompts, index, params, keep_cache=models.session is not None, dtype=dtype)
     # no torch.no_grad() here: grad mode is per thread, and a `with` block held across an
     # `await` leaks its state into every coroutine interleaved with this one. The loop itself
     # only combines tensors that carry no graph (the models run under no_grad where they live).

@@ -1,0 +1,75 @@
+"""The co-located graph (``graph: colocated``): draft and target in one ``SpeculativeModel``
+replica (``deployments.py``), as vLLM runs speculative decoding. This module is its replica-side
+work, pure torch (no Ray here).
+
+    HTTP -> Recommender --(1 handle call per request)--> SpeculativeModel.speculate (@serve.batch)
+                        --(fallback / target-only)----> SpeculativeModel.beam_search
+
+The replica runs the decoding core's ``speculative_search`` (the loop with ``LocalModels``:
+both tree caches in process, kept between rounds) over every batched request at once; requests
+accept, reject and finish independently inside it. Against the separate graph (``DraftModel`` +
+``TargetModel``): one handle call per request instead of about two per round, no payloads
+between the models and no cache affinity to keep; but draft and target scale and fail together
+(a replica holds both models' memory; a draft fault takes the target's capacity with it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.search import SearchParams
+from atspeed_ray.decoding.speculative import speculative_search
+from atspeed_ray.serving.batching import group_by
+
+
+@dataclass
+class SpeculateRequest:
+    prompt: list[int]
+    params: SearchParams  # without its generator (a generator does not travel)
+    generator_state: Tensor | None = None  # a seeded relaxed request: its generator's state
+
+
+@dataclass
+class SpeculateReply:
+    items: list[int]  # [k] (-1: fewer items exist)
+    scores: Tensor  # [k]
+    stats: dict[str, int]  # target_calls, draft_calls, rounds, accepted_steps
+    generator_state: Tensor | None = None
+    compute_ms: float = 0.0
+
+
+def _key(r: SpeculateRequest) -> Hashable:
+    p = r.params
+    return (p.k, p.N, p.gamma, p.mode, id(r) if r.generator_state is not None else None)
+
+
+@torch.no_grad()
+def speculate_batch(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
+                    reqs: Sequence[SpeculateRequest], generator: torch.Generator | None = None
+                    ) -> list[SpeculateReply]:
+    """``speculative_search`` over a batch of requests, one group per search setting (a seeded
+    relaxed request alone, on its own stream; others on the replica's ``generator``)."""
+    device = next(target.parameters()).device
+    out: list[SpeculateReply | None] = [None] * len(reqs)
+    for idx in group_by(reqs, _key):
+        t0 = time.perf_counter()
+        first = reqs[idx[0]]
+        gen = generator
+        if first.generator_state is not None:
+            gen = torch.Generator(device=device)
+            gen.set_state(first.generator_state)
+        params = replace(first.params, generator=gen)
+        res = speculative_search(target, draft, [reqs[i].prompt for i in idx], index, params)
+        state = gen.get_state() if first.generator_state is not None and gen is not None else None
+        ms = (time.perf_counter() - t0) * 1000
+        scores = res.scores.cpu()
+        for j, i in enumerate(idx):
+            out[i] = SpeculateReply(res.items[j], scores[j], {n: v[j] for n, v in res.stats.items()},
+                                    state, ms)
+    return out  # type: ignore[return-value]
