@@ -393,3 +393,49 @@ def test_adaptive_routing_sends_strict_requests_around_a_slow_draft(app):
     finally:
         deploy(make_config(app["base"], app["root"] / "models", app["data"], app["port"]), app["root"])
     until(lambda: c.get("/stats").json().get("routing") is None)
+
+
+def test_replica_caches_with_affinity_chained_and_colocated_graphs(app):
+    """cache: replica on 2 TargetModel + 2 DraftModel replicas: every call of a request after
+    each model's first finds its cache (AffinityRouter sends a request's rounds to one replica of
+    each), counted per request and per replica; graph: chained and graph: colocated give the same
+    strict answers with fewer handle calls per request."""
+    from atspeed_ray.serving.app import build
+
+    base = {**app["base"]["applications"][0]["args"], "target": str(app["root"] / "models" / "target"),
+            "draft": str(app["root"] / "models" / "draft"), "data": str(app["data"]), "dtype": "float64",
+            "routing": "speculative"}
+    two = {"num_replicas": 2, **TINY}
+    graphs = {"rep": ({"cache": "replica"}, {"TargetModel": two, "DraftModel": two}),
+              "chain": ({"cache": "replica", "graph": "chained"}, {}),
+              "col": ({"graph": "colocated"}, {})}
+    for name, (over, opts) in graphs.items():
+        one = {n: {"num_replicas": 1, **TINY} for n in ("Recommender", "TargetModel", "DraftModel", "SpeculativeModel")}
+        serve.run(build(AppArgs.model_validate({**base, **over}), {**one, **opts}), name=name,
+                  route_prefix=f"/{name}")
+    c = app["client"]
+    histories = app["catalog"].examples[:8]
+    try:
+        for k in (5, 10):
+            want = beam_answers(app, histories, k)
+            for h in histories:
+                spec, _ = reference(app, h, k)
+                got = {n: c.post(f"/{n}/recommend", json={"history": h, "k": k}).json() for n in graphs}
+                for n, r in got.items():
+                    assert r["items"] == want[tuple(h)], (n, r)
+                    assert r["stats"]["path"] == "speculative" and r["stats"]["rounds"] == spec.stats["rounds"][0]
+                st = got["rep"]["stats"]
+                # each model's first call builds the request's cache; every later one hits it
+                assert st["cache_hits"] == st["handle_calls"] - 2, st
+                assert got["chain"]["stats"]["handle_calls"] == st["handle_calls"] - st["rounds"] + 1
+                assert got["col"]["stats"]["handle_calls"] == 1
+        infos = {d: [serve.get_deployment_handle(d, "rep").info.remote().result() for _ in range(8)]
+                 for d in ("TargetModel", "DraftModel")}
+        for d, seen in infos.items():
+            caches = {i["pid"]: i["cache"] for i in seen}
+            assert sum(x["misses"] for x in caches.values()) == 0, (d, caches)
+            assert sum(x["hits"] for x in caches.values()) > 0, (d, caches)
+        assert c.get("/rep/stats").json()["release_calls"] > 0
+    finally:
+        for name in graphs:
+            serve.delete(name)

@@ -4,6 +4,7 @@ without Ray: the remote loop against the batched replica work and the offline de
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 
 import pytest
@@ -165,16 +166,21 @@ def test_affinity_router_sends_one_key_to_one_home_and_moves_few_keys():
     def replica(rid: str):
         return types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id=rid))
 
-    def pending(arg):
-        return types.SimpleNamespace(args=[arg], routing_context=types.SimpleNamespace(should_backoff=False))
+    def pending(arg, age_s: float = 0.0):
+        return types.SimpleNamespace(args=[arg], created_at=time.time() - age_s,
+                                     routing_context=types.SimpleNamespace(should_backoff=False))
 
+    router = types.SimpleNamespace(stick_s=1.0)
     cands = [replica(i) for i in ids]
     ref = SessionRef("key-7", 0)
     for payload in (ref, Release("key-7")):
         assert affinity_key(pending(payload)) == "key-7"
-        ranks = asyncio.run(AffinityRouter.choose_replicas(None, cands, pending(payload)))
+        ranks = asyncio.run(AffinityRouter.choose_replicas(router, cands, pending(payload)))
+        assert [[r.replica_id.unique_id for r in rank] for rank in ranks] == [[homes["key-7"]]]
+        # after stick_s the other replicas follow as a second rank (a home that stays full)
+        ranks = asyncio.run(AffinityRouter.choose_replicas(router, cands, pending(payload, 2.0)))
         assert [r.replica_id.unique_id for r in ranks[0]] == [homes["key-7"]] and len(ranks[1]) == 3
-    ranks = asyncio.run(AffinityRouter.choose_replicas(None, cands, pending(object())))
+    ranks = asyncio.run(AffinityRouter.choose_replicas(router, cands, pending(object())))
     assert len(ranks) == 1 and len(ranks[0]) == 2  # no key: two random replicas
 
 
@@ -194,3 +200,34 @@ def test_colocated_batch_equals_beam_search_and_offline_relaxed(small):
     off = speculative_beam_search(target, draft, prompts[:1], index, 5, draft_beams=10, gamma=3,
                                   mode="relaxed", generator=torch.Generator().manual_seed(4))
     assert out[-1].items == off.items[0] and out[-1].stats["rounds"] == off.stats["rounds"][0]
+
+
+def test_chained_drive_equals_beam_search_and_falls_back_alone(small):
+    """graph: chained: the target side drives the loop (draft calls out, verify in process);
+    a failing draft gets the target's own beam search, flagged as a fallback."""
+    from atspeed_ray.serving.batching import BeamRequest, beam_batch
+    from atspeed_ray.serving.chained import drive
+
+    catalog, target, draft, prompts = small
+    index = catalog.index
+    stores = new_stores()
+    prop, ver = replicas(target, draft, index, stores)
+    released: list[str] = []
+
+    async def beam(r: BeamRequest):
+        return beam_batch(target, index, [r])[0]
+
+    async def broken(_r):
+        raise RuntimeError("draft down")
+
+    ref = beam_search(target, prompts, index, 5)
+    for b, p in enumerate(prompts[:3]):
+        req = SpeculateRequest(p, SearchParams(5, 10, 3, "strict"))
+        out = asyncio.run(drive(req, index, prop, ver, beam, released.append, torch.float64, None, True))
+        assert out.fallback is None and out.items == ref.items[b]
+        torch.testing.assert_close(out.scores, ref.scores[b], atol=1e-9, rtol=0)
+        assert out.calls == out.stats["rounds"] - 1 or out.calls == out.stats["rounds"]
+        assert out.cache_hits == out.calls - 1 + out.stats["rounds"] - 1  # all but each model's first call
+        down = asyncio.run(drive(req, index, broken, ver, beam, released.append, torch.float64, None, True))
+        assert down.fallback == "error" and down.items == ref.items[b]
+    assert len(released) == 6 and len(set(released)) == 6

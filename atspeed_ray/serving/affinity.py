@@ -8,9 +8,11 @@ every process agrees, and a scale-up or a replica death moves only the keys of t
 changed. Calls without a key (ping, info, beam search) take the less loaded of two random
 replicas, as Serve's default router does.
 
-The home is the first rank; the other replicas are the second, so a home that is full (its
-``max_ongoing_requests`` reached) or gone does not stall the call: it lands elsewhere, misses the
-cache there and recomputes (same answer; ``SessionStore`` counts the miss).
+For ``stick_s`` (``request_router_kwargs``, 1 s) after a call is made, only its home is offered
+(a slow queue-length probe on a busy box must not send it elsewhere); after that the other
+replicas follow as a second rank, so a home that stays full (``max_ongoing_requests``) or is
+gone does not stall the call: it lands elsewhere, misses the cache there and recomputes (same
+answer; ``SessionStore`` counts the miss). A home that died leaves the candidates at once.
 
 Configured per deployment by the app builder (``RequestRouterConfig(request_router_class=
 AffinityRouter)``, see ``app.py``) when ``cache: replica``.
@@ -20,8 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+STICK_S = 1.0  # seconds a call waits for its home replica before any other may take it
 
 
 def affinity_key(pending: PendingRequest | None) -> str | None:
@@ -43,6 +48,11 @@ def home_rank(key: str, replica_ids: list[str]) -> list[int]:
 class AffinityRouter(RequestRouter):
     """The calls of one request to its home replica (see the module docstring)."""
 
+    stick_s: float = STICK_S
+
+    def initialize_state(self, stick_s: float = STICK_S, **kwargs: object) -> None:
+        self.stick_s = stick_s
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
@@ -55,4 +65,7 @@ class AffinityRouter(RequestRouter):
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         order = home_rank(key, [r.replica_id.unique_id for r in candidate_replicas])
         home, rest = candidate_replicas[order[0]], [candidate_replicas[i] for i in order[1:]]
-        return [[home], rest] if rest else [[home]]
+        assert pending_request is not None
+        if not rest or time.time() - pending_request.created_at < self.stick_s:
+            return [[home]]
+        return [[home], rest]

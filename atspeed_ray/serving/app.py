@@ -14,7 +14,8 @@ Deployment sizes and autoscaling are in the YAML ``deployments:`` overrides.
 (``with_measured_widths``), in its own process, before the deployments start.
 
 ``graph: colocated`` deploys one ``SpeculativeModel`` (draft and target in one replica) instead
-of ``DraftModel`` + ``TargetModel``; ``cache: replica`` routes the model deployments with
+of ``DraftModel`` + ``TargetModel``; ``graph: chained`` gives the TargetModel the DraftModel's
+handle (it drives each request's loop, ``chained.py``); ``cache: replica`` routes the model deployments with
 ``affinity.AffinityRouter`` (the rounds of a request reach the replicas holding its caches).
 """
 
@@ -70,7 +71,7 @@ def build(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> Ap
     args = with_measured_widths(args)
     opts = options or {}
     affinity = ({"request_router_config": RequestRouterConfig(request_router_class=AffinityRouter)}
-                if args.cache == "replica" and args.graph == "separate" else {})
+                if args.cache == "replica" and args.graph != "colocated" else {})
 
     def dep(d: Any, routed: bool = False) -> Any:
         return d.options(**{**(affinity if routed else {}), **opts.get(d.name, {})})
@@ -80,9 +81,12 @@ def build(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> Ap
         target_settings["cache"] = None  # both caches live in the replica's own loop
         both = dep(SpeculativeModel).bind(target_settings, args.model_settings("draft").model_dump())
         return dep(Recommender).bind(args.model_dump(), both, None)
-    target = dep(TargetModel, routed=True).bind(target_settings)
     draft = (dep(DraftModel, routed=True).bind(args.model_settings("draft").model_dump())
              if args.speculative else None)
+    if args.speculative and args.graph == "chained":  # the target calls the draft itself
+        target = dep(TargetModel, routed=True).bind(target_settings, draft, args.draft_timeout_s)
+    else:
+        target = dep(TargetModel, routed=True).bind(target_settings)
     return dep(Recommender).bind(args.model_dump(), target, draft)
 
 

@@ -42,6 +42,12 @@ class SpeculateReply:
     stats: dict[str, int]  # target_calls, draft_calls, rounds, accepted_steps
     generator_state: Tensor | None = None
     compute_ms: float = 0.0
+    # graph: chained (``chained.drive``): a draft that failed ("error" | "deadline": the items
+    # are the target's beam search), the draft calls the target made, the cache hits they had
+    fallback: str | None = None
+    detail: str = ""
+    calls: int = 0
+    cache_hits: int = 0
 
 
 def _key(r: SpeculateRequest) -> Hashable:

@@ -150,11 +150,13 @@ class AppArgs(BaseModel):
                     "replicas (AffinityRouter), which keep its tree caches between rounds "
                     "(a miss recomputes: same answer)")
     cache_limits: CacheLimits = CacheLimits()
-    graph: Literal["separate", "colocated"] = Field(
+    graph: Literal["separate", "chained", "colocated"] = Field(
         default="separate",
-        description="separate: DraftModel and TargetModel deployments (independent scaling and "
-                    "failure, 2 handle calls per round); colocated: one SpeculativeModel replica "
-                    "holds both models and answers a request in one handle call")
+        description="separate: DraftModel and TargetModel deployments, the ingress drives each "
+                    "round (2 handle calls per round); chained: the same deployments, the "
+                    "TargetModel drives the loop and calls the draft itself (1 call from the "
+                    "ingress + 1 per drafting round); colocated: one SpeculativeModel replica holds "
+                    "both models and answers a request in one handle call")
     draft_threads: int | None = Field(default=None, ge=1, le=256)
     target_threads: int | None = Field(default=None, ge=1, le=256)
     draft_batch: BatchSettings = BatchSettings()

@@ -31,6 +31,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Counter, Histogram
 
+from atspeed_ray.decoding.beam import score_dtype
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.serving.batching import (
     BeamReply, BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch,
@@ -38,6 +39,7 @@ from atspeed_ray.serving.batching import (
 )
 from atspeed_ray.serving.cache import Release, SessionStore
 from atspeed_ray.serving.catalog import Catalog, load_catalog
+from atspeed_ray.serving.chained import drive
 from atspeed_ray.serving.colocated import SpeculateReply, SpeculateRequest, speculate_batch
 from atspeed_ray.serving.config import (
     MAX_BODY_BYTES, MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings,
@@ -59,6 +61,24 @@ READY_CACHE_S = 2.0  # /readyz pings at most this often
 # the batched model methods start from BatchSettings' defaults; each replica then applies its
 # own settings (ModelSettings.batch, from the app's draft_batch / target_batch) in __init__
 batched = serve.batch(**BatchSettings().model_dump())
+
+
+async def _result(resp: DeploymentResponse) -> Any:
+    return await resp
+
+
+def fire_and_forget(work: Any, pending: set[asyncio.Future[Any]]) -> None:
+    """Run ``work`` (a DeploymentResponse or an awaitable) off the caller's path; a failure (a
+    replica that died has nothing to free) is logged, never raised."""
+    fut = asyncio.ensure_future(_result(work) if isinstance(work, DeploymentResponse) else work)
+    pending.add(fut)
+
+    def done(f: asyncio.Future[Any]) -> None:
+        pending.discard(f)
+        if not f.cancelled() and f.exception() is not None:
+            logger.debug("background call failed: %s", f.exception())
+
+    fut.add_done_callback(done)
 
 
 class ModelReplica:
@@ -159,9 +179,27 @@ class DraftModel(ModelReplica):
 class TargetModel(ModelReplica):
     kind = "TargetModel"
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], draft: DeploymentHandle | None = None,
+                 draft_timeout_s: float | None = None):
         super().__init__(settings)
         self.apply_batch_settings(self.verify, self.beam_search)
+        self.draft, self.draft_timeout_s = draft, draft_timeout_s  # graph: chained
+        self.background: set[asyncio.Future[Any]] = set()
+
+    async def speculate(self, req: SpeculateRequest) -> SpeculateReply:
+        """graph: chained: this replica drives the request's loop (``chained.drive``): the draft
+        through its handle, the verify calls through this replica's own batched ``verify``."""
+        draft = self.draft
+        assert draft is not None, "speculate needs the DraftModel handle (graph: chained)"
+
+        def release(key: str) -> None:
+            fire_and_forget(draft.release.remote(Release(key)), self.background)
+            if self.store is not None:
+                fire_and_forget(self.run(self.store.release, key), self.background)
+
+        return await drive(req, self.index, lambda r: _result(draft.propose.remote(r)), self.verify,
+                           self.beam_search, release, score_dtype(self.model), self.draft_timeout_s,
+                           cache=self.store is not None)
 
     @batched
     async def verify(self, reqs: list[VerifyRequest]) -> list[VerifyReply]:
@@ -239,8 +277,6 @@ def check_positions(model_dir: str, catalog: Catalog) -> None:
                          f"tokens, more than the model's max_position_embeddings {max_pos}")
 
 
-async def _result(resp: DeploymentResponse) -> Any:
-    return await resp
 
 
 async def _ping(handle: DeploymentHandle) -> str:
@@ -268,9 +304,11 @@ class Recommender:
         self.colocated = self.args.speculative and self.args.graph == "colocated"
         self.draft = draft if self.args.speculative and not self.colocated else None
         self.speculative = self.draft is not None or self.colocated
+        # colocated / chained: one call per request, the model side drives the loop
+        self.one_call = self.speculative and self.args.graph != "separate"
         self.router = (Router(probe_every=self.args.probe_every, max_backoff=self.args.probe_backoff)
                        if self.speculative and self.args.routing == "adaptive" else None)
-        self.pending_releases: set[asyncio.Task[Any]] = set()
+        self.pending_releases: set[asyncio.Future[Any]] = set()
         self.ready: tuple[float, dict[str, str]] | None = None  # (when, model -> "ok" | why not)
         self.counts: dict[str, float] = {
             "requests": 0, "ok": 0, "errors": 0, "fallbacks": 0, "fallback_error": 0,
@@ -394,7 +432,7 @@ class Recommender:
         stats: dict[str, Any] = {"mode": req.mode, "k": req.k, "prompt_tokens": len(prompt)}
         calls = {"draft": 0, "target": 0}
         if self.speculative and arm == "speculative":
-            decode = self._colocated if self.colocated else self._speculative
+            decode = self._one_call if self.one_call else self._speculative
             answer = await decode(prompt, self.search_params(req), stats, calls)
             if answer is not None:
                 return answer
@@ -440,19 +478,13 @@ class Recommender:
             return
         for handle, name in ((self.draft, "draft"), (self.target, "target")):
             if handle is not None and models.calls[name]:
-                task = asyncio.ensure_future(_result(handle.release.remote(Release(models.session))))
+                fire_and_forget(handle.release.remote(Release(models.session)), self.pending_releases)
                 self.counts["release_calls"] += 1
-                self.pending_releases.add(task)
-                task.add_done_callback(self._released)
 
-    def _released(self, task: "asyncio.Task[Any]") -> None:
-        self.pending_releases.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # the replica died: nothing to free
-            logger.debug("release failed: %s", task.exception())
-
-    async def _colocated(self, prompt: list[int], params: SearchParams, stats: dict[str, Any],
-                         calls: dict[str, int]) -> tuple[list[int], list[float], dict[str, Any]] | None:
-        """graph: colocated: one call, the SpeculativeModel replica runs the whole loop."""
+    async def _one_call(self, prompt: list[int], params: SearchParams, stats: dict[str, Any],
+                        calls: dict[str, int]) -> tuple[list[int], list[float], dict[str, Any]] | None:
+        """graph: colocated / chained: one call; the SpeculativeModel (or the TargetModel, which
+        calls the draft itself) runs the whole loop."""
         calls["target"] += 1
         gen = params.generator
         state = gen.get_state() if params.seeded and gen is not None else None
@@ -462,16 +494,22 @@ class Recommender:
                 SpeculateRequest(prompt, replace(params, generator=None), state))),
                 self.args.target_timeout_s)
         except Exception as e:  # noqa: BLE001 - the replica failed: one more try, the target alone
-            logger.exception("colocated speculative call failed")
+            logger.exception("speculative call failed")
             return self._fallback("target_error", f"{type(e).__name__}: {e}", stats)
+        calls["draft"] += reply.calls  # made by the target (graph: chained)
+        rtt = {"speculate_rtt_ms": round((time.perf_counter() - t0) * 1000, 3),
+               "speculate_compute_ms": round(reply.compute_ms, 3),
+               "handle_calls": calls["draft"] + calls["target"]}
+        if reply.fallback is not None:  # the target answered alone: the strict answer
+            self._fallback(reply.fallback, reply.detail, stats)
+            stats.update(rounds=None, accepted_steps=None, target_forwards=self.catalog.index.L, **rtt)
+            return self._answer(reply.items, reply.scores.tolist(), stats)
         if reply.generator_state is not None and gen is not None:
             gen.set_state(reply.generator_state)
         st = reply.stats
         stats.update(path="speculative", rounds=st["rounds"], accepted_steps=st["accepted_steps"],
                      target_forwards=st["target_calls"], draft_forwards=st["draft_calls"],
-                     handle_calls=calls["draft"] + calls["target"], draft_width=params.N,
-                     speculate_rtt_ms=round((time.perf_counter() - t0) * 1000, 3),
-                     speculate_compute_ms=round(reply.compute_ms, 3))
+                     draft_width=params.N, cache_hits=reply.cache_hits, **rtt)
         return self._answer(reply.items, reply.scores.tolist(), stats)
 
     def _fallback(self, reason: str, detail: str, stats: dict[str, Any]) -> None:
