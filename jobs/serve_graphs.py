@@ -41,13 +41,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_models(root: Path) -> tuple[str, str, str]:
+def tiny_models(root: Path, copy: bool = False) -> tuple[str, str, str]:
     from atspeed_ray.data.prepare import prepare
     from atspeed_ray.data.synthetic import SyntheticConfig
     from atspeed_ray.serving.testing import build_random_pair
 
     prepare("synthetic", root / "data", synthetic=SyntheticConfig(num_users=150, num_items=300))
-    t, d = build_random_pair(root / "data", root / "models", "tiny", seed=5)
+    t, d = build_random_pair(root / "data", root / "models", "tiny", seed=5, draft_is_target=copy)
     return str(t), str(d), str(root / "data")
 
 
@@ -90,6 +90,59 @@ def measure(url: str, histories: list[list[int]], args: argparse.Namespace) -> d
     return table
 
 
+def offline(target: str, draft: str, data: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The replica work of each graph without Ray or handle calls (in-process async calls, one
+    request at a time): what the caches save in compute alone. Per-request ms, best of repeat."""
+    import time
+
+    import torch
+
+    from atspeed_ray.decoding import SearchParams, beam_search
+    from atspeed_ray.models import DeviceConfig, load_decoder
+    from atspeed_ray.serving.batching import draft_batch, verify_batch
+    from atspeed_ray.serving.cache import SessionStore
+    from atspeed_ray.serving.catalog import load_catalog
+    from atspeed_ray.serving.colocated import SpeculateRequest, speculate_batch
+    from atspeed_ray.serving.driver import RemoteModels, remote_speculative
+    from atspeed_ray.settings import draft_width
+
+    torch.set_num_threads(1)
+    dev = DeviceConfig(device="cpu", dtype=args.dtype)
+    t, d = load_decoder(target, dev), load_decoder(draft, dev)
+    catalog = load_catalog(data, target)
+    index = catalog.index
+    prompts = [catalog.prompt(h) for h in catalog.examples][: args.requests]
+    params = SearchParams(args.k, draft_width(args.k, args.draft_beams_factor), 3, "strict")
+    stores = {"draft": SessionStore(64, 2**31, 60.0), "target": SessionStore(64, 2**31, 60.0)}
+
+    async def prop(r):
+        return draft_batch(d, index, [r], store=stores["draft"])[0]
+
+    async def ver(r):
+        return verify_batch(t, index, [r], store=stores["target"])[0]
+
+    def remote(p: list[int], i: int, cached: bool) -> list[int]:
+        m = RemoteModels(prop, ver, session=f"{i}-{time.perf_counter_ns()}" if cached else None)
+        return asyncio.run(remote_speculative(m, [p], index, params, torch.float32)).items[0]
+
+    runs = {
+        "target_only": lambda p, i: beam_search(t, [p], index, args.k).items[0],
+        "separate_stateless": lambda p, i: remote(p, i, False),
+        "separate_replica": lambda p, i: remote(p, i, True),
+        "colocated": lambda p, i: speculate_batch(t, d, index, [SpeculateRequest(p, params)])[0].items,
+    }
+    best = {n: float("inf") for n in runs}
+    answers: dict[str, list] = {}
+    with torch.no_grad():
+        for _ in range(args.repeat):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                answers[name] = [fn(p, i) for i, p in enumerate(prompts)]
+                best[name] = min(best[name], (time.perf_counter() - t0) * 1000 / len(prompts))
+    return {n: {"ms_per_request": round(ms, 2), "vs_target_only": round(ms / best["target_only"], 3),
+                "same_answers": answers[n] == answers["target_only"]} for n, ms in best.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target"), p.add_argument("--draft"), p.add_argument("--data")
@@ -101,7 +154,22 @@ def main() -> None:
     p.add_argument("--draft-beams-factor", type=float, default=2.0)
     p.add_argument("--num-cpus", type=float, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--draft-is-target", action="store_true",
+                   help="tiny models: the draft is a copy of the target (every drafted step accepted)")
+    p.add_argument("--offline", action="store_true",
+                   help="only the replica work, in process (no Ray, no handle calls)")
     args = p.parse_args()
+    if args.offline:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = (args.target, args.draft, args.data) if args.target else tiny_models(Path(tmp), args.draft_is_target)
+            table = offline(*paths, args)
+        print(f"offline, strict, k={args.k}, {args.requests} requests x {args.repeat} (best), "
+              f"load {os.getloadavg()[0]:.1f}")
+        for name, r in table.items():
+            print(f"{name:<20}{r['ms_per_request']:>9.2f} ms{r['vs_target_only']:>8.3f}x  same={r['same_answers']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "offline": table}, indent=2))
+        return
     os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")  # a loaded box starts slowly
     import ray
     from ray import serve
@@ -110,7 +178,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         target, draft, data = ((args.target, args.draft, args.data) if args.target
-                               else tiny_models(Path(tmp)))
+                               else tiny_models(Path(tmp), args.draft_is_target))
         base = {"target": target, "draft": draft, "data": data, "device": "cpu", "dtype": args.dtype,
                 "draft_beams_factor": args.draft_beams_factor, "target_threads": 1, "draft_threads": 1,
                 "target_batch": {"batch_wait_timeout_s": 0.0}, "draft_batch": {"batch_wait_timeout_s": 0.0}}

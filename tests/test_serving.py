@@ -406,8 +406,9 @@ def test_replica_caches_with_affinity_chained_and_colocated_graphs(app):
             "draft": str(app["root"] / "models" / "draft"), "data": str(app["data"]), "dtype": "float64",
             "routing": "speculative"}
     two = {"num_replicas": 2, **TINY}
+    # chain keeps one request's caches per replica: concurrent requests evict each other (misses)
     graphs = {"rep": ({"cache": "replica"}, {"TargetModel": two, "DraftModel": two}),
-              "chain": ({"cache": "replica", "graph": "chained"}, {}),
+              "chain": ({"cache": "replica", "graph": "chained", "cache_limits": {"max_sessions": 1}}, {}),
               "col": ({"graph": "colocated"}, {})}
     for name, (over, opts) in graphs.items():
         one = {n: {"num_replicas": 1, **TINY} for n in ("Recommender", "TargetModel", "DraftModel", "SpeculativeModel")}
@@ -436,6 +437,15 @@ def test_replica_caches_with_affinity_chained_and_colocated_graphs(app):
             assert sum(x["misses"] for x in caches.values()) == 0, (d, caches)
             assert sum(x["hits"] for x in caches.values()) > 0, (d, caches)
         assert c.get("/rep/stats").json()["release_calls"] > 0
+        # forced misses: 4 requests in flight, caches for 1 per replica: the same strict answers
+        want = beam_answers(app, histories, 5)
+        bodies = make_bodies(histories, 24, 5, "strict", None)
+        res = asyncio.run(run_load(f"{app['url']}/chain", bodies, 4))
+        assert res.errors == 0, res.error_samples
+        assert all(items == want[tuple(b["history"])] for b, items in zip(bodies, res.answers))
+        misses = {d: serve.get_deployment_handle(d, "chain").info.remote().result()["cache"]["misses"]
+                  for d in ("TargetModel", "DraftModel")}
+        assert sum(misses.values()) > 0, misses
     finally:
         for name in graphs:
             serve.delete(name)

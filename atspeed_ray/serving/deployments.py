@@ -10,6 +10,11 @@ handle calls; a request whose draft fails or misses ``draft_timeout_s`` is answe
 alone (plain beam search: the strict answer), and counted as a fallback. With ``routing:
 adaptive`` strict requests go to whichever path has been faster lately (``routing.Router``).
 
+``cache: replica``: the replicas keep each request's tree caches between its rounds
+(``cache.py``), reached through ``affinity.AffinityRouter``. ``graph: chained``: the ingress makes
+one ``TargetModel.speculate`` call and the target drives the loop (``chained.py``). ``graph:
+colocated``: one ``SpeculativeModel`` replica holds both models (``colocated.py``).
+
 No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime.
 """
 
