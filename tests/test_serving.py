@@ -395,6 +395,7 @@ def test_adaptive_routing_sends_strict_requests_around_a_slow_draft(app):
     until(lambda: c.get("/stats").json().get("routing") is None)
 
 
+@pytest.mark.slow  # 10 more replicas beside the module's apps: minutes on a busy 2-core box
 def test_replica_caches_with_affinity_chained_and_colocated_graphs(app):
     """cache: replica on 2 TargetModel + 2 DraftModel replicas: every call of a request after
     each model's first finds its cache (AffinityRouter sends a request's rounds to one replica of
@@ -404,7 +405,7 @@ def test_replica_caches_with_affinity_chained_and_colocated_graphs(app):
 
     base = {**app["base"]["applications"][0]["args"], "target": str(app["root"] / "models" / "target"),
             "draft": str(app["root"] / "models" / "draft"), "data": str(app["data"]), "dtype": "float64",
-            "routing": "speculative"}
+            "routing": "speculative", "draft_beams_factor": 2.0}  # fixed N, as the references use
     two = {"num_replicas": 2, **TINY}
     # chain keeps one request's caches per replica: concurrent requests evict each other (misses)
     graphs = {"rep": ({"cache": "replica"}, {"TargetModel": two, "DraftModel": two}),
@@ -419,8 +420,10 @@ def test_replica_caches_with_affinity_chained_and_colocated_graphs(app):
     try:
         for k in (5, 10):
             want = beam_answers(app, histories, k)
+            N = AppArgs.model_validate(base).draft_width(k)
             for h in histories:
-                spec, _ = reference(app, h, k)
+                spec = speculative_beam_search(app["target"], app["draft"], [app["catalog"].prompt(h)],
+                                               app["catalog"].index, k, draft_beams=N, gamma=GAMMA)
                 got = {n: c.post(f"/{n}/recommend", json={"history": h, "k": k}).json() for n in graphs}
                 for n, r in got.items():
                     assert r["items"] == want[tuple(h)], (n, r)
