@@ -161,7 +161,8 @@ def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list
               batch_size: int) -> dict:
     """Time one row (batch size, K, width spec) and print it; ``auto`` is chosen first."""
     params = search_params(k, width, args.gamma, args.mode, args.seed, index.device)
-    params, choice = row_params(params, width, target, draft, index, calibration, batch_size)
+    params, choice = row_params(params, width, target, draft, index, calibration, batch_size,
+                                args.repeat)
     row, ref_items, out_items = measure_speculative(target, draft, index, prompts, params,
                                                     batch_size, args.repeat)
     row["draft_beams_spec"] = repr(width)

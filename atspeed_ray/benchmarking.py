@@ -315,14 +315,16 @@ def search_params(k: int, width: DraftWidth, gamma: int, mode: str, seed: int,
 
 def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
                draft: torch.nn.Module, index: ItemIndex, calibration: list[list[int]],
-               batch_size: int) -> tuple[SearchParams, WidthChoice | None]:
+               batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
     """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and
     gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch
-    size (printed); the choice is returned to be recorded with the row."""
+    size, each cost the best of ``repeat`` (at least 2) timings (printed); the choice is
+    returned to be recorded with the row."""
     if not width.auto:
         return params, None
     from atspeed_ray.width import choose_width
 
-    choice = choose_width(target, draft, index, calibration, params.k, (params.gamma,), batch_size)
+    choice = choose_width(target, draft, index, calibration, params.k, (params.gamma,), batch_size,
+                          repeat=max(2, repeat))
     print(f"    {choice.summary()}", flush=True)
     return choice.params(params), choice

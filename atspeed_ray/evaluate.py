@@ -167,7 +167,7 @@ class Setup:
         key = (name, k, batch_size)
         if key not in self.choices:
             self.choices[key] = row_params(params, a.draft_beams, self.target, self.drafts[name],
-                                           self.index, self.calibration, batch_size)
+                                           self.index, self.calibration, batch_size, a.repeat)
         chosen, choice = self.choices[key]
         return replace(params, draft_beams=chosen.N, gamma=chosen.gamma), choice
 
