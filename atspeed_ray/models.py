@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from atspeed_ray.decoding.fast_llama import table_rows
 from atspeed_ray.settings import DEFAULT_FORWARD, Dtype, Forward, Precision
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
@@ -52,6 +53,21 @@ PRESETS: dict[str, Preset] = {
                draft=LlamaSize(hidden_size=256, num_layers=2, num_heads=4)),
     ]
 }
+
+
+DRAFT_HEAD_DIM = 32  # ``parse_size``: attention heads of this many dimensions
+
+
+def parse_size(text: str) -> LlamaSize:
+    """``LAYERSxHIDDEN`` (``2x128``) -> a Llama size with heads of ``DRAFT_HEAD_DIM`` dims."""
+    try:
+        layers, hidden = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"model size {text!r}: expected LAYERSxHIDDEN, e.g. 2x128") from None
+    if layers < 1 or hidden < DRAFT_HEAD_DIM or hidden % DRAFT_HEAD_DIM:
+        raise ValueError(f"model size {text!r}: at least 1 layer, hidden a multiple of "
+                         f"{DRAFT_HEAD_DIM}")
+    return LlamaSize(hidden_size=hidden, num_layers=layers, num_heads=hidden // DRAFT_HEAD_DIM)
 
 
 def get_preset(name: str) -> Preset:
@@ -188,6 +204,113 @@ def code_head_of(model: torch.nn.Module) -> list[int] | None:
     return ids
 
 
+# A compact-vocabulary draft (``align --compact-vocab``): its embedding table holds one row per
+# token its prompts can contain and nothing else: the catalogue's code tokens first (ascending
+# id), then the prompt format's own tokens (separator, pad, bos, the template's text) and last one
+# *unknown* row. Its LM head is the same matrix (tied: one tensor), so its logits cover the code
+# tokens plus those few format tokens, never the LLM's ~50k-token vocabulary: a [V_c, E] table
+# (V_c ~ 870 for SmolLM2 + Beauty's codes) instead of two [V, E] ends. The model keeps taking and
+# scoring *global* token ids: ``CompactEmbedding`` maps an id to its row, ``head_columns`` [V]
+# maps a code id to its logit column (the code-head map the decoding core reads). An id outside
+# the table (a prompt built with another template, a stray special token) reads the unknown row:
+# a deliberate, documented choice, the draft's proposals may get worse, a strict result cannot
+# change (the target scores every token). The config records the table under this key:
+# ``{"token_ids": [...], "full_vocab_size": V}``, row r = token id ``token_ids[r]``, -1 = the
+# unknown row; ``load_weights`` re-attaches the map, so every load path decodes it correctly.
+COMPACT_VOCAB_KEY = "compact_vocab"
+UNKNOWN_ROW_ID = -1  # the entry of ``token_ids`` that every id outside the table reads
+
+
+def compact_vocab_ids(prepared) -> list[int]:
+    """The rows of a compact draft for ``prepared`` (``PreparedData``): its code tokens, the
+    prompt format's tokens, then the unknown row (``UNKNOWN_ROW_ID``)."""
+    fmt = prepared.prompt_format
+    codes = code_token_ids(prepared.index)
+    fixed = [fmt.sep_id, fmt.pad_id, *([] if fmt.bos_id is None else [fmt.bos_id]),
+             *fmt.prefix, *fmt.suffix]
+    return codes + sorted(set(fixed) - set(codes)) + [UNKNOWN_ROW_ID]
+
+
+class CompactEmbedding(torch.nn.Embedding):
+    """An embedding over a compact table that takes global token ids (``table_rows``)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(table_rows(self.rows, ids))
+
+
+def compact_vocab_of(model: torch.nn.Module) -> tuple[list[int], int] | None:
+    """(token id of each row, full vocabulary size) of a compact draft's config; None if not one."""
+    rec = getattr(getattr(model, "config", None), COMPACT_VOCAB_KEY, None)
+    if rec is None:
+        return None
+    ids, full = (rec.get("token_ids"), rec.get("full_vocab_size")) if isinstance(rec, dict) else (None, None)
+    ok = (isinstance(ids, list) and ids and isinstance(full, int)
+          and all(isinstance(i, int) and -1 <= i < full for i in ids)
+          and ids.count(UNKNOWN_ROW_ID) == 1 and len(set(ids)) == len(ids))
+    if not ok:
+        raise ValueError(f"config {COMPACT_VOCAB_KEY!r} must be {{'token_ids': distinct ids below "
+                         f"'full_vocab_size' with one {UNKNOWN_ROW_ID} (the unknown row), "
+                         "'full_vocab_size': int}")
+    return ids, full
+
+
+def attach_compact_vocab(model: PreTrainedModel, token_ids: list[int] | None = None,
+                         full_vocab_size: int | None = None) -> PreTrainedModel:
+    """Make ``model`` (a tied causal LM with one row per ``token_ids`` entry) a compact draft:
+    record the table in its config (given ids) or read it from there (None), and install the
+    id -> row map (``CompactEmbedding``) and the code-head map ``head_columns`` [V]."""
+    if token_ids is not None:
+        setattr(model.config, COMPACT_VOCAB_KEY, {"token_ids": list(token_ids),
+                                                  "full_vocab_size": int(full_vocab_size)})
+    token_ids, full = compact_vocab_of(model)  # type: ignore[misc]
+    old = model.get_input_embeddings()
+    if old.weight.shape[0] != len(token_ids):
+        raise ValueError(f"{COMPACT_VOCAB_KEY}: {len(token_ids)} rows listed, the embedding "
+                         f"has {old.weight.shape[0]}")
+    if model.get_output_embeddings().weight is not old.weight:
+        raise ValueError(f"{COMPACT_VOCAB_KEY}: the LM head must be tied to the embeddings")
+    dev = old.weight.device
+    ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+    known = ids >= 0
+    at = torch.arange(len(token_ids), device=dev)
+    rows = torch.full((full + 1,), int(at[~known][0]), dtype=torch.long, device=dev)
+    rows[ids[known]] = at[known]
+    new = CompactEmbedding(old.num_embeddings, old.embedding_dim, _weight=old.weight.detach())
+    new.weight = old.weight  # the Parameter itself (nn.Embedding would wrap a new one)
+    new.register_buffer("rows", rows, persistent=False)  # [V + 1]
+    model.set_input_embeddings(new)  # the same Parameter: the head stays tied to it
+    columns = torch.full((full,), -1, dtype=torch.long, device=dev)
+    columns[ids[known]] = at[known]
+    model.register_buffer("head_columns", columns, persistent=False)  # [V] id -> logit column
+    return model
+
+
+def shrink_to_compact(model: PreTrainedModel, token_ids: list[int], full_vocab_size: int
+                      ) -> PreTrainedModel:
+    """``model`` (full vocabulary, e.g. cut from the target) with its embedding table cut to the
+    rows ``token_ids`` (the unknown row starts as the mean row), tied to a head over them."""
+    old = model.get_input_embeddings().weight.detach()
+    known = [max(i, 0) for i in token_ids]
+    table = old[known].clone()
+    table[[r for r, i in enumerate(token_ids) if i < 0]] = old.mean(0)
+    emb = torch.nn.Embedding(len(token_ids), old.shape[1], _weight=table)
+    model.set_input_embeddings(emb)
+    head = torch.nn.Linear(old.shape[1], len(token_ids), bias=False, device=old.device, dtype=old.dtype)
+    head.weight = emb.weight
+    model.set_output_embeddings(head)
+    model.config.vocab_size = len(token_ids)
+    model.config.tie_word_embeddings = True
+    model.config.pad_token_id = None
+    return attach_compact_vocab(model, token_ids, full_vocab_size)
+
+
+def build_compact_draft(size: LlamaSize, token_ids: list[int], full_vocab_size: int,
+                        seed: int | None = None) -> LlamaForCausalLM:
+    """A fresh Llama draft of ``size`` over a compact table (tied embeddings and head)."""
+    return attach_compact_vocab(build_llama(size, len(token_ids), seed=seed), token_ids,
+                                full_vocab_size)
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """HF checkpoint: config + safetensors weights + tokenizer files in one directory."""
     out = Path(out_dir)
@@ -204,6 +327,11 @@ def load_weights(path: str | Path, device: DeviceConfig | None = None) -> PreTra
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
     device = device or DeviceConfig()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=device.torch_dtype())
+    if getattr(model.config, COMPACT_VOCAB_KEY, None) is not None:
+        try:
+            attach_compact_vocab(model)
+        except ValueError as e:
+            raise ValueError(f"{path / 'config.json'}: {e}") from None
     return model.to(device.torch_device()).eval()
 
 

@@ -18,6 +18,11 @@ proposes code tokens, so its logits over the rest of an LLM's ~50k-token vocabul
 read. Its log-softmax is then taken over the head alone; that changes the draft's scores (which
 beams are drafted), never a strict result, which the target's full-vocabulary scores define.
 
+A *compact-vocabulary* draft (``models.attach_compact_vocab``) has an embedding table of a few
+hundred rows (code tokens, the prompt format's tokens, one unknown row) tied to its head: it
+takes global token ids (``input_rows`` maps them to rows, ``table_rows``) and its logits are over
+its rows, with ``head_columns`` mapping a code id to its column as for a code head.
+
 Pretrained Llama-family LLMs such as SmolLM2-135M run on it as they are: grouped-query attention
 (fewer key/value heads than query heads; K/V are cached per key/value head and repeated for the
 query heads at attention time), tied input/output embeddings (one shared matrix), and any rope
@@ -64,6 +69,14 @@ class KVCache:
             layer.keys = torch.cat([layer.keys, k], dim=2)
             layer.values = torch.cat([layer.values, v], dim=2)
         return layer.keys, layer.values
+
+
+def table_rows(rows: Tensor, ids: Tensor) -> Tensor:
+    """Global token ids [...] -> rows of a compact embedding table (``models.COMPACT_VOCAB_KEY``):
+    ``rows`` [V + 1] holds the row of every id below V and, last, the unknown row, which every
+    id outside 0..V-1 reads."""
+    n = rows.numel() - 1
+    return rows[torch.where((ids >= 0) & (ids < n), ids, n)]
 
 
 @dataclass
@@ -127,6 +140,11 @@ class FastLlama(nn.Module):
         # tied embeddings (SmolLM2, our presets) keep one [V, E] matrix for both ends
         tied = hf.lm_head.weight is base.embed_tokens.weight
         self.lm_head = self.embed if tied else frozen(hf.lm_head.weight)  # [V, E]
+        # a compact draft (models.attach_compact_vocab): global id -> table row, and its head map
+        rows = getattr(base.embed_tokens, "rows", None)
+        self.register_buffer("input_rows", None if rows is None else rows.clone(), persistent=False)
+        if rows is not None:
+            self.register_buffer("head_columns", hf.head_columns.clone(), persistent=False)
         if head_ids is not None:
             self.restrict_head(head_ids)
         # rope table over every position, computed as HF does (fp32, then the model's dtype); HF
@@ -145,6 +163,8 @@ class FastLlama(nn.Module):
         (in that order), one [H, E] matmul instead of [V, E]; the input embedding keeps all V
         rows (prompts use the whole vocabulary). ``head_columns`` [V] maps a token id to its
         logit column (-1: not in the head); the decoding core reads it (``beam.head_columns``)."""
+        if self.input_rows is not None:
+            raise ValueError("code head: a compact-vocabulary model's tied table is its head already")
         V = self.lm_head.shape[0]
         ids = torch.as_tensor(head_ids, dtype=torch.long, device=self.embed.device).flatten()
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V:
@@ -228,6 +248,8 @@ class FastLlama(nn.Module):
             rows: slice | Tensor = logits_to_keep
         else:
             rows = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        if self.input_rows is not None:  # a compact table: global ids -> its rows
+            input_ids = table_rows(self.input_rows, input_ids)
         x = F.embedding(input_ids, self.embed)  # [B, T, E]
         n = len(self.wqkv)
         for i in range(n):

@@ -16,8 +16,9 @@ from atspeed_ray.training.config import TeacherConfig, TrainConfig
 # the TrainConfig fields each command exposes, by help group (``workers`` is translated: the
 # CLI's 0 means runner "local")
 TARGET_FIELDS = ("data", "out", "preset")
-ALIGN_FIELDS = ("data", "target", "teacher", "out", "loss", "preset", "alpha", "temperature",
-                "topk", "teacher_k", "teacher_logits", "init_layers", "code_head")
+ALIGN_FIELDS = ("data", "target", "teacher", "out", "loss", "preset", "draft_size", "alpha",
+                "temperature", "topk", "teacher_k", "teacher_logits", "init_layers", "code_head",
+                "compact_vocab")
 GROUPS = {
     "training": ("init", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip",
                  "micro_batch", "grad_accum", "seed", "max_samples"),

@@ -38,6 +38,9 @@ class TrainConfig(BaseModel):
     out: str = Field(description="folder for the final HF export (of the target or the draft)")
     preset: str = Field("tiny", description="model preset (tiny, cpu, gpu) of a fresh model: its "
                                             "target size for train-target, its draft size for align")
+    draft_size: str | None = Field(
+        None, description="align: the fresh draft's size as LAYERSxHIDDEN (e.g. 2x128; heads of "
+                          "32 dimensions) instead of --preset's draft size")
     init: str | None = Field(None, description="start from this HF model folder instead of a fresh one")
     init_layers: int | None = Field(
         None, ge=1, description="align: start the draft from the target's first N layers (with its "
@@ -46,6 +49,11 @@ class TrainConfig(BaseModel):
         False, description="align: the draft gets a code head (its logits over the code tokens "
                            "only, one small matmul instead of the whole vocabulary's, when "
                            "decoding on the fast forward); recorded in its config.json")
+    compact_vocab: bool = Field(
+        False, description="align: the draft's embedding table holds only the code tokens, the "
+                           "prompt format's tokens and one row for any other id, tied to its LM "
+                           "head (a code head, so it implies --code-head; for a fresh --preset "
+                           "draft or --init-layers)")
     new_token_init: NewTokenInit = Field(
         "pieces", description="--init: rows of the tokens the prepared tokenizer adds start from the "
                             "existing rows' mean, mean + noise, or the mean of the rows of the "
@@ -145,6 +153,19 @@ class TrainConfig(BaseModel):
         if self.code_head and self.task != "align":
             raise ValueError("--code-head is for drafts (align): the target's scores are over the "
                              "whole vocabulary")
+        if self.draft_size is not None:
+            from atspeed_ray.models import parse_size
+
+            if self.task != "align" or self.init or self.init_layers:
+                raise ValueError("--draft-size sizes a fresh draft (align, without --init or "
+                                 "--init-layers)")
+            parse_size(self.draft_size)
+        if self.compact_vocab:
+            if self.task != "align":
+                raise ValueError("--compact-vocab is for drafts (align)")
+            if self.init or self.lora_r is not None:
+                raise ValueError("--compact-vocab builds its own table and head: not with --init "
+                                 "or --lora-r")
         if self.samples == "sequence" and self.task == "align":
             raise ValueError("--samples sequence is for train-target (align trains on per-prefix "
                              "teacher rows)")

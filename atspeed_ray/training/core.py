@@ -194,10 +194,18 @@ def forward_branches(model: torch.nn.Module, batch: Batch) -> Tensor:
     return out.logits[:, batch.qmap]  # [B, Q, V] -> [B, S, L, V]
 
 
-def to_columns(logits: Tensor, index: ItemIndex) -> Tensor:
-    """[B, S, L, V] logits -> [B, S, L, C] at the code tokens of each depth's columns."""
+def logit_columns(ids: Tensor, columns: Tensor | None) -> Tensor:
+    """Token ids [...] -> the model's logit columns: the ids themselves (a full-vocabulary head)
+    or, for a compact draft, ``columns`` [V] (``head_columns``); ids without a column (padding
+    of invalid branches and columns, weighted 0 or masked) read column 0."""
+    return ids if columns is None else columns[ids.clamp(min=0)].clamp(min=0)
+
+
+def to_columns(logits: Tensor, index: ItemIndex, columns: Tensor | None = None) -> Tensor:
+    """[B, S, L, V] logits -> [B, S, L, C] at the code tokens of each depth's columns
+    (``columns``: a compact draft's id -> logit column map, ``logit_columns``)."""
     B, S, L, _ = logits.shape
-    cols = index.level_tokens.to(logits.device)  # [L, C]
+    cols = logit_columns(index.level_tokens.to(logits.device), columns)  # [L, C]
     return logits.gather(-1, cols[None, None].expand(B, S, L, cols.shape[1]))
 
 
@@ -224,6 +232,7 @@ class Objective:
     teacher_k: int = 0  # teacher branches fed per sample (0 for sft / wordkd / tvdkd)
     target: torch.nn.Module | None = None  # frozen target for on-the-fly distributions
     index: ItemIndex | None = None
+    columns: Tensor | None = None  # [V] a compact draft's token id -> logit column (None: ids)
 
     def __post_init__(self) -> None:
         self.spec = get_loss(self.name)
@@ -234,13 +243,14 @@ class Objective:
             if self.name != "sft":
                 raise ValueError(f"loss {self.name} needs per-prefix batches, got sequences")
             return sequence_loss(model, batch), {}
-        logits = forward_branches(model, batch)  # [B, S, L, V]
+        logits = forward_branches(model, batch)  # [B, S, L, V] (a compact draft: [.., V_c])
+        codes = logit_columns(batch.codes, self.columns)  # [B, S, L] as logit columns
         kw: dict = {}
         spec = self.spec
         if spec.on == "teacher" and batch.codes.shape[1] < 2:
             raise ValueError(f"loss {self.name} needs teacher sequences in the batch")
         if spec.name == "seqkd":
-            kw.update(teacher_logits=logits[:, 1:], teacher_codes=batch.codes[:, 1:],
+            kw.update(teacher_logits=logits[:, 1:], teacher_codes=codes[:, 1:],
                       teacher_valid=batch.branch_valid[:, 1:])
         elif spec.needs_target:
             assert self.index is not None, "the objective needs the item index"
@@ -251,10 +261,10 @@ class Objective:
                 p = target_p_cols(self.target, batch, self.index)[:, sl]
             else:
                 raise ValueError(f"loss {self.name} needs stored target distributions or a target")
-            kw.update(q_cols=to_columns(logits[:, sl], self.index), p_cols=p,
+            kw.update(q_cols=to_columns(logits[:, sl], self.index, self.columns), p_cols=p,
                       valid_cols=valid_columns(batch.nodes[:, sl], self.index),
                       seq_weight=batch.branch_valid[:, sl].float())
-        return combine(self.name, logits[:, 0], batch.codes[:, 0], self.alpha,
+        return combine(self.name, logits[:, 0], codes[:, 0], self.alpha,
                        temperature=self.temperature, topk=self.topk, **kw)
 
 

@@ -44,11 +44,14 @@ def build_model(cfg: TrainConfig, prepared, device: torch.device) -> torch.nn.Mo
     """The model to train, in train mode on ``device``: loaded from ``cfg.init``, the target's
     first ``cfg.init_layers`` layers (align), or a fresh ``cfg.preset`` model (its target size
     for ``train-target``, its draft size for ``align``) over the prepared tokenizer; with
-    ``cfg.code_head`` the draft's config records its code head (``models.set_code_head``)."""
-    from atspeed_ray.models import DeviceConfig, build_llama, first_layers, get_preset, load_weights
+    ``cfg.code_head`` the draft's config records its code head (``models.set_code_head``), with
+    ``cfg.compact_vocab`` its table is cut to ``models.compact_vocab_ids`` and tied to its head."""
+    from atspeed_ray.models import DeviceConfig, first_layers, load_weights, set_code_head
     from atspeed_ray.training.init_model import adapt_model
 
     vocab = len(prepared.tokenizer)
+    if cfg.task == "align":  # the target's vocabulary (an LLM may pad it past the tokenizer)
+        vocab = max(vocab, vocab_rows(cfg.target))
     dev_cfg = DeviceConfig(device=str(device), dtype="float32")
     if cfg.init:
         model = adapt_model(load_weights(cfg.init, dev_cfg), cfg, prepared)
@@ -56,20 +59,37 @@ def build_model(cfg: TrainConfig, prepared, device: torch.device) -> torch.nn.Mo
         model = adapt_model(first_layers(load_weights(cfg.target, dev_cfg), cfg.init_layers),
                             cfg, prepared)
     else:
-        preset = get_preset(cfg.preset)
-        size = preset.target if cfg.task == "target" else preset.draft
-        if cfg.task == "align":  # the target's vocabulary (an LLM may pad it past the tokenizer)
-            vocab = max(vocab, vocab_rows(cfg.target))
-        model = build_llama(size, vocab, pad_token_id=prepared.prompt_format.pad_id,
-                            seed=cfg.seed).to(device)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if rows < vocab:
-        raise ValueError(f"model vocabulary {rows} < tokenizer size {vocab} of {cfg.data}")
-    if cfg.code_head:  # recorded in the config: it travels with every export of the draft
-        from atspeed_ray.models import set_code_head
+        model = fresh_model(cfg, prepared, vocab).to(device)
+    if cfg.compact_vocab:
+        if cfg.init_layers:
+            from atspeed_ray.models import compact_vocab_ids, shrink_to_compact
 
+            model = shrink_to_compact(model, compact_vocab_ids(prepared), vocab)
+        return model.train()
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(prepared.tokenizer):
+        raise ValueError(f"model vocabulary {rows} < tokenizer size {len(prepared.tokenizer)} "
+                         f"of {cfg.data}")
+    if cfg.code_head:  # recorded in the config: it travels with every export of the draft
         set_code_head(model, prepared.index)
     return model.train()
+
+
+def fresh_model(cfg: TrainConfig, prepared, vocab: int) -> torch.nn.Module:
+    """A fresh ``cfg.preset`` model: its target size (train-target) over ``vocab`` rows, or its
+    draft size (align; ``cfg.draft_size`` overrides it) over ``vocab`` rows or, with
+    ``cfg.compact_vocab``, over a compact table (``models.build_compact_draft``)."""
+    from atspeed_ray.models import (
+        build_compact_draft, build_llama, compact_vocab_ids, get_preset, parse_size,
+    )
+
+    preset = get_preset(cfg.preset)
+    size = preset.target if cfg.task == "target" else preset.draft
+    if cfg.draft_size:
+        size = parse_size(cfg.draft_size)
+    if cfg.compact_vocab:
+        return build_compact_draft(size, compact_vocab_ids(prepared), vocab, seed=cfg.seed)
+    return build_llama(size, vocab, pad_token_id=prepared.prompt_format.pad_id, seed=cfg.seed)
 
 
 def vocab_rows(model_dir: str) -> int:
@@ -106,6 +126,7 @@ def load_frozen_target(cfg: TrainConfig, device: torch.device) -> torch.nn.Modul
 
 def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     from atspeed_ray.data.prepare import load_prepared
+    from atspeed_ray.decoding.beam import head_columns
     from atspeed_ray.training.teacher_data import load_examples, load_teacher, subsample
 
     prepared = load_prepared(cfg.data)
@@ -136,7 +157,7 @@ def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     objective = Objective(
         name=spec.name, alpha=cfg.alpha, temperature=cfg.temperature, topk=cfg.topk,
         teacher_k=teacher_k, target=target if (spec.needs_target and not with_p) else None,
-        index=prepared.index.to(device))
+        index=prepared.index.to(device), columns=head_columns(model))
     prefix = f"[{cfg.task}{' ' + spec.name if cfg.task == 'align' else ''}]"
     return Setup(cfg, prepared, train, val, objective, teacher_k, with_p, model, target, device,
                  prefix)
