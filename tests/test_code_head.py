@@ -5,6 +5,7 @@ every result); only which beams are drafted may change."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -258,6 +259,18 @@ def test_align_code_head_trains_records_the_head_and_decodes_exactly(tmp_path, o
                                           draft_beams=2 * k, gamma=2)
             assert out.items == ref.items and torch.equal(out.sequences, ref.sequences)
     assert "val_accept" in res["epochs"][-1]  # the compact HF draft ran in validation
+    from atspeed_ray.draft_tradeoff import main as tradeoff
+
+    assert tradeoff(["--data", str(tmp_path / "data"), "--target", str(target_dir), "--k", "2",
+                     "--draft-beams", "2,4", "--num-prompts", "2", "--repeat", "1",
+                     "--out", str(tmp_path / "tradeoff"),
+                     *(f"--draft={n}={tmp_path / n}" for n in ("fresh", "compact-fresh"))]) == 0
+    table = json.loads((tmp_path / "tradeoff" / "tradeoff.json").read_text())
+    sizes = {r["draft"]: r for r in table["rows"]}
+    assert sizes["compact-fresh"]["tied"] and sizes["compact-fresh"]["embedding_rows"] == len(ids)
+    assert sizes["compact-fresh"]["params"] < sizes["fresh"]["params"]
+    assert all(m["identical_rate"] == 1.0 for r in table["rows"] for m in r["by_n"].values())
+    assert "| compact-fresh | 1 x 32 |" in (tmp_path / "tradeoff" / "tradeoff.md").read_text()
     with pytest.raises(ValueError, match="--code-head is for drafts"):
         TrainConfig(task="target", data="d", out="o", code_head=True)
     with pytest.raises(ValueError, match="--compact-vocab is for drafts"):
