@@ -1,5 +1,5 @@
 """Seconds per training step of ``train-target --init`` on whole-sequence windows, and seconds per
-beam-search request, for planning the Beauty run with an LLM target (PLAN.md). It builds the
+beam-search request, for planning the Beauty run with an LLM target (RUN.md). It builds the
 model exactly as train-target does (``training.setup.build_model``: embeddings grown to the
 prepared tokenizer, LoRA when --lora-r is set) and runs the same loss (``sequence_loss``) with
 AdamW, fp32 or bf16 autocast; it skips Ray, checkpoints and validation so that a few steps
