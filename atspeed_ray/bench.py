@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="time each side this many times (alternating) and keep the best")
     p.add_argument("--device", default="auto")
     add_forward_arg(p)
+    add_compile_arg(p)
     add_precision_arg(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=run_bench)
@@ -178,7 +179,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from atspeed_ray.models import DeviceConfig, decoding_dtype, load_decoder
 
     data = open_data(args.data, models=(args.target, args.draft))
-    dev = DeviceConfig(device=args.device, forward=args.forward)
+    dev = DeviceConfig(device=args.device, forward=args.forward, compile=args.compile)
     dtype, why = decoding_dtype(args.precision, dev.torch_device())
     dev = dev.model_copy(update={"dtype": dtype})
     print(f"precision: {why}")
@@ -203,7 +204,7 @@ def run_bench(args: argparse.Namespace) -> int:
               "split": args.split, "prompts": len(prompts), "batch_sizes": args.batch_size,
               "draft_beams": [repr(w) for w in args.draft_beams],
               "repeat": args.repeat,
-              "device": str(dev.torch_device()), "forward": args.forward,
+              "device": str(dev.torch_device()), "forward": args.forward, "compile": args.compile,
               "precision": args.precision, "dtype": dtype, "rows": rows}
     write_json(args.out, result)
     return 0

@@ -107,6 +107,12 @@ def add_forward_arg(p: argparse.ArgumentParser) -> None:
                    help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
 
 
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=DEFAULT_COMPILE,
+                   help="torch.compile FastLlama's per-layer blocks (see the README's "
+                        "'Compiled decoding step' for when it pays)")
+
+
 def add_precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="decoding dtype: auto = bf16 on a GPU, fp32 on a CPU; bf16 on a CPU with "

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from atspeed_ray.benchmarking import (
-    BREAKDOWN_COLUMNS, DraftWidth, add_forward_arg, add_precision_arg, batches,
+    BREAKDOWN_COLUMNS, DraftWidth, add_compile_arg, add_forward_arg, add_precision_arg, batches,
     measure_speculative, parse_counts, parse_ks, positive, row_params, search_params,
 )
 from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, MODES
@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     add_forward_arg(p)
+    add_compile_arg(p)
     add_precision_arg(p)
     add_reference_args(p)
     p.set_defaults(func=run_evaluate)
@@ -183,7 +184,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = open_data(args.data, models=(args.target, *args.draft))
-    dev = DeviceConfig(device=args.device, forward=args.forward)
+    dev = DeviceConfig(device=args.device, forward=args.forward, compile=args.compile)
     dtype, why = decoding_dtype(args.precision, dev.torch_device())
     dev = dev.model_copy(update={"dtype": dtype})
     print(f"precision: {why}")

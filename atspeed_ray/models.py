@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from atspeed_ray.decoding.fast_llama import table_rows
-from atspeed_ray.settings import DEFAULT_FORWARD, Dtype, Forward, Precision
+from atspeed_ray.settings import DEFAULT_COMPILE, DEFAULT_FORWARD, Dtype, Forward, Precision
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
 PRECISION_DTYPE: dict[str, Dtype] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -81,7 +81,8 @@ class DeviceConfig(BaseModel):
 
     ``forward`` picks the decoding forward of ``load_decoder``: ``fast`` runs Llama checkpoints on
     the compact ``FastLlama`` (other architectures keep their HF forward), ``hf`` always uses the
-    HF model's own forward. Training always uses the HF model.
+    HF model's own forward. Training always uses the HF model. ``compile`` runs FastLlama's
+    per-layer dense blocks through ``torch.compile`` (``FastLlama.compile_step``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -89,6 +90,7 @@ class DeviceConfig(BaseModel):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: Dtype = "auto"
     forward: Forward = DEFAULT_FORWARD
+    compile: bool = DEFAULT_COMPILE
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -353,4 +355,9 @@ def load_decoder(path: str | Path, device: DeviceConfig | None = None) -> torch.
         head = code_head_of(model)
     except ValueError as e:
         raise ValueError(f"{Path(path) / 'config.json'}: {e}") from None
-    return fast_forward(model, head) if device.forward == "fast" else model
+    if device.forward != "fast":
+        return model
+    fast = fast_forward(model, head)
+    if device.compile and hasattr(fast, "compile_step"):
+        fast.compile_step()
+    return fast

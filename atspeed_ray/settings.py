@@ -23,6 +23,11 @@ Forward = Literal["fast", "hf"]
 FORWARDS: tuple[str, ...] = get_args(Forward)
 DEFAULT_FORWARD: Forward = "fast"
 
+# ``torch.compile`` of FastLlama's per-layer dense blocks (``FastLlama.compile_step``). Off by
+# default: measured on the 2-core CPU (README, "Compiled decoding step") it did not pay there;
+# on CUDA turn it on by config (``DeviceConfig.compile``, ``--compile``).
+DEFAULT_COMPILE = False
+
 # Parameter dtype of a decoding model, by torch name; ``auto`` keeps the checkpoint's dtype
 # (fp32 on CPU).
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]

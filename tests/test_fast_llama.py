@@ -207,3 +207,44 @@ def test_logits_to_keep_rows_equal_the_full_forward():
         torch.testing.assert_close(fast(ids, mask, pos, fast.new_cache(), logits_to_keep=keep).logits,
                                    full[:, rows])
         torch.testing.assert_close(fast(ids, logits_to_keep=keep).logits, full[:, rows])
+
+
+def test_static_cache_writes_and_compacts_in_place_as_the_plain_gather():
+    """``KVCache`` (buffers allocated once) against the plain reference ``gather_slots`` (new
+    tensors of the kept slots): the same keys/values after a compaction, the buffers kept, and
+    the next chunk's logits equal to a plain forward's (``tree_forward`` on the HF model)."""
+    from types import SimpleNamespace
+
+    from atspeed_ray.decoding.fast_llama import KVCache
+    from atspeed_ray.decoding.tree import gather_slots
+
+    V = 50
+    hf = llama(V, seed=3)
+    fast = FastLlama(hf)
+    prompts = random_prompts(3, V, seed=4, min_len=2, max_len=9)
+    tokens, valid = left_pad(prompts, 0, torch.device("cpu"))
+    nodes = tree_chunk(3, V, seed=5)
+    _, cache, slots = tree_forward(fast, None, nodes, prompt=(tokens, valid))
+    assert isinstance(cache.kv, KVCache)
+    bufs = [layer.k_buf for layer in cache.kv.layers]
+    plain = SimpleNamespace(layers=[SimpleNamespace(keys=layer.keys.clone(), values=layer.values.clone())
+                                    for layer in cache.kv.layers])
+    keep = slots[:, [1, 4, 6]]  # [B, 3] tree slots that stay (some rows reference fewer)
+    keep[0, 2] = -1
+    renum = cache.compact(keep)
+    P = tokens.shape[1]
+    S = cache.size
+    gather = torch.arange(S).expand(3, S).clone()
+    for b in range(3):
+        kept = sorted(int(x) for x in keep[b] if x >= 0)
+        gather[b, P:P + len(kept)] = torch.tensor(kept)
+        gather[b, P + len(kept):] = gather[b, P + len(kept) - 1]  # padding columns: any kept slot
+    gather_slots(plain, gather)
+    for b in range(3):
+        n = P + int((keep[b] >= 0).sum())
+        for a, ref in zip(cache.kv.layers, plain.layers):
+            torch.testing.assert_close(a.keys[b, :, :n], ref.keys[b, :, :n], rtol=0, atol=0)
+            torch.testing.assert_close(a.values[b, :, :n], ref.values[b, :, :n], rtol=0, atol=0)
+    assert all(layer.k_buf is buf for layer, buf in zip(cache.kv.layers, bufs)), "reallocated"
+    assert cache.kv.grows == 0
+    assert (renum[keep >= 0] >= P).all()

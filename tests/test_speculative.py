@@ -13,6 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from atspeed_ray.decoding import beam_search, speculative_beam_search
 from atspeed_ray.decoding.beam import root_beams
 from atspeed_ray.decoding.drafting import draft_phase
+from atspeed_ray.decoding.fast_llama import FastLlama, fast_forward
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.verification import verify_phase
 from atspeed_ray.decoding.tree import Nodes, tree_forward
@@ -37,9 +38,21 @@ def assert_same_as_beam_search(out, ref):
     torch.testing.assert_close(out.scores, ref.scores, atol=1e-4, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def fast_models(setup):
+    """The setup's target and unrelated draft on ``FastLlama`` (static preallocated caches)."""
+    _, _, target, unrelated, _ = setup
+    return fast_forward(target), fast_forward(unrelated)
+
+
+@pytest.mark.parametrize("forward", ["hf", "fast"])
 @pytest.mark.parametrize("k,n_mult,gamma", list(itertools.product([1, 3, 5, 10, 20], [1, 2], [1, 2, 3])))
-def test_strict_equals_beam_search(setup, k, n_mult, gamma):
+def test_strict_equals_beam_search(setup, fast_models, k, n_mult, gamma, forward):
+    """On the HF forward (DynamicCache, the plain reference) and on FastLlama (static
+    preallocated KV caches written and compacted in place)."""
     index, V, target, unrelated, prompts = setup
+    if forward == "fast":
+        target, unrelated = fast_models
     for batch in (prompts[:1], prompts):
         ref = beam_search(target, batch, index, k)
         for draft in (unrelated, target):
@@ -346,3 +359,42 @@ def test_relaxed_k2_follows_the_distribution_the_scheme_defines(N):
     assert dist(exact, wrong) > 0.15, "the wrong scheme must differ for this test to mean anything"
     assert dist(emp, exact) < 0.05
     assert dist(emp, wrong) > 0.1
+
+
+def test_static_caches_are_not_reallocated_during_a_search(setup, fast_models):
+    """On FastLlama both tree caches are allocated once per request batch (K = 10, N = 20,
+    gamma = 3: every round fits the first allocation) and the result is still exact."""
+    from atspeed_ray.decoding.beam import score_dtype
+    from atspeed_ray.decoding.speculative import LocalModels, run_loop, speculative_loop
+
+    index, V, _, _, prompts = setup
+    target, draft = fast_models
+    models = LocalModels(target, draft, index)
+    loop = speculative_loop(prompts, index, SearchParams(10, 20, 3), dtype=score_dtype(target))
+    out = run_loop(loop, models)
+    assert_same_as_beam_search(out, beam_search(target, prompts, index, 10))
+    assert models.tcache is not None and models.dcache is not None
+    assert models.tcache.kv.grows == 0 and models.dcache.kv.grows == 0
+    assert max(out.stats["rounds"]) > 1, "more than one round must have run"
+
+
+@pytest.mark.slow
+def test_strict_equals_beam_search_on_the_compiled_step(setup):
+    """``FastLlama.compile_step`` (torch.compile of the per-layer blocks, dynamic shapes): strict
+    speculative search still returns the target's beam search, over K, N, gamma and batch, with
+    an unrelated draft and with a code-head draft. Slow: inductor's first compile on CPU."""
+    index, V, target, unrelated, prompts = setup
+    models = [FastLlama(m) for m in (target, unrelated)]
+    code_ids = (index.token_column >= 0).nonzero()[:, 1].unique()
+    models.append(FastLlama(unrelated, head_ids=code_ids))
+    for m in models:
+        m.compile_step()
+    f_target, f_unrelated, f_head = models
+    for k, n, gamma in ((1, 2, 3), (5, 10, 2), (10, 20, 3)):
+        for batch in (prompts[:1], prompts):
+            ref = beam_search(target, batch, index, k)
+            assert_same_as_beam_search(beam_search(f_target, batch, index, k), ref)
+            for draft in (f_unrelated, f_head):
+                out = speculative_beam_search(f_target, draft, batch, index, k, draft_beams=n,
+                                              gamma=gamma, mode="strict")
+                assert_same_as_beam_search(out, ref)

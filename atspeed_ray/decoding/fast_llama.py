@@ -4,7 +4,10 @@ On small models the HF forward spends most of its time outside the matrix produc
 dispatch, mask and rope plumbing, cache bookkeeping): on the 2-core CPU the 4-layer ``cpu``
 target takes ~6 ms per call of which ~1 ms is arithmetic. ``FastLlama`` runs the same maths with
 fused q|k|v and gate|up projections, a precomputed rope table and one SDPA call per layer, and
-keeps its KV cache in a plain per-layer list with the layout ``TreeCache`` works on.
+keeps its KV cache in static per-layer buffers (``KVCache``: allocated once per request batch,
+written and compacted in place) with the layout ``TreeCache`` works on. ``compile_step`` runs
+each layer's two dense blocks (``pre_attention``, ``post_attention``: pure tensor functions)
+through ``torch.compile``; off by default (``settings.DEFAULT_COMPILE``: see there for why).
 
 It is a drop-in for what the decoding core and the frozen target of training call:
 ``model(input_ids, attention_mask=[B, 1, Q, S + Q] additive, position_ids, cache=...,
@@ -43,32 +46,89 @@ ROPE_TABLE_MIN = 4096  # rope table rows at least (positions = prompt length + d
 MAX_CODE_DEPTH = 64  # positions kept free after a prompt for the tokens decoded below it
 
 
+CACHE_RESERVE = 128  # tree slots a cache keeps free beyond its first chunk (prompt block)
+
+
 @dataclass
 class LayerKV:
-    keys: Tensor | None = None  # [B, H_kv, S, D]
-    values: Tensor | None = None  # [B, H_kv, S, D]
+    """One layer's keys/values: buffers allocated once, filled up to ``length``."""
+
+    k_buf: Tensor | None = None  # [B, H_kv, capacity, D]
+    v_buf: Tensor | None = None  # [B, H_kv, capacity, D]
+    length: int = 0  # slots filled (a host int: reading it never waits for the device)
+
+    @property
+    def keys(self) -> Tensor | None:
+        """[B, H_kv, S, D], a view of the buffer (None before the first chunk)."""
+        return None if self.k_buf is None else self.k_buf[:, :, : self.length]
+
+    @property
+    def values(self) -> Tensor | None:
+        return None if self.v_buf is None else self.v_buf[:, :, : self.length]
 
 
 class KVCache:
-    """Per-layer keys/values; ``layers[i].keys`` / ``.values`` as in HF's DynamicCache."""
+    """A static, preallocated KV cache (gpt-fast style), per layer [B, H_kv, capacity, D].
 
-    def __init__(self, num_layers: int):
+    The buffers are allocated at the first chunk (the prompt block) with ``reserve`` slots free
+    for the tree; later chunks are written in place at the filled length, and compaction
+    (``keep_slots``) moves the kept tree slots down in place, so a request batch's rounds never
+    reallocate. A chunk that does not fit grows the buffers geometrically (``grows`` counts it;
+    the tests check a search's rounds stay within the first allocation). ``layers[i].keys`` /
+    ``.values`` are views of the filled part, the layout ``TreeCache`` and HF's DynamicCache share.
+    """
+
+    def __init__(self, num_layers: int, reserve: int = CACHE_RESERVE):
         self.layers = [LayerKV() for _ in range(num_layers)]
+        self.reserve = reserve
+        self.grows = 0  # reallocations after the first chunk
 
     def batch_select_indices(self, rows: Tensor) -> None:
+        """Keep requests ``rows`` [B'] (finished requests leave; once per request, not per step)."""
         for layer in self.layers:
-            if layer.keys is not None:
-                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            if layer.k_buf is not None:
+                layer.k_buf, layer.v_buf = layer.k_buf[rows], layer.v_buf[rows]
+
+    def _fit(self, layer: LayerKV, k: Tensor, need: int) -> None:
+        """Buffers for at least ``need`` slots (``k`` [B, H_kv, T, D] gives shape and dtype)."""
+        if layer.k_buf is not None and need <= layer.k_buf.shape[2]:
+            return
+        B, H, _, D = k.shape
+        old = layer.k_buf
+        cap = need + self.reserve if old is None else max(need, 2 * old.shape[2])
+        k_buf, v_buf = (k.new_empty(B, H, cap, D) for _ in range(2))
+        if old is not None:
+            self.grows += 1 if layer is self.layers[0] else 0
+            k_buf[:, :, : layer.length] = layer.keys
+            v_buf[:, :, : layer.length] = layer.values
+        layer.k_buf, layer.v_buf = k_buf, v_buf
 
     def append(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add ``k``, ``v`` [B, H_kv, T, D] after layer ``i``'s cached ones; return all of them."""
+        """Write ``k``, ``v`` [B, H_kv, T, D] after layer ``i``'s cached ones (in place); return
+        all of them [B, H_kv, S + T, D] (views)."""
         layer = self.layers[i]
-        if layer.keys is None:
-            layer.keys, layer.values = k, v
-        else:
-            layer.keys = torch.cat([layer.keys, k], dim=2)
-            layer.values = torch.cat([layer.values, v], dim=2)
-        return layer.keys, layer.values
+        start = layer.length
+        need = start + k.shape[2]
+        self._fit(layer, k, need)
+        assert layer.k_buf is not None and layer.v_buf is not None
+        layer.k_buf[:, :, start:need] = k
+        layer.v_buf[:, :, start:need] = v
+        layer.length = need
+        return layer.keys, layer.values  # type: ignore[return-value]
+
+    def keep_slots(self, gather: Tensor, fixed: int) -> None:
+        """Keep slots ``gather`` [B, S'] (ascending per row; its first ``fixed`` columns are
+        slots 0..fixed-1, the prompt block, which stays where it is): the kept tree slots move
+        down in place, into slots fixed..S'-1."""
+        tail = gather[:, fixed:] - fixed  # [B, S' - fixed] within the tree part
+        n = fixed + tail.shape[1]
+        for layer in self.layers:
+            if layer.k_buf is None:
+                continue
+            idx = tail[:, None, :, None].expand(-1, layer.k_buf.shape[1], -1, layer.k_buf.shape[3])
+            for buf in (layer.k_buf, layer.v_buf):
+                buf[:, :, fixed:n] = buf[:, :, fixed: layer.length].gather(2, idx)
+            layer.length = n
 
 
 def table_rows(rows: Tensor, ids: Tensor) -> Tensor:
@@ -101,6 +161,39 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return f"unsupported {', '.join(bad)}" if bad else None
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """As LlamaRMSNorm: normalised in fp32, scaled in the input dtype."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, h, D], cos/sin [B, T, 1, D]: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def pre_attention(x: Tensor, norm_w: Tensor, wqkv: Tensor, cos: Tensor, sin: Tensor, eps: float,
+                  H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer's input [B, T, E] -> rotated q [B, H, T, D], k and v [B, Hkv, T, D]: the
+    attention norm, the fused q|k|v projection and rope (pure: ``FastLlama.compile_step``)."""
+    B, T, _ = x.shape
+    qkv = F.linear(rms_norm(x, norm_w, eps), wqkv).view(B, T, H + 2 * Hkv, -1)
+    qk = rope(qkv[:, :, : H + Hkv], cos, sin)  # q and k heads rotated together
+    return (qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2),
+            qkv[:, :, H + Hkv:].transpose(1, 2))
+
+
+def post_attention(x: Tensor, attn: Tensor, wo: Tensor, norm_w: Tensor, w_gate_up: Tensor,
+                   w_down: Tensor, eps: float) -> Tensor:
+    """The rest of a layer: x [B, Q, E] + o-proj(attn [B, Q, H * D]), then + MLP(norm(.))."""
+    x = x + F.linear(attn, wo)
+    gate, up = F.linear(rms_norm(x, norm_w, eps), w_gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w_down)
+
+
 class FastLlama(nn.Module):
     """Inference forward of a ``LlamaForCausalLM`` (weights copied from it, q|k|v and gate|up fused)."""
 
@@ -117,6 +210,8 @@ class FastLlama(nn.Module):
         self.head_dim = attn0.head_dim
         self.scaling = attn0.scaling
         self.eps = cfg.rms_norm_eps
+        self.pre_attention, self.post_attention = pre_attention, post_attention  # eager step
+        self.compiled = False
 
         def frozen(t: Tensor) -> nn.Parameter:
             return nn.Parameter(t.detach().clone(), requires_grad=False)
@@ -177,33 +272,30 @@ class FastLlama(nn.Module):
         self.register_buffer("head_columns", columns, persistent=False)
         self.head_ids = ids
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.wqkv))
+    def new_cache(self, reserve: int = CACHE_RESERVE) -> KVCache:
+        """An empty static cache (``KVCache``); ``reserve`` tree slots are kept free."""
+        return KVCache(len(self.wqkv), reserve)
 
     def rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
-        """As LlamaRMSNorm: normalised in fp32, scaled in the input dtype."""
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        return rms_norm(x, weight, self.eps)
 
-    @staticmethod
-    def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x [B, T, h, D], cos/sin [B, T, 1, D]: x * cos + rotate_half(x) * sin."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def compile_step(self, **options) -> None:
+        """Run each layer's two dense blocks (norm + q|k|v + rope; o-proj + residual + norm +
+        MLP) through ``torch.compile`` (dynamic shapes: one graph for every layer, chunk and
+        cache length). Attention and the cache writes stay eager. ``options`` go to
+        ``torch.compile`` (e.g. ``mode="reduce-overhead"`` on CUDA)."""
+        self.pre_attention = torch.compile(pre_attention, dynamic=True, **options)
+        self.post_attention = torch.compile(post_attention, dynamic=True, **options)
+        self.compiled = True
 
     def attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                   cache: KVCache | None, rows: slice | Tensor = slice(None)) -> Tensor:
-        """Attention output of the query positions ``rows`` (every position's K/V is computed
-        and cached)."""
+        """Attention of the query positions ``rows`` of the layer input ``x`` (not yet
+        normalised; every position's K/V is computed and cached), before the output projection:
+        [B, Q, H * D]."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(x, self.wqkv[i]).view(B, T, H + 2 * Hkv, D)
-        qk = self.rope(qkv[:, :, : H + Hkv], cos, sin)  # q and k heads rotated together
-        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
-        k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, D]
-        v = qkv[:, :, H + Hkv:].transpose(1, 2)  # [B, Hkv, T, D]
+        q, k, v = self.pre_attention(x, self.norm_attn[i], self.wqkv[i], cos, sin, self.eps, H, Hkv)
         if cache is not None:
             k, v = cache.append(i, k, v)  # [B, Hkv, S + T, D]
         if Hkv != H:
@@ -214,11 +306,7 @@ class FastLlama(nn.Module):
             mask = mask[:, :, rows]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
                                              is_causal=mask is None)
-        return F.linear(out.transpose(1, 2).reshape(B, q.shape[2], H * D), self.wo[i])
-
-    def mlp(self, i: int, x: Tensor) -> Tensor:
-        gate, up = F.linear(x, self.w_gate_up[i]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w_down[i])
+        return out.transpose(1, 2).reshape(B, q.shape[2], H * D)
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -254,9 +342,9 @@ class FastLlama(nn.Module):
         n = len(self.wqkv)
         for i in range(n):
             q_rows = rows if i == n - 1 and attention_mask is not None else slice(None)
-            x = x[:, q_rows] + self.attention(i, self.rms_norm(x, self.norm_attn[i]), cos, sin,
-                                              attention_mask, cache if use_cache else None, q_rows)
-            x = x + self.mlp(i, self.rms_norm(x, self.norm_mlp[i]))
+            attn = self.attention(i, x, cos, sin, attention_mask, cache if use_cache else None, q_rows)
+            x = self.post_attention(x[:, q_rows], attn, self.wo[i], self.norm_mlp[i],
+                                    self.w_gate_up[i], self.w_down[i], self.eps)
         if attention_mask is None:
             x = x[:, rows]
         return Output(F.linear(self.rms_norm(x, self.norm_out), self.lm_head))

@@ -52,15 +52,24 @@ class TreeCache:
         keep = ref[:, :S]
         keep[:, : self.prompt_cols] = True
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept slots first
-        gather = order[:, : int(keep.sum(1).max())]  # [B, S']
-        for layer in self.kv.layers:
-            idx = gather[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys = layer.keys.gather(2, idx)
-            layer.values = layer.values.gather(2, idx)
+        gather = order[:, : int(keep.sum(1).max())]  # [B, S'] (the one host read here)
+        if isinstance(self.kv, KVCache):  # static buffers: kept tree slots move down in place
+            self.kv.keep_slots(gather, self.prompt_cols)
+        else:
+            gather_slots(self.kv, gather)
         self.is_prompt = self.is_prompt.gather(1, gather)
         new_pos = torch.cumsum(keep.long(), 1) - 1  # [B, S] new slot of each kept old slot
         renum = torch.where(flat >= 0, new_pos.gather(1, flat.clamp(min=0)), -1)
         return renum.reshape(slots.shape)
+
+
+def gather_slots(kv: DynamicCache, gather: Tensor) -> None:
+    """The plain compaction (HF's DynamicCache, and the reference of ``KVCache.keep_slots``):
+    every layer's keys/values become new tensors of the slots ``gather`` [B, S']."""
+    for layer in kv.layers:
+        idx = gather[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        layer.keys = layer.keys.gather(2, idx)
+        layer.values = layer.values.gather(2, idx)
 
 
 def new_cache(model: torch.nn.Module):
