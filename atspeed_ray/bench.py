@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from atspeed_ray.benchmarking import (
-    add_forward_arg, add_precision_arg, batches, measure_speculative, parse_counts, parse_ks,
-    parse_widths, positive, row_params, search_params, timed, write_json,
+    add_compile_arg, add_forward_arg, add_precision_arg, batches, measure_speculative,
+    parse_counts, parse_ks, parse_widths, positive, row_params, search_params, timed, write_json,
 )
 from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, DEFAULT_MODE, MODES
 

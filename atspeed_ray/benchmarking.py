@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from atspeed_ray.settings import AUTO, DEFAULT_FORWARD, FORWARDS, PRECISIONS, draft_width
+from atspeed_ray.settings import AUTO, DEFAULT_COMPILE, DEFAULT_FORWARD, FORWARDS, PRECISIONS, draft_width
 
 if TYPE_CHECKING:
     import torch
