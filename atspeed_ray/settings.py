@@ -24,8 +24,9 @@ FORWARDS: tuple[str, ...] = get_args(Forward)
 DEFAULT_FORWARD: Forward = "fast"
 
 # ``torch.compile`` of FastLlama's per-layer dense blocks (``FastLlama.compile_step``). Off by
-# default: measured on the 2-core CPU (README, "Compiled decoding step") it did not pay there;
-# on CUDA turn it on by config (``DeviceConfig.compile``, ``--compile``).
+# default: on the shared 2-core CPU inductor's first compile of the tiny test models had not
+# finished after 1500 s (load ~20), which no request batch pays back there; on CUDA turn it on
+# by config (``DeviceConfig.compile``, ``--compile``). README: "Decoding step".
 DEFAULT_COMPILE = False
 
 # Parameter dtype of a decoding model, by torch name; ``auto`` keeps the checkpoint's dtype
