@@ -25,6 +25,7 @@ from atspeed_ray.decoding import beam_search, speculative_beam_search
 from atspeed_ray.models import DeviceConfig, load_model
 from atspeed_ray.serving.catalog import load_catalog
 from atspeed_ray.serving.config import AppArgs
+from atspeed_ray.serving.faults import kill_under_load, running_count
 from atspeed_ray.serving.loadtest import make_bodies, run_load
 from atspeed_ray.serving.testing import build_random_pair
 
@@ -71,7 +72,7 @@ def deploy(config: dict, tmp: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     serve_cli.main(["run", str(path), "--non-blocking"], standalone_mode=False)
     names = {a["name"] for a in config["applications"]}
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 480
     while time.monotonic() < deadline:
         apps = serve.status().applications
         status = {n: (apps[n].status if n in apps else None) for n in names}
@@ -84,7 +85,7 @@ def deploy(config: dict, tmp: Path) -> None:
 
 
 # the first test also waits for the app fixture: Ray, Serve and the deployments starting
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 # ------------------------------------------------------------- the CLI process (own Ray each)
@@ -134,6 +135,9 @@ def test_serve_exits_on_a_replica_that_cannot_start(exported, tmp_path):
 
 @pytest.mark.timeout(540)
 def test_contract_form_serves_is_ready_and_stops_fast_on_sigterm(exported, tmp_path):
+    """``serve --target T --draft D`` prints "serving on" once /readyz says ready, answers, and a
+    SIGTERM to its whole process group (what a service manager or a terminal sends) stops it
+    with exit 0: the group holds the command alone, which stops its server and Ray in order."""
     import os
     import signal
 
@@ -147,17 +151,19 @@ def test_contract_form_serves_is_ready_and_stops_fast_on_sigterm(exported, tmp_p
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
         url = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{url}/readyz", timeout=30).json()["status"] == "ready"
+        # "serving on" came after a 200 from /readyz; a later probe may miss its 1 s ping deadline
+        # on a loaded machine, so it is asked again until it answers ready (bounded)
+        until(lambda: httpx.get(f"{url}/readyz", timeout=30).json()["status"] == "ready", timeout=120)
         history = httpx.get(f"{url}/meta", timeout=30).json()["example_histories"][0]
         r = httpx.post(f"{url}/recommend", json={"history": history, "k": 5}, timeout=60)
         assert r.status_code == 200 and len(r.json()["items"]) == 5
     finally:
         t0 = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)
-        rc = proc.wait(timeout=60)
+        os.killpg(proc.pid, signal.SIGTERM)  # start_cli: the command leads its own group
+        rc = proc.wait(timeout=90)
     took = time.monotonic() - t0
-    print(f"SIGTERM: stopped in {took:.1f} s")
-    assert rc == 0 and took < 20, log.read_text()[-3000:]
+    print(f"SIGTERM to the group: stopped in {took:.1f} s")
+    assert rc == 0 and took < 30, log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -325,8 +331,11 @@ def test_draft_errors_and_deadline_fall_back_to_the_strict_answer(app):
     finally:
         set_fault({"fault": "none"})
     after = c.get("/stats").json()
-    assert after["fallback_error"] - before["fallback_error"] >= 2
+    # while the draft breaker is open the target answers alone without trying the draft
+    assert (after["fallback_error"] + after["fallback_draft_down"]
+            - before["fallback_error"] - before["fallback_draft_down"]) >= 2
     assert after["fallback_deadline"] - before["fallback_deadline"] >= 1
+    assert after["draft_breaker"]["trips"] - before["draft_breaker"]["trips"] >= 2
     assert after["errors"] == before["errors"]
     until(lambda: c.post("/recommend", json=body).json()["stats"]["path"] == "speculative")
 
@@ -452,3 +461,86 @@ def test_replica_caches_with_affinity_chained_and_colocated_graphs(app):
     finally:
         for name in graphs:
             serve.delete(name)
+
+
+@pytest.mark.slow  # not yet seen passing: Ray could not start on the loaded machine it was written on
+@pytest.mark.parametrize("broken", ["missing", "corrupt"])
+def test_serve_run_marks_an_app_with_a_bad_model_path_failed_with_the_cause(app, tmp_path, broken):
+    """What ``serve run CONFIG`` (Ray's CLI) does with a bad model path: the app builder refuses a
+    missing folder at once (the app is DEPLOY_FAILED, the cause in its message); a checkpoint
+    that does not load fails its replica's constructor in one line, and Serve marks the
+    deployment DEPLOY_FAILED after its constructor retries (3 per replica). Ray's ``serve run``
+    itself keeps waiting; ``atspeed-ray serve --config`` exits on this status."""
+    import shutil
+
+    from ray.serve.scripts import cli as serve_cli
+
+    from atspeed_ray.serving.process import failure
+
+    config = make_config(app["base"], app["root"] / "models", app["data"], app["port"])
+    bad = {**copy.deepcopy(config["applications"][1]), "name": "bad", "route_prefix": "/bad"}
+    target = tmp_path / "target"
+    if broken == "corrupt":
+        shutil.copytree(app["root"] / "models" / "target", target)
+        (target / "model.safetensors").write_bytes(b"not a checkpoint")
+    bad["args"]["target"] = str(target)
+    config["applications"].append(bad)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    t0 = time.monotonic()
+    try:
+        serve_cli.main(["run", str(path), "--non-blocking"], standalone_mode=False)
+        error = until(lambda: failure(serve.status()), timeout=240)
+        print(f"{broken}: failed after {time.monotonic() - t0:.1f} s: {error}")
+        assert "\n" not in error and error.startswith("bad"), error
+        if broken == "missing":
+            assert error.startswith("bad cannot start") and "not a model folder" in error, error
+        else:
+            assert error.startswith("bad/TargetModel cannot start") and "TargetModel cannot load" in error, error
+        assert app["client"].get("/healthz").status_code == 200  # the other apps keep serving
+    finally:
+        deploy(make_config(app["base"], app["root"] / "models", app["data"], app["port"]), app["root"])
+
+# ------------------------------------------------------------------ replicas killed under load
+@pytest.fixture(scope="module")
+def two_targets(app):
+    """The app with 2 TargetModel replicas and 1 DraftModel replica (fixed counts), speculative
+    routing: what ``jobs/serve_faults.py`` runs, on the test's tiny models."""
+    config = make_config(app["base"], app["root"] / "models", app["data"], app["port"])
+    for d in config["applications"][0]["deployments"]:
+        if d["name"] in ("TargetModel", "DraftModel"):
+            d.pop("autoscaling_config", None)
+            d["num_replicas"] = 2 if d["name"] == "TargetModel" else 1
+    deploy(config, app["root"])
+    until(lambda: running_count("atspeed", "TargetModel") == 2, timeout=240)
+    return app
+
+
+# slow until seen passing: Ray could not start on the loaded machine these were written on
+@pytest.mark.slow
+@pytest.mark.parametrize("deployment", ["TargetModel", "DraftModel", "Recommender"])
+def test_killing_a_replica_under_load_loses_no_request(two_targets, deployment):
+    """ray.kill on one replica after 10 of 96 strict requests (concurrency 8) were answered:
+    every request gets the target-only answer. A dead TargetModel replica's calls are sent again
+    by the ingress (the other replica answers); a dead draft means target-alone fallbacks; a dead
+    ingress' in-flight requests get a 500 from Serve's proxy, which the client retries (budget 2,
+    counted). Then the controller replaces the replica."""
+    app = two_targets
+    histories = app["catalog"].examples[:24]
+    want = beam_answers(app, histories, 5)
+    bodies = make_bodies(histories, 96, 5, "strict", None)
+    client_retries = 2 if deployment == "Recommender" else 0
+    report = asyncio.run(kill_under_load(app["url"], "atspeed", deployment, bodies, 8, kill_at=10,
+                                         want=[want[tuple(b["history"])] for b in bodies],
+                                         retries=client_retries))
+    s = report.summary()
+    print(deployment, {k: v for k, v in s.items() if k not in ("retry_samples", "error_samples")})
+    assert s["kill_error"] is None and s["replaced_s"] is not None, s
+    assert s["failed"] == 0 and s["total"] == 96 and report.load.ok == 96, s
+    sent_after = [t for t in report.load.timeline if t[0] >= s["killed_after_s"]]
+    assert len(sent_after) >= 30, "the load must go on after the kill"
+    if deployment != "Recommender":
+        assert s["client_retries"] == 0, s  # the system itself loses nothing
+    if deployment == "DraftModel":
+        assert s["paths"].get("fallback", 0) > 0, s
+    assert s["paths"].get("speculative", 0) > 0, s

@@ -502,3 +502,24 @@ def test_serve_status_failure_names_the_deployment_and_the_cause():
     ok = NS(applications={"atspeed": NS(status=ApplicationStatus.RUNNING, message="", deployments={
         "TargetModel": NS(status=DeploymentStatus.HEALTHY, message="")})})
     assert failure(ok) is None and running(ok)
+
+
+def test_cli_serve_config_alone_serves_its_own_paths(small, tmp_path, monkeypatch, capsys):
+    """``serve --config FILE`` without --target: FILE's paths, relative ones from the current
+    folder (as ``serve run FILE`` reads them), made absolute; a bad one refused in one line."""
+    from atspeed_ray.cli import main
+
+    root = small[0]
+    base = yaml.safe_load((CONFIGS / "local.yaml").read_text())
+    base["applications"][0]["args"].update(target="models/target", draft="models/draft", data="data")
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump(base))
+    monkeypatch.chdir(root)
+    assert main(["serve", "--config", str(config), "--print-config"]) == 0
+    args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
+    assert args["target"] == str((root / "models/target").resolve()) and args["data"] == str((root / "data").resolve())
+    base["applications"][0]["args"]["draft"] = "models/nope"
+    config.write_text(yaml.safe_dump(base))
+    assert main(["serve", "--config", str(config), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{config}: args.draft models/nope" in err and len(err.splitlines()) == 1, err

@@ -4,6 +4,9 @@
 those paths (made absolute) in the app's ``args``: it starts a fresh local Ray instance (never
 joins one it did not start), binds HTTP to 127.0.0.1 and blocks until Ctrl-C / SIGTERM.
 ``--print-config`` only prints the resolved YAML (for ``serve run`` / ``serve deploy``).
+``atspeed-ray serve --config FILE`` without ``--target`` serves FILE's own paths (relative ones
+from the current folder, as ``serve run FILE`` reads them): ``serve run FILE`` on a private Ray
+that exits when a deployment cannot start (Ray's ``serve run`` keeps waiting).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the speculative recommender (Ray Serve, local config)")
-    p.add_argument("--target", required=True, help="target model folder (HF export)")
+    p.add_argument("--target", default=None,
+                   help="target model folder (HF export); omit to serve the paths in --config")
     p.add_argument("--draft", default=None, help="draft model folder (HF export); omit with --target-only")
     p.add_argument("--data", default=None,
                    help="prepared data folder (item index, tokenizer); default: index.json beside the target")
@@ -62,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--warmup", type=int, default=10, help="unmeasured requests first (per app)")
     q.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     q.add_argument("--json", default=None, help="also write the results as JSON here")
+    q.add_argument("--retries", type=int, default=0,
+                   help="send a request again after a connection failure or a 5xx, at most this many "
+                        "more times (counted and reported; default: never)")
     q.set_defaults(func=run_loadtest)
 
 
@@ -84,11 +91,19 @@ def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
         extra[key] = yaml.safe_load(value)
-    paths = {"target": args.target, "draft": None if args.target_only else args.draft, "data": args.data}
+    if args.target is None:  # the config's own paths, from the current folder like `serve run`
+        given = main.get("args", {})
+        paths = {key: given.get(key) for key in ("target", "draft", "data")}
+        origin = f"{args.config}: args."
+    else:
+        paths = {"target": args.target, "draft": args.draft, "data": args.data}
+        origin = "--"
+    if args.target_only:
+        paths["draft"] = None
     for key, value in list(paths.items()):
         if value is not None:
             if not Path(value).exists():
-                raise FileNotFoundError(f"--{key} {value}: no such folder")
+                raise FileNotFoundError(f"{origin}{key} {value}: no such folder")
             paths[key] = str(Path(value).resolve())
     app_args = {**main.get("args", {}), **extra, **paths, "target_only": bool(args.target_only)}
     AppArgs.model_validate(app_args).check_paths()  # fail here, not inside a replica
@@ -109,7 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import yaml
 
-    if args.draft is None and not args.target_only:
+    if args.target is not None and args.draft is None and not args.target_only:
         print("atspeed-ray serve: error: --draft is required (or --target-only)", file=sys.stderr)
         return 2
     try:
@@ -127,28 +142,31 @@ def run_serve(args: argparse.Namespace) -> int:
     for var in ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                 "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
         os.environ.setdefault(var, "1")
-    from atspeed_ray.serving.process import serve_until_stopped
+    from atspeed_ray.serving.process import server_command, supervise
 
     with tempfile.TemporaryDirectory(prefix="atspeed-serve-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(text)
         port = config["http_options"].get("port", 8000)
-        return serve_until_stopped(path, f"http://{args.host}:{port}", args.num_cpus)
+        return supervise(server_command(path, f"http://{args.host}:{port}", args.num_cpus))
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
     import httpx
 
-    from atspeed_ray.serving.loadtest import MAX_CONCURRENCY, MAX_REQUESTS, NotLoopback, main_async
+    from atspeed_ray.serving.loadtest import (
+        MAX_CONCURRENCY, MAX_REQUESTS, MAX_RETRIES, NotLoopback, main_async,
+    )
 
-    if not 1 <= args.requests <= MAX_REQUESTS or not 1 <= args.concurrency <= MAX_CONCURRENCY:
-        print(f"atspeed-ray loadtest: error: need 1 <= requests <= {MAX_REQUESTS} and "
-              f"1 <= concurrency <= {MAX_CONCURRENCY}", file=sys.stderr)
+    if (not 1 <= args.requests <= MAX_REQUESTS or not 1 <= args.concurrency <= MAX_CONCURRENCY
+            or not 0 <= args.retries <= MAX_RETRIES):
+        print(f"atspeed-ray loadtest: error: need 1 <= requests <= {MAX_REQUESTS}, "
+              f"1 <= concurrency <= {MAX_CONCURRENCY} and 0 <= retries <= {MAX_RETRIES}", file=sys.stderr)
         return 2
     try:
         return asyncio.run(main_async(args.url, args.requests, args.concurrency, args.k, args.mode,
                                       args.baseline_url, args.data, args.warmup, args.timeout,
-                                      args.seed, args.json))
+                                      args.seed, args.json, args.retries))
     except NotLoopback as e:
         print(f"atspeed-ray loadtest: error: {e}", file=sys.stderr)
         return 2

@@ -103,6 +103,22 @@ class FaultConfig(BaseModel):
     fault_delay_s: float = Field(default=5.0, ge=0.0, le=600.0)
 
 
+class RetryConfig(BaseModel):
+    """What the ingress does when a model replica dies (``serving/retry.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(default=3, ge=1, le=10,
+                          description="tries of one target call whose replica died (1: no retry)")
+    backoff_s: float = Field(default=0.05, ge=0.0, le=10.0,
+                             description="wait before the third try, doubling after (the second goes at once)")
+    draft_cooldown_s: float = Field(default=1.0, ge=0.0, le=60.0,
+                                    description="after a draft failure, the target alone for this long "
+                                                "(0: try the draft on every request)")
+    draft_cooldown_max_s: float = Field(default=8.0, ge=0.0, le=600.0,
+                                        description="the cooldown doubles while the draft keeps failing, up to this")
+
+
 class AppArgs(BaseModel):
     """``args`` of the app builder (``serve_configs/*.yaml``) and of ``atspeed-ray serve``."""
 
@@ -133,6 +149,7 @@ class AppArgs(BaseModel):
     draft_timeout_s: float = Field(default=2.0, gt=0.0, le=600.0,
                                    description="deadline of one draft call; then target-only fallback")
     target_timeout_s: float = Field(default=30.0, gt=0.0, le=600.0)
+    retry: RetryConfig = RetryConfig()
     routing: Literal["speculative", "adaptive"] = Field(
         default="speculative",
         description="adaptive: strict requests go to whichever of speculative decoding and plain target "

@@ -53,6 +53,7 @@ from atspeed_ray.serving.config import (
 from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
 from atspeed_ray.serving.http import field_error
 from atspeed_ray.serving.http import install as install_http_guards
+from atspeed_ray.serving.retry import DraftBreaker, Retries, start_errors
 from atspeed_ray.serving.routing import Arm, Router
 
 logger = logging.getLogger("ray.serve")
@@ -98,10 +99,11 @@ class ModelReplica:
         self.settings = s
         if s.torch_threads is not None:
             torch.set_num_threads(s.torch_threads)
-        self.model = load_decoder(s.model, DeviceConfig(device=s.device, dtype=s.dtype,
-                                                        forward=s.forward))
+        with start_errors(f"{self.kind} cannot load {s.model}"):
+            self.model = load_decoder(s.model, DeviceConfig(device=s.device, dtype=s.dtype,
+                                                            forward=s.forward))
+            catalog = load_catalog(s.data, s.catalog_model or s.model)
         self.device = next(self.model.parameters()).device
-        catalog = load_catalog(s.data, s.catalog_model or s.model)
         self.index = catalog.index.to(self.device)
         # forwards run in one worker thread: the event loop keeps queueing requests meanwhile,
         # so the next batch forms while the current one computes
@@ -301,9 +303,10 @@ class Recommender:
     def __init__(self, args: dict[str, Any], target: DeploymentHandle, draft: DeploymentHandle | None = None):
         self.args = AppArgs.model_validate(args)
         torch.set_num_threads(1)  # acceptance is small tensor work; leave the cores to the models
-        self.catalog: Catalog = load_catalog(self.args.data, self.args.target, self.args.history_window)
+        with start_errors(f"Recommender cannot start on {self.args.target}"):
+            self.catalog: Catalog = load_catalog(self.args.data, self.args.target, self.args.history_window)
+            check_positions(self.args.target, self.catalog)
         self.max_k = min(self.args.max_k, self.catalog.index.num_leaves)
-        check_positions(self.args.target, self.catalog)
         self.dtype = torch.float64 if self.args.dtype == "float64" else torch.float32
         self.target = target  # TargetModel, or SpeculativeModel (graph: colocated)
         self.colocated = self.args.speculative and self.args.graph == "colocated"
@@ -314,10 +317,12 @@ class Recommender:
         self.router = (Router(probe_every=self.args.probe_every, max_backoff=self.args.probe_backoff)
                        if self.speculative and self.args.routing == "adaptive" else None)
         self.pending_releases: set[asyncio.Future[Any]] = set()
+        self.breaker, self.retries = DraftBreaker(self.args.retry), Retries(self.args.retry, "TargetModel")
         self.ready: tuple[float, dict[str, str]] | None = None  # (when, model -> "ok" | why not)
         self.counts: dict[str, float] = {
             "requests": 0, "ok": 0, "errors": 0, "fallbacks": 0, "fallback_error": 0,
-            "fallback_deadline": 0, "routed_target_only": 0, "handle_calls": 0, "rounds": 0,
+            "fallback_deadline": 0, "fallback_draft_down": 0, "retries": 0, "routed_target_only": 0,
+            "handle_calls": 0, "rounds": 0,
             "accepted_steps": 0, "target_forwards": 0, "latency_ms_sum": 0.0, "cache_hits": 0,
             "release_calls": 0}
         tags = ("app_path", "mode")
@@ -371,7 +376,7 @@ class Recommender:
     async def stats(self) -> dict[str, Any]:
         """Counters of this ingress replica since it started, and the app's running replicas."""
         routing = self.router.snapshot() if self.router is not None else None
-        return {"pid": os.getpid(), **self.counts, "routing": routing,
+        return {"pid": os.getpid(), **self.counts, "routing": routing, "draft_breaker": self.breaker.snapshot(),
                 "replicas": await asyncio.to_thread(running_replicas)}
 
     @api.post("/recommend", response_model=RecommendResponse)
@@ -436,9 +441,13 @@ class Recommender:
         prompt = self.catalog.prompt(req.history)
         stats: dict[str, Any] = {"mode": req.mode, "k": req.k, "prompt_tokens": len(prompt)}
         calls = {"draft": 0, "target": 0}
-        if self.speculative and arm == "speculative":
-            decode = self._one_call if self.one_call else self._speculative
-            answer = await decode(prompt, self.search_params(req), stats, calls)
+        speculate = self.speculative and arm == "speculative"
+        ticket = self.breaker.allow() if speculate else None  # None: the draft failed moments ago
+        if speculate and ticket is None:
+            self._fallback("draft_down", "a draft call failed moments ago", stats)
+        elif ticket is not None:
+            answer = await (self._one_call(prompt, self.search_params(req), stats, calls) if self.one_call
+                            else self._speculative(prompt, self.search_params(req), stats, calls, ticket))
             if answer is not None:
                 return answer
         elif self.speculative:  # adaptive routing chose the target alone: same strict answer
@@ -449,13 +458,14 @@ class Recommender:
         return await self._target_alone(prompt, req.k, stats, calls)
 
     async def _speculative(self, prompt: list[int], params: SearchParams, stats: dict[str, Any],
-                           calls: dict[str, int]) -> tuple[list[int], list[float], dict[str, Any]] | None:
+                           calls: dict[str, int], ticket: float
+                           ) -> tuple[list[int], list[float], dict[str, Any]] | None:
         """The speculative path; None (with the fallback noted in ``stats``) if it failed."""
         draft, target = self.draft, self.target
         assert draft is not None
         models = RemoteModels(
             lambda r: _result(draft.propose.remote(r)),
-            lambda r: asyncio.wait_for(_result(target.verify.remote(r)), self.args.target_timeout_s),
+            lambda r: self._call_target(lambda: target.verify.remote(r), "verify", stats),
             draft_timeout_s=self.args.draft_timeout_s, calls=calls,
             session=uuid.uuid4().hex if self.args.cache == "replica" else None)
         try:
@@ -467,8 +477,10 @@ class Recommender:
                          draft_forwards=res.stats["draft_calls"][0],
                          handle_calls=calls["draft"] + calls["target"], draft_width=params.N,
                          cache_hits=models.hits["draft"] + models.hits["target"])
+            self.breaker.succeeded()
             return self._answer(res.items[0], res.scores[0].tolist(), stats)
         except DraftUnavailable as e:
+            self.breaker.failed(ticket)
             reason, detail = e.reason, str(e)
         except Exception as e:  # noqa: BLE001 - a target call failed: one more try, alone
             logger.exception("speculative path failed")
@@ -522,18 +534,25 @@ class Recommender:
         self.counts["fallbacks"] += 1
         self.counts[f"fallback_{reason}"] = self.counts.get(f"fallback_{reason}", 0) + 1
         self.m_fallbacks.inc(tags={"reason": reason})
-        logger.warning("target-only fallback (%s): %s", reason, detail)
+        if reason != "draft_down":  # that one is logged once, when the breaker opened
+            logger.warning("target-only fallback (%s): %s", reason, detail)
         stats.update(path="fallback", fallback_reason=reason, fallback_detail=detail[:200])
         return None
+
+    async def _call_target(self, call: Any, method: str, stats: dict[str, Any]) -> Any:
+        """A TargetModel call under ``target_timeout_s``, sent again if its replica dies."""
+        return await self.retries.call(
+            lambda: asyncio.wait_for(_result(call()), self.args.target_timeout_s), method,
+            [self.counts, stats])
 
     async def _target_alone(self, prompt: list[int], k: int, stats: dict[str, Any],
                             calls: dict[str, int]) -> tuple[list[int], list[float], dict[str, Any]]:
         """Plain target beam search: the target-only app, routed requests and fallbacks."""
         calls["target"] += 1
         t0 = time.perf_counter()
-        reply: BeamReply = await asyncio.wait_for(
-            _result(self.target.beam_search.remote(BeamRequest([prompt], k))),
-            self.args.target_timeout_s)
+        request = BeamRequest([prompt], k)
+        reply: BeamReply = await self._call_target(lambda: self.target.beam_search.remote(request),
+                                                   "beam_search", stats)
         stats.update(rounds=None, accepted_steps=None, target_forwards=self.catalog.index.L,
                      handle_calls=calls["draft"] + calls["target"],
                      beam_rtt_ms=round((time.perf_counter() - t0) * 1000, 3),

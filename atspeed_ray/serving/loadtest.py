@@ -8,6 +8,10 @@
 * ``--baseline-url``: the same load (same histories, same order) against a second app, e.g. the
   target-only baseline; prints both and the ratios (latency: this / baseline; throughput:
   this / baseline) and how many strict answers agree.
+* ``--retries N``: a request that gets no HTTP answer (connection failure) or a 5xx is sent
+  again, at most N more times (backoff ``RETRY_BACKOFF_S``, doubling). Off by default. Every new
+  try is counted (``retries``, with samples of what caused them); a request is an error only if
+  its last try failed, and its latency runs from its first try.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import httpx
 
 MAX_REQUESTS = 100_000
 MAX_CONCURRENCY = 256
+MAX_RETRIES = 5
+RETRY_BACKOFF_S = 0.2
+MAX_SAMPLES = 50  # retry causes kept
 
 
 class NotLoopback(ValueError):
@@ -62,6 +69,13 @@ class LoadResult:
     paths: dict[str, int] = field(default_factory=dict)  # speculative / fallback / target_only
     answers: list[list[int] | None] = field(default_factory=list)  # items of each request, by index
     max_replicas: dict[str, int] = field(default_factory=dict)  # most running replicas seen (GET /stats)
+    retries: int = 0  # new tries after a connection failure or a 5xx (--retries)
+    retry_samples: list[str] = field(default_factory=list)
+    # per request, by index: (sent, answered) in seconds since the run began, and the final status
+    # (HTTP code, or 0 when no answer came)
+    timeline: list[tuple[float, float, int] | None] = field(default_factory=list)
+    started: float = 0.0  # time.perf_counter() when the run began
+    server_sums: dict[str, float] = field(default_factory=dict)  # sums of numeric response stats
 
     @property
     def rps(self) -> float:
@@ -83,8 +97,8 @@ class LoadResult:
             "p99_ms": round(self.pct(99), 2),
             "mean_ms": round(statistics.fmean(lat), 2) if lat else None,
             "paths": self.paths, "server_means": {k: round(v, 3) for k, v in self.server.items()},
-            "max_replicas": self.max_replicas,
-            "error_samples": self.error_samples[:5],
+            "max_replicas": self.max_replicas, "retries": self.retries,
+            "retry_samples": self.retry_samples[:5], "error_samples": self.error_samples[:5],
         }
 
 
@@ -140,20 +154,46 @@ async def watch_replicas(client: httpx.AsyncClient, url: str, res: LoadResult, e
         await asyncio.sleep(every_s)
 
 
+async def post_with_retries(client: httpx.AsyncClient, url: str, body: dict[str, Any], retries: int,
+                            res: LoadResult) -> httpx.Response:
+    """POST ``body``; again (at most ``retries`` more times) after a connection failure or a 5xx.
+    Returns the last response, or raises the last connection error."""
+    delay = RETRY_BACKOFF_S
+    for attempt in range(retries + 1):
+        try:
+            r = await client.post(url, json=body)
+            if r.status_code < 500 or attempt == retries:
+                return r
+            why = f"HTTP {r.status_code}: {r.text[:120]}"
+        except httpx.TransportError as e:
+            if attempt == retries:
+                raise
+            why = f"{type(e).__name__}: {e}"
+        res.retries += 1
+        if len(res.retry_samples) < MAX_SAMPLES:
+            res.retry_samples.append(why)
+        await asyncio.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
 async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, timeout_s: float = 60.0,
                    client: httpx.AsyncClient | None = None, watch_s: float | None = None,
-                   on_response: Callable[[int], None] | None = None) -> LoadResult:
+                   on_response: Callable[[int], None] | None = None, retries: int = 0) -> LoadResult:
     """Send ``bodies`` to ``url``/recommend with at most ``concurrency`` in flight.
 
     ``watch_s``: every so many seconds, read the app's running replicas from ``GET /stats``.
-    ``on_response(n)`` is called after each response with the number answered so far."""
+    ``on_response(n)`` is called after each response with the number answered so far.
+    ``retries``: new tries of a request after a connection failure or a 5xx (counted)."""
     url = check_loopback(url)
     n = len(bodies)
     if not 1 <= n <= MAX_REQUESTS:
         raise ValueError(f"requests must be in [1, {MAX_REQUESTS}], got {n}")
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency must be in [1, {MAX_CONCURRENCY}], got {concurrency}")
-    res = LoadResult(url, n, concurrency, answers=[None] * n)
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be in [0, {MAX_RETRIES}], got {retries}")
+    res = LoadResult(url, n, concurrency, answers=[None] * n, timeline=[None] * n)
     tally = Tally()
     todo = iter(range(n))  # shared by the workers: each request is sent once
     done = 0
@@ -165,8 +205,9 @@ async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, tim
         for i in todo:
             t0 = time.perf_counter()
             try:
-                r = await client.post(f"{url}/recommend", json=bodies[i])
+                r = await post_with_retries(client, f"{url}/recommend", bodies[i], retries, res)
                 ms = (time.perf_counter() - t0) * 1000
+                res.timeline[i] = (t0 - start, t0 - start + ms / 1000, r.status_code)
                 done += 1
                 if on_response is not None:
                     on_response(done)
@@ -176,22 +217,23 @@ async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, tim
                     continue
                 data = r.json()
             except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the run
+                res.timeline[i] = (t0 - start, time.perf_counter() - start, 0)
                 res.errors += 1
                 res.error_samples.append(f"{type(e).__name__}: {e}")
                 continue
             record_answer(res, tally, i, ms, data)
 
     watcher = asyncio.create_task(watch_replicas(client, url, res, watch_s)) if watch_s else None
-    t0 = time.perf_counter()
+    start = res.started = time.perf_counter()
     try:
         await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
     finally:
-        res.wall_s = time.perf_counter() - t0
+        res.wall_s = time.perf_counter() - start
         if watcher is not None:
             watcher.cancel()
         if own:
             await client.aclose()
-    res.server = tally.means()
+    res.server, res.server_sums = tally.means(), dict(tally.sums)
     return res
 
 
@@ -216,6 +258,8 @@ def format_result(r: LoadResult) -> str:
              f"  latency ms: p50 {s['p50_ms']:.1f}  p90 {s['p90_ms']:.1f}  p99 {s['p99_ms']:.1f}  "
              f"mean {s['mean_ms'] if s['mean_ms'] is None else round(s['mean_ms'], 1)}",
              f"  paths {s['paths']}"]
+    if s["retries"]:
+        lines.append(f"  client retries {s['retries']} (a request is an error only if its last try failed)")
     if s["max_replicas"]:
         lines.append("  replicas (most seen running): " + "  ".join(f"{k} {v}" for k, v in s["max_replicas"].items()))
     keys = ("rounds", "accepted_steps", "target_forwards", "draft_forwards", "handle_calls", "latency_ms",
@@ -226,6 +270,8 @@ def format_result(r: LoadResult) -> str:
         lines.append("  per request (server): " + "  ".join(f"{k} {v:.2f}" for k, v in means.items()))
     for e in s["error_samples"]:
         lines.append(f"  error: {e}")
+    for e in s["retry_samples"]:
+        lines.append(f"  retried after: {e}")
     return "\n".join(lines)
 
 
@@ -241,7 +287,7 @@ def compare(spec: LoadResult, base: LoadResult) -> dict[str, Any]:
 
 async def main_async(url: str, requests: int, concurrency: int, k: int, mode: str,
                      baseline_url: str | None, data: str | None, warmup: int, timeout_s: float,
-                     seed: int | None, json_out: str | None) -> int:
+                     seed: int | None, json_out: str | None, retries: int = 0) -> int:
     url = check_loopback(url)
     if baseline_url is not None:
         baseline_url = check_loopback(baseline_url)
@@ -253,7 +299,7 @@ async def main_async(url: str, requests: int, concurrency: int, k: int, mode: st
     for name, u in targets:
         if warmup:
             await run_load(u, make_bodies(histories, warmup, k, mode, seed), min(concurrency, warmup), timeout_s)
-        results[name] = r = await run_load(u, bodies, concurrency, timeout_s, watch_s=1.0)
+        results[name] = r = await run_load(u, bodies, concurrency, timeout_s, watch_s=1.0, retries=retries)
         report[name] = r.summary()
         print(format_result(r), flush=True)
     if baseline_url:

@@ -1,30 +1,41 @@
 """The ``atspeed-ray serve`` process: a private local Ray, the Serve config deployed, and a wait
 that ends on the first deployment that cannot start or on a stop signal.
 
+* Two processes: ``supervise`` (the command itself) starts the server (``serve_until_stopped``)
+  in a child process of its own session and forwards SIGTERM, SIGINT and SIGHUP to it. Ray's
+  processes are the child's, in the child's process group, so a signal to the command's process
+  group (Ctrl-C in a terminal, ``kill -TERM -PGID``, a service manager) reaches the command
+  alone and the stop is the same orderly one as for a signal to the command's pid. The child
+  dies with the command (``PR_SET_PDEATHSIG``) if the command is killed outright.
 * Start: a replica whose constructor fails (a bad model folder, a catalog that does not fit the
   model) ends the command within seconds, exit 1, with the replica's exception on one line
-  (Serve itself would retry it and wait for health forever).
-* Stop: SIGTERM or SIGINT only sets a flag; the main thread then gives Serve at most
+  (Serve itself would retry it and wait for health forever). "serving on URL" is printed once
+  every app runs and ``GET /readyz`` answers 200.
+* Stop: a signal only sets a flag; the main thread then gives Serve at most
   ``SERVE_SHUTDOWN_S`` to shut down (it drains in-flight requests) and ends the private Ray
-  instance (its processes are ours alone): about 8 s on 2 busy cores. A SIGTERM to the whole
-  process group reaches Ray's own processes too; they shut themselves down, and Ray ends this
-  driver (exit 1) when its raylet is gone, about 10 s later; nothing waits for a controller
-  that is no longer there.
+  instance (its processes are ours alone); exit 0.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ctypes
 import signal
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 POLL_S = 0.5
 SERVE_SHUTDOWN_S = 5.0
 STARTUP_FAILED = "A replica failed to start"  # how Serve's deployment status says so
+READY_PROBE_S = 2.0  # timeout of the GET /readyz before "serving on"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1
 
 
 def state(value: Any) -> str:
@@ -55,9 +66,52 @@ def running(status: Any) -> bool:
     return bool(status.applications) and all(state(a.status) == "RUNNING" for a in status.applications.values())
 
 
+def answers_ready(url: str) -> bool:
+    """``GET url/readyz`` is 200 (the proxy listens and every model deployment answers)."""
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=READY_PROBE_S) as r:
+            return r.status == 200
+    except OSError:  # refused, 503 (HTTPError), timeout
+        return False
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def server_command(config: Path, url: str, num_cpus: float | None) -> list[str]:
+    """The child process of ``supervise``: ``main`` below."""
+    cmd = [sys.executable, "-m", "atspeed_ray.serving.process", str(config), url]
+    return cmd + (["--num-cpus", str(num_cpus)] if num_cpus is not None else [])
+
+
+def supervise(cmd: list[str]) -> int:
+    """Run ``cmd`` (``server_command``) in a child of its own session, forward stop signals to
+    it, return its exit status (128 + N if a signal N ended it)."""
+    pending: list[int] = []  # a signal that came before the child existed
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: Any) -> None:
+        if child is None:
+            pending.append(signum)
+        else:
+            child.send_signal(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
+    child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
+    for signum in pending[:1]:
+        child.send_signal(signum)
+    rc = child.wait()
+    return rc if rc >= 0 else 128 - rc
+
+
 def serve_until_stopped(config: Path, url: str, num_cpus: float | None) -> int:
     """Deploy ``config`` on a fresh local Ray and wait; 0 after a stop signal, 1 on a bad start."""
     import ray
+    import yaml
     from ray import serve
     from ray.serve.scripts import cli as serve_cli
 
@@ -66,9 +120,10 @@ def serve_until_stopped(config: Path, url: str, num_cpus: float | None) -> int:
     stop = threading.Event()
     init_ray(num_cpus=num_cpus, include_dashboard=False, namespace="serve",
              object_store_memory=512 * 1024**2)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
+    for sig in STOP_SIGNALS:  # after ray.init, which installs its own handlers
         signal.signal(sig, lambda *_: stop.set())
     rc, ready = 0, False
+    prefix = (yaml.safe_load(config.read_text())["applications"][0].get("route_prefix") or "/").rstrip("/")
     try:
         # `serve run` reports on stdout; that is Ray's log, stdout is this command's own
         with contextlib.redirect_stdout(sys.stderr):
@@ -80,7 +135,7 @@ def serve_until_stopped(config: Path, url: str, num_cpus: float | None) -> int:
                 print(f"atspeed-ray serve: error: {error}", file=sys.stderr, flush=True)
                 rc = 1
                 break
-            if not ready and running(status):
+            if not ready and running(status) and answers_ready(url + prefix):
                 ready = True
                 print(f"serving on {url}  (POST /recommend, GET /healthz, /readyz, /docs)", flush=True)
     finally:
@@ -98,3 +153,17 @@ def shutdown(serve: Any, ray: Any) -> None:
     ray.shutdown()
     print(f"stopped in {time.monotonic() - t0:.1f} s (Serve {t1 - t0:.1f} s, Ray "
           f"{time.monotonic() - t1:.1f} s)", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child of ``supervise``: ``python -m atspeed_ray.serving.process CONFIG URL``."""
+    p = argparse.ArgumentParser(prog="atspeed_ray.serving.process")
+    p.add_argument("config", type=Path)
+    p.add_argument("url")
+    p.add_argument("--num-cpus", type=float, default=None)
+    a = p.parse_args(argv)
+    return serve_until_stopped(a.config, a.url, a.num_cpus)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
