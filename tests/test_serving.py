@@ -191,11 +191,17 @@ def app(tmp_path_factory):
         ray.shutdown()
 
 
+def served_width(ctx, k: int) -> int:
+    """N of the deployed app (``make_config`` pins its draft width) at ``k``."""
+    config = make_config(ctx["base"], ctx["root"] / "models", ctx["data"], ctx["port"])
+    return AppArgs.model_validate(config["applications"][0]["args"]).draft_width(k)
+
+
 def reference(ctx, history: list[int], k: int):
     """Offline (speculative, plain beam search) answers for one history."""
     prompt = ctx["catalog"].prompt(history)
     index = ctx["catalog"].index
-    N = AppArgs.model_validate(ctx["base"]["applications"][0]["args"]).draft_width(k)
+    N = served_width(ctx, k)
     spec = speculative_beam_search(ctx["target"], ctx["draft"], [prompt], index, k, draft_beams=N, gamma=GAMMA)
     plain = beam_search(ctx["target"], [prompt], index, k)
     return spec, plain
@@ -249,7 +255,7 @@ def test_relaxed_with_seed_equals_offline(app):
     for seed, history in enumerate(app["catalog"].examples[:3]):
         r = c.post("/recommend", json={"history": history, "k": 5, "mode": "relaxed", "seed": seed}).json()
         prompt = app["catalog"].prompt(history)
-        N = AppArgs.model_validate(app["base"]["applications"][0]["args"]).draft_width(5)
+        N = served_width(app, 5)
         off = speculative_beam_search(app["target"], app["draft"], [prompt], index, 5, draft_beams=N,
                                       gamma=GAMMA, mode="relaxed", generator=torch.Generator().manual_seed(seed))
         assert r["items"] == valid_items(off.items[0]) and r["stats"]["rounds"] == off.stats["rounds"][0]
@@ -313,6 +319,7 @@ def test_draft_errors_and_deadline_fall_back_to_the_strict_answer(app):
 
     def answer(mode: str = "strict") -> dict | None:
         r = c.post("/recommend", json={**body, "mode": mode}).json()
+        assert "stats" in r, r
         return r if r["stats"]["path"] == "fallback" else None
 
     def set_fault(fault: dict) -> None:  # user_config: the draft replicas reconfigure in place

@@ -419,7 +419,7 @@ class Recommender:
         c["ok"] += 1
         c["latency_ms_sum"] += ms
         for key in ("handle_calls", "rounds", "accepted_steps", "target_forwards", "cache_hits"):
-            c[key] += float(stats[key] or 0)  # type: ignore[arg-type]
+            c[key] += float(stats.get(key) or 0)  # type: ignore[arg-type]  (paths without a cache: none)
         return RecommendResponse(items=items, scores=scores, stats=stats)
 
     # ------------------------------------------------------------------ decoding

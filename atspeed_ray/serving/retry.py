@@ -82,15 +82,16 @@ class Retries:
         from ray.serve.metrics import Counter
 
         self.config, self.deployment = config, deployment
+        # "deployment" is a tag Ray Serve sets itself (and refuses as a user tag)
         self.metric = Counter("atspeed_retries", description="model calls sent again because their "
-                              "replica died", tag_keys=("deployment", "method"))
+                              "replica died", tag_keys=("callee", "method"))
 
     async def call(self, make: Callable[[], Awaitable[T]], method: str,
                    counts: list[dict[str, object]]) -> T:
         def retried(e: BaseException) -> None:
             for c in counts:
                 c["retries"] = int(c.get("retries", 0)) + 1  # type: ignore[call-overload]
-            self.metric.inc(tags={"deployment": self.deployment, "method": method})
+            self.metric.inc(tags={"callee": self.deployment, "method": method})
             logger.warning("%s.%s: replica gone (%s), sending again", self.deployment, method,
                            type(e).__name__)
 
