@@ -419,7 +419,7 @@ class Recommender:
         c["ok"] += 1
         c["latency_ms_sum"] += ms
         for key in ("handle_calls", "rounds", "accepted_steps", "target_forwards", "cache_hits"):
-            c[key] += float(stats.get(key) or 0)  # type: ignore[arg-type]  (paths without a cache: none)
+            c[key] += float(stats[key] or 0)  # type: ignore[arg-type]
         return RecommendResponse(items=items, scores=scores, stats=stats)
 
     # ------------------------------------------------------------------ decoding
@@ -439,7 +439,8 @@ class Recommender:
     async def _decode(self, req: RecommendRequest, arm: Arm = "speculative"
                       ) -> tuple[list[int], list[float], dict[str, Any]]:
         prompt = self.catalog.prompt(req.history)
-        stats: dict[str, Any] = {"mode": req.mode, "k": req.k, "prompt_tokens": len(prompt)}
+        # cache_hits: 0 unless a speculative path reads replica caches (every answer reports it)
+        stats: dict[str, Any] = {"mode": req.mode, "k": req.k, "prompt_tokens": len(prompt), "cache_hits": 0}
         calls = {"draft": 0, "target": 0}
         speculate = self.speculative and arm == "speculative"
         ticket = self.breaker.allow() if speculate else None  # None: the draft failed moments ago
