@@ -70,3 +70,17 @@ def prepared_random_pair(tmp: Path, users: int, items: int, seed: int) -> tuple[
     prepare("synthetic", data, synthetic=SyntheticConfig(num_users=users, num_items=items))
     target, draft = build_random_pair(data, tmp / "models", "tiny", seed=seed)
     return data, target, draft
+
+
+def serving_random_pair(tmp: Path, n_prompts: int, seed: int = 3):
+    """``prepared_random_pair`` (120 users, 300 items) loaded for serving tests: its catalog, the
+    fp64 target and draft, and the prompts of the catalog's first ``n_prompts`` examples."""
+    from atspeed_ray.models import DeviceConfig, load_model
+    from atspeed_ray.serving.catalog import load_catalog
+
+    data, tpath, dpath = prepared_random_pair(tmp, users=120, items=300, seed=seed)
+    f64 = DeviceConfig(device="cpu", dtype="float64")
+    target, _ = load_model(tpath, f64)
+    draft, _ = load_model(dpath, f64)
+    catalog = load_catalog(str(data), str(tpath))
+    return catalog, target, draft, [catalog.prompt(h) for h in catalog.examples[:n_prompts]]

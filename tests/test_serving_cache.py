@@ -11,32 +11,19 @@ import pytest
 import torch
 
 from atspeed_ray.decoding import SearchParams, beam_search, speculative_beam_search
-from atspeed_ray.models import DeviceConfig, load_model
 from atspeed_ray.serving.affinity import AffinityRouter, affinity_key, home_rank
 from atspeed_ray.serving.batching import DraftRequest, draft_batch, verify_batch
 from atspeed_ray.serving.cache import Release, SessionRef, SessionStore
-from atspeed_ray.serving.catalog import load_catalog
 from atspeed_ray.serving.colocated import SpeculateRequest, speculate_batch
 from atspeed_ray.serving.driver import RemoteModels, remote_speculative
-from atspeed_ray.serving.testing import build_random_pair
+from tests.helpers import serving_random_pair
 
-F64 = DeviceConfig(device="cpu", dtype="float64")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    from atspeed_ray.data.prepare import prepare
-    from atspeed_ray.data.synthetic import SyntheticConfig
-
-    root = tmp_path_factory.mktemp("serving_cache")
-    prepare("synthetic", root / "data", synthetic=SyntheticConfig(num_users=120, num_items=300))
-    tpath, dpath = build_random_pair(root / "data", root / "models", "tiny", seed=3)
-    target, _ = load_model(tpath, F64)
-    draft, _ = load_model(dpath, F64)
-    catalog = load_catalog(str(root / "data"), str(tpath))
-    prompts = [catalog.prompt(h) for h in catalog.examples[:5]]
-    return catalog, target, draft, prompts
+    return serving_random_pair(tmp_path_factory.mktemp("serving_cache"), n_prompts=5)
 
 
 def replicas(target, draft, index, stores, between=None):

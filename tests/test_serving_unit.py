@@ -12,10 +12,8 @@ import pytest
 import torch
 import yaml
 
-from atspeed_ray.data.prepare import load_prepared, prepare
-from atspeed_ray.data.synthetic import SyntheticConfig
+from atspeed_ray.data.prepare import load_prepared
 from atspeed_ray.decoding import SearchParams, beam_search, speculative_beam_search
-from atspeed_ray.models import DeviceConfig, load_model
 from atspeed_ray.serving.batching import (
     BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch, draft_batch,
     verify_batch,
@@ -24,10 +22,9 @@ from atspeed_ray.serving.catalog import load_catalog
 from atspeed_ray.serving.config import AppArgs, RecommendRequest
 from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
 from atspeed_ray.serving.loadtest import NotLoopback, check_loopback, make_bodies, run_load
-from atspeed_ray.serving.testing import build_random_pair
+from tests.helpers import serving_random_pair
 
 CONFIGS = Path(__file__).resolve().parents[1] / "serve_configs"
-F64 = DeviceConfig(device="cpu", dtype="float64")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,13 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving_unit")
-    prepare("synthetic", root / "data", synthetic=SyntheticConfig(num_users=120, num_items=300))
-    tpath, dpath = build_random_pair(root / "data", root / "models", "tiny", seed=3)
-    target, _ = load_model(tpath, F64)
-    draft, _ = load_model(dpath, F64)
-    catalog = load_catalog(str(root / "data"), str(tpath))
-    prompts = [catalog.prompt(h) for h in catalog.examples[:6]]
-    return root, catalog, target, draft, prompts
+    return (root, *serving_random_pair(root, n_prompts=6))
 
 
 def test_catalog_prompts_equal_the_prepared_prompts(small):
