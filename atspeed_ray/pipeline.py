@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +64,13 @@ class PipelineConfig(BaseModel):
     teacher_workers: int | None = None  # None: the teacher command's default
     teacher_extra: list[str] = []  # more teacher flags, passed as is
     losses: list[LossName] = ["sft", "atspeed-s", "atspeed-r"]
+    # how the drafts are made. "teacher": every loss from the same start (a fresh preset draft,
+    # or the target's first layers), trained on the teacher data. "sft-then-align": the sft draft
+    # first, on the training data without the teacher (`sft` stage settings), then every other
+    # loss starts from it (--init) and is aligned on the teacher data (`align` settings); a
+    # draft cut from an LLM over-fits a small teacher set when aligned from the cut alone.
+    draft_recipe: Literal["teacher", "sft-then-align"] = "teacher"
+    sft: StageSettings = StageSettings()  # the sft stage of "sft-then-align"
     alpha: float | None = None  # None: the align command's default
     eval_k: list[int] = [1, 5, 10]
     eval_prompts: int | None = None
@@ -215,6 +222,29 @@ def target_argv(cfg: PipelineConfig, data: Path, target: Path) -> list[str]:
             + stage_flags(cfg.target, cfg.use_gpu))
 
 
+def draft_order(cfg: PipelineConfig) -> list[str]:
+    """The losses in the order their drafts are made: "sft-then-align" makes sft first."""
+    if cfg.draft_recipe == "teacher":
+        return list(cfg.losses)
+    return ["sft"] + [x for x in cfg.losses if x != "sft"]
+
+
+def align_argv(cfg: PipelineConfig, data: Path, target: Path, teacher: Path, draft: Path
+               ) -> list[str]:
+    """align for the draft ``draft`` (its folder name is the loss), following ``draft_recipe``."""
+    loss = draft.name
+    argv = ["align", "--data", str(data), "--target", str(target), "--out", str(draft),
+            "--loss", loss] + flags(alpha=cfg.alpha)
+    if cfg.draft_recipe == "teacher":
+        return (argv + ["--teacher", str(teacher), "--preset", cfg.preset]
+                + flags(init_layers=cfg.draft_init_layers or None) + stage_flags(cfg.align, cfg.use_gpu))
+    if loss == "sft":  # the training data itself, no teacher
+        return (argv + ["--preset", cfg.preset] + flags(init_layers=cfg.draft_init_layers or None)
+                + stage_flags(cfg.sft, cfg.use_gpu))
+    return (argv + ["--teacher", str(teacher), "--init", str(draft.parent / "sft")]
+            + stage_flags(cfg.align, cfg.use_gpu))
+
+
 def run_pipeline(cfg: PipelineConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,15 +262,11 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         argv = ["teacher", "--data", str(data), "--target", str(target), "--out", str(teacher)]
         argv += flags(k=cfg.teacher_k, workers=cfg.teacher_workers, max_samples=cfg.teacher_samples)
         run_cli(argv + (["--use-gpu"] if cfg.use_gpu else []) + list(cfg.teacher_extra), output)
-    drafts = []
-    for loss in cfg.losses:
-        draft = out / "drafts" / loss
-        drafts.append(draft)
+    drafts = [out / "drafts" / loss for loss in draft_order(cfg)]
+    for draft in drafts:
         if not done(draft, "config.json"):
-            run_cli(["align", "--data", str(data), "--target", str(target), "--teacher", str(teacher),
-                     "--out", str(draft), "--loss", loss, "--preset", cfg.preset]
-                    + flags(alpha=cfg.alpha, init_layers=cfg.draft_init_layers or None)
-                    + stage_flags(cfg.align, cfg.use_gpu), output)
+            run_cli(align_argv(cfg, data, target, teacher, draft), output)
+    drafts = [out / "drafts" / loss for loss in cfg.losses]  # evaluated in the configured order
     evaluation = out / "eval"
     if not done(evaluation, "speed.json"):
         argv = ["evaluate", "--data", str(data), "--target", str(target), "--out", str(evaluation),

@@ -80,7 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-k", type=int, default=20, help="beam width of the teacher data")
     p.add_argument("--losses", default=",".join(LOSS_NAMES), help="comma-separated align losses")
     p.add_argument("--eval-k", default="1,3,5,10,20", help="comma-separated K of evaluate")
-    for stage in ("target", "align", "teacher", "eval"):
+    p.add_argument("--draft-recipe", choices=["teacher", "sft-then-align"], default=None,
+                   help="teacher: every draft from the same start on the teacher data; "
+                        "sft-then-align: sft on the training data first, the other losses "
+                        "aligned from it (default with --base-model)")
+    p.add_argument("--sft-samples", type=int, default=20000,
+                   help="sft-then-align: training rows of the sft draft")
+    for stage in ("target", "sft", "align", "teacher", "eval"):
         p.add_argument(f"--{stage}-flags", default="",
                        help=f"more flags for the {stage} stage's command, as one quoted string")
     return p.parse_args(argv)
@@ -109,14 +115,31 @@ def target_settings(args: argparse.Namespace) -> StageSettings:
                          max_samples=args.target_samples if args.target_samples or gpu else 48000)
 
 
+def draft_recipe(args: argparse.Namespace) -> str:
+    """--draft-recipe, else sft-then-align for an LLM target (a draft cut from it over-fits the
+    teacher data when aligned from the cut alone), teacher from scratch."""
+    return args.draft_recipe or ("sft-then-align" if args.base_model else "teacher")
+
+
+def align_settings(args: argparse.Namespace, recipe: str) -> StageSettings:
+    """From the sft draft: a few epochs at a low rate; from the start: the paper's long run."""
+    gpu = args.gpu
+    epochs, lr = (3, 3e-4) if recipe == "sft-then-align" else ((20 if gpu else 10), 3e-3)
+    return StageSettings(epochs=args.align_epochs or epochs, micro_batch=32, lr=lr,
+                         workers=default_workers(args), extra=shlex.split(args.align_flags))
+
+
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     gpu = args.gpu
+    recipe = draft_recipe(args)
     return PipelineConfig(
         data=args.data, out=args.out or f"runs/{run_name(args)}", preset="gpu" if gpu else "cpu",
         base_model=args.base_model, prompt_template=args.prompt_template,
         target=target_settings(args),
-        align=StageSettings(epochs=args.align_epochs or (20 if gpu else 10), micro_batch=32, lr=3e-3,
-                            workers=default_workers(args), extra=shlex.split(args.align_flags)),
+        draft_recipe=recipe,
+        sft=StageSettings(epochs=1, micro_batch=32, lr=1e-3, max_samples=args.sft_samples,
+                          workers=default_workers(args), extra=shlex.split(args.sft_flags)),
+        align=align_settings(args, recipe),
         teacher_k=args.teacher_k, teacher_samples=args.teacher_samples if args.teacher_samples or gpu else 3000,
         teacher_workers=args.workers, teacher_extra=shlex.split(args.teacher_flags),
         losses=[x.strip() for x in args.losses.split(",") if x.strip()],

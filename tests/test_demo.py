@@ -46,3 +46,29 @@ def test_serve_demo_gets_the_widths_evaluate_measured(tmp_path):
     (tmp_path / "speed.json").write_text(json.dumps(rows))
     assert measured_widths(tmp_path, "atspeed-s") == {}
     assert measured_widths(tmp_path / "missing", "atspeed-s") == {}
+
+
+def test_sft_then_align_makes_the_sft_draft_first_and_starts_the_others_from_it(tmp_path):
+    from atspeed_ray.pipeline import StageSettings, align_argv, draft_order
+
+    d, t, te, drafts = tmp_path / "d", tmp_path / "t", tmp_path / "te", tmp_path / "drafts"
+    cfg = PipelineConfig(losses=["atspeed-s", "sft", "atspeed-r"], draft_init_layers=2,
+                         draft_recipe="sft-then-align",
+                         sft=StageSettings(epochs=1, max_samples=300, extra=["--code-head"]),
+                         align=StageSettings(epochs=3, lr=3e-4, extra=["--code-head"]))
+    assert draft_order(cfg) == ["sft", "atspeed-s", "atspeed-r"]
+    sft = align_argv(cfg, d, t, te, drafts / "sft")
+    assert "--teacher" not in sft  # the training data itself
+    assert sft[sft.index("--init-layers") + 1] == "2"
+    assert sft[sft.index("--max-samples") + 1] == "300" and sft[-1] == "--code-head"
+    aligned = align_argv(cfg, d, t, te, drafts / "atspeed-s")
+    assert aligned[aligned.index("--teacher") + 1] == str(te)
+    assert aligned[aligned.index("--init") + 1] == str(drafts / "sft")
+    assert "--init-layers" not in aligned and "--preset" not in aligned
+    assert aligned[aligned.index("--lr") + 1] == "0.0003"
+    # the default recipe: every loss from the same start, on the teacher data
+    plain = cfg.model_copy(update={"draft_recipe": "teacher"})
+    assert draft_order(plain) == ["atspeed-s", "sft", "atspeed-r"]
+    for loss in plain.losses:
+        argv = align_argv(plain, d, t, te, drafts / loss)
+        assert "--teacher" in argv and "--init" not in argv and "--init-layers" in argv

@@ -197,6 +197,15 @@ def test_reproduce_passes_the_base_model_to_prepare_and_train_target(tmp_path):
     local = reproduce.pipeline_config(reproduce.parse_args(["--data", "x/beauty", "--workers", "0"]))
     assert (local.target.workers, local.align.workers, local.teacher_workers) == (0, 0, 0)
     assert target_argv(cut, d, t)[-2:] == ["--precision", "bf16"] and cut.eval_extra == ["--references", ""]
+    # an LLM target makes its drafts in two steps (sft on the data, then aligned from it)
+    assert (llm.draft_recipe, plain.draft_recipe) == ("sft-then-align", "teacher")
+    assert (llm.sft.max_samples, llm.align.epochs, llm.align.lr) == (20000, 3, 3e-4)
+    assert (plain.align.epochs, plain.align.lr) == (10, 3e-3)
+    forced = reproduce.pipeline_config(reproduce.parse_args(
+        ["--data", "x/beauty", "--base-model", "m", "--draft-recipe", "teacher", "--sft-samples", "5",
+         "--sft-flags=--code-head"]))
+    assert forced.draft_recipe == "teacher" and forced.sft.extra == ["--code-head"]
+    assert forced.sft.max_samples == 5
 
 
 # ---------------------------------------------------------------------------- teacher data
