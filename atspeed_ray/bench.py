@@ -157,6 +157,11 @@ def breakdown_line(row: dict) -> str:
             "N-tree pass {tree_pass_ms:.2f}, draft round {draft_round_ms:.2f})").format(**row)
 
 
+def position_line(row: dict) -> str:
+    """Accepted / verified drafted steps per code position: where acceptance is lost."""
+    return "    accepted/verified drafted steps by code position: " + row["accepted_by_position"]
+
+
 def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list[int]],
               targets: list[list[int]], calibration: list[list[int]], k: int, width,
               batch_size: int) -> dict:
@@ -170,7 +175,8 @@ def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list
     if choice is not None:
         row["width_choice"] = choice.record()
     print(bench_line(row, ref_items, out_items, targets) + ("  (auto)" if choice else ""))
-    print(breakdown_line(row), flush=True)
+    print(breakdown_line(row))
+    print(position_line(row), flush=True)
     return row
 
 

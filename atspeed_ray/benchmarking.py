@@ -236,6 +236,7 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     import torch
 
     from atspeed_ray.decoding import beam_search, speculative_search
+    from atspeed_ray.decoding.speculative import POSITION_STAT_NAMES, STAT_NAMES
 
     prompt_batches = batches(prompts, batch_size)
     k, n = params.k, params.N
@@ -258,7 +259,7 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     out_items = [i for r in out for i in r.items]
     row = speed_row(params, batch_size, t_plain, t_spec, t_pass, t_tree, t_draft,
                     {key: [v for r in out for v in r.stats[key]]
-                     for key in ("target_calls", "draft_calls", "rounds", "accepted_steps")})
+                     for key in (*STAT_NAMES, *POSITION_STAT_NAMES)})
     row.update(breakdown_ms(timings, len(prompts), t_plain, t_pass, t_tree, t_draft))
     if params.mode == "strict":
         row["identical_rate"] = sum(a == b for a, b in zip(out_items, ref_items)) / len(prompts)
@@ -304,7 +305,22 @@ def speed_row(params: SearchParams, batch_size: int, t_plain: float, t_spec: flo
         "accepted_steps_per_round": sum(stats["accepted_steps"]) / sum(stats["rounds"]),
         "accepted_steps_per_request": stats["accepted_steps"],
         "rounds_per_request": stats["rounds"],
+        **position_acceptance(stats),
     }
+
+
+def position_acceptance(stats: dict[str, list]) -> dict[str, Any]:
+    """Summed over the requests, per code position: rounds whose drafted token there was
+    verified, and those where it was accepted (strict: where the target's top-K was lost);
+    ``accepted_by_position`` says it in one string ("1: 30/30, 2: 5/30, ...", 1-based)."""
+    from atspeed_ray.decoding.speculative import POSITION_STAT_NAMES
+
+    if "drafted_at_position" not in stats:
+        return {}
+    out: dict[str, Any] = {name: [sum(col) for col in zip(*stats[name])] for name in POSITION_STAT_NAMES}
+    pairs = zip(out["accepted_at_position"], out["drafted_at_position"])
+    out["accepted_by_position"] = ", ".join(f"{d + 1}: {a}/{n}" for d, (a, n) in enumerate(pairs) if n)
+    return out
 
 
 def search_params(k: int, width: DraftWidth, gamma: int, mode: str, seed: int,

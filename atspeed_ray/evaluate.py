@@ -136,7 +136,7 @@ def plot(speed: list[dict[str, Any]], out: Path) -> None:
 
 SPEED_COLUMNS = [
     "method", "mode", "batch_size", "k", "draft_beams", "gamma", "walltime_speedup",
-    "accepted_steps_per_round",
+    "accepted_steps_per_round", "accepted_by_position",
     "target_calls_per_request", "draft_calls_per_request", "identical_rate",
     "oracle_speedup", "fraction_of_oracle", "tree_bound_speedup", "one_round_bound_speedup",
     "beam_search_s", "speculative_s", *BREAKDOWN_COLUMNS]

@@ -95,6 +95,9 @@ def test_draft_equal_to_target_accepts_every_step(setup):
         # L = gamma + 1: drafted 3 steps all accepted, the bonus step gives the 4th
         assert out.stats["target_calls"] == [1] * len(prompts)
         assert out.stats["accepted_steps"] == [3] * len(prompts)
+        # code positions 1-3 drafted and accepted once each; position 4 is the bonus step
+        assert out.stats["drafted_at_position"] == [[1, 1, 1, 0]] * len(prompts)
+        assert out.stats["accepted_at_position"] == [[1, 1, 1, 0]] * len(prompts)
 
 
 def test_unrelated_draft_accepts_little_and_output_is_unchanged(setup):
@@ -104,6 +107,17 @@ def test_unrelated_draft_accepts_little_and_output_is_unchanged(setup):
     rounds, accepted = sum(out.stats["rounds"]), sum(out.stats["accepted_steps"])
     assert accepted / rounds < 0.5
     assert min(out.stats["target_calls"]) >= 3
+    # per request: the accepted positions sum to the accepted steps, each round verifies
+    # drafted steps up to its first rejection (one rejection per round that drafted and stopped
+    # early), and a position is drafted at most once per round
+    for b in range(len(prompts)):
+        drafted = out.stats["drafted_at_position"][b]
+        acc_at = out.stats["accepted_at_position"][b]
+        assert sum(acc_at) == out.stats["accepted_steps"][b]
+        assert all(0 <= a <= n <= out.stats["rounds"][b] for a, n in zip(acc_at, drafted))
+        assert drafted[-1] == 0  # the last position is never drafted (L - 1 - t steps at most)
+        rejections = sum(drafted) - sum(acc_at)
+        assert rejections <= out.stats["rounds"][b] and rejections >= 1
 
 
 def test_stateless_rounds_give_the_same_result(setup):

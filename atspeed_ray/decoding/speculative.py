@@ -81,6 +81,9 @@ class EndRoundCall:
 ModelCall = ProposeCall | VerifyCall | EndRoundCall
 SpeculativeLoop = Generator[ModelCall, object, DecodeResult]
 STAT_NAMES = ("target_calls", "draft_calls", "rounds", "accepted_steps")
+# per request and code position d (0-based): rounds whose drafted step at d was verified, and
+# rounds where it was accepted ([B, L] counters; where strict acceptance is lost, by position)
+POSITION_STAT_NAMES = ("drafted_at_position", "accepted_at_position")
 
 
 @dataclass
@@ -89,20 +92,30 @@ class Answers:
 
     tokens: Tensor  # [B, K, L]
     scores: Tensor  # [B, K] (-inf: not an item)
-    stats: dict[str, Tensor]  # STAT_NAMES -> [B] per request counters
+    stats: dict[str, Tensor]  # STAT_NAMES -> [B], POSITION_STAT_NAMES -> [B, L] counters
 
     @classmethod
     def empty(cls, B: int, K: int, L: int, device: torch.device, dtype: torch.dtype) -> Answers:
+        stats = {n: torch.zeros(B, dtype=torch.long, device=device) for n in STAT_NAMES}
+        stats.update({n: torch.zeros(B, L, dtype=torch.long, device=device)
+                      for n in POSITION_STAT_NAMES})
         return cls(torch.zeros(B, K, L, dtype=torch.long, device=device),
-                   torch.full((B, K), float("-inf"), dtype=dtype, device=device),
-                   {n: torch.zeros(B, dtype=torch.long, device=device) for n in STAT_NAMES})
+                   torch.full((B, K), float("-inf"), dtype=dtype, device=device), stats)
 
-    def count_round(self, rows: Tensor, g: Tensor, G: int, accepted: Tensor) -> None:
-        """One round of requests ``rows`` [B']: one target call, G draft calls where g > 0."""
+    def count_round(self, rows: Tensor, t: Tensor, g: Tensor, G: int, accepted: Tensor) -> None:
+        """One round of requests ``rows`` [B'] that started at ``t`` [B'] tokens: one target
+        call, G draft calls where g > 0; drafted step j (at code position t + j - 1) was verified
+        if j <= min(accepted + 1, g), and accepted if j <= accepted."""
         self.stats["rounds"][rows] += 1
         self.stats["target_calls"][rows] += 1
         self.stats["draft_calls"][rows] += torch.where(g > 0, G, 0)
         self.stats["accepted_steps"][rows] += accepted
+        L = self.tokens.shape[2]
+        pos = torch.arange(L, device=t.device)  # [L]
+        j = pos - t[:, None] + 1  # [B', L] the step number of each position in this round
+        verified = (j >= 1) & (j <= torch.minimum(accepted + 1, g)[:, None])
+        self.stats["drafted_at_position"][rows] += verified.long()
+        self.stats["accepted_at_position"][rows] += (verified & (j <= accepted[:, None])).long()
 
     def store(self, rows: Tensor, beams: Beams) -> None:
         """The final beams of requests ``rows`` [B'] (``beams`` [B', K, L])."""
@@ -155,8 +168,8 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
         with phase(timings, "accept"):
             beams, acc = accept_round(verified, t, g, index, params)
         with phase(timings, "bookkeeping"):
+            answers.count_round(rows, t, g, G, acc)
             t = t + acc + 1
-            answers.count_round(rows, g, G, acc)
             # ---- drop rejected branches from the caches, retire finished requests
             done = t >= L
             keep = (~done).nonzero().flatten() if bool(done.any()) else None

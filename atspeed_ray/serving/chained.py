@@ -27,6 +27,7 @@ from dataclasses import replace
 import torch
 
 from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.speculative import STAT_NAMES
 from atspeed_ray.serving.batching import BeamReply, BeamRequest
 from atspeed_ray.serving.colocated import SpeculateReply, SpeculateRequest
 from atspeed_ray.serving.driver import DraftUnavailable, ProposeFn, RemoteModels, VerifyFn, remote_speculative
@@ -57,7 +58,7 @@ async def drive(req: SpeculateRequest, index: ItemIndex, propose: ProposeFn, ver
     finally:
         if models.session is not None:
             release(models.session)
-    stats = {n: v[0] for n, v in res.stats.items()}
+    stats = {n: res.stats[n][0] for n in STAT_NAMES}
     return SpeculateReply(res.items[0], res.scores[0], stats,
                           gen.get_state() if gen is not None else None,
                           (time.perf_counter() - t0) * 1000, calls=models.calls["draft"],

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.search import SearchParams
-from atspeed_ray.decoding.speculative import speculative_search
+from atspeed_ray.decoding.speculative import STAT_NAMES, speculative_search
 from atspeed_ray.serving.batching import group_by
 
 
@@ -76,6 +76,6 @@ def speculate_batch(target: torch.nn.Module, draft: torch.nn.Module, index: Item
         ms = (time.perf_counter() - t0) * 1000
         scores = res.scores.cpu()
         for j, i in enumerate(idx):
-            out[i] = SpeculateReply(res.items[j], scores[j], {n: v[j] for n, v in res.stats.items()},
+            out[i] = SpeculateReply(res.items[j], scores[j], {n: res.stats[n][j] for n in STAT_NAMES},
                                     state, ms)
     return out  # type: ignore[return-value]
