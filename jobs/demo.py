@@ -1,10 +1,16 @@
 """`make demo`: the whole pipeline on built-in synthetic data, then the recommendation endpoint.
 
-    python jobs/demo.py [--out demo_out] [--no-serve] [--verbose]
+    python jobs/demo.py [--out demo_out] [--no-serve] [--verbose] [--llm]
 
 The terminal shows each stage's command, its progress lines and the result tables; the logs of
 Ray, DeepSpeed and the other libraries go to OUT/logs/<command>.log (--verbose, or
 ATSPEED_VERBOSE=1, prints them here too).
+
+The default target is the `tiny` preset (4.4M, trained from scratch): the whole demo takes about
+7 min on 2 cores, but its pass is cheaper than a draft round, so speculation cannot pay there.
+``--llm`` fine-tunes the bundled SmolLM2-135M instead (the regime where the target's pass
+dominates), with drafts cut from its first layers; it takes about 20 min on 2 cores (see
+results/README.md, "Demo").
 """
 
 from __future__ import annotations
@@ -20,20 +26,47 @@ from atspeed_ray.pipeline import (  # noqa: E402
 )
 
 
+def tiny_config(out: str, verbose: bool) -> PipelineConfig:
+    """The 4.4M from-scratch target and preset drafts, on Ray Train + DeepSpeed."""
+    return PipelineConfig(
+        data="synthetic", out=out, preset="tiny",
+        target=StageSettings(epochs=4, micro_batch=64, lr=3e-3),
+        align=StageSettings(epochs=2, micro_batch=64, lr=3e-3),
+        teacher_k=10, teacher_samples=4000, losses=["sft", "atspeed-s", "atspeed-r"],
+        eval_k=[1, 5, 10], timing_prompts=30, draft_beams="2k", verbose=verbose,
+    )
+
+
+def llm_config(out: str, verbose: bool) -> PipelineConfig:
+    """The bundled SmolLM2-135M fine-tuned as the target (in process), drafts of its first 2
+    layers with a code head: sft on the training data, then atspeed-s / atspeed-r aligned from
+    it on the target's top-10; strict decoding in fp32 (exact), short prompts (10 items)."""
+    val = ["--val-samples", "32"]
+    return PipelineConfig(
+        data="synthetic", out=out, history_len=10, base_model="smollm2",
+        target=StageSettings(epochs=1, micro_batch=8, lr=5e-4, max_samples=480, workers=0,
+                             extra=["--samples", "sequence", *val]),
+        draft_init_layers=2, draft_recipe="sft-then-align",
+        sft=StageSettings(epochs=1, micro_batch=32, lr=1e-3, max_samples=3000, workers=0,
+                          extra=["--code-head", *val]),
+        align=StageSettings(epochs=3, micro_batch=32, lr=3e-4, workers=0, extra=["--code-head", *val]),
+        teacher_k=10, teacher_samples=200, teacher_workers=0, teacher_extra=["--max-valid", "32"],
+        losses=["sft", "atspeed-s", "atspeed-r"],
+        eval_k=[1, 10], eval_prompts=100, timing_prompts=10, draft_beams="2k",
+        eval_extra=["--repeat", "2"], verbose=verbose,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--no-serve", action="store_true", help="skip starting the endpoint")
+    p.add_argument("--llm", action="store_true",
+                   help="fine-tune the bundled SmolLM2-135M as the target (about 20 min on 2 cores)")
     p.add_argument("--verbose", action="store_true", default=env_verbose(),
                    help="also print Ray's, DeepSpeed's and the libraries' logs (default: ATSPEED_VERBOSE)")
     args = p.parse_args()
-    cfg = PipelineConfig(
-        data="synthetic", out=args.out, preset="tiny",
-        target=StageSettings(epochs=4, micro_batch=64, lr=3e-3),
-        align=StageSettings(epochs=2, micro_batch=64, lr=3e-3),
-        teacher_k=10, teacher_samples=4000, losses=["sft", "atspeed-s", "atspeed-r"],
-        eval_k=[1, 5, 10], timing_prompts=30, draft_beams="2k", verbose=args.verbose,
-    )
+    cfg = (llm_config if args.llm else tiny_config)(args.out, args.verbose)
     out = run_pipeline(cfg)
     if not args.no_serve:
         serve_demo(out, verbose=cfg.verbose)

@@ -72,3 +72,16 @@ def test_sft_then_align_makes_the_sft_draft_first_and_starts_the_others_from_it(
     for loss in plain.losses:
         argv = align_argv(plain, d, t, te, drafts / loss)
         assert "--teacher" in argv and "--init" not in argv and "--init-layers" in argv
+
+
+def test_demo_configs_validate_and_the_llm_one_cuts_drafts_from_the_target():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    tiny, llm = demo.tiny_config("o", False), demo.llm_config("o", False)
+    assert tiny.base_model is None and tiny.draft_recipe == "teacher"
+    assert llm.base_model == "smollm2" and llm.draft_recipe == "sft-then-align"
+    assert llm.draft_init_layers == 2 and "--code-head" in llm.align.extra
