@@ -269,7 +269,19 @@ def test_align_code_head_trains_records_the_head_and_decodes_exactly(tmp_path, o
     sizes = {r["draft"]: r for r in table["rows"]}
     assert sizes["compact-fresh"]["tied"] and sizes["compact-fresh"]["embedding_rows"] == len(ids)
     assert sizes["compact-fresh"]["params"] < sizes["fresh"]["params"]
-    assert all(m["identical_rate"] == 1.0 for r in table["rows"] for m in r["by_n"].values())
+    # the CLI decodes in fp32, where this untrained random target's near-ties make the identical
+    # rate depend on the CPU (0.5 on an AMD EPYC, 1.0 on an Intel Xeon): exactness is checked on
+    # the same measurement in fp64
+    assert all(0.0 <= m["identical_rate"] <= 1.0 for r in table["rows"] for m in r["by_n"].values())
+    from atspeed_ray.benchmarking import DraftWidth, search_params
+    from atspeed_ray.draft_tradeoff import measure_one
+
+    for name in ("fresh", "compact-fresh"):
+        for n in (2, 4):
+            params = search_params(2, DraftWidth(str(n)), 3, "strict", 0, torch.device("cpu"))
+            m = measure_one(target, load_decoder(tmp_path / name, dev), data.index, prompts[:2],
+                            params, 1)
+            assert m["identical_rate"] == 1.0, (name, n)
     assert "| compact-fresh | 1 x 32 |" in (tmp_path / "tradeoff" / "tradeoff.md").read_text()
     with pytest.raises(ValueError, match="--code-head is for drafts"):
         TrainConfig(task="target", data="d", out="o", code_head=True)
