@@ -315,8 +315,6 @@ def position_acceptance(stats: dict[str, list]) -> dict[str, Any]:
     ``accepted_by_position`` says it in one string ("1: 30/30, 2: 5/30, ...", 1-based)."""
     from atspeed_ray.decoding.speculative import POSITION_STAT_NAMES
 
-    if "drafted_at_position" not in stats:
-        return {}
     out: dict[str, Any] = {name: [sum(col) for col in zip(*stats[name])] for name in POSITION_STAT_NAMES}
     pairs = zip(out["accepted_at_position"], out["drafted_at_position"])
     out["accepted_by_position"] = ", ".join(f"{d + 1}: {a}/{n}" for d, (a, n) in enumerate(pairs) if n)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,9 @@ from atspeed_ray.settings import LossName
 
 
 VERBOSE_ENV = "ATSPEED_VERBOSE"
+# how the drafts are made (``PipelineConfig.draft_recipe``)
+DraftRecipe = Literal["teacher", "sft-then-align"]
+TEACHER_RECIPE, SFT_THEN_ALIGN = get_args(DraftRecipe)
 
 
 def env_verbose() -> bool:
@@ -69,7 +72,7 @@ class PipelineConfig(BaseModel):
     # first, on the training data without the teacher (`sft` stage settings), then every other
     # loss starts from it (--init) and is aligned on the teacher data (`align` settings); a
     # draft cut from an LLM over-fits a small teacher set when aligned from the cut alone.
-    draft_recipe: Literal["teacher", "sft-then-align"] = "teacher"
+    draft_recipe: DraftRecipe = TEACHER_RECIPE
     sft: StageSettings = StageSettings()  # the sft stage of "sft-then-align"
     alpha: float | None = None  # None: the align command's default
     eval_k: list[int] = [1, 5, 10]
@@ -224,25 +227,25 @@ def target_argv(cfg: PipelineConfig, data: Path, target: Path) -> list[str]:
 
 def draft_order(cfg: PipelineConfig) -> list[str]:
     """The losses in the order their drafts are made: "sft-then-align" makes sft first."""
-    if cfg.draft_recipe == "teacher":
+    if cfg.draft_recipe == TEACHER_RECIPE:
         return list(cfg.losses)
     return ["sft"] + [x for x in cfg.losses if x != "sft"]
 
 
 def align_argv(cfg: PipelineConfig, data: Path, target: Path, teacher: Path, draft: Path
                ) -> list[str]:
-    """align for the draft ``draft`` (its folder name is the loss), following ``draft_recipe``."""
+    """align for the draft ``draft`` (its folder name is the loss), following ``draft_recipe``:
+    "sft-then-align" trains its sft draft on the training data (``sft`` settings) and starts
+    every other loss from that draft; otherwise each starts fresh (or cut) on the teacher data."""
     loss = draft.name
-    argv = ["align", "--data", str(data), "--target", str(target), "--out", str(draft),
-            "--loss", loss] + flags(alpha=cfg.alpha)
-    if cfg.draft_recipe == "teacher":
-        return (argv + ["--teacher", str(teacher), "--preset", cfg.preset]
-                + flags(init_layers=cfg.draft_init_layers or None) + stage_flags(cfg.align, cfg.use_gpu))
-    if loss == "sft":  # the training data itself, no teacher
-        return (argv + ["--preset", cfg.preset] + flags(init_layers=cfg.draft_init_layers or None)
-                + stage_flags(cfg.sft, cfg.use_gpu))
-    return (argv + ["--teacher", str(teacher), "--init", str(draft.parent / "sft")]
-            + stage_flags(cfg.align, cfg.use_gpu))
+    two_step = cfg.draft_recipe == SFT_THEN_ALIGN
+    first = two_step and loss == "sft"
+    start = (["--init", str(draft.parent / "sft")] if two_step and not first
+             else ["--preset", cfg.preset] + flags(init_layers=cfg.draft_init_layers or None))
+    return (["align", "--data", str(data), "--target", str(target), "--out", str(draft),
+             "--loss", loss] + flags(alpha=cfg.alpha)
+            + ([] if first else ["--teacher", str(teacher)]) + start
+            + stage_flags(cfg.sft if first else cfg.align, cfg.use_gpu))
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
@@ -262,8 +265,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         argv = ["teacher", "--data", str(data), "--target", str(target), "--out", str(teacher)]
         argv += flags(k=cfg.teacher_k, workers=cfg.teacher_workers, max_samples=cfg.teacher_samples)
         run_cli(argv + (["--use-gpu"] if cfg.use_gpu else []) + list(cfg.teacher_extra), output)
-    drafts = [out / "drafts" / loss for loss in draft_order(cfg)]
-    for draft in drafts:
+    for loss in draft_order(cfg):
+        draft = out / "drafts" / loss
         if not done(draft, "config.json"):
             run_cli(align_argv(cfg, data, target, teacher, draft), output)
     drafts = [out / "drafts" / loss for loss in cfg.losses]  # evaluated in the configured order

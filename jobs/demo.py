@@ -9,8 +9,8 @@ ATSPEED_VERBOSE=1, prints them here too).
 The default target is the `tiny` preset (4.4M, trained from scratch): the whole demo takes about
 7 min on 2 cores, but its pass is cheaper than a draft round, so speculation cannot pay there.
 ``--llm`` fine-tunes the bundled SmolLM2-135M instead (the regime where the target's pass
-dominates), with drafts cut from its first layers; it takes about 20 min on 2 cores (see
-results/README.md, "Demo").
+dominates), with drafts cut from its first layers; it took 24 min on 2 cores (see
+results/demo-llm/RUN.md).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--no-serve", action="store_true", help="skip starting the endpoint")
     p.add_argument("--llm", action="store_true",
-                   help="fine-tune the bundled SmolLM2-135M as the target (about 20 min on 2 cores)")
+                   help="fine-tune the bundled SmolLM2-135M as the target (about 25 min on 2 cores)")
     p.add_argument("--verbose", action="store_true", default=env_verbose(),
                    help="also print Ray's, DeepSpeed's and the libraries' logs (default: ATSPEED_VERBOSE)")
     args = p.parse_args()

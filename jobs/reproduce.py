@@ -22,10 +22,13 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, under ray job submit
 
-from atspeed_ray.pipeline import STAGE_TIMES, PipelineConfig, StageSettings, run_pipeline  # noqa: E402
+from atspeed_ray.pipeline import (  # noqa: E402
+    SFT_THEN_ALIGN, STAGE_TIMES, TEACHER_RECIPE, DraftRecipe, PipelineConfig, StageSettings, run_pipeline,
+)
 from atspeed_ray.settings import LOSS_NAMES  # noqa: E402
 
 
@@ -80,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-k", type=int, default=20, help="beam width of the teacher data")
     p.add_argument("--losses", default=",".join(LOSS_NAMES), help="comma-separated align losses")
     p.add_argument("--eval-k", default="1,3,5,10,20", help="comma-separated K of evaluate")
-    p.add_argument("--draft-recipe", choices=["teacher", "sft-then-align"], default=None,
+    p.add_argument("--draft-recipe", choices=get_args(DraftRecipe), default=None,
                    help="teacher: every draft from the same start on the teacher data; "
                         "sft-then-align: sft on the training data first, the other losses "
                         "aligned from it (default with --base-model)")
@@ -118,13 +121,13 @@ def target_settings(args: argparse.Namespace) -> StageSettings:
 def draft_recipe(args: argparse.Namespace) -> str:
     """--draft-recipe, else sft-then-align for an LLM target (a draft cut from it over-fits the
     teacher data when aligned from the cut alone), teacher from scratch."""
-    return args.draft_recipe or ("sft-then-align" if args.base_model else "teacher")
+    return args.draft_recipe or (SFT_THEN_ALIGN if args.base_model else TEACHER_RECIPE)
 
 
 def align_settings(args: argparse.Namespace, recipe: str) -> StageSettings:
     """From the sft draft: a few epochs at a low rate; from the start: the paper's long run."""
     gpu = args.gpu
-    epochs, lr = (3, 3e-4) if recipe == "sft-then-align" else ((20 if gpu else 10), 3e-3)
+    epochs, lr = (3, 3e-4) if recipe == SFT_THEN_ALIGN else ((20 if gpu else 10), 3e-3)
     return StageSettings(epochs=args.align_epochs or epochs, micro_batch=32, lr=lr,
                          workers=default_workers(args), extra=shlex.split(args.align_flags))
 
