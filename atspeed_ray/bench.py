@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from atspeed_ray.benchmarking import (
-    add_compile_arg, add_forward_arg, add_precision_arg, batches, measure_speculative,
+    add_compile_arg, add_expand_arg, add_forward_arg, add_precision_arg, batches, measure_speculative,
     parse_counts, parse_ks, parse_widths, positive, row_params, search_params, timed, write_json,
 )
 from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, DEFAULT_MODE, MODES
@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_forward_arg(p)
     add_compile_arg(p)
     add_precision_arg(p)
+    add_expand_arg(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=run_bench)
 
@@ -166,7 +167,8 @@ def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list
               targets: list[list[int]], calibration: list[list[int]], k: int, width,
               batch_size: int) -> dict:
     """Time one row (batch size, K, width spec) and print it; ``auto`` is chosen first."""
-    params = search_params(k, width, args.gamma, args.mode, args.seed, index.device)
+    params = search_params(k, width, args.gamma, args.mode, args.seed, index.device,
+                           args.expand_last)
     params, choice = row_params(params, width, target, draft, index, calibration, batch_size,
                                 args.repeat)
     row, ref_items, out_items = measure_speculative(target, draft, index, prompts, params,

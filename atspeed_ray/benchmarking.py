@@ -22,7 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from atspeed_ray.settings import AUTO, DEFAULT_COMPILE, DEFAULT_FORWARD, FORWARDS, PRECISIONS, draft_width
+from atspeed_ray.settings import (
+    AUTO, DEFAULT_COMPILE, DEFAULT_FORWARD, EXPAND_LAST, FORWARDS, PRECISIONS, draft_width,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -111,6 +113,14 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=DEFAULT_COMPILE,
                    help="torch.compile FastLlama's per-layer blocks (see the README's "
                         "'Compiled decoding step' for when it pays)")
+
+
+def add_expand_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expand-last", type=int, default=EXPAND_LAST, metavar="M",
+                   help="strict: a round's last drafted step holds every trie child of the step "
+                        "before it when there are at most M per request (no draft forward for "
+                        "it; accepted whenever the step before is); 0 = the draft's top N "
+                        "(default: %(default)s)")
 
 
 def add_precision_arg(p: argparse.ArgumentParser) -> None:
@@ -289,6 +299,7 @@ def speed_row(params: SearchParams, batch_size: int, t_plain: float, t_spec: flo
     n_requests = len(stats["rounds"])
     return {
         "k": params.k, "draft_beams": params.N, "gamma": params.gamma, "mode": params.mode,
+        "expand_last": params.expand_last,
         "batch_size": batch_size, "beam_search_s": t_plain,
         "speculative_s": t_spec, "walltime_speedup": t_plain / t_spec,
         "oracle_speedup": t_plain / t_pass,
@@ -322,15 +333,17 @@ def position_acceptance(stats: dict[str, list]) -> dict[str, Any]:
 
 
 def search_params(k: int, width: DraftWidth, gamma: int, mode: str, seed: int,
-                  device: torch.device) -> SearchParams:
+                  device: torch.device, expand_last: int = EXPAND_LAST) -> SearchParams:
     """The search of one table row: width ``width.of(k)``; relaxed sampling from a generator
-    seeded with ``seed`` on ``device`` (a fresh one per row)."""
+    seeded with ``seed`` on ``device`` (a fresh one per row); children steps (``expand_last``)
+    in strict rows only."""
     import torch
 
     from atspeed_ray.decoding.search import SearchParams
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    return SearchParams(k, width.of(k), gamma, mode, gen)  # type: ignore[arg-type]
+    return SearchParams(k, width.of(k), gamma, mode, gen,  # type: ignore[arg-type]
+                        expand_last=expand_last if mode == "strict" else 0)
 
 
 def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
@@ -345,6 +358,6 @@ def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
     from atspeed_ray.width import choose_width
 
     choice = choose_width(target, draft, index, calibration, params.k, (params.gamma,), batch_size,
-                          repeat=max(2, repeat))
+                          repeat=max(2, repeat), expand_last=params.expand_last)
     print(f"    {choice.summary()}", flush=True)
     return choice.params(params), choice

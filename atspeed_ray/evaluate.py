@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from atspeed_ray.benchmarking import (
-    BREAKDOWN_COLUMNS, DraftWidth, add_compile_arg, add_forward_arg, add_precision_arg, batches,
-    measure_speculative, parse_counts, parse_ks, positive, row_params, search_params,
+    BREAKDOWN_COLUMNS, DraftWidth, add_compile_arg, add_expand_arg, add_forward_arg,
+    add_precision_arg, batches, measure_speculative, parse_counts, parse_ks, positive, row_params,
+    search_params,
 )
 from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, MODES
 from atspeed_ray.reference.config import add_reference_args, reference_config
@@ -59,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_forward_arg(p)
     add_compile_arg(p)
     add_precision_arg(p)
+    add_expand_arg(p)
     add_reference_args(p)
     p.set_defaults(func=run_evaluate)
 
@@ -135,7 +137,7 @@ def plot(speed: list[dict[str, Any]], out: Path) -> None:
 
 
 SPEED_COLUMNS = [
-    "method", "mode", "batch_size", "k", "draft_beams", "gamma", "walltime_speedup",
+    "method", "mode", "batch_size", "k", "draft_beams", "gamma", "expand_last", "walltime_speedup",
     "accepted_steps_per_round", "accepted_by_position",
     "target_calls_per_request", "draft_calls_per_request", "identical_rate",
     "oracle_speedup", "fraction_of_oracle", "tree_bound_speedup", "one_round_bound_speedup",
@@ -164,7 +166,8 @@ class Setup:
         unless ``--draft-beams auto``); the choice is measured once per (draft, k, batch),
         strict, and serves both modes."""
         a = self.args
-        params = search_params(k, a.draft_beams, a.gamma, mode, a.seed, self.index.device)
+        params = search_params(k, a.draft_beams, a.gamma, mode, a.seed, self.index.device,
+                               a.expand_last)
         key = (name, k, batch_size)
         if key not in self.choices:
             self.choices[key] = row_params(params, a.draft_beams, self.target, self.drafts[name],

@@ -51,6 +51,10 @@ AUTO_WIDTH_FACTORS: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
 # validation prompts the choice is measured on
 AUTO_WIDTH_PROMPTS = 8
 
+# strict: a round's last drafted step holds every trie child of the step before it when they
+# number at most this many per request (``SearchParams.expand_last``; 0 = always the draft's top N)
+EXPAND_LAST = 0
+
 
 def draft_width(k: int, factor: float) -> int:
     """Draft width N for top-``k`` as a multiple of k: ceil(factor * k), never below k (the

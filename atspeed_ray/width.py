@@ -31,7 +31,7 @@ import torch
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.search import SearchParams
-from atspeed_ray.settings import AUTO_WIDTH_FACTORS, draft_width
+from atspeed_ray.settings import AUTO_WIDTH_FACTORS, EXPAND_LAST, draft_width
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ def calibration_batch(prompts: list[list[int]], batch_size: int) -> list[list[in
 @torch.no_grad()
 def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
                  prompts: list[list[int]], k: int, gammas: tuple[int, ...], batch_size: int = 1,
-                 repeat: int = 2, factors: tuple[float, ...] = AUTO_WIDTH_FACTORS) -> WidthChoice:
+                 repeat: int = 2, factors: tuple[float, ...] = AUTO_WIDTH_FACTORS,
+                 expand_last: int = EXPAND_LAST) -> WidthChoice:
     """The (N, gamma) with the least expected time per request for top-``k`` (module
     docstring), measured on ``prompts`` (a few validation prompts) at ``batch_size``."""
     from atspeed_ray.benchmarking import batches, draft_round_time, oracle_pass_time
@@ -113,7 +114,7 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
     out = []
     for gamma in gammas:
         for n in candidate_widths(k, factors):
-            params = SearchParams(k, n, gamma, "strict")
+            params = SearchParams(k, n, gamma, "strict", expand_last=expand_last)
             rounds = [r for b in groups for r in speculative_search(target, draft, b, index, params).stats["rounds"]]
             t_pass = oracle_pass_time(target, head, n, gamma, repeat)
             t_draft = draft_round_time(draft, index, head, params, repeat) if gamma > 0 else 0.0

@@ -10,7 +10,9 @@ import types
 import pytest
 import torch
 
-from atspeed_ray.decoding import SearchParams, beam_search, speculative_beam_search
+from atspeed_ray.decoding import (
+    SearchParams, beam_search, speculative_beam_search, speculative_search,
+)
 from atspeed_ray.serving.affinity import AffinityRouter, affinity_key, home_rank
 from atspeed_ray.serving.batching import DraftRequest, draft_batch, verify_batch
 from atspeed_ray.serving.cache import Release, SessionRef, SessionStore
@@ -51,8 +53,11 @@ def run(models, prompt, index, params):
     return asyncio.run(remote_speculative(models, [prompt], index, params, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("k,n,gamma", [(5, 10, 3), (3, 3, 2), (10, 20, 1)])
-def test_replica_caches_equal_offline_and_every_later_call_hits(small, k, n, gamma):
+@pytest.mark.parametrize("k,n,gamma,expand", [(5, 10, 3, 0), (3, 3, 2, 0), (10, 20, 1, 0),
+                                              (5, 10, 3, 10_000), (10, 20, 2, 10_000)])
+def test_replica_caches_equal_offline_and_every_later_call_hits(small, k, n, gamma, expand):
+    """Also with children steps (``expand_last``): a round that skips the draft forward leaves
+    its tokens pending in the draft's cache for the next call."""
     catalog, target, draft, prompts = small
     index = catalog.index
     stores = new_stores()
@@ -60,8 +65,9 @@ def test_replica_caches_equal_offline_and_every_later_call_hits(small, k, n, gam
     ref = beam_search(target, prompts, index, k)
     for b, p in enumerate(prompts):
         models = RemoteModels(prop, ver, session=f"req-{b}")
-        out = run(models, p, index, SearchParams(k, n, gamma, "strict"))
-        off = speculative_beam_search(target, draft, [p], index, k, draft_beams=n, gamma=gamma)
+        params = SearchParams(k, n, gamma, "strict", expand_last=expand)
+        out = run(models, p, index, params)
+        off = speculative_search(target, draft, [p], index, params)
         assert out.items[0] == off.items[0] == ref.items[b]
         assert out.stats == off.stats
         torch.testing.assert_close(out.scores[0], ref.scores[b], atol=1e-9, rtol=0)

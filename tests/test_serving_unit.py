@@ -13,7 +13,9 @@ import torch
 import yaml
 
 from atspeed_ray.data.prepare import load_prepared
-from atspeed_ray.decoding import SearchParams, beam_search, speculative_beam_search
+from atspeed_ray.decoding import (
+    SearchParams, beam_search, speculative_beam_search, speculative_search,
+)
 from atspeed_ray.serving.batching import (
     BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch, draft_batch,
     verify_batch,
@@ -63,25 +65,28 @@ class Batcher:
 
 
 def test_remote_loop_equals_offline_speculative_and_beam_search(small):
+    """Also with children steps (``expand_last``), whose width varies by request: stacked
+    into one verify call they are widened to the group's widest."""
     _, catalog, target, draft, prompts = small
     index = catalog.index
 
-    async def run(k, n, gamma):
+    async def run(params):
         prop = Batcher(lambda rs: draft_batch(draft, index, rs))
         ver = Batcher(lambda rs: verify_batch(target, index, rs))
         calls = [{"draft": 0, "target": 0} for _ in prompts]
         outs = await asyncio.gather(*(
-            remote_speculative(RemoteModels(prop, ver, calls=c), [p], index,
-                               SearchParams(k, n, gamma, "strict"), dtype=torch.float64)
+            remote_speculative(RemoteModels(prop, ver, calls=c), [p], index, params,
+                               dtype=torch.float64)
             for p, c in zip(prompts, calls)))
         return outs, calls, prop.sizes + ver.sizes
 
-    for k, n, gamma in [(5, 10, 3), (3, 3, 2)]:
-        outs, calls, sizes = asyncio.run(run(k, n, gamma))
+    for k, n, gamma, expand in [(5, 10, 3, 0), (3, 3, 2, 0), (5, 10, 3, 10_000), (3, 3, 1, 10_000)]:
+        params = SearchParams(k, n, gamma, "strict", expand_last=expand)
+        outs, calls, sizes = asyncio.run(run(params))
         assert max(sizes) > 1, "concurrent requests must share batched calls"
         ref = beam_search(target, prompts, index, k)
         for b, (out, c) in enumerate(zip(outs, calls)):
-            off = speculative_beam_search(target, draft, [prompts[b]], index, k, draft_beams=n, gamma=gamma)
+            off = speculative_search(target, draft, [prompts[b]], index, params)
             assert out.items[0] == off.items[0] == ref.items[b]
             assert out.stats == off.stats
             torch.testing.assert_close(out.scores[0], ref.scores[b], atol=1e-9, rtol=0)

@@ -11,6 +11,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from atspeed_ray.decoding import beam_search, speculative_beam_search
+from atspeed_ray.decoding.speculative import speculative_search
 from atspeed_ray.decoding.beam import root_beams
 from atspeed_ray.decoding.drafting import draft_phase
 from atspeed_ray.decoding.fast_llama import FastLlama, fast_forward
@@ -414,3 +415,61 @@ def test_strict_equals_beam_search_on_the_compiled_step(setup):
                 out = speculative_beam_search(f_target, draft, batch, index, k, draft_beams=n,
                                               gamma=gamma, mode="strict")
                 assert_same_as_beam_search(out, ref)
+
+
+@pytest.mark.parametrize("forward", ["hf", "fast"])
+@pytest.mark.parametrize("k,n_mult,gamma", list(itertools.product([1, 5, 10], [1, 2], [1, 2, 3])))
+def test_strict_with_children_steps_equals_beam_search(setup, fast_models, k, n_mult, gamma,
+                                                       forward):
+    """``expand_last``: a round's last drafted step holds every trie child of the step before
+    (no draft forward for it). Still the target's beam search; one draft forward fewer per
+    round. Caps: 16 (a children step only where the trie is
+    narrow, the rest falls back to the top N) and 10,000 (always)."""
+    index, V, target, unrelated, prompts = setup
+    if forward == "fast":
+        target, unrelated = fast_models
+    for batch in (prompts[:1], prompts):
+        ref = beam_search(target, batch, index, k)
+        for draft in (unrelated, target):
+            plain = speculative_beam_search(target, draft, batch, index, k, draft_beams=k * n_mult,
+                                            gamma=gamma)
+            for cap in (16, 10_000):
+                params = SearchParams(k, k * n_mult, gamma, "strict", expand_last=cap)
+                out = speculative_search(target, draft, batch, index, params)
+                assert_same_as_beam_search(out, ref)
+                if cap == 10_000:
+                    per_round = [d / r for d, r in zip(out.stats["draft_calls"], out.stats["rounds"])]
+                    assert all(x <= gamma - 1 + 1e-9 for x in per_round), per_round
+                    if draft is target:  # every round accepts all, as without children steps
+                        assert out.stats["rounds"] == plain.stats["rounds"]
+
+
+@pytest.mark.parametrize("k,n,gamma", [(1, 1, 2), (1, 3, 3), (5, 5, 2), (5, 10, 3), (10, 20, 3)])
+def test_a_verified_children_step_is_always_accepted(setup, k, n, gamma):
+    """The target's top-K at a children step are children of its top-K at the step before, so
+    a round that accepts every step before it accepts it too: never exactly gamma - 1."""
+    from atspeed_ray.decoding.acceptance import accept_round
+
+    index, V, target, unrelated, prompts = setup
+    B, L = len(prompts), index.L
+    params = SearchParams(k, n, gamma, "strict", expand_last=10_000)
+    beams = root_beams(B, k, L, ["target", "draft"], torch.device("cpu"), torch.float64)
+    t = torch.zeros(B, dtype=torch.long)
+    g = torch.full((B,), gamma)
+    seen = set()
+    for draft in (unrelated, random_model(V, seed=11, hidden=16, layers=1), target):
+        with torch.no_grad():
+            steps, b, _ = draft_phase(draft, None, beams, t, g, prompts, index, params)
+            assert steps[-1].children and not any(s.children for s in steps[:-1])
+            verified, _ = verify_phase(target, None, b, t, steps, prompts, index)
+            _, acc = accept_round(verified, t, g, index, params)
+        assert not bool((acc == gamma - 1).any()), acc
+        seen.update(acc.tolist())
+    assert gamma in seen  # the property is not vacuous: some round got through the children step
+
+
+def test_children_steps_are_strict_only():
+    with pytest.raises(ValueError, match="expand_last"):
+        SearchParams(3, 6, 3, "relaxed", expand_last=8)
+    with pytest.raises(ValueError, match="expand_last"):
+        SearchParams(3, 6, 3, "strict", expand_last=-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from atspeed_ray.settings import DEFAULT_MODE, MODES, Mode, check_choice
+from atspeed_ray.settings import DEFAULT_MODE, EXPAND_LAST, MODES, Mode, check_choice
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,9 @@ class SearchParams:
     # relaxed: the generator's stream is the request's own (it was seeded for a reproducible
     # answer), so whoever drafts must continue it instead of using a stream of its own
     seeded: bool = False
+    # strict: the last drafted step of a round holds every trie child of the step before it
+    # when they number at most this many per request (``drafting``); 0 = always the top N
+    expand_last: int = EXPAND_LAST
 
     def __post_init__(self) -> None:
         if self.draft_beams is None:
@@ -41,6 +44,11 @@ class SearchParams:
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         check_choice(self.mode, MODES, "mode")
+        if self.expand_last < 0:
+            raise ValueError(f"expand_last must be >= 0, got {self.expand_last}")
+        if self.expand_last and self.mode == "relaxed":
+            raise ValueError("expand_last is for strict mode: relaxed acceptance needs every "
+                             "drafted step sampled from the draft")
 
     @property
     def N(self) -> int:

@@ -34,7 +34,7 @@ from atspeed_ray.decoding.acceptance import accept_round
 from atspeed_ray.decoding.beam import (
     Beams, DecodeResult, check_code_head, head_columns, root_beams, score_dtype, take,
 )
-from atspeed_ray.decoding.drafting import DraftStep, draft_phase
+from atspeed_ray.decoding.drafting import DraftStep, draft_forwards, draft_phase
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.timing import Timings, phase, whole
 from atspeed_ray.decoding.tree import TreeCache
@@ -102,13 +102,14 @@ class Answers:
         return cls(torch.zeros(B, K, L, dtype=torch.long, device=device),
                    torch.full((B, K), float("-inf"), dtype=dtype, device=device), stats)
 
-    def count_round(self, rows: Tensor, t: Tensor, g: Tensor, G: int, accepted: Tensor) -> None:
+    def count_round(self, rows: Tensor, t: Tensor, g: Tensor, forwards: int, accepted: Tensor
+                    ) -> None:
         """One round of requests ``rows`` [B'] that started at ``t`` [B'] tokens: one target
-        call, G draft calls where g > 0; drafted step j (at code position t + j - 1) was verified
-        if j <= min(accepted + 1, g), and accepted if j <= accepted."""
+        call, ``forwards`` draft calls where g > 0; drafted step j (at code position t + j - 1)
+        was verified if j <= min(accepted + 1, g), and accepted if j <= accepted."""
         self.stats["rounds"][rows] += 1
         self.stats["target_calls"][rows] += 1
-        self.stats["draft_calls"][rows] += torch.where(g > 0, G, 0)
+        self.stats["draft_calls"][rows] += torch.where(g > 0, forwards, 0)
         self.stats["accepted_steps"][rows] += accepted
         L = self.tokens.shape[2]
         pos = torch.arange(L, device=t.device)  # [L]
@@ -168,7 +169,7 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
         with phase(timings, "accept"):
             beams, acc = accept_round(verified, t, g, index, params)
         with phase(timings, "bookkeeping"):
-            answers.count_round(rows, t, g, G, acc)
+            answers.count_round(rows, t, g, draft_forwards(steps), acc)
             t = t + acc + 1
             # ---- drop rejected branches from the caches, retire finished requests
             done = t >= L

@@ -137,7 +137,7 @@ def slim(b: Beams) -> Beams:
 
 
 def slim_step(s: DraftStep) -> DraftStep:
-    return DraftStep(slim(s.beams), s.parent, s.valid, None, None)
+    return DraftStep(slim(s.beams), s.parent, s.valid, None, None, s.children)
 
 
 # ------------------------------------------------------------------------------ stacking
@@ -268,14 +268,16 @@ def verify_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[Verify
         N = group[0].steps[0].parent.shape[1] if G else 0
         padded = [pad_steps(r.steps, r.beams, N, G) for r in group]
         beams = Beams.cat([r.beams for r in group]).to(device)
-        steps = [DraftStep.cat([p[j] for p in padded]).to(device) for j in range(G)]
+        widths = [max(p[j].parent.shape[1] for p in padded) for j in range(G)]  # children steps vary
+        steps = [DraftStep.cat([p[j].widen(widths[j]) for p in padded]).to(device) for j in range(G)]
         t = torch.cat([r.t for r in group]).to(device)
         prompts = [p for r in group for p in r.prompts]
         verified, _ = verify_phase(model, None, beams, t, steps, prompts, index)
         root = verified.root_logp.to(CPU).split(sizes)
         per_step = [lp.to(CPU).split(sizes) for lp in verified.step_logp]
         for j, (i, r) in enumerate(zip(idx, group)):
-            out[i] = VerifyReply(root[j], [per_step[s][j] for s in range(len(r.steps))],
+            own = [per_step[s][j][:, :r.steps[s].parent.shape[1]] for s in range(len(r.steps))]
+            out[i] = VerifyReply(root[j], own,
                                  (time.perf_counter() - t0) * 1000)
     return out  # type: ignore[return-value]
 

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from atspeed_ray.serving.routing import PROBE_BACKOFF, PROBE_EVERY
-from atspeed_ray.settings import AUTO, DEFAULT_MODE, Dtype, Forward, Mode, draft_width
+from atspeed_ray.settings import AUTO, DEFAULT_MODE, EXPAND_LAST, Dtype, Forward, Mode, draft_width
 
 MAX_HISTORY = 50
 MAX_K = 50
@@ -135,6 +135,10 @@ class AppArgs(BaseModel):
         default="fast", description="model forward: 'fast' = compact FastLlama for Llama "
                                     "checkpoints (others keep HF's), 'hf' = the HF model's own")
     gamma: int = Field(default=3, ge=0, le=16, description="draft steps per round")
+    expand_last: int = Field(
+        default=EXPAND_LAST, ge=0, le=100_000,
+        description="strict: a round's last drafted step holds every trie child of the step before "
+                    "it when there are at most this many per request (0: the draft's top N)")
     draft_beams_factor: Annotated[float, Field(ge=1.0, le=8.0)] | Literal["auto"] = Field(
         default=1.0, description="draft width N = ceil(factor * k); auto: N per k measured when the "
                                  "app is built (draft_widths)")

@@ -434,7 +434,8 @@ class Recommender:
             gen = torch.Generator()
             gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "little"))
         return SearchParams(req.k, self.args.draft_width(req.k), self.args.gamma, req.mode, gen,
-                            seeded=req.seed is not None)
+                            seeded=req.seed is not None,
+                            expand_last=self.args.expand_last if req.mode == "strict" else 0)
 
     async def _decode(self, req: RecommendRequest, arm: Arm = "speculative"
                       ) -> tuple[list[int], list[float], dict[str, Any]]:
