@@ -99,13 +99,15 @@ def children_step(parents: Beams, depth: Tensor, index: ItemIndex, width: int) -
 
 def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, t: Tensor,
                 g: Tensor, prompts: list[list[int]], index: ItemIndex, params: SearchParams
-                ) -> tuple[list[DraftStep], Beams, TreeCache]:
+                ) -> tuple[list[DraftStep], Beams, TreeCache | None]:
     """``max(g)`` draft forwards: a width-N beam search (or sampling) from the K current beams.
 
     ``beams`` [B, K, L] at ``t`` [B] tokens; ``g`` [B] drafted steps usable per request (later
     steps of a request are drafted but not valid). Returns the steps, the beams with the draft's
-    cache slots recorded, and the draft's cache. A code-head draft (``head_columns``) scores
-    over its head: log-softmax over the code tokens only.
+    cache slots recorded, and the draft's cache (still ``dcache``, maybe None, when the only
+    step was a children step). A code-head draft (``head_columns``) scores over its head:
+    log-softmax over the code tokens only. A last children step (``SearchParams.expand_last``)
+    costs one forward less.
     """
     G = int(g.max())
     generator = params.generator if params.sample else None

@@ -167,7 +167,8 @@ def draft_cached(model: torch.nn.Module, index: ItemIndex, store: SessionStore, 
     hit = cache is not None
     cache, beams, _ = resume(cache, ref, "draft", beams)
     steps, beams, cache = draft_phase(model, cache, beams, t, g, prompts, index, params)
-    store.put(ref, cache)
+    if cache is not None:  # None: a first call whose one step was a children step (no forward)
+        store.put(ref, cache)
     return steps, beams, hit
 
 
