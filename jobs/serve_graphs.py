@@ -26,6 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from atspeed_ray.settings import EXPAND_LAST  # noqa: E402  (light: no torch)
+
 GRAPHS: dict[str, dict[str, Any]] = {
     "target_only": {"target_only": True, "draft": None},
     "separate_stateless": {"graph": "separate", "cache": "stateless"},
@@ -112,7 +114,8 @@ def offline(target: str, draft: str, data: str, args: argparse.Namespace) -> dic
     catalog = load_catalog(data, target)
     index = catalog.index
     prompts = [catalog.prompt(h) for h in catalog.examples][: args.requests]
-    params = SearchParams(args.k, draft_width(args.k, args.draft_beams_factor), 3, "strict")
+    params = SearchParams(args.k, draft_width(args.k, args.draft_beams_factor), 3, "strict",
+                          expand_last=args.expand_last)
     stores = {"draft": SessionStore(64, 2**31, 60.0), "target": SessionStore(64, 2**31, 60.0)}
 
     async def prop(r):
@@ -152,6 +155,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--draft-beams-factor", type=float, default=2.0)
+    p.add_argument("--expand-last", type=int, default=EXPAND_LAST,
+                   help="children steps (see atspeed-ray bench --help)")
     p.add_argument("--num-cpus", type=float, default=2)
     p.add_argument("--json", default=None)
     p.add_argument("--draft-is-target", action="store_true",
@@ -180,7 +185,7 @@ def main() -> None:
         target, draft, data = ((args.target, args.draft, args.data) if args.target
                                else tiny_models(Path(tmp), args.draft_is_target))
         base = {"target": target, "draft": draft, "data": data, "device": "cpu", "dtype": args.dtype,
-                "draft_beams_factor": args.draft_beams_factor, "target_threads": 1, "draft_threads": 1,
+                "draft_beams_factor": args.draft_beams_factor, "expand_last": args.expand_last, "target_threads": 1, "draft_threads": 1,
                 "target_batch": {"batch_wait_timeout_s": 0.0}, "draft_batch": {"batch_wait_timeout_s": 0.0}}
         ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=300 * 1024**2,
                  include_dashboard=True, log_to_driver=False)
