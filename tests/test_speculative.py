@@ -50,16 +50,28 @@ def fast_models(setup):
 @pytest.mark.parametrize("k,n_mult,gamma", list(itertools.product([1, 3, 5, 10, 20], [1, 2], [1, 2, 3])))
 def test_strict_equals_beam_search(setup, fast_models, k, n_mult, gamma, forward):
     """On the HF forward (DynamicCache, the plain reference) and on FastLlama (static
-    preallocated KV caches written and compacted in place)."""
+    preallocated KV caches written and compacted in place); without and with children steps
+    (``expand_last``: the last drafted step of a round holds every trie child of the step
+    before, with no draft forward for it), capped at 16 per request (where the trie is narrow;
+    elsewhere the top N) and at 10,000 (always)."""
     index, V, target, unrelated, prompts = setup
     if forward == "fast":
         target, unrelated = fast_models
     for batch in (prompts[:1], prompts):
         ref = beam_search(target, batch, index, k)
         for draft in (unrelated, target):
-            out = speculative_beam_search(target, draft, batch, index, k, draft_beams=k * n_mult,
-                                          gamma=gamma, mode="strict")
-            assert_same_as_beam_search(out, ref)
+            plain = speculative_beam_search(target, draft, batch, index, k, draft_beams=k * n_mult,
+                                            gamma=gamma, mode="strict")
+            assert_same_as_beam_search(plain, ref)
+            for cap in (16, 10_000):
+                out = speculative_search(target, draft, batch, index,
+                                         SearchParams(k, k * n_mult, gamma, expand_last=cap))
+                assert_same_as_beam_search(out, ref)
+                if cap == 10_000:  # one draft forward fewer per round
+                    per_round = [d / r for d, r in zip(out.stats["draft_calls"], out.stats["rounds"])]
+                    assert all(x <= gamma - 1 + 1e-9 for x in per_round), per_round
+                    if draft is target:  # every round accepts all, as without children steps
+                        assert out.stats["rounds"] == plain.stats["rounds"]
             for key in ("target_calls", "draft_calls", "rounds", "accepted_steps"):
                 assert len(out.stats[key]) == len(batch)
 
@@ -415,33 +427,6 @@ def test_strict_equals_beam_search_on_the_compiled_step(setup):
                 out = speculative_beam_search(f_target, draft, batch, index, k, draft_beams=n,
                                               gamma=gamma, mode="strict")
                 assert_same_as_beam_search(out, ref)
-
-
-@pytest.mark.parametrize("forward", ["hf", "fast"])
-@pytest.mark.parametrize("k,n_mult,gamma", list(itertools.product([1, 5, 10], [1, 2], [1, 2, 3])))
-def test_strict_with_children_steps_equals_beam_search(setup, fast_models, k, n_mult, gamma,
-                                                       forward):
-    """``expand_last``: a round's last drafted step holds every trie child of the step before
-    (no draft forward for it). Still the target's beam search; one draft forward fewer per
-    round. Caps: 16 (a children step only where the trie is
-    narrow, the rest falls back to the top N) and 10,000 (always)."""
-    index, V, target, unrelated, prompts = setup
-    if forward == "fast":
-        target, unrelated = fast_models
-    for batch in (prompts[:1], prompts):
-        ref = beam_search(target, batch, index, k)
-        for draft in (unrelated, target):
-            plain = speculative_beam_search(target, draft, batch, index, k, draft_beams=k * n_mult,
-                                            gamma=gamma)
-            for cap in (16, 10_000):
-                params = SearchParams(k, k * n_mult, gamma, "strict", expand_last=cap)
-                out = speculative_search(target, draft, batch, index, params)
-                assert_same_as_beam_search(out, ref)
-                if cap == 10_000:
-                    per_round = [d / r for d, r in zip(out.stats["draft_calls"], out.stats["rounds"])]
-                    assert all(x <= gamma - 1 + 1e-9 for x in per_round), per_round
-                    if draft is target:  # every round accepts all, as without children steps
-                        assert out.stats["rounds"] == plain.stats["rounds"]
 
 
 @pytest.mark.parametrize("k,n,gamma", [(1, 1, 2), (1, 3, 3), (5, 5, 2), (5, 10, 3), (10, 20, 3)])
