@@ -93,8 +93,8 @@ def children_step(parents: Beams, depth: Tensor, index: ItemIndex, width: int) -
     B, M = parents.scores.shape
     flat = torch.zeros(B, M, index.num_columns, dtype=parents.scores.dtype,
                        device=parents.scores.device)  # [B, M, C]
-    return choose(expand_columns(flat, parents.scores, parents.node, depth, index),
-                  (index.child_table(parents.node) >= 0).reshape(B, -1).to(flat.dtype), width)
+    cands = expand_columns(flat, parents.scores, parents.node, depth, index)
+    return choose(cands, torch.isfinite(cands.scores).to(flat.dtype), width)  # real children first
 
 
 def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, t: Tensor,
