@@ -187,12 +187,16 @@ def run_bench(args: argparse.Namespace) -> int:
     from atspeed_ray.models import DeviceConfig, decoding_dtype, load_decoder
 
     data = open_data(args.data, models=(args.target, args.draft))
-    dev = DeviceConfig(device=args.device, forward=args.forward, compile=args.compile)
+    dev = DeviceConfig(device=args.device, forward=args.forward, compile=args.compile,
+                       pack=args.pack)
     dtype, why = decoding_dtype(args.precision, dev.torch_device())
     dev = dev.model_copy(update={"dtype": dtype})
     print(f"precision: {why}")
     target = load_decoder(args.target, dev)
     draft = load_decoder(args.draft, dev)
+    packed = [name for name, m in (("target", target), ("draft", draft))
+              if getattr(m, "packed", None) is not None]
+    print(f"packed weights: {', '.join(packed) or 'none'}")
     index = data.index.to(dev.torch_device())
     prompts = data.prompts(args.split, limit=args.num_prompts)
     targets = data.targets(args.split, limit=args.num_prompts)
@@ -213,6 +217,7 @@ def run_bench(args: argparse.Namespace) -> int:
               "draft_beams": [repr(w) for w in args.draft_beams],
               "repeat": args.repeat,
               "device": str(dev.torch_device()), "forward": args.forward, "compile": args.compile,
+              "pack": args.pack,
               "precision": args.precision, "dtype": dtype, "rows": rows}
     write_json(args.out, result)
     return 0

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from atspeed_ray.settings import (
-    AUTO, DEFAULT_COMPILE, DEFAULT_FORWARD, EXPAND_LAST, FORWARDS, PRECISIONS, draft_width,
+    AUTO, DEFAULT_COMPILE, DEFAULT_FORWARD, DEFAULT_PACK, EXPAND_LAST, FORWARDS, PRECISIONS,
+    draft_width,
 )
 
 if TYPE_CHECKING:
@@ -113,6 +114,9 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=DEFAULT_COMPILE,
                    help="torch.compile FastLlama's per-layer blocks (see the README's "
                         "'Compiled decoding step' for when it pays)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=DEFAULT_PACK,
+                   help="lay FastLlama's weights out once for the CPU GEMM library (oneDNN bf16, "
+                        "MKL fp32; not with --compile, nothing on a GPU)")
 
 
 def add_expand_arg(p: argparse.ArgumentParser) -> None:

@@ -187,7 +187,8 @@ def load_setup(args: argparse.Namespace) -> Setup:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = open_data(args.data, models=(args.target, *args.draft))
-    dev = DeviceConfig(device=args.device, forward=args.forward, compile=args.compile)
+    dev = DeviceConfig(device=args.device, forward=args.forward, compile=args.compile,
+                       pack=args.pack)
     dtype, why = decoding_dtype(args.precision, dev.torch_device())
     dev = dev.model_copy(update={"dtype": dtype})
     print(f"precision: {why}")

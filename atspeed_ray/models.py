@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from atspeed_ray.decoding.fast_llama import table_rows
-from atspeed_ray.settings import DEFAULT_COMPILE, DEFAULT_FORWARD, Dtype, Forward, Precision
+from atspeed_ray.settings import DEFAULT_COMPILE, DEFAULT_FORWARD, DEFAULT_PACK, Dtype, Forward, Precision
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
 PRECISION_DTYPE: dict[str, Dtype] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -82,7 +82,9 @@ class DeviceConfig(BaseModel):
     ``forward`` picks the decoding forward of ``load_decoder``: ``fast`` runs Llama checkpoints on
     the compact ``FastLlama`` (other architectures keep their HF forward), ``hf`` always uses the
     HF model's own forward. Training always uses the HF model. ``compile`` runs FastLlama's
-    per-layer dense blocks through ``torch.compile`` (``FastLlama.compile_step``).
+    per-layer dense blocks through ``torch.compile`` (``FastLlama.compile_step``); ``pack`` lays
+    FastLlama's weights out once for the CPU GEMM library (``FastLlama.pack_weights``; CPU in fp32
+    or bf16, not with ``compile``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -91,6 +93,7 @@ class DeviceConfig(BaseModel):
     dtype: Dtype = "auto"
     forward: Forward = DEFAULT_FORWARD
     compile: bool = DEFAULT_COMPILE
+    pack: bool = DEFAULT_PACK
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -360,4 +363,6 @@ def load_decoder(path: str | Path, device: DeviceConfig | None = None) -> torch.
     fast = fast_forward(model, head)
     if device.compile and hasattr(fast, "compile_step"):
         fast.compile_step()
+    elif device.pack and hasattr(fast, "pack_weights"):
+        fast.pack_weights()
     return fast

@@ -248,3 +248,67 @@ def test_static_cache_writes_and_compacts_in_place_as_the_plain_gather():
     assert all(layer.k_buf is buf for layer, buf in zip(cache.kv.layers, bufs)), "reallocated"
     assert cache.kv.grows == 0
     assert (renum[keep >= 0] >= P).all()
+
+
+needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch without MKL")
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="torch without oneDNN")
+
+
+@needs_mkl
+@pytest.mark.parametrize("cfg", [{}, SMOLLM2_LIKE])
+def test_packed_weights_give_the_plain_forward(cfg):
+    """``pack_weights`` (MKL-packed fp32 projections and head): the same logits and cache as the
+    plain forward, for a prompt block, a tree chunk below it, and a code head packed after it."""
+    V = 50
+    hf = llama(V, seed=3, **cfg).float()
+    plain, packed = FastLlama(hf), FastLlama(hf)
+    assert packed.pack_weights() and packed.packed is not None
+    assert {w.lib for ws in packed.packed.values() for w in ws} == {"mkl"}
+    prompts = random_prompts(3, V, seed=4, min_len=2, max_len=9)
+    tokens, valid = left_pad(prompts, 0, torch.device("cpu"))
+    nodes = tree_chunk(3, V, seed=5)
+    outs = []
+    for model in (plain, packed):
+        logits, cache, _ = tree_forward(model, None, nodes, prompt=(tokens, valid), prompt_logits=True)
+        logits2, cache, _ = tree_forward(model, cache, tree_chunk(3, V, seed=6))
+        outs.append((logits, logits2, cache))
+    (l_p, l2_p, c_p), (l_k, l2_k, c_k) = outs
+    real = torch.cat([valid, nodes.valid], 1)
+    torch.testing.assert_close(l_k[real], l_p[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l2_k, l2_p, rtol=1e-5, atol=1e-5)
+    for a, b in zip(c_k.kv.layers, c_p.kv.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+    # a code head restricted after packing is packed too, and reads the same rows
+    head = torch.tensor([7, 3, 11])
+    for m in (plain, packed):
+        m.restrict_head(head)
+    assert packed.packed["lm_head"][0].out_features == 3
+    ids = tokens[:, -2:]
+    torch.testing.assert_close(packed(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packed_bf16_weights_give_the_plain_bf16_forward():
+    hf = llama(50, seed=3, **SMOLLM2_LIKE).to(torch.bfloat16)
+    plain, packed = FastLlama(hf), FastLlama(hf)
+    assert packed.pack_weights() and packed.packed["wqkv"][0].lib == "onednn"
+    ids = torch.tensor([[3, 4, 5, 9, 2]])
+    torch.testing.assert_close(packed(ids).logits, plain(ids).logits, rtol=2e-2, atol=2e-2)
+
+
+def test_weights_are_packed_only_where_a_library_packs_them(tmp_path):
+    fast64 = FastLlama(llama(40, seed=2))  # fp64: no library packs it
+    assert not fast64.pack_weights() and fast64.packed is None
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0}, "[PAD]")),
+                                  pad_token="[PAD]")
+    save_model(llama(40, seed=2).float(), tok, tmp_path)
+    on = load_decoder(tmp_path, DeviceConfig(device="cpu", dtype="float32"))
+    off = load_decoder(tmp_path, DeviceConfig(device="cpu", dtype="float32", pack=False))
+    assert off.packed is None
+    assert (on.packed is not None) == torch.backends.mkl.is_available()
+    if on.packed is not None:  # a dtype change repacks (or unpacks) with the parameters
+        on.double()
+        assert on.packed is None
+        on.float()
+        assert on.packed is not None and on.packed["wo"][0].weight.dtype == torch.float32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import subprocess
 import sys
@@ -458,3 +459,24 @@ def test_children_steps_are_strict_only():
         SearchParams(3, 6, 3, "relaxed", expand_last=8)
     with pytest.raises(ValueError, match="expand_last"):
         SearchParams(3, 6, 3, "strict", expand_last=-1)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch without MKL")
+def test_strict_equals_beam_search_on_packed_weights(setup):
+    """``FastLlama.pack_weights`` (fp32, MKL-packed projections and head: decoding's default on
+    CPU): strict speculative search returns the packed target's own beam search, over K, N,
+    gamma, children steps and batch, with an unrelated draft and with a code-head draft."""
+    index, V, target, unrelated, prompts = setup
+    code_ids = (index.token_column >= 0).nonzero()[:, 1].unique()
+    fp32 = [copy.deepcopy(m).float() for m in (target, unrelated)]  # the fixture's stay fp64
+    models = [FastLlama(m) for m in fp32] + [FastLlama(fp32[1], head_ids=code_ids)]
+    assert all(m.pack_weights() for m in models)
+    f_target, f_unrelated, f_head = models
+    for k, n, gamma in ((1, 2, 3), (5, 10, 2), (10, 20, 3), (20, 20, 3)):
+        for batch in (prompts[:1], prompts):
+            ref = beam_search(f_target, batch, index, k)
+            for draft in (f_unrelated, f_head, f_target):
+                for cap in (0, 16):
+                    out = speculative_search(f_target, draft, batch, index,
+                                             SearchParams(k, n, gamma, expand_last=cap))
+                    assert_same_as_beam_search(out, ref)

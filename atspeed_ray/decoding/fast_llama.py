@@ -8,6 +8,9 @@ keeps its KV cache in static per-layer buffers (``KVCache``: allocated once per 
 written and compacted in place) with the layout ``TreeCache`` works on. ``compile_step`` runs
 each layer's two dense blocks (``pre_attention``, ``post_attention``: pure tensor functions)
 through ``torch.compile``; off by default (``settings.DEFAULT_COMPILE``: see there for why).
+``pack_weights`` lays every projection out once for the CPU's GEMM library (oneDNN for bf16,
+MKL for fp32), which otherwise re-lays the weight out on every call; on by default on CPU
+(``settings.DEFAULT_PACK``: see there for the measurement).
 
 It is a drop-in for what the decoding core and the frozen target of training call:
 ``model(input_ids, attention_mask=[B, 1, Q, S + Q] additive, position_ids, cache=...,
@@ -47,6 +50,49 @@ MAX_CODE_DEPTH = 64  # positions kept free after a prompt for the tokens decoded
 
 
 CACHE_RESERVE = 128  # tree slots a cache keeps free beyond its first chunk (prompt block)
+PACK_ROWS_HINT = 64  # rows per call the GEMM libraries lay packed weights out for (any count works)
+
+
+def packing_library(dtype: torch.dtype, device: torch.device) -> str | None:
+    """The CPU GEMM library that can pack weights of ``dtype`` on ``device`` (None: none here,
+    e.g. CUDA, fp64, or a torch built without it)."""
+    if device.type != "cpu":
+        return None
+    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        return "onednn"
+    if dtype == torch.float32 and torch.backends.mkl.is_available():
+        return "mkl"
+    return None
+
+
+class PackedWeight:
+    """A projection's weight [O, I] laid out once for the CPU GEMM library (``packing_library``):
+    ``self(x)`` = ``F.linear(x, w)`` for x [..., I], without the per-call re-layout.
+    oneDNN (bf16) gives F.linear's bits; MKL (fp32) differs from it in the last ulps."""
+
+    def __init__(self, w: Tensor):
+        lib = packing_library(w.dtype, w.device)
+        if lib is None:
+            raise ValueError(f"no CPU GEMM library packs {w.dtype} weights on {w.device}")
+        self.lib, self.weight, self.out_features = lib, w, w.shape[0]
+        self.packed = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if lib == "onednn"
+                       else torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS_HINT))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # [M, I]
+        if self.lib == "onednn":
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
+        else:
+            y = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, None, rows.shape[0])
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+Weight = Tensor | PackedWeight
+
+
+def linear(x: Tensor, w: Weight) -> Tensor:
+    """x [..., I] @ w.T [I, O] -> [..., O], with a plain or a packed weight."""
+    return w(x) if isinstance(w, PackedWeight) else F.linear(x, w)
 
 
 @dataclass
@@ -175,23 +221,23 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def pre_attention(x: Tensor, norm_w: Tensor, wqkv: Tensor, cos: Tensor, sin: Tensor, eps: float,
+def pre_attention(x: Tensor, norm_w: Tensor, wqkv: Weight, cos: Tensor, sin: Tensor, eps: float,
                   H: int, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
     """One layer's input [B, T, E] -> rotated q [B, H, T, D], k and v [B, Hkv, T, D]: the
     attention norm, the fused q|k|v projection and rope (pure: ``FastLlama.compile_step``)."""
     B, T, _ = x.shape
-    qkv = F.linear(rms_norm(x, norm_w, eps), wqkv).view(B, T, H + 2 * Hkv, -1)
+    qkv = linear(rms_norm(x, norm_w, eps), wqkv).view(B, T, H + 2 * Hkv, -1)
     qk = rope(qkv[:, :, : H + Hkv], cos, sin)  # q and k heads rotated together
     return (qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2),
             qkv[:, :, H + Hkv:].transpose(1, 2))
 
 
-def post_attention(x: Tensor, attn: Tensor, wo: Tensor, norm_w: Tensor, w_gate_up: Tensor,
-                   w_down: Tensor, eps: float) -> Tensor:
+def post_attention(x: Tensor, attn: Tensor, wo: Weight, norm_w: Tensor, w_gate_up: Weight,
+                   w_down: Weight, eps: float) -> Tensor:
     """The rest of a layer: x [B, Q, E] + o-proj(attn [B, Q, H * D]), then + MLP(norm(.))."""
-    x = x + F.linear(attn, wo)
-    gate, up = F.linear(rms_norm(x, norm_w, eps), w_gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w_down)
+    x = x + linear(attn, wo)
+    gate, up = linear(rms_norm(x, norm_w, eps), w_gate_up).chunk(2, dim=-1)
+    return x + linear(F.silu(gate) * up, w_down)
 
 
 class FastLlama(nn.Module):
@@ -212,6 +258,8 @@ class FastLlama(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.pre_attention, self.post_attention = pre_attention, post_attention  # eager step
         self.compiled = False
+        self.packed: dict[str, list[PackedWeight]] | None = None  # ``pack_weights``
+        self.pack_wanted = False  # packed whenever the dtype and device allow (``pack_weights``)
 
         def frozen(t: Tensor) -> nn.Parameter:
             return nn.Parameter(t.detach().clone(), requires_grad=False)
@@ -271,6 +319,8 @@ class FastLlama(nn.Module):
         columns[ids] = torch.arange(ids.numel(), device=ids.device)
         self.register_buffer("head_columns", columns, persistent=False)
         self.head_ids = ids
+        if self.packed is not None:
+            self.packed["lm_head"] = [PackedWeight(self.lm_head)]
 
     def new_cache(self, reserve: int = CACHE_RESERVE) -> KVCache:
         """An empty static cache (``KVCache``); ``reserve`` tree slots are kept free."""
@@ -279,11 +329,40 @@ class FastLlama(nn.Module):
     def rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
         return rms_norm(x, weight, self.eps)
 
+    def pack_weights(self) -> bool:
+        """Lay every projection (q|k|v, o, gate|up, down, the LM head) out once for the CPU GEMM
+        library (``PackedWeight``); the parameters stay as they are (the embedding reads them).
+        Returns False, changing nothing, where no library packs this dtype on this device, or
+        when the step is compiled (inductor then lays weights out itself)."""
+        if self.compiled:
+            return False
+        self.pack_wanted = True  # kept through .to(): packed again where the new dtype allows
+        if packing_library(self.lm_head.dtype, self.lm_head.device) is None:
+            self.packed = None
+            return False
+        self.packed = {name: [PackedWeight(w) for w in getattr(self, name)]
+                       for name in ("wqkv", "wo", "w_gate_up", "w_down")}
+        self.packed["lm_head"] = [PackedWeight(self.lm_head)]
+        return True
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .float(), ...: packed copies follow
+        out = super()._apply(fn, recurse)
+        if self.pack_wanted:
+            self.pack_weights()
+        return out
+
+    def weight(self, name: str, i: int = 0) -> Weight:
+        """Projection ``name`` of layer ``i`` (``lm_head``: i = 0), packed when packed."""
+        if self.packed is not None:
+            return self.packed[name][i]
+        return self.lm_head if name == "lm_head" else getattr(self, name)[i]
+
     def compile_step(self, **options) -> None:
         """Run each layer's two dense blocks (norm + q|k|v + rope; o-proj + residual + norm +
         MLP) through ``torch.compile`` (dynamic shapes: one graph for every layer, chunk and
         cache length). Attention and the cache writes stay eager. ``options`` go to
         ``torch.compile`` (e.g. ``mode="reduce-overhead"`` on CUDA)."""
+        self.packed, self.pack_wanted = None, False  # inductor lays the weights out itself
         self.pre_attention = torch.compile(pre_attention, dynamic=True, **options)
         self.post_attention = torch.compile(post_attention, dynamic=True, **options)
         self.compiled = True
@@ -295,7 +374,8 @@ class FastLlama(nn.Module):
         [B, Q, H * D]."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.pre_attention(x, self.norm_attn[i], self.wqkv[i], cos, sin, self.eps, H, Hkv)
+        q, k, v = self.pre_attention(x, self.norm_attn[i], self.weight("wqkv", i), cos, sin,
+                                     self.eps, H, Hkv)
         if cache is not None:
             k, v = cache.append(i, k, v)  # [B, Hkv, S + T, D]
         if Hkv != H:
@@ -343,11 +423,12 @@ class FastLlama(nn.Module):
         for i in range(n):
             q_rows = rows if i == n - 1 and attention_mask is not None else slice(None)
             attn = self.attention(i, x, cos, sin, attention_mask, cache if use_cache else None, q_rows)
-            x = self.post_attention(x[:, q_rows], attn, self.wo[i], self.norm_mlp[i],
-                                    self.w_gate_up[i], self.w_down[i], self.eps)
+            x = self.post_attention(x[:, q_rows], attn, self.weight("wo", i), self.norm_mlp[i],
+                                    self.weight("w_gate_up", i), self.weight("w_down", i),
+                                    self.eps)
         if attention_mask is None:
             x = x[:, rows]
-        return Output(F.linear(self.rms_norm(x, self.norm_out), self.lm_head))
+        return Output(linear(self.rms_norm(x, self.norm_out), self.weight("lm_head")))
 
 
 def fast_forward(model: nn.Module, head_ids: Tensor | list[int] | None = None) -> nn.Module:
