@@ -192,6 +192,35 @@ def oracle_pass_time(target: torch.nn.Module, prompt_batches: list[Batch], width
     return time_per_batch(one, prompt_batches, repeat)
 
 
+def first_code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
+                     prompt_batches: list[Batch], k: int) -> list[int]:
+    """Per prompt, the draft width that code 1 needs: the smallest N whose top N first codes
+    (the draft's scores, among the trie root's children) hold all of the target's top k. Strict
+    acceptance of code 1 needs N >= this; at code 1 it is what the draft's agreement costs."""
+    import torch
+
+    from atspeed_ray.decoding.beam import (
+        column_log_probs, empty_nodes, head_columns, log_probs, prefill,
+    )
+
+    root = index.child_table(torch.zeros((), dtype=torch.long, device=index.device)) >= 0  # [C]
+    k = min(k, int(root.sum()))
+    need: list[int] = []
+    for batch in prompt_batches:
+        B = len(batch)
+        depth = torch.zeros(B, dtype=torch.long, device=index.device)
+        cols = []
+        for model in (target, draft):
+            last = prefill(model, batch, empty_nodes(B, index.device))[0]  # [B, V] (or [B, H])
+            lp = column_log_probs(log_probs(last[:, None]), depth, index, head_columns(model))
+            cols.append(lp[:, 0].float().masked_fill(~root, float("-inf")))  # [B, C]
+        top = cols[0].topk(k, dim=1).indices  # [B, k] the target's top k first codes
+        order = cols[1].argsort(dim=1, descending=True, stable=True)
+        rank = order.argsort(dim=1)  # [B, C] the draft's rank of every column (0 = best)
+        need += (rank.gather(1, top).max(dim=1).values + 1).tolist()
+    return need
+
+
 def draft_round_time(draft: torch.nn.Module, index: ItemIndex, prompt_batches: list[Batch],
                      params: SearchParams, repeat: int = 1) -> float:
     """Time of the draft's first round for each batch: its prefill and min(gamma, L - 1)
@@ -269,12 +298,15 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
         t_pass = oracle_pass_time(target, prompt_batches, k, params.gamma, repeat)
         t_tree = t_pass if n == k else oracle_pass_time(target, prompt_batches, n, params.gamma, repeat)
         t_draft = draft_round_time(draft, index, prompt_batches, params, repeat)
+        cover = sorted(first_code_cover(target, draft, index, prompt_batches, k))
     ref_items = [i for r in ref for i in r.items]
     out_items = [i for r in out for i in r.items]
     row = speed_row(params, batch_size, t_plain, t_spec, t_pass, t_tree, t_draft,
                     {key: [v for r in out for v in r.stats[key]]
                      for key in (*STAT_NAMES, *POSITION_STAT_NAMES)})
     row.update(breakdown_ms(timings, len(prompts), t_plain, t_pass, t_tree, t_draft))
+    row["code1_width_median"] = cover[len(cover) // 2]  # N that code 1 needs (first_code_cover)
+    row["code1_width_max"] = cover[-1]
     if params.mode == "strict":
         row["identical_rate"] = sum(a == b for a, b in zip(out_items, ref_items)) / len(prompts)
     return row, ref_items, out_items

@@ -77,3 +77,32 @@ def test_evaluate_speed_table_carries_the_breakdown_columns():
     from atspeed_ray.evaluate import SPEED_COLUMNS
 
     assert set(BREAKDOWN_COLUMNS) <= set(SPEED_COLUMNS) and "fraction_of_oracle" in SPEED_COLUMNS
+
+
+def test_first_code_cover_is_k_for_the_target_itself_and_at_least_k_for_another_draft(setup):
+    from atspeed_ray.benchmarking import first_code_cover
+
+    index, target, draft, prompts = setup
+    root = int((index.child_table(torch.tensor(0)) >= 0).sum())
+    for k in (1, 3, 5):
+        assert first_code_cover(target, target, index, [prompts[:2], prompts[2:]], k) == [k] * 4
+        other = first_code_cover(target, draft, index, [prompts], k)
+        assert len(other) == 4 and all(k <= n <= root for n in other)
+    # a draft that ranks the first codes in reverse needs every one of them
+    assert all(n > root - 5 for n in first_code_cover(target, Negated(target), index, [prompts], 5))
+    row, _, _ = measure_speculative(target, draft, index, prompts, SearchParams(3, 6, 2),
+                                    batch_size=4)
+    assert 3 <= row["code1_width_median"] <= row["code1_width_max"] <= root
+
+
+class Negated(torch.nn.Module):
+    """A model whose logits are another's, negated: it ranks every token in reverse."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, cache=None, **kw):
+        out = self.model(cache=cache, **kw)
+        out.logits = -out.logits
+        return out
