@@ -332,7 +332,8 @@ class FastLlama(nn.Module):
     def pack_weights(self) -> bool:
         """Lay every projection (q|k|v, o, gate|up, down, the LM head) out once for the CPU GEMM
         library (``PackedWeight``); the parameters stay as they are (the embedding reads them).
-        Returns False, changing nothing, where no library packs this dtype on this device, or
+        Returns False where no library packs this dtype on this device (the forward then runs
+        on the plain weights, and is packed again if ``.to()`` brings a dtype that packs), or
         when the step is compiled (inductor then lays weights out itself)."""
         if self.compiled:
             return False
