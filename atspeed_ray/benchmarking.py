@@ -199,23 +199,19 @@ def first_code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: Ite
     acceptance of code 1 needs N >= this; at code 1 it is what the draft's agreement costs."""
     import torch
 
-    from atspeed_ray.decoding.beam import (
-        column_log_probs, empty_nodes, head_columns, log_probs, prefill,
-    )
+    from atspeed_ray.decoding.beam import expand, head_columns, log_probs, prefill
 
-    root = index.child_table(torch.zeros((), dtype=torch.long, device=index.device)) >= 0  # [C]
-    k = min(k, int(root.sum()))
     need: list[int] = []
     for batch in prompt_batches:
-        B = len(batch)
-        depth = torch.zeros(B, dtype=torch.long, device=index.device)
-        cols = []
+        zeros = torch.zeros(len(batch), 1, dtype=torch.long, device=index.device)  # root, depth 0
+        scores = []  # per model: [B, C] first-code scores, -inf off the root's children
         for model in (target, draft):
-            last = prefill(model, batch, empty_nodes(B, index.device))[0]  # [B, V] (or [B, H])
-            lp = column_log_probs(log_probs(last[:, None]), depth, index, head_columns(model))
-            cols.append(lp[:, 0].float().masked_fill(~root, float("-inf")))  # [B, C]
-        top = cols[0].topk(k, dim=1).indices  # [B, k] the target's top k first codes
-        order = cols[1].argsort(dim=1, descending=True, stable=True)
+            last = prefill(model, batch)[0]  # [B, V] (a code head's: [B, H])
+            scores.append(expand(log_probs(last[:, None]), zeros.to(last.dtype), zeros,
+                                 zeros[:, 0], index, head_columns(model)).scores.float())
+        kk = min(k, int(torch.isfinite(scores[0][0]).sum()))
+        top = scores[0].topk(kk, dim=1).indices  # [B, kk] the target's top first codes
+        order = scores[1].argsort(dim=1, descending=True, stable=True)
         rank = order.argsort(dim=1)  # [B, C] the draft's rank of every column (0 = best)
         need += (rank.gather(1, top).max(dim=1).values + 1).tolist()
     return need

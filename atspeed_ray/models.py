@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from atspeed_ray.decoding.fast_llama import table_rows
-from atspeed_ray.settings import DEFAULT_COMPILE, DEFAULT_FORWARD, DEFAULT_PACK, Dtype, Forward, Precision
+from atspeed_ray.settings import (
+    DEFAULT_COMPILE, DEFAULT_FORWARD, DEFAULT_PACK, Dtype, Forward, Precision,
+)
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
 PRECISION_DTYPE: dict[str, Dtype] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -30,10 +30,10 @@ DEFAULT_FORWARD: Forward = "fast"
 DEFAULT_COMPILE = False
 
 # Pack FastLlama's projection weights once for the CPU GEMM library (``FastLlama.pack_weights``:
-# oneDNN for bf16, MKL for fp32; nothing on CUDA or in fp64). On by default: on the 2-core
-# Intel CPU (AMX) it cut a SmolLM2-135M forward over 10 / 40 / 130 tokens from 63 / 91 / 182 ms
-# to 48 / 76 / 183 ms in fp32 and from 37 / 49 / 79 ms to 31 / 42 / 64 ms in bf16.
-# ``DeviceConfig.pack``, ``--no-pack``. README: "Decoding step".
+# oneDNN for bf16, MKL for fp32; nothing on CUDA or in fp64). On by default: it makes a
+# SmolLM2-135M forward no slower at any length and faster at most, measured on a 2-core CPU in
+# ``results/beauty-llm/pass_costs.json``. ``DeviceConfig.pack``, ``--no-pack``. README:
+# "Decoding step".
 DEFAULT_PACK = True
 
 # Parameter dtype of a decoding model, by torch name; ``auto`` keeps the checkpoint's dtype

@@ -44,6 +44,24 @@ def tree_chunk(B: int, vocab: int, seed: int) -> Nodes:
     return Nodes(tokens, depth, parent, cached, valid)
 
 
+def prompts_and_tree(vocab: int) -> tuple[torch.Tensor, torch.Tensor, Nodes]:
+    """Three left-padded prompts (tokens, valid [3, P]) and a tree chunk below them."""
+    prompts = random_prompts(3, vocab, seed=4, min_len=2, max_len=9)
+    tokens, valid = left_pad(prompts, 0, torch.device("cpu"))
+    return tokens, valid, tree_chunk(3, vocab, seed=5)
+
+
+def assert_same_chunks(got: tuple, ref: tuple, real: torch.Tensor, tol: float) -> None:
+    """(prompt + tree logits, next chunk's logits, cache) of two forwards agree; ``real`` [B, P + T]
+    marks the first chunk's positions that are real tokens (left padding is not compared)."""
+    (l_got, l2_got, c_got), (l_ref, l2_ref, c_ref) = got, ref
+    torch.testing.assert_close(l_got[real], l_ref[real], rtol=tol, atol=tol)
+    torch.testing.assert_close(l2_got, l2_ref, rtol=tol, atol=tol)
+    for a, b in zip(c_got.kv.layers, c_ref.kv.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=tol, atol=tol)
+        torch.testing.assert_close(a.values, b.values, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("cfg", [
     {},
     {"num_key_value_heads": 2},  # grouped-query attention
@@ -55,9 +73,7 @@ def test_logits_and_cache_equal_the_hf_forward(cfg):
     V = 50
     hf = llama(V, seed=3, **cfg)
     fast = FastLlama(hf)
-    prompts = random_prompts(3, V, seed=4, min_len=2, max_len=9)
-    tokens, valid = left_pad(prompts, 0, torch.device("cpu"))
-    nodes = tree_chunk(3, V, seed=5)
+    tokens, valid, nodes = prompts_and_tree(V)
     outs = []
     for model in (hf, fast):
         logits, cache, _ = tree_forward(model, None, nodes, prompt=(tokens, valid), prompt_logits=True)
@@ -76,13 +92,7 @@ def test_logits_and_cache_equal_the_hf_forward(cfg):
         for a, b in zip(trimmed_cache.kv.layers, full_cache.kv.layers):
             torch.testing.assert_close(a.keys, b.keys)
             torch.testing.assert_close(a.values, b.values)
-    (l_hf, l2_hf, c_hf), (l_fast, l2_fast, c_fast) = outs
-    real = torch.cat([valid, nodes.valid], 1)
-    torch.testing.assert_close(l_fast[real], l_hf[real], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(l2_fast, l2_hf, rtol=1e-9, atol=1e-9)
-    for a, b in zip(c_fast.kv.layers, c_hf.kv.layers):
-        torch.testing.assert_close(a.keys, b.keys, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-9)
+    assert_same_chunks(outs[1], outs[0], torch.cat([valid, nodes.valid], 1), tol=1e-9)
 
 
 def test_decoding_on_fast_llama_equals_decoding_on_hf():
@@ -221,9 +231,7 @@ def test_static_cache_writes_and_compacts_in_place_as_the_plain_gather():
     V = 50
     hf = llama(V, seed=3)
     fast = FastLlama(hf)
-    prompts = random_prompts(3, V, seed=4, min_len=2, max_len=9)
-    tokens, valid = left_pad(prompts, 0, torch.device("cpu"))
-    nodes = tree_chunk(3, V, seed=5)
+    tokens, valid, nodes = prompts_and_tree(V)
     _, cache, slots = tree_forward(fast, None, nodes, prompt=(tokens, valid))
     assert isinstance(cache.kv, KVCache)
     bufs = [layer.k_buf for layer in cache.kv.layers]
@@ -265,20 +273,13 @@ def test_packed_weights_give_the_plain_forward(cfg):
     plain, packed = FastLlama(hf), FastLlama(hf)
     assert packed.pack_weights() and packed.packed is not None
     assert {w.lib for ws in packed.packed.values() for w in ws} == {"mkl"}
-    prompts = random_prompts(3, V, seed=4, min_len=2, max_len=9)
-    tokens, valid = left_pad(prompts, 0, torch.device("cpu"))
-    nodes = tree_chunk(3, V, seed=5)
+    tokens, valid, nodes = prompts_and_tree(V)
     outs = []
     for model in (plain, packed):
         logits, cache, _ = tree_forward(model, None, nodes, prompt=(tokens, valid), prompt_logits=True)
         logits2, cache, _ = tree_forward(model, cache, tree_chunk(3, V, seed=6))
         outs.append((logits, logits2, cache))
-    (l_p, l2_p, c_p), (l_k, l2_k, c_k) = outs
-    real = torch.cat([valid, nodes.valid], 1)
-    torch.testing.assert_close(l_k[real], l_p[real], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(l2_k, l2_p, rtol=1e-5, atol=1e-5)
-    for a, b in zip(c_k.kv.layers, c_p.kv.layers):
-        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+    assert_same_chunks(outs[1], outs[0], torch.cat([valid, nodes.valid], 1), tol=1e-5)
     # a code head restricted after packing is packed too, and reads the same rows
     head = torch.tensor([7, 3, 11])
     for m in (plain, packed):
