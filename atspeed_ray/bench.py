@@ -161,8 +161,8 @@ def breakdown_line(row: dict) -> str:
 def position_line(row: dict) -> str:
     """Accepted / verified drafted steps per code position: where acceptance is lost."""
     return ("    accepted/verified drafted steps by code position: " + row["accepted_by_position"]
-            + "; code 1 needs N >= {code1_width_median} (median; max {code1_width_max}) for the "
-              "draft's top N to hold the target's top K".format(**row))
+            + "; width N each code needs for the draft's top N to hold the target's top K "
+              "(median/max): " + row["code_width_by_position"])
 
 
 def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list[int]],

@@ -192,28 +192,59 @@ def oracle_pass_time(target: torch.nn.Module, prompt_batches: list[Batch], width
     return time_per_batch(one, prompt_batches, repeat)
 
 
-def first_code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
-                     prompt_batches: list[Batch], k: int) -> list[int]:
-    """Per prompt, the draft width that code 1 needs: the smallest N whose top N first codes
-    (the draft's scores, among the trie root's children) hold all of the target's top k. Strict
-    acceptance of code 1 needs N >= this; at code 1 it is what the draft's agreement costs."""
+def cover_width(target_scores: torch.Tensor, draft_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """target_scores, draft_scores [B, F] (the same candidates, -inf where the trie forbids one)
+    -> [B]: the smallest N whose top N by the draft's score hold all of the target's top k
+    (0 for a request without a live candidate)."""
     import torch
 
-    from atspeed_ray.decoding.beam import expand, head_columns, log_probs, prefill
+    kk = min(k, target_scores.shape[1])
+    top = target_scores.topk(kk, dim=1)  # the target's top kk candidates
+    order = draft_scores.argsort(dim=1, descending=True, stable=True)
+    rank = order.argsort(dim=1).gather(1, top.indices) + 1  # [B, kk] the draft's rank (1 = best)
+    return torch.where(torch.isfinite(top.values), rank, 0).max(dim=1).values
 
-    need: list[int] = []
+
+def code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
+               prompt_batches: list[Batch], k: int) -> list[list[int]]:
+    """Per prompt, per code position (L values): the draft width that position needs when a round
+    starts there from the target's own top-k beams. The target runs its beam search; at every
+    step the draft scores the same candidates (the target's prefix score + the draft's log-prob,
+    as drafting's first step ranks them), and the value is the smallest N whose top N hold the
+    target's top k (``cover_width``). Strict acceptance of that step needs N >= it; a step drafted
+    deeper in a round, from the draft's own beams, needs at least as much. Position 1 is the
+    first code, drafted from the root."""
+    import torch
+
+    from atspeed_ray.decoding.beam import (beam_step, expand, head_columns, log_probs, prefill,
+                                           root_beams, score_dtype, step_nodes)
+    from atspeed_ray.decoding.tree import tree_forward
+
+    models = {"target": target, "draft": draft}
+    heads = {name: head_columns(m) for name, m in models.items()}
+    need: list[list[int]] = []
     for batch in prompt_batches:
-        zeros = torch.zeros(len(batch), 1, dtype=torch.long, device=index.device)  # root, depth 0
-        scores = []  # per model: [B, C] first-code scores, -inf off the root's children
-        for model in (target, draft):
-            last = prefill(model, batch)[0]  # [B, V] (a code head's: [B, H])
-            scores.append(expand(log_probs(last[:, None]), zeros.to(last.dtype), zeros,
-                                 zeros[:, 0], index, head_columns(model)).scores.float())
-        kk = min(k, int(torch.isfinite(scores[0][0]).sum()))
-        top = scores[0].topk(kk, dim=1).indices  # [B, kk] the target's top first codes
-        order = scores[1].argsort(dim=1, descending=True, stable=True)
-        rank = order.argsort(dim=1)  # [B, C] the draft's rank of every column (0 = best)
-        need += (rank.gather(1, top).max(dim=1).values + 1).tolist()
+        B, L, dev = len(batch), index.L, index.device
+        logp, caches = {}, {}
+        for name, m in models.items():
+            last, caches[name], _, _ = prefill(m, batch)  # [B, V] (a code head's: [B, H])
+            logp[name] = log_probs(last)[:, None]  # [B, 1, V]
+        beams = root_beams(B, 1, L, list(models), dev, score_dtype(target))
+        widths = []  # L tensors [B]
+        for d in range(L):
+            depth = torch.full((B,), d, dtype=torch.long, device=dev)
+            cands = {name: expand(logp[name], beams.scores, beams.node, depth, index, heads[name])
+                     for name in models}
+            widths.append(cover_width(cands["target"].scores, cands["draft"].scores.float(), k))
+            beams = beams.extend(beam_step(cands["target"], k), depth)
+            if d == L - 1:
+                break
+            for name, m in models.items():
+                logits, caches[name], slots = tree_forward(m, caches[name],
+                                                           step_nodes(beams, depth, name), max_chain=0)
+                beams = beams.with_slots(name, depth, slots)
+                logp[name] = log_probs(logits)  # [B, k, V]
+        need += torch.stack(widths, dim=1).tolist()  # [B, L]
     return need
 
 
@@ -294,18 +325,31 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
         t_pass = oracle_pass_time(target, prompt_batches, k, params.gamma, repeat)
         t_tree = t_pass if n == k else oracle_pass_time(target, prompt_batches, n, params.gamma, repeat)
         t_draft = draft_round_time(draft, index, prompt_batches, params, repeat)
-        cover = sorted(first_code_cover(target, draft, index, prompt_batches, k))
+        cover = code_cover(target, draft, index, prompt_batches, k)  # [P][L]
     ref_items = [i for r in ref for i in r.items]
     out_items = [i for r in out for i in r.items]
     row = speed_row(params, batch_size, t_plain, t_spec, t_pass, t_tree, t_draft,
                     {key: [v for r in out for v in r.stats[key]]
                      for key in (*STAT_NAMES, *POSITION_STAT_NAMES)})
     row.update(breakdown_ms(timings, len(prompts), t_plain, t_pass, t_tree, t_draft))
-    row["code1_width_median"] = cover[len(cover) // 2]  # N that code 1 needs (first_code_cover)
-    row["code1_width_max"] = cover[-1]
+    row.update(width_columns(cover))
     if params.mode == "strict":
         row["identical_rate"] = sum(a == b for a, b in zip(out_items, ref_items)) / len(prompts)
     return row, ref_items, out_items
+
+
+def width_columns(cover: list[list[int]]) -> dict[str, int | str]:
+    """``code{d}_width_median`` / ``_max`` over the prompts, for every code position d (1-based)
+    of ``code_cover`` (the draft width each position needs), and all of them in one string,
+    ``code_width_by_position``: "median/max" per position, comma-separated."""
+    out: dict[str, int | str] = {}
+    parts = []
+    for d, widths in enumerate(zip(*cover), start=1):
+        w = sorted(widths)
+        out[f"code{d}_width_median"], out[f"code{d}_width_max"] = w[len(w) // 2], w[-1]
+        parts.append(f"{w[len(w) // 2]}/{w[-1]}")
+    out["code_width_by_position"] = ", ".join(parts)
+    return out
 
 
 BREAKDOWN_COLUMNS = ("draft_ms", "verify_ms", "accept_ms", "bookkeeping_ms", "rest_ms",

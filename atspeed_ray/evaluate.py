@@ -140,7 +140,7 @@ SPEED_COLUMNS = [
     "method", "mode", "batch_size", "k", "draft_beams", "gamma", "expand_last", "walltime_speedup",
     "accepted_steps_per_round", "accepted_by_position",
     "target_calls_per_request", "draft_calls_per_request", "identical_rate",
-    "code1_width_median", "code1_width_max",
+    "code1_width_median", "code1_width_max", "code_width_by_position",
     "oracle_speedup", "fraction_of_oracle", "tree_bound_speedup", "one_round_bound_speedup",
     "beam_search_s", "speculative_s", *BREAKDOWN_COLUMNS]
 

@@ -79,20 +79,60 @@ def test_evaluate_speed_table_carries_the_breakdown_columns():
     assert set(BREAKDOWN_COLUMNS) <= set(SPEED_COLUMNS) and "fraction_of_oracle" in SPEED_COLUMNS
 
 
-def test_first_code_cover_is_k_for_the_target_itself_and_at_least_k_for_another_draft(setup):
-    from atspeed_ray.benchmarking import first_code_cover
+def plain_cover(target, draft, index, prompt: list[int], k: int) -> list[int]:
+    """Reference for code positions 1 and 2 of ``code_cover``, by plain full-sequence forwards:
+    the target's top k first codes, then every trie child of those, scored by the target's prefix
+    log-prob plus each model's log-prob of the child."""
+    def logp(model, tokens):
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1].double(), -1)
+
+    def width(t_scores: dict, d_scores: dict) -> int:
+        top = sorted(t_scores, key=t_scores.get, reverse=True)[:k]
+        order = sorted(d_scores, key=d_scores.get, reverse=True)
+        return max(order.index(c) for c in top) + 1
+
+    codes = index.codes.tolist()
+    first = sorted({c[0] for c in codes})
+    t1, d1 = logp(target, prompt), logp(draft, prompt)
+    need = [width({c: float(t1[c]) for c in first}, {c: float(d1[c]) for c in first})]
+    beams = sorted(first, key=lambda c: float(t1[c]), reverse=True)[:k]
+    t2, d2 = {}, {}
+    for c1 in beams:
+        lt, ld = logp(target, prompt + [c1]), logp(draft, prompt + [c1])
+        for c2 in sorted({c[1] for c in codes if c[0] == c1}):
+            t2[c1, c2] = float(t1[c1] + lt[c2])
+            d2[c1, c2] = float(t1[c1] + ld[c2])
+    return need + [width(t2, d2)]
+
+
+def test_code_cover_is_k_for_the_target_itself_and_matches_plain_forwards(setup):
+    from atspeed_ray.benchmarking import code_cover
 
     index, target, draft, prompts = setup
     root = int((index.child_table(torch.tensor(0)) >= 0).sum())
     for k in (1, 3, 5):
-        assert first_code_cover(target, target, index, [prompts[:2], prompts[2:]], k) == [k] * 4
-        other = first_code_cover(target, draft, index, [prompts], k)
-        assert len(other) == 4 and all(k <= n <= root for n in other)
-    # a draft that ranks the first codes in reverse needs every one of them
-    assert all(n > root - 5 for n in first_code_cover(target, Negated(target), index, [prompts], 5))
+        same = code_cover(target, target, index, [prompts[:2], prompts[2:]], k)
+        assert same == [[k] * index.L] * 4
+        other = code_cover(target, draft, index, [prompts], k)
+        assert [row[:2] for row in other] == [plain_cover(target, draft, index, p, k) for p in prompts]
+        assert all(k <= n for row in other for n in row)
+        assert any(n > k for row in other for n in row)  # an unrelated draft misses somewhere
+    # a draft that ranks every token in reverse needs (almost) all first codes
+    assert all(row[0] > root - 5 for row in code_cover(target, Negated(target), index, [prompts], 5))
+
+
+def test_bench_row_carries_the_width_every_code_position_needs(setup):
+    index, target, draft, prompts = setup
     row, _, _ = measure_speculative(target, draft, index, prompts, SearchParams(3, 6, 2),
                                     batch_size=4)
+    root = int((index.child_table(torch.tensor(0)) >= 0).sum())
     assert 3 <= row["code1_width_median"] <= row["code1_width_max"] <= root
+    parts = row["code_width_by_position"].split(", ")
+    assert len(parts) == index.L
+    for d, part in enumerate(parts, start=1):
+        assert part == f"{row[f'code{d}_width_median']}/{row[f'code{d}_width_max']}"
+        assert 3 <= row[f"code{d}_width_median"] <= row[f"code{d}_width_max"]
 
 
 class Negated(torch.nn.Module):
