@@ -68,7 +68,16 @@ def packing_library(dtype: torch.dtype, device: torch.device) -> str | None:
 class PackedWeight:
     """A projection's weight [O, I] laid out once for the CPU GEMM library (``packing_library``):
     ``self(x)`` = ``F.linear(x, w)`` for x [..., I], without the per-call re-layout.
-    oneDNN (bf16) gives F.linear's bits; MKL (fp32) differs from it in the last ulps."""
+    oneDNN (bf16) gives F.linear's bits; MKL (fp32) differs from it in the last ulps.
+
+    Batch invariance (what strict decoding in bf16 needs: a token's logits must not depend on
+    how many tokens share its forward). Measured with torch 2.13's oneDNN
+    (``results/beauty-llm/RUN.md``): on an AVX512-BF16 CPU without AMX, every call of M >= 2
+    rows gives each row the bits of any other such call, while a single row takes another path
+    whose sums differ in the last bit for some rows of the 1536-wide down projection; a single
+    row is therefore fed as two. On an AMX CPU calls of more than 32 rows differ as well, and
+    no padding helps there.
+    """
 
     def __init__(self, w: Tensor):
         lib = packing_library(w.dtype, w.device)
@@ -81,7 +90,10 @@ class PackedWeight:
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [M, I]
         if self.lib == "onednn":
-            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
+            M = rows.shape[0]
+            if M == 1:  # two rows take the GEMM path of every larger call (above)
+                rows = rows.expand(2, -1).contiguous()
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")[:M]
         else:
             y = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, None, rows.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
@@ -205,6 +217,46 @@ def unsupported_reason(model: nn.Module) -> str | None:
     }
     bad = [name for name, ok in checks.items() if not ok]
     return f"unsupported {', '.join(bad)}" if bad else None
+
+
+MIN_QUERY_ROWS = 4  # fp32 matmuls of fewer rows take other kernels on the CPU (see below)
+
+
+def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Masked attention whose result for a query row depends only on that query and the keys it
+    sees, in their order: not on how many other queries share the call, nor on masked keys
+    around them. q [B, H, Q, D], k and v [B, H, S, D], mask [B, 1, Q, S] additive -> [B, H, Q, D]
+    in q's dtype.
+
+    Scores, softmax and the weighted sum run in fp32 (fp64 for fp64 inputs) by plain matmuls (the accumulation a
+    masked key adds to is an exact zero), over at least ``MIN_QUERY_ROWS`` query rows (a
+    single query is repeated). Strict decoding in bf16 needs this: SDPA's CPU kernel blocks
+    the queries by the chunk's length, and a row's bits then follow the block it falls in
+    (measured: ``results/beauty-llm/RUN.md``), so a tree node's logits in a verification pass
+    would differ from the same node's in a beam-search step.
+    """
+    Q = q.shape[2]
+    if Q < MIN_QUERY_ROWS:
+        q = torch.cat([q, q[:, :, :1].expand(-1, -1, MIN_QUERY_ROWS - Q, -1)], 2)
+        mask = torch.cat([mask, mask[:, :, :1].expand(-1, -1, MIN_QUERY_ROWS - Q, -1)], 2)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale + mask.to(acc)  # [B, H, Q', S]
+    out = torch.softmax(scores, dim=-1) @ v.to(acc)  # [B, H, Q', D]
+    return out[:, :, :Q].to(q.dtype)
+
+
+def causal_mask(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[1, 1, T, T] additive causal mask (0 = attend, dtype min = blocked)."""
+    blocked = ~torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))
+    return torch.zeros(T, T, dtype=dtype, device=device).masked_fill(
+        blocked, torch.finfo(dtype).min)[None, None]
+
+
+def uses_invariant_attention(x: Tensor) -> bool:
+    """Where ``FastLlama`` runs ``invariant_attention`` instead of SDPA: on the CPU below fp32
+    (in fp32 and fp64 SDPA's last-bit differences stay far below any score gap; on CUDA SDPA's
+    fused kernels are kept)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -385,8 +437,13 @@ class FastLlama(nn.Module):
         q = q[:, :, rows]  # [B, H, Q, D]
         if mask is not None:
             mask = mask[:, :, rows]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
-                                             is_causal=mask is None)
+        if uses_invariant_attention(q):
+            if mask is None:
+                mask = causal_mask(q.shape[2], q.dtype, q.device)
+            out = invariant_attention(q, k, v, mask, self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+                                                 is_causal=mask is None)
         return out.transpose(1, 2).reshape(B, q.shape[2], H * D)
 
     @torch.no_grad()
