@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atspeed_ray.decoding import beam_search, speculative_beam_search
-from atspeed_ray.decoding.fast_llama import fast_forward, invariant_attention
+from atspeed_ray.decoding.fast_llama import fast_forward, invariant_attention, tree_key_slots
 from atspeed_ray.models import cpu_bf16_flags, decoding_dtype
 from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
 
@@ -66,27 +66,46 @@ INVARIANT_BF16 = pytest.mark.skipif(
     reason="bf16 batch invariance is measured on AVX512-BF16 CPUs without AMX only")
 
 
-def test_invariant_attention_is_sdpa_and_gives_a_row_the_same_bits_in_any_call():
+def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+@pytest.mark.parametrize("prompt_cols", [None, 6])
+def test_invariant_attention_is_sdpa_and_gives_a_row_the_same_bits_in_any_call(prompt_cols):
     """The reference beside the fast path: ``invariant_attention`` is SDPA (fp64, masked), and
-    in bf16 a query row's result is the same whether it is computed alone, among other queries,
-    or with masked keys between the keys it sees."""
+    in bf16 a query row's result is the same whether it is computed alone or among other
+    queries, and wherever the tree keys it sees sit among masked ones."""
     g = torch.Generator().manual_seed(0)
     B, H, S, D = 2, 3, 20, 8
     q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(3))
-    visible = torch.rand(B, 1, S, S, generator=g) < 0.5
+    visible = torch.rand(B, 1, S, S, generator=g) < 0.4
     visible |= torch.eye(S, dtype=torch.bool)
-    mask = torch.zeros(B, 1, S, S, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
-    torch.testing.assert_close(invariant_attention(q, k, v, mask, 0.3), want)
-    q, k, v, mask = q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16()
-    full = invariant_attention(q, k, v, mask, 0.3)
+    visible[..., :2] = True  # every query sees the first prompt keys
+    slots = None if prompt_cols is None else tree_key_slots(additive(visible, torch.float64), prompt_cols)
+
+    def attend(q, k, v, visible, dtype, slots=slots):
+        return invariant_attention(q.to(dtype), k.to(dtype), v.to(dtype), additive(visible, dtype),
+                                   0.3, prompt_cols, slots)
+
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=additive(visible, torch.float64), scale=0.3)
+    torch.testing.assert_close(attend(q, k, v, visible, torch.float64), want)
+    full = attend(q, k, v, visible, torch.bfloat16)
     for rows in (slice(0, 1), slice(5, 7), slice(3, 20)):
-        assert torch.equal(invariant_attention(q[:, :, rows], k, v, mask[:, :, rows], 0.3), full[:, :, rows])
-    # row 9 of request 0 again, its keys packed together (the masked ones dropped)
-    seen = visible[0, 0, 9].nonzero()[:, 0]
-    alone = invariant_attention(q[:1, :, 9:10], k[:1, :, seen], v[:1, :, seen],
-                                torch.zeros(1, 1, 1, len(seen), dtype=torch.bfloat16), 0.3)
-    assert torch.equal(alone, full[:1, :, 9:10])
+        part = attend(q[:, :, rows], k, v, visible[:, :, rows], torch.bfloat16,
+                      None if slots is None else slots[:, rows])
+        assert torch.equal(part, full[:, :, rows])
+    if prompt_cols is None:
+        return
+    # query 9 of request 0 again, with masked junk keys inserted between the tree keys it sees
+    junk = torch.randn(1, H, 5, D, generator=g, dtype=torch.float64)
+    cut = prompt_cols + 7
+    k2, v2 = (torch.cat([x[:1, :, :cut], junk, x[:1, :, cut:]], 2) for x in (k, v))
+    vis2 = torch.cat([visible[:1, :, 9:10, :cut], torch.zeros(1, 1, 1, 5, dtype=torch.bool),
+                      visible[:1, :, 9:10, cut:]], 3)
+    slots2 = tree_key_slots(additive(vis2, torch.float64), prompt_cols)
+    moved = attend(q[:1, :, 9:10], k2, v2, vis2, torch.bfloat16, slots2)
+    assert torch.equal(moved, full[:1, :, 9:10])
 
 
 @INVARIANT_BF16

@@ -222,27 +222,62 @@ def unsupported_reason(model: nn.Module) -> str | None:
 MIN_QUERY_ROWS = 4  # fp32 matmuls of fewer rows take other kernels on the CPU (see below)
 
 
-def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """Masked attention whose result for a query row depends only on that query and the keys it
-    sees, in their order: not on how many other queries share the call, nor on masked keys
-    around them. q [B, H, Q, D], k and v [B, H, S, D], mask [B, 1, Q, S] additive -> [B, H, Q, D]
-    in q's dtype.
+def tree_key_slots(mask: Tensor, prompt_cols: int) -> Tensor:
+    """mask [B, 1, Q, S] additive -> [B, Q, A] long: the key columns at or past ``prompt_cols``
+    (tree nodes: ancestors and self) each query sees, in column order, padded with -1; A is the
+    most any query sees (one host read)."""
+    visible = mask[:, 0, :, prompt_cols:] == 0  # [B, Q, S_tree]
+    n = visible.shape[-1]
+    A = int(visible.sum(-1).max()) if n and visible.numel() else 0
+    cols = torch.where(visible, torch.arange(n, device=mask.device), n)
+    first = cols.sort(dim=-1).values[..., :A]  # [B, Q, A]
+    return torch.where(first < n, first + prompt_cols, -1)
 
-    Scores, softmax and the weighted sum run in fp32 (fp64 for fp64 inputs) by plain matmuls (the accumulation a
-    masked key adds to is an exact zero), over at least ``MIN_QUERY_ROWS`` query rows (a
-    single query is repeated). Strict decoding in bf16 needs this: SDPA's CPU kernel blocks
-    the queries by the chunk's length, and a row's bits then follow the block it falls in
-    (measured: ``results/beauty-llm/RUN.md``), so a tree node's logits in a verification pass
-    would differ from the same node's in a beam-search step.
+
+def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
+                        prompt_cols: int | None = None, tree_slots: Tensor | None = None) -> Tensor:
+    """Masked attention whose result for a query row depends only on that query and the keys it
+    sees: not on how many other queries share the call, nor on where the keys it sees sit among
+    masked ones. q [B, H, Q, D], k and v [B, H, S, D], mask [B, 1, Q, S] additive; the first
+    ``prompt_cols`` key columns are the prompt block (every call lays it out alike; None: all S
+    columns), the rest are tree nodes, of which each query sees the columns ``tree_slots``
+    [B, Q, A] (``tree_key_slots``) -> [B, H, Q, D] in q's dtype.
+
+    In fp32 (fp64 for fp64 inputs): the prompt block by plain matmuls over at least
+    ``MIN_QUERY_ROWS`` query rows (a single query is repeated), then the tree keys one at a
+    time in column order, so that the sums never depend on the tree's layout. Strict decoding
+    in bf16 needs this: SDPA's CPU kernel blocks queries by the chunk's length and sums keys
+    by their position in the cache, and either changes a row's last bits (measured:
+    ``results/beauty-llm/RUN.md``), so a tree node's logits in a verification pass would
+    differ from the same node's in a beam-search step.
     """
-    Q = q.shape[2]
+    Q, P = q.shape[2], mask.shape[-1] if prompt_cols is None else prompt_cols
+    if tree_slots is None:
+        tree_slots = torch.zeros(*mask.shape[:1], Q, 0, dtype=torch.long, device=q.device)
     if Q < MIN_QUERY_ROWS:
-        q = torch.cat([q, q[:, :, :1].expand(-1, -1, MIN_QUERY_ROWS - Q, -1)], 2)
-        mask = torch.cat([mask, mask[:, :, :1].expand(-1, -1, MIN_QUERY_ROWS - Q, -1)], 2)
-    acc = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale + mask.to(acc)  # [B, H, Q', S]
-    out = torch.softmax(scores, dim=-1) @ v.to(acc)  # [B, H, Q', D]
-    return out[:, :, :Q].to(q.dtype)
+        def rep(x: Tensor, dim: int) -> Tensor:
+            first = x.narrow(dim, 0, 1)
+            return torch.cat([x, first.expand(*[-1] * dim, MIN_QUERY_ROWS - Q, *[-1] * (x.dim() - dim - 1))], dim)
+        q, mask, tree_slots = rep(q, 2), rep(mask, 2), rep(tree_slots, 1)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    B, H, Qp, D = q.shape
+    A = tree_slots.shape[-1]
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    s_p = (qf @ kf[:, :, :P].transpose(-1, -2)) * scale + mask[..., :P].to(acc)  # [B, H, Q', P]
+    m = s_p.amax(-1)  # [B, H, Q']
+    if A:  # the tree keys each query sees, gathered: [B, H, Q', A, D]
+        at = tree_slots.clamp(min=0).reshape(B, 1, Qp * A, 1).expand(B, H, Qp * A, D)
+        k_t, v_t = (x.gather(2, at).view(B, H, Qp, A, D) for x in (kf, vf))
+        s_t = (qf[..., None, :] * k_t).sum(-1) * scale  # [B, H, Q', A]
+        s_t = s_t.masked_fill((tree_slots < 0)[:, None], float("-inf"))
+        m = torch.maximum(m, s_t.amax(-1))
+    e_p = torch.exp(s_p - m[..., None])
+    den, num = e_p.sum(-1), e_p @ vf[:, :, :P]  # [B, H, Q'], [B, H, Q', D]
+    if A:
+        e_t = torch.exp(s_t - m[..., None])
+        for a in range(A):  # one key at a time, in column order: the sums ignore the layout
+            den, num = den + e_t[..., a], num + e_t[..., a, None] * v_t[..., a, :]
+    return (num / den[..., None])[:, :, :Q].to(q.dtype)
 
 
 def causal_mask(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -421,10 +456,12 @@ class FastLlama(nn.Module):
         self.compiled = True
 
     def attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                  cache: KVCache | None, rows: slice | Tensor = slice(None)) -> Tensor:
+                  cache: KVCache | None, rows: slice | Tensor = slice(None),
+                  prompt_cols: int | None = None, tree_slots: Tensor | None = None) -> Tensor:
         """Attention of the query positions ``rows`` of the layer input ``x`` (not yet
         normalised; every position's K/V is computed and cached), before the output projection:
-        [B, Q, H * D]."""
+        [B, Q, H * D]. ``prompt_cols`` and ``tree_slots`` [B, T, A] (every position's) lay the
+        keys out for ``invariant_attention``."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.pre_attention(x, self.norm_attn[i], self.weight("wqkv", i), cos, sin,
@@ -440,7 +477,8 @@ class FastLlama(nn.Module):
         if uses_invariant_attention(q):
             if mask is None:
                 mask = causal_mask(q.shape[2], q.dtype, q.device)
-            out = invariant_attention(q, k, v, mask, self.scaling)
+            out = invariant_attention(q, k, v, mask, self.scaling, prompt_cols,
+                                      None if tree_slots is None else tree_slots[:, rows])
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
                                                  is_causal=mask is None)
@@ -449,10 +487,13 @@ class FastLlama(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: KVCache | None = None,
-                use_cache: bool = True, logits_to_keep: int | Tensor = 0) -> Output:
+                use_cache: bool = True, logits_to_keep: int | Tensor = 0,
+                prompt_cols: int | None = None) -> Output:
         """input_ids [B, T]; attention_mask [B, 1, T, S + T] additive (None: causal, no cache);
         position_ids [B, T]. ``cache`` is extended in place. ``logits_to_keep`` as in HF: the last
-        n positions (0 = all) or a 1-D tensor of positions."""
+        n positions (0 = all) or a 1-D tensor of positions. ``prompt_cols``: the first key
+        columns are a prompt block laid out alike in every call (``tree_forward`` says so; only
+        ``invariant_attention`` reads it)."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -477,10 +518,16 @@ class FastLlama(nn.Module):
         if self.input_rows is not None:  # a compact table: global ids -> its rows
             input_ids = table_rows(self.input_rows, input_ids)
         x = F.embedding(input_ids, self.embed)  # [B, T, E]
+        tree_slots = None
+        if prompt_cols is not None and attention_mask is not None and uses_invariant_attention(x):
+            tree_slots = tree_key_slots(attention_mask, prompt_cols)  # [B, T, A], all layers'
+        else:
+            prompt_cols = None
         n = len(self.wqkv)
         for i in range(n):
             q_rows = rows if i == n - 1 and attention_mask is not None else slice(None)
-            attn = self.attention(i, x, cos, sin, attention_mask, cache if use_cache else None, q_rows)
+            attn = self.attention(i, x, cos, sin, attention_mask, cache if use_cache else None,
+                                  q_rows, prompt_cols, tree_slots)
             x = self.post_attention(x[:, q_rows], attn, self.weight("wo", i), self.norm_mlp[i],
                                     self.weight("w_gate_up", i), self.weight("w_down", i),
                                     self.eps)

@@ -205,6 +205,8 @@ def tree_forward(
     dtype = next(model.parameters()).dtype
     kv = cache.kv if cache is not None else new_cache(model)
     keep = 0 if prompt_logits or prompt is None else T + 1
+    prompt_cols = P if cache is None else cache.prompt_cols
+    layout = {"prompt_cols": prompt_cols} if "prompt_cols" in _forward_params(type(model)) else {}
     out = model(
         input_ids=tokens,
         attention_mask=additive_mask(vis, dtype),
@@ -212,12 +214,12 @@ def tree_forward(
         use_cache=True,
         **{cache_kwarg(model): kv},  # the cache is updated in place
         **last_logits_kwargs(model, keep),
+        **layout,
     )
     logits = out.logits[:, -keep:] if keep else out.logits
     new_is_prompt = torch.cat(
         [is_prompt_old, p_valid, torch.zeros(B, T, dtype=torch.bool, device=dev)], 1
     )
-    prompt_cols = P if cache is None else cache.prompt_cols
     tree_cache = TreeCache(kv, new_is_prompt, prompt_len, prompt_cols)
     slots = S + P + torch.arange(T, device=dev).expand(B, T)
     return logits, tree_cache, slots
