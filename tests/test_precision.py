@@ -124,8 +124,8 @@ def test_bf16_strict_search_is_exact_on_an_avx512_bf16_cpu(pack):
         assert target.pack_weights() and draft.pack_weights()
     prompts = random_prompts(6, V, seed=2, max_len=10)
     for k, n, gamma in [(1, 1, 3), (1, 2, 3), (3, 6, 3), (5, 5, 2), (5, 10, 1), (10, 10, 2)]:
-        for p in prompts:
-            ref = beam_search(target, [p], index, k)
-            out = speculative_beam_search(target, draft, [p], index, k, draft_beams=n, gamma=gamma)
-            assert out.items == ref.items, (k, n, gamma)
-            assert torch.equal(out.scores, ref.scores), (k, n, gamma)
+        for batch in [[p] for p in prompts] + [prompts]:  # one by one, then all in one batch
+            ref = beam_search(target, batch, index, k)
+            out = speculative_beam_search(target, draft, batch, index, k, draft_beams=n, gamma=gamma)
+            assert out.items == ref.items, (k, n, gamma, len(batch))
+            assert torch.equal(out.scores, ref.scores), (k, n, gamma, len(batch))
