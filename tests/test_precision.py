@@ -90,6 +90,12 @@ def test_invariant_attention_is_sdpa_and_gives_a_row_the_same_bits_in_any_call(p
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=additive(visible, torch.float64), scale=0.3)
     torch.testing.assert_close(attend(q, k, v, visible, torch.float64), want)
+    # grouped-query heads: 6 query heads on 3 key heads, as SDPA on repeated key heads
+    q6 = torch.randn(B, 6, S, D, generator=g, dtype=torch.float64)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q6, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+        attn_mask=additive(visible, torch.float64), scale=0.3)
+    torch.testing.assert_close(attend(q6, k, v, visible, torch.float64), want)
     full = attend(q, k, v, visible, torch.bfloat16)
     for rows in (slice(0, 1), slice(5, 7), slice(3, 20)):
         part = attend(q[:, :, rows], k, v, visible[:, :, rows], torch.bfloat16,

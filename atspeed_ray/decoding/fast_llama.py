@@ -238,7 +238,8 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: fl
                         prompt_cols: int | None = None, tree_slots: Tensor | None = None) -> Tensor:
     """Masked attention whose result for a query row depends only on that query and the keys it
     sees: not on how many other queries share the call, nor on where the keys it sees sit among
-    masked ones. q [B, H, Q, D], k and v [B, H, S, D], mask [B, 1, Q, S] additive; the first
+    masked ones. q [B, H, Q, D], k and v [B, H_kv, S, D] (H_kv divides H: grouped-query heads,
+    query head h reads key head h // (H / H_kv)), mask [B, 1, Q, S] additive; the first
     ``prompt_cols`` key columns are the prompt block (every call lays it out alike; None: all S
     columns), the rest are tree nodes, of which each query sees the columns ``tree_slots``
     [B, Q, A] (``tree_key_slots``) -> [B, H, Q, D] in q's dtype.
@@ -261,23 +262,31 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: fl
         q, mask, tree_slots = rep(q, 2), rep(mask, 2), rep(tree_slots, 1)
     acc = torch.promote_types(q.dtype, torch.float32)
     B, H, Qp, D = q.shape
-    A = tree_slots.shape[-1]
-    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-    s_p = (qf @ kf[:, :, :P].transpose(-1, -2)) * scale + mask[..., :P].to(acc)  # [B, H, Q', P]
-    m = s_p.amax(-1)  # [B, H, Q']
-    if A:  # the tree keys each query sees, gathered: [B, H, Q', A, D]
-        at = tree_slots.clamp(min=0).reshape(B, 1, Qp * A, 1).expand(B, H, Qp * A, D)
-        k_t, v_t = (x.gather(2, at).view(B, H, Qp, A, D) for x in (kf, vf))
-        s_t = (qf[..., None, :] * k_t).sum(-1) * scale  # [B, H, Q', A]
-        s_t = s_t.masked_fill((tree_slots < 0)[:, None], float("-inf"))
+    Hkv, A = k.shape[1], tree_slots.shape[-1]
+    G = H // Hkv
+    q5 = q.to(acc).reshape(B, Hkv, G, Qp, D)  # the G query heads of each key head
+    kf, vf = k.to(acc), v.to(acc)
+
+    def per_key_head(x: Tensor) -> Tensor:  # [B, Hkv, G, Q', n] <-> [B, Hkv, G * Q', n]
+        return x.reshape(B, Hkv, G * Qp, x.shape[-1])
+
+    s_p = (per_key_head(q5) @ kf[:, :, :P].transpose(-1, -2)).view(B, Hkv, G, Qp, P)
+    s_p = s_p * scale + mask[:, :, None, :, :P].to(acc)  # [B, Hkv, G, Q', P]
+    m = s_p.amax(-1)  # [B, Hkv, G, Q']
+    if A:  # the tree keys each query sees, gathered: [B, Hkv, Q', A, D]
+        at = tree_slots.clamp(min=0).reshape(B, 1, Qp * A, 1).expand(B, Hkv, Qp * A, D)
+        k_t, v_t = (x.gather(2, at).view(B, Hkv, 1, Qp, A, D) for x in (kf, vf))
+        s_t = (q5[..., None, :] * k_t).sum(-1) * scale  # [B, Hkv, G, Q', A]
+        s_t = s_t.masked_fill((tree_slots < 0)[:, None, None], float("-inf"))
         m = torch.maximum(m, s_t.amax(-1))
     e_p = torch.exp(s_p - m[..., None])
-    den, num = e_p.sum(-1), e_p @ vf[:, :, :P]  # [B, H, Q'], [B, H, Q', D]
+    den = e_p.sum(-1)  # [B, Hkv, G, Q']
+    num = (per_key_head(e_p) @ vf[:, :, :P]).view(B, Hkv, G, Qp, D)
     if A:
         e_t = torch.exp(s_t - m[..., None])
         for a in range(A):  # one key at a time, in column order: the sums ignore the layout
             den, num = den + e_t[..., a], num + e_t[..., a, None] * v_t[..., a, :]
-    return (num / den[..., None])[:, :, :Q].to(q.dtype)
+    return (num / den[..., None]).view(B, H, Qp, D)[:, :, :Q].to(q.dtype)
 
 
 def causal_mask(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -468,18 +477,18 @@ class FastLlama(nn.Module):
                                      self.eps, H, Hkv)
         if cache is not None:
             k, v = cache.append(i, k, v)  # [B, Hkv, S + T, D]
-        if Hkv != H:
-            k = k.repeat_interleave(H // Hkv, dim=1)
-            v = v.repeat_interleave(H // Hkv, dim=1)
         q = q[:, :, rows]  # [B, H, Q, D]
         if mask is not None:
             mask = mask[:, :, rows]
-        if uses_invariant_attention(q):
+        if uses_invariant_attention(q):  # grouped heads read their key head in place
             if mask is None:
                 mask = causal_mask(q.shape[2], q.dtype, q.device)
             out = invariant_attention(q, k, v, mask, self.scaling, prompt_cols,
                                       None if tree_slots is None else tree_slots[:, rows])
         else:
+            if Hkv != H:
+                k = k.repeat_interleave(H // Hkv, dim=1)
+                v = v.repeat_interleave(H // Hkv, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
                                                  is_causal=mask is None)
         return out.transpose(1, 2).reshape(B, q.shape[2], H * D)
