@@ -255,11 +255,10 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: fl
     Q, P = q.shape[2], mask.shape[-1] if prompt_cols is None else prompt_cols
     if tree_slots is None:
         tree_slots = torch.zeros(*mask.shape[:1], Q, 0, dtype=torch.long, device=q.device)
-    if Q < MIN_QUERY_ROWS:
-        def rep(x: Tensor, dim: int) -> Tensor:
-            first = x.narrow(dim, 0, 1)
-            return torch.cat([x, first.expand(*[-1] * dim, MIN_QUERY_ROWS - Q, *[-1] * (x.dim() - dim - 1))], dim)
-        q, mask, tree_slots = rep(q, 2), rep(mask, 2), rep(tree_slots, 1)
+    if Q < MIN_QUERY_ROWS:  # the first query again, up to MIN_QUERY_ROWS rows
+        pad = torch.zeros(MIN_QUERY_ROWS, dtype=torch.long, device=q.device)
+        pad[:Q] = torch.arange(Q, device=q.device)
+        q, mask, tree_slots = q[:, :, pad], mask[:, :, pad], tree_slots[:, pad]
     acc = torch.promote_types(q.dtype, torch.float32)
     B, H, Qp, D = q.shape
     Hkv, A = k.shape[1], tree_slots.shape[-1]
