@@ -10,6 +10,7 @@ import torch
 
 from atspeed_ray.decoding import beam_search, speculative_beam_search
 from atspeed_ray.decoding.fast_llama import fast_forward, invariant_attention, tree_key_slots
+from atspeed_ray.decoding.tree import additive_mask
 from atspeed_ray.models import cpu_bf16_flags, decoding_dtype
 from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
 
@@ -66,10 +67,6 @@ INVARIANT_BF16 = pytest.mark.skipif(
     reason="bf16 batch invariance is measured on AVX512-BF16 CPUs without AMX only")
 
 
-def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
-
-
 @pytest.mark.parametrize("prompt_cols", [None, 6])
 def test_invariant_attention_is_sdpa_and_gives_a_row_the_same_bits_in_any_call(prompt_cols):
     """The reference beside the fast path: ``invariant_attention`` is SDPA (fp64, masked), and
@@ -81,20 +78,21 @@ def test_invariant_attention_is_sdpa_and_gives_a_row_the_same_bits_in_any_call(p
     visible = torch.rand(B, 1, S, S, generator=g) < 0.4
     visible |= torch.eye(S, dtype=torch.bool)
     visible[..., :2] = True  # every query sees the first prompt keys
-    slots = None if prompt_cols is None else tree_key_slots(additive(visible, torch.float64), prompt_cols)
+    mask = additive_mask(visible[:, 0], torch.float64)
+    slots = None if prompt_cols is None else tree_key_slots(mask, prompt_cols)
 
     def attend(q, k, v, visible, dtype, slots=slots):
-        return invariant_attention(q.to(dtype), k.to(dtype), v.to(dtype), additive(visible, dtype),
-                                   0.3, prompt_cols, slots)
+        return invariant_attention(q.to(dtype), k.to(dtype), v.to(dtype),
+                                   additive_mask(visible[:, 0], dtype), 0.3, prompt_cols, slots)
 
     want = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=additive(visible, torch.float64), scale=0.3)
+        q, k, v, attn_mask=mask, scale=0.3)
     torch.testing.assert_close(attend(q, k, v, visible, torch.float64), want)
     # grouped-query heads: 6 query heads on 3 key heads, as SDPA on repeated key heads
     q6 = torch.randn(B, 6, S, D, generator=g, dtype=torch.float64)
     want = torch.nn.functional.scaled_dot_product_attention(
         q6, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-        attn_mask=additive(visible, torch.float64), scale=0.3)
+        attn_mask=mask, scale=0.3)
     torch.testing.assert_close(attend(q6, k, v, visible, torch.float64), want)
     full = attend(q, k, v, visible, torch.bfloat16)
     for rows in (slice(0, 1), slice(5, 7), slice(3, 20)):
@@ -109,7 +107,7 @@ def test_invariant_attention_is_sdpa_and_gives_a_row_the_same_bits_in_any_call(p
     k2, v2 = (torch.cat([x[:1, :, :cut], junk, x[:1, :, cut:]], 2) for x in (k, v))
     vis2 = torch.cat([visible[:1, :, 9:10, :cut], torch.zeros(1, 1, 1, 5, dtype=torch.bool),
                       visible[:1, :, 9:10, cut:]], 3)
-    slots2 = tree_key_slots(additive(vis2, torch.float64), prompt_cols)
+    slots2 = tree_key_slots(additive_mask(vis2[:, 0], torch.float64), prompt_cols)
     moved = attend(q[:1, :, 9:10], k2, v2, vis2, torch.bfloat16, slots2)
     assert torch.equal(moved, full[:1, :, 9:10])
 

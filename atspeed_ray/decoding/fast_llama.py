@@ -68,16 +68,7 @@ def packing_library(dtype: torch.dtype, device: torch.device) -> str | None:
 class PackedWeight:
     """A projection's weight [O, I] laid out once for the CPU GEMM library (``packing_library``):
     ``self(x)`` = ``F.linear(x, w)`` for x [..., I], without the per-call re-layout.
-    oneDNN (bf16) gives F.linear's bits; MKL (fp32) differs from it in the last ulps.
-
-    Batch invariance (what strict decoding in bf16 needs: a token's logits must not depend on
-    how many tokens share its forward). Measured with torch 2.13's oneDNN
-    (``results/beauty-llm/RUN.md``): on an AVX512-BF16 CPU without AMX, every call of M >= 2
-    rows gives each row the bits of any other such call, while a single row takes another path
-    whose sums differ in the last bit for some rows of the 1536-wide down projection; a single
-    row is therefore fed as two. On an AMX CPU calls of more than 32 rows differ as well, and
-    no padding helps there.
-    """
+    oneDNN (bf16) gives F.linear's bits; MKL (fp32) differs from it in the last ulps."""
 
     def __init__(self, w: Tensor):
         lib = packing_library(w.dtype, w.device)
@@ -90,10 +81,7 @@ class PackedWeight:
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [M, I]
         if self.lib == "onednn":
-            M = rows.shape[0]
-            if M == 1:  # two rows take the GEMM path of every larger call (above)
-                rows = rows.expand(2, -1).contiguous()
-            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")[:M]
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
         else:
             y = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, None, rows.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
@@ -103,8 +91,23 @@ Weight = Tensor | PackedWeight
 
 
 def linear(x: Tensor, w: Weight) -> Tensor:
-    """x [..., I] @ w.T [I, O] -> [..., O], with a plain or a packed weight."""
-    return w(x) if isinstance(w, PackedWeight) else F.linear(x, w)
+    """x [..., I] @ w.T [I, O] -> [..., O], with a plain or a packed weight.
+
+    Batch invariance (what strict decoding in bf16 needs: a token's logits must not depend on
+    how many tokens share its forward). Measured with torch 2.13's oneDNN, plain and packed
+    (``results/beauty-llm/RUN.md``): on an AVX512-BF16 CPU without AMX every call of 2 or more
+    rows gives each row the bits of any other such call, while a single row takes another path
+    whose sums differ in the last bit for some rows of the 1536-wide down projection. On the
+    CPU in bf16 a single row is therefore fed as two. (On an AMX CPU calls of more than 32 rows
+    differ as well, and no padding helps there.)
+    """
+    def project(rows: Tensor) -> Tensor:
+        return w(rows) if isinstance(w, PackedWeight) else F.linear(rows, w)
+
+    if x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        two = x.reshape(1, -1).expand(2, -1).contiguous()  # the GEMM path of every larger call
+        return project(two)[:1].view(*x.shape[:-1], -1)
+    return project(x)
 
 
 @dataclass

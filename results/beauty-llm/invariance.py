@@ -3,8 +3,9 @@ what strict speculative decoding in bf16 needs is that a token's logits do not d
 tokens share its forward, nor on where the keys it sees sit in the cache.
 
 1. GEMMs: for each SmolLM2 projection shape, how many rows of a call of M rows differ from the
-   same rows in one call of 300 (oneDNN's packed bf16 linear, ``PackedWeight``, random weights;
-   "1 unpadded": 20 single rows fed to oneDNN as they are, which ``PackedWeight`` now avoids).
+   same rows in one call of 300 (``fast_llama.linear`` on oneDNN's packed bf16 weights,
+   ``PackedWeight``, random weights; "1 unpadded": 20 single rows fed to oneDNN as they are,
+   which ``linear`` avoids).
 2. The forward: a target's logits for 10 nodes fed as a beam-search step (below the cached
    prompt) against the same nodes inside one chunk with the prompt and with J junk sibling
    nodes before them (as a verification pass holds them), with SDPA and with
@@ -21,7 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import sys
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,9 @@ import atspeed_ray.decoding.fast_llama as fl
 from atspeed_ray.decoding.beam import prefill
 from atspeed_ray.decoding.tree import Nodes, tree_forward
 from atspeed_ray.models import DeviceConfig, cpu_bf16_flags, load_decoder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pass_costs import chunk_ms  # noqa: E402  (the pass-cost timing, beside this script)
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
           "head": (49152, 576)}
@@ -45,13 +50,12 @@ def gemm_rows(seed: int = 0) -> dict[str, dict[int, int]]:
     for name, (O, I) in SHAPES.items():
         w = fl.PackedWeight((torch.randn(O, I, generator=g) * 0.05).bfloat16())
         x = torch.randn(300, I, generator=g).bfloat16()
-        ref = w(x)
-        out[name] = {M: sum(int((w(x[o:o + M]) != ref[o:o + M]).any(1).sum())
+        ref = fl.linear(x, w)
+        out[name] = {M: sum(int((fl.linear(x[o:o + M], w) != ref[o:o + M]).any(1).sum())
                             for o in range(0, 300 - M, max(1, (300 - M) // 20))) for M in ROWS}
-        # single rows straight into oneDNN, as PackedWeight fed them before it padded them
-        raw = [torch.ops.mkldnn._linear_pointwise(x[o:o + 1], w.packed, None, "none", [], "")
-               for o in range(0, 300, 15)]
-        out[name]["1 unpadded"] = sum(int((r != ref[o:o + 1]).any()) for r, o in zip(raw, range(0, 300, 15)))
+        # single rows straight into oneDNN, without the two-row padding of ``linear``
+        out[name]["1 unpadded"] = sum(int((w(x[o:o + 1]) != ref[o:o + 1]).any())
+                                      for o in range(0, 300, 15))
     return out
 
 
@@ -77,19 +81,6 @@ def forward_rows(model: torch.nn.Module, prompt_len: int, seed: int = 0) -> dict
         _, _, logits, _ = prefill(model, [prompt], chunk)
         out[J] = int((logits[:, J:] != step).any(-1).sum())
     return out
-
-
-def chunk_ms(model: torch.nn.Module, n: int, repeat: int) -> float:
-    idx = torch.arange(n)
-    chunk = Nodes(torch.ones(1, n, dtype=torch.long), (idx % 3)[None], torch.full((1, n), -1),
-                  torch.full((1, n, 1), -1), torch.ones(1, n, dtype=torch.bool))
-    best = float("inf")
-    for _ in range(repeat):
-        _, cache, _, _ = prefill(model, [[5] * 46])
-        t0 = time.perf_counter()
-        tree_forward(model, cache, chunk, max_chain=3)
-        best = min(best, time.perf_counter() - t0)
-    return round(1e3 * best, 1)
 
 
 def main() -> None:
@@ -120,7 +111,8 @@ def main() -> None:
         for _ in range(2):  # alternate the two, keep each one's best
             for kind, rule in kinds.items():
                 fl.uses_invariant_attention = rule
-                ms[kind][n] = min(ms[kind].get(n, float("inf")), chunk_ms(model, n, args.repeat))
+                ms[kind][n] = min(ms[kind].get(n, float("inf")),
+                                  round(chunk_ms(model, 46, n, args.repeat), 1))
     fl.uses_invariant_attention = invariant
     record["chunk_ms"] = ms
     print("ms per chunk below a 46-token prompt, by nodes fed:", ms)
