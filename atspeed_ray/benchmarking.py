@@ -216,34 +216,16 @@ def code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex
     first code, drafted from the root."""
     import torch
 
-    from atspeed_ray.decoding.beam import (beam_step, expand, head_columns, log_probs, prefill,
-                                           root_beams, score_dtype, step_nodes)
-    from atspeed_ray.decoding.tree import tree_forward
+    from atspeed_ray.decoding.beam import beam_search
 
-    models = {"target": target, "draft": draft}
-    heads = {name: head_columns(m) for name, m in models.items()}
     need: list[list[int]] = []
     for batch in prompt_batches:
-        B, L, dev = len(batch), index.L, index.device
-        logp, caches = {}, {}
-        for name, m in models.items():
-            last, caches[name], _, _ = prefill(m, batch)  # [B, V] (a code head's: [B, H])
-            logp[name] = log_probs(last)[:, None]  # [B, 1, V]
-        beams = root_beams(B, 1, L, list(models), dev, score_dtype(target))
-        widths = []  # L tensors [B]
-        for d in range(L):
-            depth = torch.full((B,), d, dtype=torch.long, device=dev)
-            cands = {name: expand(logp[name], beams.scores, beams.node, depth, index, heads[name])
-                     for name in models}
+        widths: list[torch.Tensor] = []  # per code position: [B]
+
+        def observe(d: int, cands: dict) -> None:
             widths.append(cover_width(cands["target"].scores, cands["draft"].scores.float(), k))
-            beams = beams.extend(beam_step(cands["target"], k), depth)
-            if d == L - 1:
-                break
-            for name, m in models.items():
-                logits, caches[name], slots = tree_forward(m, caches[name],
-                                                           step_nodes(beams, depth, name), max_chain=0)
-                beams = beams.with_slots(name, depth, slots)
-                logp[name] = log_probs(logits)  # [B, k, V]
+
+        beam_search(target, batch, index, k, followers={"draft": draft}, observe=observe)
         need += torch.stack(widths, dim=1).tolist()  # [B, L]
     return need
 
@@ -346,8 +328,9 @@ def width_columns(cover: list[list[int]]) -> dict[str, int | str]:
     parts = []
     for d, widths in enumerate(zip(*cover), start=1):
         w = sorted(widths)
-        out[f"code{d}_width_median"], out[f"code{d}_width_max"] = w[len(w) // 2], w[-1]
-        parts.append(f"{w[len(w) // 2]}/{w[-1]}")
+        median, most = w[len(w) // 2], w[-1]
+        out[f"code{d}_width_median"], out[f"code{d}_width_max"] = median, most
+        parts.append(f"{median}/{most}")
     out["code_width_by_position"] = ", ".join(parts)
     return out
 

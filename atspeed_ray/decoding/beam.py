@@ -271,27 +271,47 @@ def finish(beams: Beams, index: ItemIndex, stats: dict[str, list[int]] | None = 
     return DecodeResult(items.tolist(), beams.tokens, beams.scores, stats or {})
 
 
+StepObserver = Callable[[int, dict[str, Candidates]], None]
+
+
 @torch.no_grad()
-def beam_search(model: torch.nn.Module, prompts: list[list[int]], index: ItemIndex, k: int) -> DecodeResult:
-    """Top-``k`` items per prompt by trie-constrained beam search: L forwards of ``model``."""
+def beam_search(model: torch.nn.Module, prompts: list[list[int]], index: ItemIndex, k: int,
+                followers: dict[str, torch.nn.Module] | None = None,
+                observe: StepObserver | None = None) -> DecodeResult:
+    """Top-``k`` items per prompt by trie-constrained beam search: L forwards of ``model``.
+
+    ``followers`` (name -> model) are fed the same beams, each in its own cache, and score the
+    same candidates; ``observe(d, candidates)`` sees every model's candidates at each depth d
+    (``model``'s under the name "target"). Neither changes the result."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     device = next(model.parameters()).device
     index = index.to(device)
-    check_code_head(model, index)
-    head = head_columns(model)  # a code-head model searches over its own (head-normalised) scores
+    models = {"target": model, **(followers or {})}
+    for m in models.values():
+        check_code_head(m, index)
+    # a code-head model searches over its own (head-normalised) scores
+    heads = {name: head_columns(m) for name, m in models.items()}
     B, L = len(prompts), index.L
-    last_logits, cache, _, _ = prefill(model, prompts)
-    logp = log_probs(last_logits)[:, None, :]  # [B, 1, V] one live root per request
-    beams = root_beams(B, 1, L, ["target"], device, score_dtype(model))
+    logp, caches = {}, {}
+    for name, m in models.items():
+        last_logits, caches[name], _, _ = prefill(m, prompts)
+        logp[name] = log_probs(last_logits)[:, None, :]  # [B, 1, V] one live root per request
+    beams = root_beams(B, 1, L, list(models), device, score_dtype(model))
     for d in range(L):
         depth = torch.full((B,), d, dtype=torch.long, device=device)
-        step = beam_step(expand(logp, beams.scores, beams.node, depth, index, head), k)
+        cands = {name: expand(logp[name], beams.scores, beams.node, depth, index, heads[name])
+                 for name in models}
+        if observe is not None:
+            observe(d, cands)
+        step = beam_step(cands["target"], k)
         beams = beams.extend(step, depth)
         if d == L - 1:
             break
-        logits, cache, slots = tree_forward(model, cache, step_nodes(beams, depth, "target"), max_chain=0)
-        beams = beams.with_slots("target", depth, slots)
-        logp = log_probs(logits)  # [B, K, V]
+        for name, m in models.items():
+            logits, caches[name], slots = tree_forward(m, caches[name], step_nodes(beams, depth, name),
+                                                       max_chain=0)
+            beams = beams.with_slots(name, depth, slots)
+            logp[name] = log_probs(logits)  # [B, K, V]
     calls = [L] * B
     return finish(beams, index, {"target_calls": calls})
