@@ -356,7 +356,7 @@ def load_decoder(path: str | Path, device: DeviceConfig | None = None) -> torch.
     """A model for decoding only (beam search, speculative decoding, serving): the HF model of
     ``path``, on ``FastLlama`` when ``device.forward`` is ``fast`` and the checkpoint is a Llama
     (with its code head, ``CODE_HEAD_KEY``, if its config records one)."""
-    from atspeed_ray.decoding.fast_llama import fast_forward
+    from atspeed_ray.decoding.fast_llama import FastLlama, fast_forward
 
     device = device or DeviceConfig()
     model = load_weights(path, device)
@@ -367,8 +367,10 @@ def load_decoder(path: str | Path, device: DeviceConfig | None = None) -> torch.
     if device.forward != "fast":
         return model
     fast = fast_forward(model, head)
-    if device.compile and hasattr(fast, "compile_step"):
+    if not isinstance(fast, FastLlama):  # another architecture: its HF forward
+        return fast
+    if device.compile:
         fast.compile_step()
-    elif device.pack and hasattr(fast, "pack_weights"):
+    elif device.pack:
         fast.pack_weights()
     return fast

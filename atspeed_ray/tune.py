@@ -198,7 +198,7 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
              out: str, resume: bool = False, max_concurrent: int | None = None,
              cpus_per_trial: float = 1.0, grace_period: int = 1, base_overrides: dict | None = None,
              time_budget_s: float | None = None, log=print) -> dict[str, Any]:
-    from atspeed_ray.data.llm import check_models
+    from atspeed_ray.data.prepare import check_models
     from atspeed_ray.data.prepare import load_prepared
     from atspeed_ray.training.config import TrainConfig
     from atspeed_ray.training.ray_utils import init_ray

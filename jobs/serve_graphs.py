@@ -103,7 +103,7 @@ def offline(target: str, draft: str, data: str, args: argparse.Namespace) -> dic
     from atspeed_ray.models import DeviceConfig, load_decoder
     from atspeed_ray.serving.batching import draft_batch, verify_batch
     from atspeed_ray.serving.cache import SessionStore
-    from atspeed_ray.serving.catalog import load_catalog
+    from atspeed_ray.data.catalog import load_catalog
     from atspeed_ray.serving.colocated import SpeculateRequest, speculate_batch
     from atspeed_ray.serving.driver import RemoteModels, remote_speculative
     from atspeed_ray.settings import draft_width

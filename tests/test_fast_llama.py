@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from transformers import Qwen2ForCausalLM
 
 from atspeed_ray.decoding import beam_search, speculative_beam_search
-from atspeed_ray.decoding.fast_llama import FastLlama, fast_forward, unsupported_reason
+from atspeed_ray.decoding.fast_llama import FastLlama, fast_forward, onednn_packs_bf16, unsupported_reason
 from atspeed_ray.decoding.tree import Nodes, left_pad, tree_forward
 from atspeed_ray.models import DeviceConfig, first_layers, load_decoder, save_model
 from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
@@ -225,8 +225,7 @@ def test_static_cache_writes_and_compacts_in_place_as_the_plain_gather():
     the next chunk's logits equal to a plain forward's (``tree_forward`` on the HF model)."""
     from types import SimpleNamespace
 
-    from atspeed_ray.decoding.fast_llama import KVCache
-    from atspeed_ray.decoding.tree import gather_slots
+    from atspeed_ray.decoding.cache import KVCache, gather_slots
 
     V = 50
     hf = llama(V, seed=3)
@@ -259,8 +258,8 @@ def test_static_cache_writes_and_compacts_in_place_as_the_plain_gather():
 
 
 needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch without MKL")
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
-                                  reason="torch without oneDNN")
+needs_onednn = pytest.mark.skipif(not onednn_packs_bf16(),
+                                  reason="torch without oneDNN, or a CPU it does not pack bf16 on")
 
 
 @needs_mkl

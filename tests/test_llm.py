@@ -14,7 +14,7 @@ import torch
 from atspeed_ray import base_model
 from atspeed_ray.cli import main as cli_main
 from atspeed_ray.data.errors import DataError
-from atspeed_ray.data.llm import check_base_model
+from atspeed_ray.data.prepare import check_base_model
 from atspeed_ray.data.prepare import load_prepared, prepare
 from atspeed_ray.data.synthetic import SyntheticConfig
 from atspeed_ray.data.templates import INSTRUCTION_AFTER, INSTRUCTION_BEFORE
@@ -147,7 +147,7 @@ def test_a_word_level_folder_refuses_a_pretrained_llm(bases, tmp_path):
 
 
 def test_serving_catalog_builds_the_prepared_prompts(bases, tmp_path):
-    from atspeed_ray.serving.catalog import load_catalog
+    from atspeed_ray.data.catalog import load_catalog
 
     prepare("synthetic", tmp_path / "data", history_len=5, synthetic=SMALL, base_model=bases["llama"],
             prompt_template="instruction")

@@ -70,14 +70,14 @@ def test_every_loader_refuses_a_model_of_another_base(mismatch, capsys, tmp_path
 
 
 def test_serving_catalog_refuses_a_model_of_another_base(mismatch):
-    from atspeed_ray.serving.catalog import load_catalog
+    from atspeed_ray.data.catalog import load_catalog
 
     with pytest.raises(DataError, match=r"qwen: model type 'qwen2' is not the base model's"):
         load_catalog(str(mismatch["prep"]), str(mismatch["qwen"]))
 
 
 def test_base_model_and_prepared_tokenizer_both_fit(mismatch, tmp_path):
-    from atspeed_ray.data.llm import check_models
+    from atspeed_ray.data.prepare import check_models
 
     prepared = load_prepared(mismatch["prep"])
     trained = tiny_llm_folder(tmp_path / "trained", "llama")

@@ -23,7 +23,7 @@ from atspeed_ray.data.prepare import prepare
 from atspeed_ray.data.synthetic import SyntheticConfig
 from atspeed_ray.decoding import beam_search, speculative_beam_search
 from atspeed_ray.models import DeviceConfig, load_model
-from atspeed_ray.serving.catalog import load_catalog
+from atspeed_ray.data.catalog import load_catalog
 from atspeed_ray.serving.config import AppArgs
 from atspeed_ray.serving.faults import kill_under_load, running_count
 from atspeed_ray.serving.loadtest import make_bodies, run_load

@@ -20,7 +20,7 @@ from atspeed_ray.serving.batching import (
     BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch, draft_batch,
     verify_batch,
 )
-from atspeed_ray.serving.catalog import load_catalog
+from atspeed_ray.data.catalog import load_catalog
 from atspeed_ray.serving.config import AppArgs, RecommendRequest
 from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
 from atspeed_ray.serving.loadtest import NotLoopback, check_loopback, make_bodies, run_load

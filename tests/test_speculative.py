@@ -19,7 +19,10 @@ from atspeed_ray.decoding.fast_llama import FastLlama, fast_forward
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.verification import verify_phase
 from atspeed_ray.decoding.tree import Nodes, tree_forward
-from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
+from tests.helpers import (
+    STRICT_GRID, assert_same_as_beam_search, plackett_luce, random_catalog, random_model,
+    random_prompts, relaxed_first_step, strict_runs, vocab_size,
+)
 
 CODEBOOK = [24, 24, 24, 24]
 
@@ -34,12 +37,6 @@ def setup():
     return index, V, target, unrelated, prompts
 
 
-def assert_same_as_beam_search(out, ref):
-    assert out.items == ref.items
-    assert torch.equal(out.sequences, ref.sequences)
-    torch.testing.assert_close(out.scores, ref.scores, atol=1e-4, rtol=0)
-
-
 @pytest.fixture(scope="module")
 def fast_models(setup):
     """The setup's target and unrelated draft on ``FastLlama`` (static preallocated caches)."""
@@ -48,7 +45,7 @@ def fast_models(setup):
 
 
 @pytest.mark.parametrize("forward", ["hf", "fast"])
-@pytest.mark.parametrize("k,n_mult,gamma", list(itertools.product([1, 3, 5, 10, 20], [1, 2], [1, 2, 3])))
+@pytest.mark.parametrize("k,n_mult,gamma", STRICT_GRID)
 def test_strict_equals_beam_search(setup, fast_models, k, n_mult, gamma, forward):
     """On the HF forward (DynamicCache, the plain reference) and on FastLlama (static
     preallocated KV caches written and compacted in place); without and with children steps
@@ -61,12 +58,9 @@ def test_strict_equals_beam_search(setup, fast_models, k, n_mult, gamma, forward
     for batch in (prompts[:1], prompts):
         ref = beam_search(target, batch, index, k)
         for draft in (unrelated, target):
-            plain = speculative_beam_search(target, draft, batch, index, k, draft_beams=k * n_mult,
-                                            gamma=gamma, mode="strict")
-            assert_same_as_beam_search(plain, ref)
-            for cap in (16, 10_000):
-                out = speculative_search(target, draft, batch, index,
-                                         SearchParams(k, k * n_mult, gamma, expand_last=cap))
+            runs = dict(strict_runs(target, draft, batch, index, k, k * n_mult, gamma))
+            plain = runs[0]  # no children steps
+            for cap, out in runs.items():
                 assert_same_as_beam_search(out, ref)
                 if cap == 10_000:  # one draft forward fewer per round
                     per_round = [d / r for d, r in zip(out.stats["draft_calls"], out.stats["rounds"])]
@@ -290,53 +284,6 @@ def test_search_params_are_checked_once_naming_the_bad_value():
             SearchParams(**kwargs)
     with pytest.raises(AttributeError):
         SearchParams(5).k = 6  # frozen: one search, one set of parameters
-
-
-def plackett_luce(w: dict[int, float], draws: int) -> dict[tuple[int, ...], float]:
-    """Ordered draws without replacement, each in proportion to weight ``w`` among those left
-    (what Gumbel top-k samples): {(x1, ..., x_draws): probability}."""
-    out: dict[tuple[int, ...], float] = {}
-    for seq in itertools.permutations([x for x, v in w.items() if v > 0], draws):
-        prob, left = 1.0, sum(w.values())
-        for x in seq:
-            prob *= w[x] / left
-            left -= w[x]
-        out[seq] = out.get(seq, 0.0) + prob
-    return out
-
-
-def relaxed_first_step(p: dict[int, float], q: dict[int, float], K: int, N: int,
-                       residual: bool = True) -> dict[frozenset, float]:
-    """The distribution of the K beams relaxed verification keeps after one drafted step from a
-    single root beam (derived from the scheme, not from the code): the draft proposes N codes
-    sampled without replacement from q; each proposal y is accepted with probability
-    min(1, p(y)/q(y)); with >= K accepted, K of them uniformly at random; else all accepted ones
-    plus draws without replacement from norm(max(p - q, 0)) over the rest (p over the rest if
-    that is all zero). ``residual=False``: a wrong scheme that refills from p instead."""
-    acc = {y: min(1.0, p[y] / q[y]) for y in q}
-    out: dict[frozenset, float] = {}
-
-    def add(s: frozenset, prob: float) -> None:
-        out[s] = out.get(s, 0.0) + prob
-
-    for drafted, p_draft in plackett_luce(q, N).items():
-        for mask in itertools.product([False, True], repeat=N):
-            A = [y for y, m in zip(drafted, mask) if m]
-            prob = p_draft
-            for y, m in zip(drafted, mask):
-                prob *= acc[y] if m else 1.0 - acc[y]
-            if len(A) >= K:
-                subsets = list(itertools.combinations(A, K))
-                for s in subsets:
-                    add(frozenset(s), prob / len(subsets))
-                continue
-            resid = {y: 0.0 if y in A else max(p[y] - q[y], 0.0) for y in p}
-            if sum(resid.values()) <= 0 or not residual:
-                resid = {y: 0.0 if y in A else p[y] for y in p}
-            assert sum(v > 0 for v in resid.values()) >= K - len(A), "degenerate case: pick other seeds"
-            for fill, p_fill in plackett_luce(resid, K - len(A)).items():
-                add(frozenset(A) | frozenset(fill), prob * p_fill)
-    return out
 
 
 @pytest.mark.parametrize("N", [2, 3])

@@ -3,8 +3,8 @@ check that a model used with a prepared folder fits the base model it was made w
 
 ``prepare --base-model DIR`` tokenizes with DIR's tokenizer plus the code tokens, and records
 in ``summary.json["base_model"]`` where it came from: the folder, its ``model_type``, the size
-and a SHA-256 of the base vocabulary, a SHA-256 of its ``config.json``. ``check_base_model``
-then accepts, for training, teacher, decoding and serving, either that base model itself (the
+and a SHA-256 of the base vocabulary, a SHA-256 of its ``config.json``. ``check_model_fits``
+(``data.prepare.check_base_model`` on an opened folder) then accepts, for training, teacher, decoding and serving, either that base model itself (the
 start of ``train-target --init``) or a model whose tokenizer is the prepared folder's own (every
 model trained on the folder is saved with it), and nothing else.
 """
@@ -21,7 +21,6 @@ from atspeed_ray.data.errors import DataError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from atspeed_ray.data.prepare import PreparedData
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -82,19 +81,14 @@ def base_fingerprint(model_dir: str | Path, tokenizer: "PreTrainedTokenizerBase"
     }
 
 
-def check_base_model(prepared: "PreparedData", model_dir: str | Path) -> None:
-    """Stop with a DataError naming ``model_dir`` unless it fits ``prepared``: a model that carries
-    the folder's own tokenizer (every model trained on it, a draft of another architecture too),
-    or the base model the folder was made with (same model type and base vocabulary). A model
-    folder without a tokenizer is judged by its config: the base model's type, and room in its
-    vocabulary for every prepared token."""
-    check_model_fits(prepared.root, prepared.summary, prepared.tokenizer, model_dir)
-
-
 def check_model_fits(root: Path, summary: dict[str, Any], tokenizer: "PreTrainedTokenizerBase",
                      model_dir: str | Path) -> None:
-    """:func:`check_base_model` on the parts of a prepared folder (``root``, its summary.json,
-    its tokenizer), for readers that do not open it whole (serving's catalog)."""
+    """Stop with a DataError naming ``model_dir`` unless it fits the prepared folder ``root``
+    (its summary.json, its tokenizer): a model that carries the folder's own tokenizer (every
+    model trained on it, a draft of another architecture too), or the base model the folder was
+    made with (same model type and base vocabulary). A model folder without a tokenizer is judged
+    by its config: the base model's type, and room in its vocabulary for every prepared token.
+    ``data.prepare.check_models`` runs it on an opened folder."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     model = Path(model_dir)
@@ -132,10 +126,3 @@ def load_tokenizer(model_dir: Path, cls) -> "PreTrainedTokenizerBase":
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise DataError(f"cannot load its tokenizer ({type(e).__name__}: {e})",
                         tokenizer_file(model_dir)) from e
-
-
-def check_models(prepared: "PreparedData", *model_dirs: str | Path | None) -> None:
-    """:func:`check_base_model` for every model folder given (None: not given)."""
-    for model_dir in model_dirs:
-        if model_dir is not None:
-            check_base_model(prepared, model_dir)

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from atspeed_ray.data.errors import DataError
 from atspeed_ray.data.index import ItemIndex
-from atspeed_ray.data.llm import base_fingerprint, check_models, load_base_tokenizer, tokenizer_file
+from atspeed_ray.data.llm import base_fingerprint, check_model_fits, load_base_tokenizer, tokenizer_file
 from atspeed_ray.data.release import (
     SPLITS, Release, load_release, parse_code, read_index_json, write_release,
 )
@@ -239,11 +239,24 @@ def popularity_topk(prepared: PreparedData, k: int) -> list[int]:
     return [i for i, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:k]]
 
 
+def check_base_model(prepared: PreparedData, model_dir: str | Path) -> None:
+    """Stop with a DataError naming ``model_dir`` unless it fits ``prepared``
+    (``data.llm.check_model_fits``: its own tokenizer, or the base model it was made with)."""
+    check_model_fits(prepared.root, prepared.summary, prepared.tokenizer, model_dir)
+
+
+def check_models(prepared: PreparedData, *model_dirs: str | Path | None) -> None:
+    """``check_base_model`` for every model folder given (None: not given)."""
+    for model_dir in model_dirs:
+        if model_dir is not None:
+            check_base_model(prepared, model_dir)
+
+
 def open_data(data: str | Path, workdir: str | Path | None = None,
               models: Sequence[str | Path | None] = ()) -> PreparedData:
     """A prepared folder as is; ``"synthetic"`` or a release folder is prepared first, into
     ``workdir`` (default: a fresh temporary folder). Every model folder of ``models`` (None: not
-    given) must fit it (``data.llm.check_base_model``), else a DataError names the model's file."""
+    given) must fit it (``check_base_model``), else a DataError names the model's file."""
     path = Path(data)
     if str(data) != "synthetic" and (path / "summary.json").exists():
         prepared = load_prepared(path)

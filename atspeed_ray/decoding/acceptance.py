@@ -85,11 +85,12 @@ def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, par
     generator = params.generator if params.sample else None
     L, C, G = index.L, index.num_columns, len(steps)
     cur, cur_logp = beams, verified.root_logp
+    cur_feat = verified.root_features  # [B, K, F] where cur_logp was read (None: not asked)
     cur_idx = torch.arange(K, device=t.device).expand(t.shape[0], K)
     n_prev = K
     acc = torch.zeros_like(t)
     stopped = torch.zeros_like(t, dtype=torch.bool)
-    final = beams
+    final: Beams | None = None
     for j in range(1, G + 2):
         depth = (t + j - 1).clamp(max=L - 1)
         cands = expand_columns(cur_logp, cur.scores, cur.node, depth, index)
@@ -105,7 +106,9 @@ def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, par
             stop_step = beam_step(cands, K, sample=params.sample, generator=generator)
             ok = torch.zeros_like(stopped)
         stop = ~stopped & ~ok
-        final = cur.extend(stop_step, depth).where_rows(stop, final)
+        feat = None if cur_feat is None else take(cur_feat, stop_step.parent)
+        ended = cur.extend(stop_step, depth, feat)  # every row takes it once: where it stops
+        final = ended if final is None else ended.where_rows(stop, final)
         acc += (~stopped & ok).long()
         stopped |= stop
         if j > G or bool(stopped.all()):
@@ -117,5 +120,9 @@ def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, par
         scores = cands.scores.gather(1, nxt_flat.clamp(min=0))
         cur = replace(s.beams.take(nxt_c), scores=scores.masked_fill(~alive, float("-inf")))
         cur_logp = take(verified.step_logp[j - 1], nxt_c)
+        if cur_feat is not None:
+            assert verified.step_features is not None
+            cur_feat = take(verified.step_features[j - 1], nxt_c)
         cur_idx, n_prev = nxt, s.parent.shape[1]
+    assert final is not None
     return final, acc

@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
-from atspeed_ray.decoding.tree import Nodes, TreeCache, left_pad, tree_forward
+from atspeed_ray.decoding.cache import TreeCache
+from atspeed_ray.decoding.decoder import DecoderOutput, head_columns
+from atspeed_ray.decoding.tree import Nodes, left_pad, tree_decode, tree_forward
 
 
 @dataclass
@@ -65,12 +67,6 @@ def column_log_probs(logp: Tensor, depth: Tensor, index: ItemIndex, head: Tensor
     if head is not None:  # padding columns (no child at any node) may miss the head: masked later
         tokens = head[tokens].clamp(min=0)
     return logp.gather(2, tokens[:, None, :].expand(B, M, tokens.shape[1]))
-
-
-def head_columns(model: torch.nn.Module) -> Tensor | None:
-    """A code-head model's token id -> logit column map [V] (``FastLlama.restrict_head``);
-    None when its logits cover the whole vocabulary."""
-    return getattr(model, "head_columns", None)
 
 
 def check_code_head(model: torch.nn.Module, index: ItemIndex) -> None:
@@ -164,11 +160,16 @@ class Beams:
     scores: Tensor  # [B, M] cumulative target log-probs (-inf = dead beam)
     node: Tensor  # [B, M] trie node
     slots: dict[str, Tensor]  # cache name -> [B, M, L] slot of the token at each depth (-1 = not cached)
+    # [B, M, F] opaque to the core: the target's last-layer hidden state where it chose each
+    # beam's last token (after the beam's parent; the prompt's end for a first code), kept for a
+    # drafter that reads them (``Drafter.wants_features``); None where nobody asked
+    features: Tensor | None = None
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Beams:
-        """``fn`` applied to every tensor (tokens, scores, node and each cache's slots)."""
+        """``fn`` applied to every tensor (tokens, scores, node, each cache's slots, features)."""
         return Beams(fn(self.tokens), fn(self.scores), fn(self.node),
-                     {k: fn(v) for k, v in self.slots.items()})
+                     {k: fn(v) for k, v in self.slots.items()},
+                     None if self.features is None else fn(self.features))
 
     def take(self, idx: Tensor) -> Beams:
         """Beams ``idx`` [B, W] of each request -> [B, W, ...]."""
@@ -188,29 +189,34 @@ class Beams:
     @staticmethod
     def cat(parts: Sequence[Beams]) -> Beams:
         """The requests of ``parts`` stacked along the batch dimension (same M, L, caches)."""
+        feats = [p.features for p in parts]
         return Beams(torch.cat([p.tokens for p in parts]), torch.cat([p.scores for p in parts]),
                      torch.cat([p.node for p in parts]),
-                     {k: torch.cat([p.slots[k] for p in parts]) for k in parts[0].slots})
+                     {k: torch.cat([p.slots[k] for p in parts]) for k in parts[0].slots},
+                     None if any(f is None for f in feats) else torch.cat(feats))  # type: ignore[arg-type]
 
     def where_rows(self, mask: Tensor, other: Beams) -> Beams:
         """Per request: these beams where ``mask`` [B], else ``other``'s."""
         def pick(x: Tensor, y: Tensor) -> Tensor:
             return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x, y)
+        features = (None if self.features is None or other.features is None
+                    else pick(self.features, other.features))
         return Beams(pick(self.tokens, other.tokens), pick(self.scores, other.scores),
                      pick(self.node, other.node),
-                     {k: pick(v, other.slots[k]) for k, v in self.slots.items()})
+                     {k: pick(v, other.slots[k]) for k, v in self.slots.items()}, features)
 
     def forget_slots(self) -> Beams:
         """The same beams with nothing cached anywhere (for a stateless forward)."""
         return replace(self, slots={k: torch.full_like(v, -1) for k, v in self.slots.items()})
 
-    def extend(self, step: Step, depth: Tensor) -> Beams:
-        """The beams of ``step`` (children of self), their new token written at ``depth`` [B]."""
+    def extend(self, step: Step, depth: Tensor, features: Tensor | None = None) -> Beams:
+        """The beams of ``step`` (children of self), their new token written at ``depth`` [B];
+        ``features`` [B, W, F]: the target's where it chose them (None: not known)."""
         child = self.take(step.parent)
         at = depth[:, None, None].expand(-1, step.token.shape[1], 1)
         tokens = child.tokens.scatter(2, at, step.token[..., None])
         slots = {k: v.scatter(2, at, -1) for k, v in child.slots.items()}
-        return Beams(tokens, step.score, step.node, slots)
+        return Beams(tokens, step.score, step.node, slots, features)
 
     def with_slots(self, name: str, depth: Tensor, slot: Tensor) -> Beams:
         """Record that the token at ``depth`` [B] of each beam now sits in cache slot ``slot`` [B, M]."""
@@ -251,18 +257,28 @@ def empty_nodes(B: int, device: torch.device) -> Nodes:
 
 def prefill(model: torch.nn.Module, prompts: list[list[int]], extra: Nodes | None = None,
             max_chain: int = 8) -> tuple[Tensor, TreeCache, Tensor, Tensor]:
+    """``prefill_decode`` as logits: (last-prompt-token logits [B, V], cache, node logits
+    [B, T, V], node slots [B, T])."""
+    out, cache, slots = prefill_decode(model, prompts, extra, max_chain)
+    return out.logits[:, 0], cache, out.logits[:, 1:], slots
+
+
+def prefill_decode(model: torch.nn.Module, prompts: list[list[int]], extra: Nodes | None = None,
+                   max_chain: int = 8, hidden: bool = False
+                   ) -> tuple[DecoderOutput, TreeCache, Tensor]:
     """Feed the prompts (plus optional tree nodes, whose in-chunk parent chains are at most
     ``max_chain`` long) in one forward.
 
-    Returns (last-prompt-token logits [B, V], cache, node logits [B, T, V], node slots [B, T]).
+    Returns (the decoder's output [B, 1 + T, ...]: the prompt's last token, then the nodes;
+    with ``hidden``, hidden states too), the cache, node slots [B, T]).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must hold at least one token")
     device = next(model.parameters()).device
     tokens, valid = left_pad(prompts, pad_id_of(model), device)
     nodes = extra if extra is not None else empty_nodes(len(prompts), device)
-    logits, cache, slots = tree_forward(model, None, nodes, prompt=(tokens, valid), max_chain=max_chain)
-    return logits[:, 0], cache, logits[:, 1:], slots  # [B, 1 + T, V]: prompt end, then nodes
+    return tree_decode(model, None, nodes, prompt=(tokens, valid), max_chain=max_chain,
+                       hidden=hidden)
 
 
 def finish(beams: Beams, index: ItemIndex, stats: dict[str, list[int]] | None = None) -> DecodeResult:

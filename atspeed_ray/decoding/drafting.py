@@ -13,20 +13,22 @@ the trie is narrow (Beauty: 1.7 children per prefix at the third code, 72 at the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import (
-    Beams, Step, beam_step, choose, expand, expand_columns, head_columns, log_probs, row_slices,
-    step_nodes,
+    Beams, Step, beam_step, choose, expand, expand_columns, log_probs, row_slices, step_nodes,
 )
+from atspeed_ray.decoding.decoder import head_columns
 from atspeed_ray.decoding.feed import feed
 from atspeed_ray.decoding.search import SearchParams
-from atspeed_ray.decoding.tree import TreeCache, tree_forward
+from atspeed_ray.decoding.cache import TreeCache
+from atspeed_ray.decoding.tree import tree_forward
 
 
 def _cat_opt(xs: Sequence[Tensor | None]) -> Tensor | None:
@@ -97,29 +99,32 @@ def children_step(parents: Beams, depth: Tensor, index: ItemIndex, width: int) -
     return choose(cands, torch.isfinite(cands.scores).to(flat.dtype), width)  # real children first
 
 
-def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, t: Tensor,
-                g: Tensor, prompts: list[list[int]], index: ItemIndex, params: SearchParams
-                ) -> tuple[list[DraftStep], Beams, TreeCache | None]:
-    """``max(g)`` draft forwards: a width-N beam search (or sampling) from the K current beams.
+# score(beams, depth, parent) -> (log-probs after each beam [B, M, H] over the drafter's head,
+# the beams with its cache slots recorded). ``parent`` [B, M]: each beam's parent among the
+# beams scored last (None: the current beams, scored first; ``depth`` is then unused).
+Scorer = Callable[[Beams, Tensor, Tensor | None], tuple[Tensor, Beams]]
 
-    ``beams`` [B, K, L] at ``t`` [B] tokens; ``g`` [B] drafted steps usable per request (later
-    steps of a request are drafted but not valid). Returns the steps, the beams with the draft's
-    cache slots recorded, and the draft's cache (still ``dcache``, maybe None, when the only
-    step was a children step). A code-head draft (``head_columns``) scores over its head:
-    log-softmax over the code tokens only. A last children step (``SearchParams.expand_last``)
-    costs one forward less.
-    """
+
+def draft_tree(score: Scorer, beams: Beams, t: Tensor, g: Tensor, index: ItemIndex,
+               params: SearchParams, head: Tensor | None) -> tuple[list[DraftStep], Beams]:
+    """``max(g)`` drafted steps from the K current ``beams`` [B, K, L] at ``t`` [B] tokens: a
+    width-N beam search (or sampling) over the drafter's log-probs (``score``; ``head``: its
+    head's token id -> column map, None for a full vocabulary). ``g`` [B]: drafted steps usable
+    per request (later steps of a request are drafted but not valid). A last children step
+    (``SearchParams.expand_last``) needs no scores: ``score`` is not called for it. Returns the
+    steps and the current beams as ``score`` recorded them."""
     G = int(g.max())
     generator = params.generator if params.sample else None
-    L, head = index.L, head_columns(draft)
+    L = index.L
 
     def last_width(parents: Beams) -> int | None:  # step G as a children step, if it may be one
         return (children_width(parents, g >= G, index, params.expand_last)
                 if params.expand_last else None)
 
     width = last_width(beams) if G == 1 else None
+    logp = None
     if width is None:  # a children step at j = 1 needs no scores: its pending tokens wait
-        logp, _, _, beams, dcache = feed(draft, dcache, beams, t, "draft", prompts)
+        logp, beams = score(beams, t - 1, None)
     steps: list[DraftStep] = []
     parents = beams
     for j in range(1, G + 1):
@@ -128,6 +133,7 @@ def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, 
         if j == G and width is not None:
             step = children_step(parents, depth, index, width)
         else:
+            assert logp is not None
             cands = expand(logp, parents.scores, parents.node, depth, index, head)
             step = beam_step(cands, params.N, sample=params.sample, generator=generator)
             if params.sample:
@@ -138,15 +144,105 @@ def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, 
         if j == G - 1:
             width = last_width(child)
         if j < G and (j < G - 1 or width is None):
-            logits, dcache, slots = tree_forward(draft, dcache, step_nodes(child, depth, "draft"),
-                                                 max_chain=0)
-            child = child.with_slots("draft", depth, slots)
-            logp = log_probs(logits)
+            logp, child = score(child, depth, step.parent)
         steps.append(DraftStep(child, step.parent, valid, q, q_sel, j == G and width is not None))
         parents = child
-    return steps, beams, dcache
+    return steps, beams
+
+
+def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, t: Tensor,
+                g: Tensor, prompts: list[list[int]], index: ItemIndex, params: SearchParams
+                ) -> tuple[list[DraftStep], Beams, TreeCache | None]:
+    """A causal LM's drafting (``LMDrafter``): ``draft_tree`` scored by the draft's own forwards
+    on its tree cache ``dcache``: the first over the beams' uncached tokens (the prompt too on a
+    first or stateless call), then one per drafted step but a last children step.
+
+    ``beams`` [B, K, L] at ``t`` [B] tokens; ``g`` [B] drafted steps usable per request. Returns
+    the steps, the beams with the draft's cache slots recorded, and the draft's cache (still
+    ``dcache``, maybe None, when the only step was a children step). A code-head draft
+    (``head_columns``) scores over its head: log-softmax over the code tokens only.
+    """
+    cache = dcache
+
+    def score(b: Beams, depth: Tensor, parent: Tensor | None) -> tuple[Tensor, Beams]:
+        nonlocal cache
+        if parent is None:
+            fed = feed(draft, cache, b, t, "draft", prompts)
+            cache = fed.cache
+            return fed.front_logp, fed.beams
+        logits, cache, slots = tree_forward(draft, cache, step_nodes(b, depth, "draft"),
+                                            max_chain=0)
+        return log_probs(logits), b.with_slots("draft", depth, slots)
+
+    steps, beams = draft_tree(score, beams, t, g, index, params, head_columns(draft))
+    return steps, beams, cache
 
 
 def draft_forwards(steps: list[DraftStep]) -> int:
     """Draft forwards that made ``steps``: one per step but a last children step."""
     return len(steps) - int(bool(steps) and steps[-1].children)
+
+
+# ---------------------------------------------------------------------------------------------
+# The drafter contract. The speculative loop asks a drafter for a round's proposals with a
+# ``ProposeCall``; whoever answers it (``LocalModels`` offline, the draft replica in serving)
+# calls ``Drafter.propose`` with the drafter's own tree cache (None: none yet, or a stateless
+# call). A draft kind is a ``Drafter`` (and a loader, ``atspeed_ray.drafts``): ``LMDrafter`` is
+# every causal-LM draft (full vocabulary, code head, compact vocabulary: they differ in the
+# model, not in how they draft).
+
+
+@dataclass
+class ProposeCall:
+    """Draft side: reply ``(steps, beams)`` as ``Drafter.propose`` returns them (without the
+    cache)."""
+
+    beams: Beams  # [B, K, L] current beams (``beams.features``: the target's, where asked for)
+    t: Tensor  # [B] tokens generated so far
+    g: Tensor  # [B] drafted steps usable per request (max(g) >= 1 draft steps are run)
+    prompts: list[list[int]]  # [B] prompt token ids of the active requests
+    params: SearchParams  # N, mode (sample or top-N) and the generator
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """Proposes a round's drafted steps (``DraftStep``: N beams each, with parent pointers)."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where its tensors live (the beams it is given are moved there)."""
+
+    @property
+    def wants_features(self) -> bool:
+        """Whether it reads the target's hidden states (``Beams.features``): the target then
+        returns them from every verification pass."""
+
+    def propose(self, call: ProposeCall, index: ItemIndex, cache: TreeCache | None
+                ) -> tuple[list[DraftStep], Beams, TreeCache | None]:
+        """``max(call.g)`` drafted steps from ``call.beams``; the beams with the drafter's cache
+        slots recorded; its cache (or None)."""
+
+
+@dataclass(frozen=True)
+class LMDrafter:
+    """A causal LM as the draft (``draft_phase``): its own width-N beam search (or sampling)."""
+
+    model: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def wants_features(self) -> bool:
+        return False
+
+    def propose(self, call: ProposeCall, index: ItemIndex, cache: TreeCache | None
+                ) -> tuple[list[DraftStep], Beams, TreeCache | None]:
+        return draft_phase(self.model, cache, call.beams, call.t, call.g, call.prompts, index,
+                           call.params)
+
+
+def as_drafter(draft: Drafter | torch.nn.Module) -> Drafter:
+    """``draft`` itself if it is a ``Drafter``, else the causal LM ``draft`` as an ``LMDrafter``."""
+    return draft if isinstance(draft, Drafter) else LMDrafter(draft)  # type: ignore[return-value]

@@ -38,18 +38,21 @@ model's own rotary module.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from atspeed_ray.decoding.cache import CACHE_RESERVE, KVCache
+from atspeed_ray.decoding.decoder import Chunk, DecoderOutput
+
 SUPPORTED_ROPE = ("default", "linear", "llama3")  # types that only change inv_freq (+ scaling)
 ROPE_TABLE_MIN = 4096  # rope table rows at least (positions = prompt length + depth)
 MAX_CODE_DEPTH = 64  # positions kept free after a prompt for the tokens decoded below it
 
 
-CACHE_RESERVE = 128  # tree slots a cache keeps free beyond its first chunk (prompt block)
 PACK_ROWS_HINT = 64  # rows per call the GEMM libraries lay packed weights out for (any count works)
 
 
@@ -58,11 +61,24 @@ def packing_library(dtype: torch.dtype, device: torch.device) -> str | None:
     e.g. CUDA, fp64, or a torch built without it)."""
     if device.type != "cpu":
         return None
-    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+    if dtype == torch.bfloat16 and onednn_packs_bf16():
         return "onednn"
     if dtype == torch.float32 and torch.backends.mkl.is_available():
         return "mkl"
     return None
+
+
+@functools.cache
+def onednn_packs_bf16() -> bool:
+    """Whether oneDNN lays bf16 weights out on this CPU: it needs AVX512 (BW, VL, DQ) or
+    AVX-NE-CONVERT (an AVX2-only CPU, e.g. some AMD EPYC, refuses: bf16 then runs unpacked)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(2, 2, dtype=torch.bfloat16), 2)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedWeight:
@@ -110,99 +126,12 @@ def linear(x: Tensor, w: Weight) -> Tensor:
     return project(x)
 
 
-@dataclass
-class LayerKV:
-    """One layer's keys/values: buffers allocated once, filled up to ``length``."""
-
-    k_buf: Tensor | None = None  # [B, H_kv, capacity, D]
-    v_buf: Tensor | None = None  # [B, H_kv, capacity, D]
-    length: int = 0  # slots filled (a host int: reading it never waits for the device)
-
-    @property
-    def keys(self) -> Tensor | None:
-        """[B, H_kv, S, D], a view of the buffer (None before the first chunk)."""
-        return None if self.k_buf is None else self.k_buf[:, :, : self.length]
-
-    @property
-    def values(self) -> Tensor | None:
-        return None if self.v_buf is None else self.v_buf[:, :, : self.length]
-
-
-class KVCache:
-    """A static, preallocated KV cache (gpt-fast style), per layer [B, H_kv, capacity, D].
-
-    The buffers are allocated at the first chunk (the prompt block) with ``reserve`` slots free
-    for the tree; later chunks are written in place at the filled length, and compaction
-    (``keep_slots``) moves the kept tree slots down in place, so a request batch's rounds never
-    reallocate. A chunk that does not fit grows the buffers geometrically (``grows`` counts it;
-    the tests check a search's rounds stay within the first allocation). ``layers[i].keys`` /
-    ``.values`` are views of the filled part, the layout ``TreeCache`` and HF's DynamicCache share.
-    """
-
-    def __init__(self, num_layers: int, reserve: int = CACHE_RESERVE):
-        self.layers = [LayerKV() for _ in range(num_layers)]
-        self.reserve = reserve
-        self.grows = 0  # reallocations after the first chunk
-
-    def batch_select_indices(self, rows: Tensor) -> None:
-        """Keep requests ``rows`` [B'] (finished requests leave; once per request, not per step)."""
-        for layer in self.layers:
-            if layer.k_buf is not None:
-                layer.k_buf, layer.v_buf = layer.k_buf[rows], layer.v_buf[rows]
-
-    def _fit(self, layer: LayerKV, k: Tensor, need: int) -> None:
-        """Buffers for at least ``need`` slots (``k`` [B, H_kv, T, D] gives shape and dtype)."""
-        if layer.k_buf is not None and need <= layer.k_buf.shape[2]:
-            return
-        B, H, _, D = k.shape
-        old = layer.k_buf
-        cap = need + self.reserve if old is None else max(need, 2 * old.shape[2])
-        k_buf, v_buf = (k.new_empty(B, H, cap, D) for _ in range(2))
-        if old is not None:
-            self.grows += 1 if layer is self.layers[0] else 0
-            k_buf[:, :, : layer.length] = layer.keys
-            v_buf[:, :, : layer.length] = layer.values
-        layer.k_buf, layer.v_buf = k_buf, v_buf
-
-    def append(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write ``k``, ``v`` [B, H_kv, T, D] after layer ``i``'s cached ones (in place); return
-        all of them [B, H_kv, S + T, D] (views)."""
-        layer = self.layers[i]
-        start = layer.length
-        need = start + k.shape[2]
-        self._fit(layer, k, need)
-        assert layer.k_buf is not None and layer.v_buf is not None
-        layer.k_buf[:, :, start:need] = k
-        layer.v_buf[:, :, start:need] = v
-        layer.length = need
-        return layer.keys, layer.values  # type: ignore[return-value]
-
-    def keep_slots(self, gather: Tensor, fixed: int) -> None:
-        """Keep slots ``gather`` [B, S'] (ascending per row; its first ``fixed`` columns are
-        slots 0..fixed-1, the prompt block, which stays where it is): the kept tree slots move
-        down in place, into slots fixed..S'-1."""
-        tail = gather[:, fixed:] - fixed  # [B, S' - fixed] within the tree part
-        n = fixed + tail.shape[1]
-        for layer in self.layers:
-            if layer.k_buf is None:
-                continue
-            idx = tail[:, None, :, None].expand(-1, layer.k_buf.shape[1], -1, layer.k_buf.shape[3])
-            for buf in (layer.k_buf, layer.v_buf):
-                buf[:, :, fixed:n] = buf[:, :, fixed: layer.length].gather(2, idx)
-            layer.length = n
-
-
 def table_rows(rows: Tensor, ids: Tensor) -> Tensor:
     """Global token ids [...] -> rows of a compact embedding table (``models.COMPACT_VOCAB_KEY``):
     ``rows`` [V + 1] holds the row of every id below V and, last, the unknown row, which every
     id outside 0..V-1 reads."""
     n = rows.numel() - 1
     return rows[torch.where((ids >= 0) & (ids < n), ids, n)]
-
-
-@dataclass
-class Output:
-    logits: Tensor  # [B, T, V]
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -384,8 +313,9 @@ class FastLlama(nn.Module):
         # a compact draft (models.attach_compact_vocab): global id -> table row, and its head map
         rows = getattr(base.embed_tokens, "rows", None)
         self.register_buffer("input_rows", None if rows is None else rows.clone(), persistent=False)
-        if rows is not None:
-            self.register_buffer("head_columns", hf.head_columns.clone(), persistent=False)
+        # [V] token id -> logit column of a code head or compact table (``Decoder.head_columns``)
+        self.register_buffer("head_columns", None if rows is None else hf.head_columns.clone(),
+                             persistent=False)
         if head_ids is not None:
             self.restrict_head(head_ids)
         # rope table over every position, computed as HF does (fp32, then the model's dtype); HF
@@ -495,16 +425,22 @@ class FastLlama(nn.Module):
                                                  is_causal=mask is None)
         return out.transpose(1, 2).reshape(B, q.shape[2], H * D)
 
+    def decode(self, chunk: Chunk, cache: KVCache, hidden: bool = False) -> DecoderOutput:
+        """The ``Decoder`` contract: one forward over ``chunk``, appended to ``cache``."""
+        return self(chunk.tokens, chunk.mask, chunk.positions, cache, logits_to_keep=chunk.keep,
+                    prompt_cols=chunk.prompt_cols, output_hidden=hidden)
+
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: KVCache | None = None,
                 use_cache: bool = True, logits_to_keep: int | Tensor = 0,
-                prompt_cols: int | None = None) -> Output:
+                prompt_cols: int | None = None, output_hidden: bool = False) -> DecoderOutput:
         """input_ids [B, T]; attention_mask [B, 1, T, S + T] additive (None: causal, no cache);
         position_ids [B, T]. ``cache`` is extended in place. ``logits_to_keep`` as in HF: the last
         n positions (0 = all) or a 1-D tensor of positions. ``prompt_cols``: the first key
         columns are a prompt block laid out alike in every call (``tree_forward`` says so; only
-        ``invariant_attention`` reads it)."""
+        ``invariant_attention`` reads it). ``output_hidden``: the last layer's hidden states
+        (after the final norm) at the same positions too."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -544,7 +480,8 @@ class FastLlama(nn.Module):
                                     self.eps)
         if attention_mask is None:
             x = x[:, rows]
-        return Output(linear(self.rms_norm(x, self.norm_out), self.weight("lm_head")))
+        h = self.rms_norm(x, self.norm_out)  # [B, Q', E]
+        return DecoderOutput(linear(h, self.weight("lm_head")), h if output_hidden else None)
 
 
 def fast_forward(model: nn.Module, head_ids: Tensor | list[int] | None = None) -> nn.Module:

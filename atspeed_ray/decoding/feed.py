@@ -10,13 +10,14 @@ tree-attention forward and records where the fed tokens now sit. Used by both th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from atspeed_ray.decoding.beam import Beams, log_probs, prefill, take
-from atspeed_ray.decoding.tree import Nodes, TreeCache, tree_forward
+from atspeed_ray.decoding.beam import Beams, log_probs, prefill_decode, take
+from atspeed_ray.decoding.cache import TreeCache
+from atspeed_ray.decoding.tree import Nodes, tree_decode
 
 # build_extra(last, offset) -> nodes below the pending ones (see ``feed``)
 ExtraNodes = Callable[[Tensor, int], Nodes]
@@ -57,29 +58,51 @@ def record_pending(beams: Beams, name: str, nodes: Nodes, depth: Tensor, slots: 
     return replace(beams, slots=out)
 
 
+@dataclass
+class Fed:
+    """What one ``feed`` forward gives."""
+
+    front_logp: Tensor  # [B, M, V] log-probs after each beam (its last token, or the prompt's end)
+    extra_logits: Tensor  # [B, T', V] logits of the extra nodes
+    slots: Tensor  # [B, T'] cache slots of the extra nodes
+    beams: Beams  # the beams with their fed tokens' slots recorded
+    cache: TreeCache
+    front_hidden: Tensor | None = None  # [B, M, E] hidden states where front_logp was read
+    extra_hidden: Tensor | None = None  # [B, T', E] hidden states of the extra nodes
+
+
 def feed(model: torch.nn.Module, cache: TreeCache | None, beams: Beams, t: Tensor, name: str,
-         prompts: list[list[int]], build_extra: ExtraNodes | None = None, extra_levels: int = 0
-         ) -> tuple[Tensor, Tensor, Tensor, Beams, TreeCache]:
+         prompts: list[list[int]], build_extra: ExtraNodes | None = None, extra_levels: int = 0,
+         hidden: bool = False) -> Fed:
     """One forward of ``model`` over the beams' uncached tokens (+ extra tree nodes).
 
     With ``cache=None`` the prompt goes in first and nothing needs to be cached: that is the first
     round, or a stateless call (beams whose ``slots[name]`` are all -1).
     ``build_extra(last, offset)`` returns nodes hanging below the pending ones (``last`` [B, M]:
     index of each beam's last pending node, -1 if its front is the prompt's end; ``offset``: the
-    chunk index of the first extra node) in ``extra_levels`` levels.
-    Returns (log-probs after each beam [B, M, V], logits of the extra nodes, their cache slots,
-    beams with slots recorded, cache).
+    chunk index of the first extra node) in ``extra_levels`` levels. ``hidden``: the model's
+    last-layer hidden states at the same places as the logits, too.
     """
     pend, last, depth = pending_nodes(beams, t, name)
     offset = pend.tokens.shape[1]
     nodes = pend if build_extra is None else Nodes.cat([pend, build_extra(last, offset)])
     max_chain = depth.shape[2] + extra_levels  # longest in-chunk ancestor chain
+    at = last.clamp(min=0)
+
+    def front(x: Tensor, prompt_end: Tensor | None) -> Tensor:  # [B, T, ...] -> [B, M, ...]
+        if prompt_end is None:
+            return take(x, at)
+        return torch.where((last >= 0).view(*last.shape, *([1] * (x.dim() - 2))), take(x, at),
+                           prompt_end[:, None])
+
     if cache is None:
-        prompt_last, cache, logits, slots = prefill(model, prompts, nodes, max_chain)
-        front = torch.where((last >= 0)[..., None], take(logits, last.clamp(min=0)),
-                            prompt_last[:, None, :])
+        out, cache, slots = prefill_decode(model, prompts, nodes, max_chain, hidden)
+        logits, h = out.logits[:, 1:], None if out.hidden is None else out.hidden[:, 1:]
+        end_logits, end_h = out.logits[:, 0], None if out.hidden is None else out.hidden[:, 0]
     else:
-        logits, cache, slots = tree_forward(model, cache, nodes, max_chain=max_chain)
-        front = take(logits, last.clamp(min=0))
+        out, cache, slots = tree_decode(model, cache, nodes, max_chain=max_chain, hidden=hidden)
+        logits, h, end_logits, end_h = out.logits, out.hidden, None, None
     beams = record_pending(beams, name, pend, depth, slots[:, :offset])
-    return log_probs(front), logits[:, offset:], slots[:, offset:], beams, cache
+    return Fed(log_probs(front(logits, end_logits)), logits[:, offset:], slots[:, offset:], beams,
+               cache, None if h is None else front(h, end_h),
+               None if h is None else h[:, offset:])

@@ -32,12 +32,15 @@ from torch import Tensor
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.acceptance import accept_round
 from atspeed_ray.decoding.beam import (
-    Beams, DecodeResult, check_code_head, head_columns, root_beams, score_dtype, take,
+    Beams, DecodeResult, check_code_head, root_beams, score_dtype, take,
 )
-from atspeed_ray.decoding.drafting import DraftStep, draft_forwards, draft_phase
+from atspeed_ray.decoding.decoder import head_columns
+from atspeed_ray.decoding.drafting import (
+    Drafter, DraftStep, LMDrafter, ProposeCall, as_drafter, draft_forwards,
+)
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.timing import Timings, phase, whole
-from atspeed_ray.decoding.tree import TreeCache
+from atspeed_ray.decoding.cache import TreeCache
 from atspeed_ray.decoding.verification import Verified, verify_phase
 from atspeed_ray.settings import DEFAULT_MODE, Mode
 
@@ -49,17 +52,6 @@ from atspeed_ray.settings import DEFAULT_MODE, Mode
 
 
 @dataclass
-class ProposeCall:
-    """Draft side: reply ``(steps, beams)`` as ``draft_phase`` returns them (without the cache)."""
-
-    beams: Beams  # [B, K, L] current beams
-    t: Tensor  # [B] tokens generated so far
-    g: Tensor  # [B] drafted steps usable per request (max(g) >= 1 draft steps are run)
-    prompts: list[list[int]]  # [B] prompt token ids of the active requests
-    params: SearchParams  # N, mode (sample or top-N) and the generator
-
-
-@dataclass
 class VerifyCall:
     """Target side: ONE forward over the drafted tree; reply a ``Verified``."""
 
@@ -67,6 +59,7 @@ class VerifyCall:
     t: Tensor  # [B]
     steps: list[DraftStep]  # G steps of [B, N] drafted beams (may be empty)
     prompts: list[list[int]]
+    features: bool = False  # reply the target's hidden states too (``Verified.root_features``)
 
 
 @dataclass
@@ -136,7 +129,7 @@ class Answers:
 
 def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchParams,
                      keep_cache: bool = True, dtype: torch.dtype = torch.float32,
-                     timings: Timings | None = None) -> SpeculativeLoop:
+                     timings: Timings | None = None, features: bool = False) -> SpeculativeLoop:
     """The speculative beam search loop over ``prompts``; model calls are yielded (see above).
 
     ``index`` must be on the device the beams live on; ``dtype`` is the beam score dtype
@@ -145,6 +138,10 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
     ``stats`` of the result: per-request lists target_calls, draft_calls, rounds, accepted_steps.
     ``timings`` (optional) adds each phase's wall time: the draft and verify calls as the driver
     answers them, acceptance, and the bookkeeping after it (the end-of-round call included).
+    ``features`` (a drafter that reads the target's hidden states, ``Drafter.wants_features``):
+    every verification returns them and the beams carry them (``Beams.features``); the first
+    round then drafts nothing (there are no features yet): it is the target's prefill and its
+    exact first code.
     """
     device = index.device
     B, L, K = len(prompts), index.L, params.k
@@ -157,6 +154,8 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
         if not keep_cache:
             beams = beams.forget_slots()
         g = (L - 1 - t).clamp(max=params.gamma)  # drafted steps usable per request
+        if features and beams.features is None:  # the first round: the target's prefill
+            g = torch.zeros_like(g)
         G = int(g.max())
         steps: list[DraftStep] = []
         if G > 0:
@@ -164,7 +163,7 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
                 reply = yield ProposeCall(beams, t, g, active_prompts, params)
             steps, beams = reply  # type: ignore[misc]
         with phase(timings, "verify"):
-            verified = yield VerifyCall(beams, t, steps, active_prompts)
+            verified = yield VerifyCall(beams, t, steps, active_prompts, features)
         assert isinstance(verified, Verified)
         with phase(timings, "accept"):
             beams, acc = accept_round(verified, t, g, index, params)
@@ -195,9 +194,10 @@ def run_loop(loop: SpeculativeLoop, answer: Callable[[ModelCall], object]) -> De
 class LocalModels:
     """Answers the loop's calls with in-process models, keeping one tree cache per model."""
 
-    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
-                 keep_cache: bool = True):
-        self.target, self.draft, self.index, self.keep_cache = target, draft, index, keep_cache
+    def __init__(self, target: torch.nn.Module, draft: Drafter | torch.nn.Module,
+                 index: ItemIndex, keep_cache: bool = True):
+        self.target, self.index, self.keep_cache = target, index, keep_cache
+        self.drafter = as_drafter(draft)
         self.tcache: TreeCache | None = None
         self.dcache: TreeCache | None = None
 
@@ -212,15 +212,14 @@ class LocalModels:
     def propose(self, call: ProposeCall) -> tuple[list[DraftStep], Beams]:
         if not self.keep_cache:
             self.dcache = None
-        steps, beams, self.dcache = draft_phase(self.draft, self.dcache, call.beams, call.t,
-                                                call.g, call.prompts, self.index, call.params)
+        steps, beams, self.dcache = self.drafter.propose(call, self.index, self.dcache)
         return steps, beams
 
     def verify(self, call: VerifyCall) -> Verified:
         if not self.keep_cache:
             self.tcache = None
         verified, self.tcache = verify_phase(self.target, self.tcache, call.beams, call.t,
-                                             call.steps, call.prompts, self.index)
+                                             call.steps, call.prompts, self.index, call.features)
         return verified
 
     def end_round(self, call: EndRoundCall) -> Beams:
@@ -241,7 +240,8 @@ class LocalModels:
 
 
 @torch.no_grad()
-def speculative_search(target: torch.nn.Module, draft: torch.nn.Module, prompts: list[list[int]],
+def speculative_search(target: torch.nn.Module, draft: Drafter | torch.nn.Module,
+                       prompts: list[list[int]],
                        index: ItemIndex, params: SearchParams, keep_cache: bool = True,
                        timings: Timings | None = None) -> DecodeResult:
     """Top-``params.k`` items per prompt by speculative beam search (see the module docstring).
@@ -250,16 +250,20 @@ def speculative_search(target: torch.nn.Module, draft: torch.nn.Module, prompts:
     ``keep_cache=False`` runs every round stateless (prompt and beams recomputed each forward):
     the same result, the mode used when draft and target are remote replicas without caches.
     ``timings`` (optional, ``Timings``) adds the time of each phase and of the whole call.
-    The draft may have a code head (``FastLlama.restrict_head``); the target may not.
+    ``draft`` is a ``Drafter`` or a causal LM (``LMDrafter``), which may have a code head
+    (``FastLlama.restrict_head``); the target may not.
     """
     index = index.to(next(target.parameters()).device)
     if head_columns(target) is not None:
         raise ValueError("the target has a code head: its scores must be over the whole "
                          "vocabulary (a code head is for drafts)")
-    check_code_head(draft, index)
-    loop = speculative_loop(prompts, index, params, keep_cache, score_dtype(target), timings)
+    drafter = as_drafter(draft)
+    if isinstance(drafter, LMDrafter):
+        check_code_head(drafter.model, index)
+    loop = speculative_loop(prompts, index, params, keep_cache, score_dtype(target), timings,
+                            drafter.wants_features)
     with whole(timings):
-        return run_loop(loop, LocalModels(target, draft, index, keep_cache))
+        return run_loop(loop, LocalModels(target, drafter, index, keep_cache))
 
 
 def speculative_beam_search(

@@ -17,7 +17,8 @@ from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import Beams, column_log_probs, log_probs, take
 from atspeed_ray.decoding.drafting import DraftStep
 from atspeed_ray.decoding.feed import feed
-from atspeed_ray.decoding.tree import Nodes, TreeCache
+from atspeed_ray.decoding.cache import TreeCache
+from atspeed_ray.decoding.tree import Nodes
 
 
 @dataclass
@@ -28,6 +29,10 @@ class Verified:
     step_logp: list[Tensor]  # per drafted step: [B, N, C] after each drafted beam
     beams: Beams  # the current beams (target slots may be filled in)
     steps: list[DraftStep]  # the drafted steps (target slots may be filled in)
+    # opaque per-node features (the target's hidden states, when a drafter wants them), at the
+    # same places as the log-probs: root [B, K, F], per drafted step [B, N, F]
+    root_features: Tensor | None = None
+    step_features: list[Tensor] | None = None
 
 
 def drafted_nodes(steps: list[DraftStep], t: Tensor, L: int, last: Tensor, offset: int) -> Nodes:
@@ -69,22 +74,27 @@ def with_target_slots(steps: list[DraftStep], beams: Beams, slots: Tensor, t: Te
 
 
 def verify_phase(target: torch.nn.Module, tcache: TreeCache | None, beams: Beams, t: Tensor,
-                 steps: list[DraftStep], prompts: list[list[int]], index: ItemIndex
-                 ) -> tuple[Verified, TreeCache]:
+                 steps: list[DraftStep], prompts: list[list[int]], index: ItemIndex,
+                 features: bool = False) -> tuple[Verified, TreeCache]:
     """ONE target forward over [prompt | pending beam tokens] + all drafted tokens (a tree).
 
     Returns the target's column log-probs after the current beams and after every drafted beam,
-    with beams and steps whose target cache slots are filled in, and the target's cache.
+    with beams and steps whose target cache slots are filled in, and the target's cache;
+    ``features``: its last-layer hidden states at the same places too.
     """
     L = index.L
     extra = partial(drafted_nodes, steps, t, L) if steps else None
-    root_logp, node_logits, slots, beams, tcache = feed(
-        target, tcache, beams, t, "target", prompts, extra, extra_levels=len(steps))
-    root_logp = column_log_probs(root_logp, t.clamp(max=L - 1), index)
-    step_logp, start = [], 0
+    fed = feed(target, tcache, beams, t, "target", prompts, extra, extra_levels=len(steps),
+               hidden=features)
+    root_logp = column_log_probs(fed.front_logp, t.clamp(max=L - 1), index)
+    step_logp, step_feat, start = [], [], 0
     for j, s in enumerate(steps, start=1):
         n = s.parent.shape[1]
-        step_logp.append(column_log_probs(log_probs(node_logits[:, start:start + n]),
+        step_logp.append(column_log_probs(log_probs(fed.extra_logits[:, start:start + n]),
                                           (t + j).clamp(max=L - 1), index))
+        if fed.extra_hidden is not None:
+            step_feat.append(fed.extra_hidden[:, start:start + n])
         start += n
-    return Verified(root_logp, step_logp, beams, with_target_slots(steps, beams, slots, t, L)), tcache
+    steps = with_target_slots(steps, fed.beams, fed.slots, t, L)
+    return Verified(root_logp, step_logp, fed.beams, steps, fed.front_hidden,
+                    step_feat if features else None), fed.cache

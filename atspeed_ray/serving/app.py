@@ -43,7 +43,7 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
     if args.draft_beams_factor != AUTO or args.draft_widths or not args.speculative:
         return args
     from atspeed_ray.models import DeviceConfig, load_decoder
-    from atspeed_ray.serving.catalog import load_catalog
+    from atspeed_ray.data.catalog import load_catalog
     from atspeed_ray.width import choose_width
 
     assert args.draft is not None

@@ -28,7 +28,7 @@ from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import Beams
 from atspeed_ray.decoding.drafting import DraftStep, draft_phase
 from atspeed_ray.decoding.search import SearchParams
-from atspeed_ray.decoding.tree import TreeCache
+from atspeed_ray.decoding.cache import TreeCache
 from atspeed_ray.decoding.verification import Verified, verify_phase
 
 

@@ -191,7 +191,7 @@ class AppArgs(BaseModel):
 
     def check_paths(self) -> None:
         """Refuse, in one line, paths the replicas could not start from (before they start)."""
-        from atspeed_ray.serving.catalog import catalog_source_error
+        from atspeed_ray.data.catalog import catalog_source_error
 
         models = [("target", self.target)] + ([("draft", self.draft)] if self.speculative else [])
         for name, path in models:

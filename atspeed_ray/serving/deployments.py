@@ -43,7 +43,7 @@ from atspeed_ray.serving.batching import (
     draft_batch, verify_batch,
 )
 from atspeed_ray.serving.cache import Release, SessionStore
-from atspeed_ray.serving.catalog import Catalog, load_catalog
+from atspeed_ray.data.catalog import Catalog, load_catalog
 from atspeed_ray.serving.chained import drive
 from atspeed_ray.serving.colocated import SpeculateReply, SpeculateRequest, speculate_batch
 from atspeed_ray.serving.config import (

@@ -19,7 +19,7 @@ def build_random_pair(data: str | Path, out: str | Path, preset: str = "tiny", s
     """
     from atspeed_ray.data.prepare import load_prepared
 
-    from atspeed_ray.serving.catalog import export_catalog
+    from atspeed_ray.data.catalog import export_catalog
 
     prepared = load_prepared(data)
     tok = prepared.tokenizer

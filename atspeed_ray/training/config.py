@@ -22,6 +22,7 @@ TeacherLogits = Literal["auto", "stored", "online"]
 ZeroStage = Literal[0, 1, 2, 3]
 NewTokenInit = Literal["mean", "noise", "pieces"]  # training/init_model.py
 Samples = Literal["auto", "prefix", "sequence"]  # training/sequences.py
+DraftKindName = Literal["lm", "feature"]  # what align trains (drafts/: the registry of kinds)
 
 
 class TrainConfig(BaseModel):
@@ -54,6 +55,14 @@ class TrainConfig(BaseModel):
                            "prompt format's tokens and one row for any other id, tied to its LM "
                            "head (a code head, so it implies --code-head; for a fresh --preset "
                            "draft or --init-layers)")
+    draft_kind: DraftKindName = Field(
+        "lm", description="align: the draft to train: a causal LM (lm; with --code-head or "
+                          "--compact-vocab its kind is recorded as code-head / compact-vocab), or "
+                          "a feature draft (feature: a head on the target's hidden states, "
+                          "trained on the target's own top --teacher-k beam search, in process)")
+    feature_layers: int = Field(1, ge=1, le=8, description="--draft-kind feature: decoder blocks")
+    feature_weight: float = Field(0.1, ge=0.0, description="--draft-kind feature: weight of the "
+                                                           "hidden-state regression")
     new_token_init: NewTokenInit = Field(
         "pieces", description="--init: rows of the tokens the prepared tokenizer adds start from the "
                             "existing rows' mean, mean + noise, or the mean of the rows of the "
@@ -150,6 +159,14 @@ class TrainConfig(BaseModel):
                 raise ValueError("give --init or --init-layers, not both")
         if self.lora_r is not None and not (self.init or self.init_layers):
             raise ValueError("--lora-r adapts an existing model: give --init MODEL_DIR")
+        if self.draft_kind == "feature":
+            if self.task != "align":
+                raise ValueError("--draft-kind feature is a draft: align only")
+            if self.code_head or self.compact_vocab or self.init_layers or self.init:
+                raise ValueError("--draft-kind feature reads the target's own rows: no --code-head, "
+                                 "--compact-vocab, --init-layers or --init")
+            if self.runner != "local":
+                raise ValueError("--draft-kind feature trains in process for now: give --workers 0")
         if self.code_head and self.task != "align":
             raise ValueError("--code-head is for drafts (align): the target's scores are over the "
                              "whole vocabulary")
@@ -172,7 +189,7 @@ class TrainConfig(BaseModel):
         if self.task == "align":
             if not self.target:
                 raise ValueError("align needs --target (the trained target model folder)")
-            if not self.teacher and self.loss != "sft":
+            if not self.teacher and self.loss != "sft" and self.draft_kind != "feature":
                 raise ValueError(f"align --loss {self.loss} needs --teacher (teacher data folder)")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("fp16 needs a GPU (--use-gpu)")

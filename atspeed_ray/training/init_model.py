@@ -25,7 +25,7 @@ logit; the pieces init starts the codes where related text tokens are.
 The new rows are the ids past the base tokenizer's vocabulary (a model whose matrix already has
 spare rows, as Qwen2 pads its vocabulary, gets those rows initialised too; the matrix only
 grows where the tokenizer needs it). MODEL_DIR must fit the prepared folder (its base model, or a
-model trained on it: ``data.llm.check_base_model``, which ``train-target`` runs before it
+model trained on it: ``data.prepare.check_base_model``, which ``train-target`` runs before it
 starts), else the run stops with an error naming it.
 """
 

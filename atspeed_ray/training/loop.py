@@ -91,7 +91,7 @@ def export_hf(model: torch.nn.Module, prepared, out: Path) -> None:
     """A plain HF checkpoint (LoRA adapters merged into a copy) with the tokenizer, and the item
     index and prompt format serving needs (``index.json``, ``catalog.json``)."""
     from atspeed_ray.models import save_model
-    from atspeed_ray.serving.catalog import export_catalog
+    from atspeed_ray.data.catalog import export_catalog
     from atspeed_ray.training.lora import plain_model
 
     save_model(plain_model(model), prepared.tokenizer, out)

@@ -88,6 +88,24 @@ def tvd(q_logits: Tensor, p_logits: Tensor, valid: Tensor, temperature: float = 
     return 0.5 * (q - p).abs().sum(-1)
 
 
+def candidate_kl(scores: Tensor, p_logp: Tensor, q_logp: Tensor, valid: Tensor) -> Tensor:
+    """The sequence-level KL(p || q) over the candidate extensions of M beams, the space a beam
+    step ranks: candidate (m, c) scores ``scores[m] + logp[m, c]`` under the target's (p) and the
+    draft's (q) log-probs, the trie's invalid ones (``valid`` False) and dead beams (-inf score)
+    removed. scores [B, M], p_logp / q_logp / valid [B, M, C] -> the mean over B."""
+    live = torch.isfinite(scores)
+    s = torch.where(live, scores, 0.0)[..., None]
+    ok = (valid & live[..., None]).flatten(1)
+    return forward_kl((s + q_logp).flatten(1), (s + p_logp).flatten(1), ok).mean()
+
+
+def feature_regression(pred: Tensor, target: Tensor, live: Tensor) -> Tensor:
+    """Smooth-L1 between predicted and the target's hidden states [B, M, E], averaged over the
+    live beams ``live`` [B, M] (EAGLE's feature loss)."""
+    per = torch.nn.functional.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
+    return weighted_mean(per, live.float())
+
+
 def topk_reverse_kl(q_logits: Tensor, p_logits: Tensor, valid: Tensor, k: int,
                     temperature: float = 1.0, density: bool = True) -> Tensor:
     """AtSpeed-S: at each position, take the draft's top-``k`` valid codes S (by q's logits).

@@ -65,14 +65,26 @@ def build_model(cfg: TrainConfig, prepared, device: torch.device) -> torch.nn.Mo
             from atspeed_ray.models import compact_vocab_ids, shrink_to_compact
 
             model = shrink_to_compact(model, compact_vocab_ids(prepared), vocab)
-        return model.train()
+        return with_draft_kind(model, cfg).train()
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(prepared.tokenizer):
         raise ValueError(f"model vocabulary {rows} < tokenizer size {len(prepared.tokenizer)} "
                          f"of {cfg.data}")
     if cfg.code_head:  # recorded in the config: it travels with every export of the draft
         set_code_head(model, prepared.index)
-    return model.train()
+    return with_draft_kind(model, cfg).train()
+
+
+def with_draft_kind(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """An align model with its kind recorded in its config (``drafts.DRAFT_KIND_KEY``: it travels
+    with every export, and ``drafts.load_drafter`` loads by it); a target is left as it is."""
+    if cfg.task == "align":
+        from atspeed_ray.drafts import DRAFT_KIND_KEY
+        from atspeed_ray.drafts.lm import CODE_HEAD, COMPACT_VOCAB, LM
+
+        kind = COMPACT_VOCAB if cfg.compact_vocab else CODE_HEAD if cfg.code_head else LM
+        setattr(model.config, DRAFT_KIND_KEY, kind.name)
+    return model
 
 
 def fresh_model(cfg: TrainConfig, prepared, vocab: int) -> torch.nn.Module:
@@ -126,7 +138,7 @@ def load_frozen_target(cfg: TrainConfig, device: torch.device) -> torch.nn.Modul
 
 def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     from atspeed_ray.data.prepare import load_prepared
-    from atspeed_ray.decoding.beam import head_columns
+    from atspeed_ray.decoding.decoder import head_columns
     from atspeed_ray.training.teacher_data import load_examples, load_teacher, subsample
 
     prepared = load_prepared(cfg.data)

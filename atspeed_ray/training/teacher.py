@@ -101,7 +101,7 @@ class TeacherWorker:
 
 def generate_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write teacher data for the train and valid splits; return the summary (teacher.json)."""
-    from atspeed_ray.data.llm import check_base_model
+    from atspeed_ray.data.prepare import check_base_model
     from atspeed_ray.data.prepare import load_prepared
 
     data, target, out = (Path(p).resolve() for p in (cfg.data, cfg.target, cfg.out))

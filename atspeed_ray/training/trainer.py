@@ -75,7 +75,7 @@ def check_inputs(cfg: TrainConfig) -> None:
                        (cfg.init, "--init")):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{what} {path}: no such folder")
-    from atspeed_ray.data.llm import check_models
+    from atspeed_ray.data.prepare import check_models
     from atspeed_ray.data.prepare import load_prepared
 
     # the models must fit the prepared folder's tokenizer (its base model, or trained on it)

@@ -1,0 +1,127 @@
+"""Training a feature draft: the teacher is the target's own beam search (with its hidden
+states), the losses are pure functions, training lowers them, and ``align --draft-kind feature``
+writes a draft that ``load_drafter`` serves exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from atspeed_ray.decoding import beam_search
+from atspeed_ray.decoding.beam import beam_step, expand_columns
+from atspeed_ray.drafts import load_drafter
+from atspeed_ray.drafts.feature import FeatureConfig, FeatureDraft, FeatureDrafter
+from atspeed_ray.models import DeviceConfig
+from atspeed_ray.training.feature import target_tree, tree_loss, width_needed
+from atspeed_ray.training.losses import candidate_kl, feature_regression
+from tests.helpers import (
+    assert_same_as_beam_search, prepared_random_pair, random_catalog, random_model,
+    random_prompts, strict_runs, vocab_size,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    codebook = [8, 8, 8, 8]
+    index = random_catalog(1500, codebook, seed=0)
+    V = vocab_size(codebook)
+    return index, random_model(V, seed=1), random_prompts(6, V, seed=2)
+
+
+def test_the_teacher_tree_is_the_targets_beam_search_with_its_hidden_states(setup):
+    index, target, prompts = setup
+    k = 5
+    levels = target_tree(target, prompts, index, k)
+    assert len(levels) == index.L
+    last = levels[-1]
+    depth = torch.full((len(prompts),), index.L - 1)
+    step = beam_step(expand_columns(last.col_logp, last.scores, last.node, depth, index), k)
+    ref = beam_search(target, prompts, index, k)
+    assert torch.equal(last.tokens.take_along_dim(step.parent[..., None], 1)[..., :-1],
+                       ref.sequences[..., :-1])
+    torch.testing.assert_close(step.score, ref.scores, rtol=0, atol=1e-9)
+    for d, lv in enumerate(levels):  # the feature after each beam = a plain forward's
+        for b, prompt in enumerate(prompts[:2]):
+            for m in range(lv.tokens.shape[1]):
+                if torch.isfinite(lv.scores[b, m]):
+                    ids = torch.tensor([prompt + lv.tokens[b, m, :d].tolist()])
+                    want = target.base_model(input_ids=ids).last_hidden_state[0, -1]
+                    torch.testing.assert_close(lv.feature[b, m].double(), want.double(),
+                                               rtol=1e-5, atol=1e-5)
+
+
+def test_candidate_kl_and_feature_regression():
+    scores = torch.tensor([[0.0, -1.0, float("-inf")]])
+    p = torch.log_softmax(torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0)), -1)
+    valid = torch.ones(1, 3, 4, dtype=torch.bool)
+    valid[0, 0, 3] = False
+    assert float(candidate_kl(scores, p, p, valid)) == pytest.approx(0.0, abs=1e-6)
+    q = p.clone()
+    q[0, 0, 3] += 5.0  # an invalid candidate: ignored
+    q[0, 2] += 3.0  # a dead beam: ignored
+    assert float(candidate_kl(scores, p, q, valid)) == pytest.approx(0.0, abs=1e-6)
+    q[0, 1, 0] += 2.0
+    assert float(candidate_kl(scores, p, q, valid)) > 0.01
+    h = torch.randn(1, 3, 8)
+    live = torch.isfinite(scores)
+    assert float(feature_regression(h, h, live)) == 0.0
+    assert float(feature_regression(h + 1.0, h, live)) == pytest.approx(0.5)
+    bad = h.clone()
+    bad[0, 2] += 9.0  # the dead beam's feature does not count
+    assert float(feature_regression(bad, h, live)) == 0.0
+
+
+def test_training_lowers_the_loss_and_the_width_the_codes_need(setup):
+    index, target, prompts = setup
+    torch.manual_seed(0)
+    draft = FeatureDraft.from_target(target, index, FeatureConfig(hidden=32, layers=1, heads=4)).double()
+    trees = [target_tree(target, random_prompts(16, vocab_size([8] * 4), seed=s), index, 5)
+             for s in range(4)]
+    before = float(tree_loss(draft, trees[0], index, 0.1)[0])
+    widths_before = width_needed(draft, trees[0], index, 5)
+    opt = torch.optim.AdamW(draft.parameters(), lr=3e-3)
+    for _ in range(15):
+        for levels in trees:
+            loss, _ = tree_loss(draft, levels, index, 0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = float(tree_loss(draft, trees[0], index, 0.1)[0])
+    widths_after = width_needed(draft, trees[0], index, 5)
+    assert after < 0.7 * before
+    assert set(widths_after) == {"code2_first", "code3_first", "code3_unrolled", "code4_first",
+                                 "code4_unrolled"}
+    assert sum(map(sum, widths_after.values())) < sum(map(sum, widths_before.values()))
+    ref = beam_search(target, prompts, index, 5)  # trained or not, strict stays exact
+    for _, out in strict_runs(target, FeatureDrafter(draft.eval()), prompts, index, 5, 10, 3):
+        assert_same_as_beam_search(out, ref)
+
+
+def test_align_draft_kind_feature_writes_a_loadable_draft(tmp_path, capsys):
+    from atspeed_ray.cli import main
+    from atspeed_ray.data.prepare import load_prepared
+
+    data, target_dir, _ = prepared_random_pair(tmp_path, 60, 120, seed=3)
+    out = tmp_path / "feature"
+    assert main(["align", "--data", str(data), "--target", str(target_dir), "--out", str(out),
+                 "--draft-kind", "feature", "--workers", "0", "--epochs", "2", "--max-samples", "64",
+                 "--val-samples", "16", "--teacher-k", "5", "--micro-batch", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "[feature] epoch 2/2" in printed and "code2_first_width_median" in printed
+    history = json.loads((out / "training.json").read_text())
+    assert len(history["epochs"]) == 2 and history["train_prompts"] == 64
+    drafter = load_drafter(out, DeviceConfig(device="cpu"))
+    assert isinstance(drafter, FeatureDrafter)
+    from atspeed_ray.models import load_decoder
+
+    prepared = load_prepared(data)
+    target = load_decoder(target_dir, DeviceConfig(device="cpu"))
+    prompts = prepared.prompts("test", limit=4)
+    ref = beam_search(target, prompts, prepared.index, 5)
+    for _, res in strict_runs(target, drafter, prompts, prepared.index, 5, 10, 3):
+        assert_same_as_beam_search(res, ref)
+    assert main(["align", "--data", str(data), "--target", str(target_dir), "--out", str(out),
+                 "--draft-kind", "feature", "--workers", "2"]) == 2
+    assert "--workers 0" in capsys.readouterr().err
