@@ -9,6 +9,7 @@ in fp64 so that batched and unbatched scores never reorder near-ties.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import socket
 import time
@@ -28,6 +29,7 @@ from atspeed_ray.serving.config import AppArgs
 from atspeed_ray.serving.faults import kill_under_load, running_count
 from atspeed_ray.serving.loadtest import make_bodies, run_load
 from atspeed_ray.serving.testing import build_random_pair
+from atspeed_ray.training.ray_utils import private_token
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -89,13 +91,15 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.ray, pyte
 
 
 # ------------------------------------------------------------- the CLI process (own Ray each)
-def start_cli(args: list[str], log: Path) -> "subprocess.Popen[bytes]":
-    """``atspeed-ray serve`` in its own process group, stdout+stderr to ``log``."""
+def start_cli(args: list[str], log: Path, drop_env: tuple[str, ...] = ()) -> "subprocess.Popen[bytes]":
+    """``atspeed-ray serve`` in its own process group, stdout+stderr to ``log``, without the
+    environment variables ``drop_env``."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**{k: v for k, v in os.environ.items() if k not in drop_env},
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, "-m", "atspeed_ray.cli", "serve", *args], stdout=f,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -166,6 +170,91 @@ def test_contract_form_serves_is_ready_and_stops_fast_on_sigterm(exported, tmp_p
     assert rc == 0 and took < 30, log.read_text()[-3000:]
 
 
+# a real method of each kind of Ray gRPC server (GCS, raylet, its object manager, core worker,
+# agent, Serve replica): an unknown method is UNIMPLEMENTED before any auth check (C++ servers)
+RAY_GRPC_METHODS = ("/ray.rpc.NodeInfoGcsService/GetClusterId", "/ray.rpc.NodeManagerService/GetNodeStats",
+                    "/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.CoreWorkerService/GetCoreWorkerStats",
+                    "/ray.rpc.ReporterService/HealthCheck", "/ray.serve.ASGIService/HandleRequest")
+LOOPBACK_IPS = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+
+def unauthenticated_call(port: int) -> str:
+    """What a caller without the token gets on ``127.0.0.1:port``: ``"refused: ..."`` (HTTP 401
+    or 403, gRPC UNAUTHENTICATED, no connection), ``"metrics"`` (an HTTP Prometheus page),
+    ``"ANSWERED: ..."`` (an HTTP or gRPC answer) or ``"unknown: ..."``."""
+    import grpc
+
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        if r.status_code in (401, 403):
+            return f"refused: HTTP {r.status_code}"
+        if r.status_code == 200 and r.text.startswith(("# HELP", "# TYPE")):
+            return "metrics"
+        return f"ANSWERED: HTTP {r.status_code} {r.text[:80]!r}"
+    except httpx.ConnectError as e:
+        return f"refused: no connection ({e})"
+    except httpx.HTTPError:  # not HTTP/1.1: a gRPC (HTTP/2) server
+        pass
+    codes = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for method in RAY_GRPC_METHODS:
+            call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+            try:
+                call(b"", timeout=10)
+                return f"ANSWERED: gRPC {method}"
+            except grpc.RpcError as e:
+                codes.append(e.code())
+    if grpc.StatusCode.UNAUTHENTICATED in codes:
+        return f"refused: gRPC UNAUTHENTICATED ({codes.count(grpc.StatusCode.UNIMPLEMENTED)} unknown methods)"
+    return f"unknown: gRPC {sorted({c.name for c in codes})}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_serve_ports_refuse_callers_without_the_token(exported, tmp_path):
+    """``serve`` as a user starts it (no Ray auth variables set): every TCP port its process tree
+    listens on, except the product's HTTP endpoint, refuses a call without Ray's token (gRPC
+    UNAUTHENTICATED, HTTP 401), among them GCS, raylet, workers and each Serve replica's gRPC
+    server (the one port on all interfaces). Ray's Prometheus metrics pages (read-only) answer
+    without a token: they must be bound to loopback."""
+    import os
+    import signal
+
+    import psutil
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = start_cli(["--target", str(exported / "models" / "target"), "--draft",
+                      str(exported / "models" / "draft"), "--port", str(port), "--num-cpus", "2"], log,
+                     drop_env=("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
+    try:
+        deadline = time.monotonic() + 300
+        while "serving on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        root = psutil.Process(proc.pid)
+        listening = {}  # port -> (process name, bound address)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                name = " ".join(p.cmdline())[:60]
+                for c in p.net_connections(kind="tcp"):
+                    if c.status == psutil.CONN_LISTEN:
+                        listening[c.laddr.port] = (name, c.laddr.ip)
+        assert listening.pop(port)[1] in LOOPBACK_IPS  # the product's endpoint, loopback
+        verdicts = {q: unauthenticated_call(q) for q in sorted(listening)}
+        for q, verdict in verdicts.items():
+            print(f"{q:>6} {listening[q][1]:<17} {listening[q][0]:<60} {verdict}")
+        wrong = {q: v for q, v in verdicts.items()
+                 if not (v.startswith("refused") or v == "metrics" and listening[q][1] in LOOPBACK_IPS)}
+        assert not wrong, wrong
+        exposed = [q for q, (_, ip) in listening.items() if ip not in LOOPBACK_IPS]
+        assert exposed and all(verdicts[q].startswith("refused: gRPC") for q in exposed)  # the replicas
+        assert sum(v.startswith("refused: gRPC") for v in verdicts.values()) >= 8
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
@@ -177,6 +266,7 @@ def app(tmp_path_factory):
     catalog = load_catalog(str(data), str(root / "models" / "target"))
     port = free_port()
     base = yaml.safe_load(LOCAL_YAML.read_text())
+    private_token()  # token auth, a token of the test process's own (nothing in ~/.ray)
     ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
              namespace="serve", log_to_driver=False)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 from pathlib import Path
 
 import httpx
@@ -519,3 +520,58 @@ def test_cli_serve_config_alone_serves_its_own_paths(small, tmp_path, monkeypatc
     assert main(["serve", "--config", str(config), "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{config}: args.draft models/nope" in err and len(err.splitlines()) == 1, err
+
+
+# every command that starts or joins Ray, with its required flags (values never read: the
+# refusal comes before any work)
+RAY_COMMANDS = (["serve", "--target-only", "--target", "t"],
+                ["train-target", "--data", "d", "--out", "o"],
+                ["align", "--data", "d", "--target", "t", "--out", "o"],
+                ["teacher", "--data", "d", "--target", "t", "--out", "o"],
+                ["tune", "--data", "d", "--target", "t", "--teacher", "x", "--space", "s",
+                 "--num-samples", "1", "--out", "o"])
+
+
+@pytest.mark.parametrize("argv", RAY_COMMANDS, ids=lambda a: a[0])
+def test_commands_refuse_ray_without_auth(argv, monkeypatch, capsys):
+    """``RAY_AUTH_MODE=disabled`` (token auth off) is refused at once, exit 2, one line that says
+    why and names the opt-in flag; no traceback."""
+    from atspeed_ray.cli import main
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "RAY_AUTH_MODE=disabled" in err[0] and "--allow-no-auth" in err[0], err
+    assert err[0].startswith(f"atspeed-ray {argv[0]}: error:")
+
+
+def test_serve_child_and_init_ray_refuse_ray_without_auth(monkeypatch, capsys, tmp_path):
+    """The server process of ``serve`` and ``init_ray`` (the Python API, e.g. ``fit``) refuse it
+    too; ``--allow-no-auth`` reaches the server process."""
+    from atspeed_ray.serving.process import main, server_command
+    from atspeed_ray.training.ray_utils import AuthOff, init_ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert main([str(tmp_path / "config.yaml"), "http://127.0.0.1:1"]) == 2
+    assert "--allow-no-auth" in capsys.readouterr().err
+    with pytest.raises(AuthOff, match="RAY_AUTH_MODE=disabled"):
+        init_ray()
+    assert server_command(tmp_path, "u", None, True)[-1] == "--allow-no-auth"
+    assert "--allow-no-auth" not in server_command(tmp_path, "u", 2.0, False)
+
+
+def test_private_token_is_fresh_unless_given(monkeypatch):
+    """A private instance gets token auth and a random token of its own; a given one is kept."""
+    from atspeed_ray.training.ray_utils import private_token
+
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    private_token()
+    first = os.environ["RAY_AUTH_TOKEN"]
+    assert os.environ["RAY_AUTH_MODE"] == "token" and len(first) == 64
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    private_token()
+    assert os.environ["RAY_AUTH_TOKEN"] != first
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "given")
+    private_token()
+    assert os.environ["RAY_AUTH_TOKEN"] == "given"

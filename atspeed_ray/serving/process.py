@@ -30,6 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from atspeed_ray.training.ray_utils import NO_AUTH_FLAG, AuthOff, add_no_auth_flag, check_auth, permit_no_auth
+
 POLL_S = 0.5
 SERVE_SHUTDOWN_S = 15.0  # seen over 5 s on a loaded 2-core machine; Serve's own bound is 30 s
 STARTUP_FAILED = "A replica failed to start"  # how Serve's deployment status says so
@@ -81,10 +83,11 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
-def server_command(config: Path, url: str, num_cpus: float | None) -> list[str]:
+def server_command(config: Path, url: str, num_cpus: float | None, allow_no_auth: bool) -> list[str]:
     """The child process of ``supervise``: ``main`` below."""
     cmd = [sys.executable, "-m", "atspeed_ray.serving.process", str(config), url]
-    return cmd + (["--num-cpus", str(num_cpus)] if num_cpus is not None else [])
+    cmd += ["--num-cpus", str(num_cpus)] if num_cpus is not None else []
+    return cmd + ([NO_AUTH_FLAG] if allow_no_auth else [])
 
 
 def supervise(cmd: list[str]) -> int:
@@ -164,7 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", type=Path)
     p.add_argument("url")
     p.add_argument("--num-cpus", type=float, default=None)
+    add_no_auth_flag(p)
     a = p.parse_args(argv)
+    if a.allow_no_auth:
+        permit_no_auth()
+    try:
+        check_auth()
+    except AuthOff as e:
+        print(f"atspeed-ray serve: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return serve_until_stopped(a.config, a.url, a.num_cpus)
 
 
