@@ -9,8 +9,10 @@ in fp64 so that batched and unbatched scores never reorder near-ties.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
+import dataclasses
 import socket
 import time
 from pathlib import Path
@@ -168,6 +170,98 @@ def test_contract_form_serves_is_ready_and_stops_fast_on_sigterm(exported, tmp_p
     took = time.monotonic() - t0
     print(f"SIGTERM to the group: stopped in {took:.1f} s")
     assert rc == 0 and took < 30, log.read_text()[-3000:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sent:
+    """One request of ``load_until_refused``: when it left and came back (monotonic s), and its
+    HTTP status or the exception's class name."""
+    sent: float
+    done: float
+    outcome: int | str
+    retry_after: str | None = None
+
+
+async def load_until_refused(url: str, histories: list[list[int]], concurrency: int, stop_s: float,
+                             limit_s: float, on_stop) -> tuple[list[Sent], float, list[int | str]]:
+    """``concurrency`` workers send strict k=5 requests back to back; ``on_stop()`` after
+    ``stop_s``; each worker ends at its first answer other than 200 (or after ``limit_s``).
+    Also polls ``/readyz`` from the stop on. Returns the requests, the stop time and the
+    readiness answers after it."""
+    sent: list[Sent] = []
+    ready: list[int | str] = []
+    stop_at: list[float] = []
+    deadline = time.monotonic() + limit_s
+
+    async def worker(client: httpx.AsyncClient, w: int) -> None:
+        i = w
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                r = await client.post(f"{url}/recommend", json={"history": histories[i % len(histories)], "k": 5})
+                outcome, retry = r.status_code, r.headers.get("retry-after")
+            except httpx.HTTPError as e:
+                outcome, retry = type(e).__name__, None
+            sent.append(Sent(t0, time.monotonic(), outcome, retry))
+            if outcome != 200:
+                return
+            i += concurrency
+
+    async def stopper(client: httpx.AsyncClient) -> None:
+        await asyncio.sleep(stop_s)
+        stop_at.append(time.monotonic())
+        on_stop()
+        while time.monotonic() < deadline:
+            try:
+                ready.append((await client.get(f"{url}/readyz")).status_code)
+            except httpx.HTTPError as e:
+                ready.append(type(e).__name__)
+                return
+            await asyncio.sleep(0.1)
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency + 1)) as client:
+        await asyncio.gather(stopper(client), *(worker(client, w) for w in range(concurrency)))
+    return sent, stop_at[0], ready
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_sigterm_under_load_answers_every_accepted_request(exported, tmp_path):
+    """SIGTERM to ``serve``'s process group during a load at concurrency 8: every request sent
+    before the signal is answered 200 (those in flight included); one that came later is
+    answered (200), refused with a 503 that carries ``Retry-After``, or finds no server; the
+    readiness probe turns 503 before the server goes; exit 0."""
+    import os
+    import signal
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = start_cli(["--target", str(exported / "models" / "target"), "--draft",
+                      str(exported / "models" / "draft"), "--port", str(port), "--num-cpus", "2"], log)
+    try:
+        deadline = time.monotonic() + 300
+        while "serving on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        url = f"http://127.0.0.1:{port}"
+        histories = httpx.get(f"{url}/meta", timeout=30).json()["example_histories"]
+        sent, t_stop, ready = asyncio.run(load_until_refused(
+            url, histories, 8, stop_s=4.0, limit_s=120.0, on_stop=lambda: os.killpg(proc.pid, signal.SIGTERM)))
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = [s for s in sent if s.sent < t_stop]
+    in_flight = [s for s in before if s.done > t_stop]
+    after = [s for s in sent if s.sent >= t_stop]
+    print(f"{len(before)} requests before the stop ({len(in_flight)} in flight at it), {len(after)} after: "
+          f"{collections.Counter(s.outcome for s in after)}; readyz after the stop: {ready}; "
+          f"stop took {max(s.done for s in sent) - t_stop:.1f} s to the last answer")
+    assert rc == 0, log.read_text()[-3000:]
+    assert len(in_flight) >= 4 and all(s.outcome == 200 for s in before), [s for s in before if s.outcome != 200]
+    assert all(s.outcome in (200, "ConnectError") or s.outcome == 503 and s.retry_after for s in after), after
+    assert 503 in ready, ready
+    assert "every accepted request answered" in log.read_text()
 
 
 # a real method of each kind of Ray gRPC server (GCS, raylet, its object manager, core worker,

@@ -575,3 +575,28 @@ def test_private_token_is_fresh_unless_given(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "given")
     private_token()
     assert os.environ["RAY_AUTH_TOKEN"] == "given"
+
+
+def test_stop_flag_grace_then_refusal(monkeypatch):
+    """After the stop, readiness turns at once (``since``); a new request is still answered for
+    ``STOP_GRACE_S`` (it was on its way), then refused; the key is read at most every
+    ``STOP_CHECK_S``."""
+    import time
+
+    from atspeed_ray.serving import stopping
+
+    reads: list[float] = []
+    at: list[float | None] = [None]
+    monkeypatch.setattr(stopping, "stopped_at", lambda: reads.append(1.0) or at[0])
+    flag = stopping.StopFlag()
+
+    async def run() -> None:
+        assert await flag.since() is None and not await flag.refuses()
+        assert len(reads) == 1  # the second call came within STOP_CHECK_S: no new read
+        at[0] = time.time()
+        await asyncio.sleep(stopping.STOP_CHECK_S)
+        assert await flag.since() == at[0] and not await flag.refuses()
+        flag.at = time.time() - stopping.STOP_GRACE_S - 0.1
+        assert await flag.refuses()
+
+    asyncio.run(run())

@@ -6,6 +6,8 @@ a 503 (with the traceback in the log) for anything else that fails.
 * A 422 names the field (``detail[*].loc``) and echoes at most ``MAX_ECHO_CHARS`` of the input
   that was wrong; values JSON cannot encode (``NaN``, ``Infinity``, ``1e400`` parse as floats)
   are echoed as text. Each 422 is logged in one line.
+* A 503 (a failure, the server stopping) carries ``Retry-After``: recommendation calls are
+  idempotent, send them again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fastapi.responses import JSONResponse
 from atspeed_ray.serving.config import MAX_BODY_BYTES
 
 MAX_ECHO_CHARS = 200
+RETRY_AFTER_S = 1  # the Retry-After of a 503: the request is safe to send again (idempotent)
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,9 +96,17 @@ def field_error(loc: list[str | int], msg: str, value: Any, kind: str = "value_e
     return HTTPException(status_code=422, detail=[{"type": kind, "loc": loc, "msg": msg, "input": echo(value)}])
 
 
+def stopping(detail: str) -> HTTPException:
+    """A 503 for a request that came after the stop began: retry (another replica, later); the
+    connection is closed so that a client does not send its next request on it."""
+    return HTTPException(status_code=503, detail=detail,
+                         headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+
+
 async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
     logger.exception("request failed: %s", exc)
-    return JSONResponse(status_code=503, content={"detail": f"temporarily unavailable: {type(exc).__name__}"})
+    return JSONResponse(status_code=503, content={"detail": f"temporarily unavailable: {type(exc).__name__}"},
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def install(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:

@@ -11,9 +11,11 @@ that ends on the first deployment that cannot start or on a stop signal.
   model) ends the command within seconds, exit 1, with the replica's exception on one line
   (Serve itself would retry it and wait for health forever). "serving on URL" is printed once
   every app runs and ``GET /readyz`` answers 200.
-* Stop: a signal only sets a flag; the main thread then gives Serve at most
-  ``SERVE_SHUTDOWN_S`` to shut down (it drains in-flight requests) and ends the private Ray
-  instance (its processes are ours alone); exit 0.
+* Stop: a signal only sets a flag; the main thread then drains (``stopping.py``: the ingress
+  answers new requests and ``/readyz`` with 503, the accepted ones are answered, at most
+  ``DRAIN_S``), gives Serve at most ``SERVE_SHUTDOWN_S`` to shut down (that kills its HTTP proxy
+  at once, hence the drain first) and ends the private Ray instance (its processes are ours
+  alone); exit 0.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -30,6 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from atspeed_ray.serving.stopping import DRAIN_S, PROXY_MIN_DRAINING_ENV, PROXY_MIN_DRAINING_S, drain
 from atspeed_ray.training.ray_utils import NO_AUTH_FLAG, AuthOff, add_no_auth_flag, check_auth, permit_no_auth
 
 POLL_S = 0.5
@@ -121,6 +125,7 @@ def serve_until_stopped(config: Path, url: str, num_cpus: float | None) -> int:
     from atspeed_ray.training.ray_utils import init_ray
 
     stop = threading.Event()
+    os.environ.setdefault(PROXY_MIN_DRAINING_ENV, str(PROXY_MIN_DRAINING_S))  # the proxy inherits it
     init_ray(num_cpus=num_cpus, include_dashboard=False, namespace="serve",
              object_store_memory=512 * 1024**2)
     for sig in STOP_SIGNALS:  # after ray.init, which installs its own handlers
@@ -141,6 +146,12 @@ def serve_until_stopped(config: Path, url: str, num_cpus: float | None) -> int:
             if not ready and running(status) and answers_ready(url + prefix):
                 ready = True
                 print(f"serving on {url}  (POST /recommend, GET /healthz, /readyz, /docs)", flush=True)
+        if stop.is_set():
+            t0 = time.monotonic()
+            drained = drain(DRAIN_S)
+            print("atspeed-ray serve: stopping: " + (
+                f"every accepted request answered in {time.monotonic() - t0:.1f} s" if drained
+                else f"requests still open after {DRAIN_S:.0f} s"), file=sys.stderr, flush=True)
     finally:
         shutdown(serve, ray)
     return rc
