@@ -715,7 +715,8 @@ def test_killing_a_replica_under_load_loses_no_request(two_targets, deployment):
     every request gets the target-only answer. A dead TargetModel replica's calls are sent again
     by the ingress (the other replica answers); a dead draft means target-alone fallbacks; a dead
     ingress' in-flight requests get a 500 from Serve's proxy, which the client retries (budget 2,
-    counted). Then the controller replaces the replica."""
+    counted), and no request sent after the kill fails even once (the second ingress replica
+    takes them). Then the controller replaces the replica."""
     app = two_targets
     histories = app["catalog"].examples[:24]
     want = beam_answers(app, histories, 5)
@@ -730,8 +731,9 @@ def test_killing_a_replica_under_load_loses_no_request(two_targets, deployment):
     assert s["failed"] == 0 and s["total"] == 96 and report.load.ok == 96, s
     sent_after = [t for t in report.load.timeline if t[0] >= s["killed_after_s"]]
     assert len(sent_after) >= 30, "the load must go on after the kill"
+    assert s["failed_sent_after_kill_before_retries"] == 0, s
     if deployment != "Recommender":
-        assert s["client_retries"] == 0, s  # the system itself loses nothing
+        assert s["client_retries"] == 0 and s["failed_before_retries"] == 0, s  # the system loses nothing
     if deployment == "DraftModel":
         assert s["paths"].get("fallback", 0) > 0, s
     assert s["paths"].get("speculative", 0) > 0, s

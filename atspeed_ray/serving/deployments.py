@@ -298,7 +298,8 @@ async def _ping(handle: DeploymentHandle) -> str:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-@serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.deployment(name="Recommender", num_replicas=2, ray_actor_options={"num_cpus": 0.125},
+                  max_ongoing_requests=256)  # 2 replicas: losing one ingress is no outage
 @serve.ingress(api)
 class Recommender:
     def __init__(self, args: dict[str, Any], target: DeploymentHandle, draft: DeploymentHandle | None = None):
