@@ -245,6 +245,7 @@ def test_sigterm_under_load_answers_every_accepted_request(exported, tmp_path):
             time.sleep(1)
         url = f"http://127.0.0.1:{port}"
         histories = httpx.get(f"{url}/meta", timeout=30).json()["example_histories"]
+        proxy_logs = serve_logs(proc.pid, "ProxyActor")
         sent, t_stop, ready = asyncio.run(load_until_refused(
             url, histories, 8, stop_s=4.0, limit_s=120.0, on_stop=lambda: os.killpg(proc.pid, signal.SIGTERM)))
         rc = proc.wait(timeout=90)
@@ -262,6 +263,21 @@ def test_sigterm_under_load_answers_every_accepted_request(exported, tmp_path):
     assert all(s.outcome in (200, "ConnectError") or s.outcome == 503 and s.retry_after for s in after), after
     assert 503 in ready, ready
     assert "every accepted request answered" in log.read_text()
+    # the config's logging_config (enable_access_log: false) reaches Serve's proxy too
+    access = [ln for f in proxy_logs for ln in f.read_text().splitlines() if "POST /" in ln]
+    assert proxy_logs and not access, access[:3]
+
+
+def serve_logs(pid: int, actor: str) -> list[Path]:
+    """The Serve log files that the ``ray::{actor}`` processes under ``pid`` write."""
+    import psutil
+
+    files = set()
+    for p in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.name() == f"ray::{actor}" or f"ray::{actor}" in " ".join(p.cmdline()):
+                files |= {Path(f.path) for f in p.open_files() if "/logs/serve/" in f.path}
+    return sorted(files)
 
 
 # a real method of each kind of Ray gRPC server (GCS, raylet, its object manager, core worker,

@@ -415,6 +415,21 @@ def test_non_finite_numbers_get_a_422_naming_the_field(guarded, raw, field, capl
     assert len(lines) == 1 and "\n" not in lines[0].getMessage() and lines[0].exc_info is None
 
 
+@pytest.mark.parametrize("raw,problem", [
+    (b'{"history": [1, 2], "k": "\xff"}', "not valid UTF-8: byte 0xff at position 26"),
+    (b'{"history": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", "nested too deeply"),
+    (b'{"history": [1], "k": ' + b"9" * 5_000 + b"}", "integer too long to read: Exceeds the limit"),
+])
+def test_unreadable_bodies_get_a_400_that_says_why(guarded, raw, problem):
+    """Invalid UTF-8, 30,000-deep nesting, a 5,000-digit integer: a 400 in FastAPI's error
+    shape whose message names the problem (FastAPI's own says only "error parsing the body")."""
+    r = guarded.post("/recommend", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    (detail,) = r.json()["detail"]
+    assert detail["loc"] == ["body"] and problem in detail["msg"], detail
+    assert guarded.post("/nowhere", json={}).status_code == 404  # other HTTP errors as before
+
+
 def test_oversized_bodies_get_a_413_and_422s_echo_little(guarded):
     from atspeed_ray.serving.config import MAX_BODY_BYTES
     from atspeed_ray.serving.http import MAX_ECHO_CHARS

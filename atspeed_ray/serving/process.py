@@ -131,10 +131,15 @@ def serve_until_stopped(config: Path, url: str, num_cpus: float | None) -> int:
     for sig in STOP_SIGNALS:  # after ray.init, which installs its own handlers
         signal.signal(sig, lambda *_: stop.set())
     rc, ready = 0, False
-    prefix = (yaml.safe_load(config.read_text())["applications"][0].get("route_prefix") or "/").rstrip("/")
+    spec = yaml.safe_load(config.read_text())
+    prefix = (spec["applications"][0].get("route_prefix") or "/").rstrip("/")
     try:
         # `serve run` reports on stdout; that is Ray's log, stdout is this command's own
         with contextlib.redirect_stdout(sys.stderr):
+            # `serve run CONFIG` gives the config's top-level logging_config to the apps only; the
+            # controller and the HTTP proxy (an access-log line per request) get it here
+            serve.start(proxy_location=spec.get("proxy_location"), http_options=spec.get("http_options"),
+                        logging_config=spec.get("logging_config"))
             serve_cli.main(["run", str(config), "--non-blocking"], standalone_mode=False)
         while not stop.wait(POLL_S):
             status = serve.status()
