@@ -49,13 +49,16 @@ def free_port() -> int:
 
 
 def make_config(base: dict, models: Path, data: Path, port: int, fault: dict | None = None,
-                routing: str = "speculative") -> dict:
+                routing: str = "speculative", ingress_replicas: int = 1) -> dict:
     """local.yaml with our paths and port (+ a DraftModel fault), plus the ``baseline`` app.
     Routing is pinned to ``speculative`` so that every strict request takes the path under test,
-    except in the adaptive-routing test."""
+    except in the adaptive-routing test. One ingress replica (local.yaml has 2) unless
+    ``ingress_replicas``: the tests read its counters and routing state from ``GET /stats``,
+    which one replica answers."""
     config = copy.deepcopy(base)
     config["http_options"]["port"] = port
     main = config["applications"][0]
+    next(d for d in main["deployments"] if d["name"] == "Recommender")["num_replicas"] = ingress_replicas
     main["args"].update(target=str(models / "target"), draft=str(models / "draft"), data=str(data),
                         dtype="float64", routing=routing,
                         draft_beams_factor=2.0)  # fixed N: the offline references use the same one
@@ -713,7 +716,8 @@ def test_serve_run_marks_an_app_with_a_bad_model_path_failed_with_the_cause(app,
 def two_targets(app):
     """The app with 2 TargetModel replicas and 1 DraftModel replica (fixed counts), speculative
     routing: what ``jobs/serve_faults.py`` runs, on the test's tiny models."""
-    config = make_config(app["base"], app["root"] / "models", app["data"], app["port"])
+    config = make_config(app["base"], app["root"] / "models", app["data"], app["port"],
+                         ingress_replicas=2)  # as shipped: a killed ingress replica is no outage
     for d in config["applications"][0]["deployments"]:
         if d["name"] in ("TargetModel", "DraftModel"):
             d.pop("autoscaling_config", None)
