@@ -264,9 +264,11 @@ def test_router_warms_up_both_arms_then_prefers_the_faster_and_probes():
         seen.append(arm)
         r.observe("strict", 10, arm, 100.0 if arm == "speculative" else 40.0)
     assert seen == ["speculative", "target_only"] * 2
-    arms = [r.choose("strict", 10) for _ in range(10)]  # requests 5..14: every 5th probes
-    assert arms.count("speculative") == 2 and arms[4] == "speculative" and arms[9] == "speculative"
+    arms = [r.choose("strict", 10) for _ in range(10)]  # requests 5..14, none answered yet
+    assert arms.count("speculative") == 1 and arms[4] == "speculative"  # one probe in flight at most
     assert r.best("strict", 10) == "target_only"
+    r.observe("strict", 10, "target_only", 200.0)  # the best arm slows down (load): no switch on
+    assert r.best("strict", 10) == "target_only"  # the other arm's old mean, a probe first
     # a draft that became fast wins back the traffic through the probes
     for _ in range(3):
         r.observe("strict", 10, "speculative", 10.0)
@@ -280,7 +282,7 @@ def test_router_warms_up_both_arms_then_prefers_the_faster_and_probes():
 
 
 def test_router_backs_off_probing_while_the_same_path_keeps_winning():
-    from atspeed_ray.serving.routing import Router
+    from atspeed_ray.serving.routing import SWITCH_CONFIRM, Router
 
     r = Router(probe_every=4, warmup=1, alpha=1.0, max_backoff=4)
 
@@ -298,11 +300,14 @@ def test_router_backs_off_probing_while_the_same_path_keeps_winning():
     assert probes[0] == 3  # the 4th request after warm-up
     assert [b - a for a, b in zip(probes, probes[1:])] == [8, 16, 16, 16]  # 4 -> 8 -> 16 (cap 4 * 4)
     assert r.snapshot()["strict/k=10"]["probe_interval"] == 16
-    # a probe that finds the draft now faster flips the best path and resets the interval
-    for _ in range(16):
-        if serve(1, 10.0) == ["speculative"]:
-            break
-    assert r.best("strict", 10) == "speculative" and r.state[("strict", 10)].interval == 4
+    # probes that find the draft now faster (SWITCH_CONFIRM in a row, the 2nd and 3rd sent at
+    # once) flip the best path and reset the interval
+    arms = []
+    while r.best("strict", 10) != "speculative":
+        arms += serve(1, 10.0)
+        assert len(arms) <= 16 + SWITCH_CONFIRM
+    assert arms[-SWITCH_CONFIRM:] == ["speculative"] * SWITCH_CONFIRM
+    assert r.state[("strict", 10)].interval == 4
     assert serve(20, 10.0).count("speculative") >= 16
     assert Router(probe_every=4, max_backoff=1).max_backoff == 1  # 1: no backoff
 
@@ -615,3 +620,77 @@ def test_stop_flag_grace_then_refusal(monkeypatch):
         assert await flag.refuses()
 
     asyncio.run(run())
+
+
+def processor_sharing(choose, observe, work, concurrency: int, n: int) -> tuple[list[float], list[str], float]:
+    """``concurrency`` closed-loop clients against one server that shares its compute equally
+    among the requests in it (a compute-bound replica): a request of ``work(arm)`` ms alone
+    takes that times the number it shares with. Returns each request's latency and arm, by
+    completion, and the wall time (ms)."""
+    now, active, lat, arms = 0.0, [], [], []  # active: [remaining work, start, arm]
+    started = 0
+
+    def start() -> None:
+        nonlocal started
+        arm = choose()
+        active.append([work(arm), now, arm])
+        started += 1
+
+    for _ in range(min(concurrency, n)):
+        start()
+    while active:
+        job = min(active, key=lambda j: j[0])
+        step = job[0]
+        now += step * len(active)
+        for j in active:
+            j[0] -= step
+        active.remove(job)
+        lat.append(now - job[1])
+        arms.append(job[2])
+        observe(job[2], now - job[1])
+        if started < n:
+            start()
+    return lat, arms, now
+
+
+@pytest.mark.parametrize("spec_ms", [30.0, 4.0], ids=["losing-draft", "winning-draft"])
+def test_adaptive_routing_holds_under_concurrency(spec_ms):
+    """Fake latencies on a processor-sharing server: target alone 8-12 ms of compute a request;
+    speculation 30 ms on average (a draft that loses) or 4 ms (one that wins), one request in 5
+    at a sixth of that (easy histories: lucky samples). One router sees concurrency 1, then 8,
+    then 16 (2,000 requests each, as a warming service would): in each, after 100 requests of
+    transition, its throughput and p99 are within 5% of always taking the faster path, and the
+    slower path gets at most 2% of the requests (the probes). The router before this check
+    sent 12.6% of the requests down the slower path at concurrency 16 (0.80x the throughput)."""
+    import random
+    import statistics
+
+    from atspeed_ray.serving.routing import Router
+
+    rng = random.Random(0)
+    easy = spec_ms / 6
+
+    def work(arm: str) -> float:
+        if arm == "target_only":
+            return rng.uniform(8.0, 12.0)
+        return easy if rng.random() < 0.2 else (spec_ms - 0.2 * easy) / 0.8
+
+    faster = "target_only" if spec_ms > 10.0 else "speculative"
+    router = Router()
+
+    def p99(xs: list[float]) -> float:
+        return statistics.quantiles(xs, n=100)[98]
+
+    for concurrency in (1, 8, 16):
+        lat, arms, wall = processor_sharing(lambda: router.choose("strict", 10),
+                                            lambda arm, ms: router.observe("strict", 10, arm, ms),
+                                            work, concurrency, 2000)
+        ref, _, ref_wall = processor_sharing(lambda: faster, lambda arm, ms: None, work, concurrency, 2000)
+        steady = slice(100, None)
+        slower_share = sum(a != faster for a in arms[steady]) / len(arms[steady])
+        throughput = (len(lat) / wall) / (len(ref) / ref_wall)
+        tail = p99(lat[steady]) / p99(ref[steady])
+        print(f"spec {spec_ms} ms, concurrency {concurrency}: throughput {throughput:.3f}x, "
+              f"p99 {tail:.3f}x, slower path {slower_share:.2%}")
+        assert throughput >= 0.95 and tail <= 1.05 and slower_share <= 0.02, (
+            concurrency, throughput, tail, slower_share)
