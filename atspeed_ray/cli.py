@@ -30,10 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from atspeed_ray.data.errors import DataError
+    from atspeed_ray.training.ray_utils import AuthOff, check_auth, permit_no_auth
 
     try:
+        if getattr(args, "allow_no_auth", None) is not None:  # a command that starts or joins Ray
+            if args.allow_no_auth:
+                permit_no_auth()
+            check_auth()  # before any work, not minutes later in init_ray
         return int(args.func(args) or 0)
-    except (DataError, FileNotFoundError) as e:  # bad input: one clear line, no stack trace
+    except (DataError, FileNotFoundError, AuthOff) as e:  # bad input: one clear line, no stack trace
         print(f"atspeed-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
 

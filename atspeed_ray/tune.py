@@ -47,6 +47,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from atspeed_ray.training.ray_utils import add_no_auth_flag
+
 OBJECTIVE = "objective"
 PG_FILE = "train_placement_group.hex"
 SAMPLERS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
@@ -319,6 +321,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before stopping")
     p.add_argument("--time-budget", type=float, default=None,
                    help="end the search after this many seconds (unstarted trials are skipped)")
+    add_no_auth_flag(p)
     p.set_defaults(func=_run)
 
 

@@ -1,19 +1,21 @@
-"""Kill a DraftModel, a TargetModel and the Recommender replica under load; report as JSON.
+"""Kill a DraftModel, a TargetModel and a Recommender replica under load; report as JSON.
 
     python jobs/serve_faults.py --tiny --requests 400 --concurrency 8 --json faults.json
     python jobs/serve_faults.py --target T --draft D [--data DIR] --json faults.json
 
 Starts a private local Ray (loopback) with ``serve_configs/local.yaml`` and the target-only
 baseline app beside it (``serve --with-baseline``), pinned to ``--target-replicas`` TargetModel
-replicas (default 2) and one DraftModel replica (killing it takes the draft side away), with
-``routing: speculative`` so that every strict request uses the draft. The baseline answers the
+replicas (default 2), one DraftModel replica (killing it takes the draft side away) and the
+config's 2 Recommender (ingress) replicas, with ``routing: speculative`` so that every strict
+request uses the draft. The baseline answers the
 same load first: those are the answers every request must get. Then for each deployment in
 ``--kill``: the load again, one replica killed (``ray.kill``) after ``--kill-at`` of the
-requests were answered, and the report of ``atspeed_ray.serving.faults`` (failed out of total,
-client and server retries, time to recover, time until the replacement runs). The client
-retries (``--retries``, default 2) only after a connection failure or a 5xx, and counts them.
+requests were answered, and the report of ``atspeed_ray.serving.faults`` (failed out of total
+before the client's retries and after them, client and server retries, time to recover, time
+until the replacement runs). The client retries (``--retries``, default 2) only after a
+connection failure or a 5xx, and counts them.
 ``--tiny``: random tiny models on synthetic data (no trained models needed). Exit 1 if any
-request failed.
+request failed after the client's retries.
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ async def measure(a: argparse.Namespace, url: str) -> dict:
                                   int(a.kill_at * a.requests), base.answers, a.retries)
         s = r.summary()
         report["cases"].append(s)
-        print(f"kill {deployment}: failed {s['failed']}/{s['total']}  client retries "
+        print(f"kill {deployment}: failed {s['failed_before_retries']}/{s['total']} before client retries "
+              f"({s['failed_sent_after_kill_before_retries']} of them sent after the kill), "
+              f"{s['failed']}/{s['total']} after  client retries "
               f"{s['client_retries']}  server retries {s['server_retries']}  recover {s['recover_s']} s  "
               f"replaced {s['replaced_s']} s  worst {s['worst_ms']} ms  paths {s['paths']}", flush=True)
     return report

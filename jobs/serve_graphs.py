@@ -180,6 +180,7 @@ def main() -> None:
     from ray import serve
 
     from atspeed_ray.serving.loadtest import fetch_histories
+    from atspeed_ray.training.ray_utils import init_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         target, draft, data = ((args.target, args.draft, args.data) if args.target
@@ -187,8 +188,7 @@ def main() -> None:
         base = {"target": target, "draft": draft, "data": data, "device": "cpu", "dtype": args.dtype,
                 "draft_beams_factor": args.draft_beams_factor, "expand_last": args.expand_last, "target_threads": 1, "draft_threads": 1,
                 "target_batch": {"batch_wait_timeout_s": 0.0}, "draft_batch": {"batch_wait_timeout_s": 0.0}}
-        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=300 * 1024**2,
-                 include_dashboard=True, log_to_driver=False)
+        init_ray(num_cpus=args.num_cpus, object_store_memory=300 * 1024**2)  # private, token auth
         try:
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})

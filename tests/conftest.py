@@ -18,6 +18,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def ray_local():
     """A private local Ray instance for one test module (never an already running cluster)."""
     ray = pytest.importorskip("ray")
+    from atspeed_ray.training.ray_utils import private_token
+
+    private_token()  # token auth, a token of the test process's own (nothing in ~/.ray)
     ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2,
              include_dashboard=True, log_to_driver=False)
     yield ray

@@ -9,7 +9,10 @@ in fp64 so that batched and unbatched scores never reorder near-ties.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import copy
+import dataclasses
 import socket
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ from atspeed_ray.serving.config import AppArgs
 from atspeed_ray.serving.faults import kill_under_load, running_count
 from atspeed_ray.serving.loadtest import make_bodies, run_load
 from atspeed_ray.serving.testing import build_random_pair
+from atspeed_ray.training.ray_utils import private_token
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -45,13 +49,16 @@ def free_port() -> int:
 
 
 def make_config(base: dict, models: Path, data: Path, port: int, fault: dict | None = None,
-                routing: str = "speculative") -> dict:
+                routing: str = "speculative", ingress_replicas: int = 1) -> dict:
     """local.yaml with our paths and port (+ a DraftModel fault), plus the ``baseline`` app.
     Routing is pinned to ``speculative`` so that every strict request takes the path under test,
-    except in the adaptive-routing test."""
+    except in the adaptive-routing test. One ingress replica (local.yaml has 2) unless
+    ``ingress_replicas``: the tests read its counters and routing state from ``GET /stats``,
+    which one replica answers."""
     config = copy.deepcopy(base)
     config["http_options"]["port"] = port
     main = config["applications"][0]
+    next(d for d in main["deployments"] if d["name"] == "Recommender")["num_replicas"] = ingress_replicas
     main["args"].update(target=str(models / "target"), draft=str(models / "draft"), data=str(data),
                         dtype="float64", routing=routing,
                         draft_beams_factor=2.0)  # fixed N: the offline references use the same one
@@ -89,13 +96,15 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.ray, pyte
 
 
 # ------------------------------------------------------------- the CLI process (own Ray each)
-def start_cli(args: list[str], log: Path) -> "subprocess.Popen[bytes]":
-    """``atspeed-ray serve`` in its own process group, stdout+stderr to ``log``."""
+def start_cli(args: list[str], log: Path, drop_env: tuple[str, ...] = ()) -> "subprocess.Popen[bytes]":
+    """``atspeed-ray serve`` in its own process group, stdout+stderr to ``log``, without the
+    environment variables ``drop_env``."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**{k: v for k, v in os.environ.items() if k not in drop_env},
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, "-m", "atspeed_ray.cli", "serve", *args], stdout=f,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -166,6 +175,199 @@ def test_contract_form_serves_is_ready_and_stops_fast_on_sigterm(exported, tmp_p
     assert rc == 0 and took < 30, log.read_text()[-3000:]
 
 
+@dataclasses.dataclass(frozen=True)
+class Sent:
+    """One request of ``load_until_refused``: when it left and came back (monotonic s), and its
+    HTTP status or the exception's class name."""
+    sent: float
+    done: float
+    outcome: int | str
+    retry_after: str | None = None
+
+
+async def load_until_refused(url: str, histories: list[list[int]], concurrency: int, stop_s: float,
+                             limit_s: float, on_stop) -> tuple[list[Sent], float, list[int | str]]:
+    """``concurrency`` workers send strict k=5 requests back to back; ``on_stop()`` after
+    ``stop_s``; each worker ends at its first answer other than 200 (or after ``limit_s``).
+    Also polls ``/readyz`` from the stop on. Returns the requests, the stop time and the
+    readiness answers after it."""
+    sent: list[Sent] = []
+    ready: list[int | str] = []
+    stop_at: list[float] = []
+    deadline = time.monotonic() + limit_s
+
+    async def worker(client: httpx.AsyncClient, w: int) -> None:
+        i = w
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                r = await client.post(f"{url}/recommend", json={"history": histories[i % len(histories)], "k": 5})
+                outcome, retry = r.status_code, r.headers.get("retry-after")
+            except httpx.HTTPError as e:
+                outcome, retry = type(e).__name__, None
+            sent.append(Sent(t0, time.monotonic(), outcome, retry))
+            if outcome != 200:
+                return
+            i += concurrency
+
+    async def stopper(client: httpx.AsyncClient) -> None:
+        await asyncio.sleep(stop_s)
+        stop_at.append(time.monotonic())
+        on_stop()
+        while time.monotonic() < deadline:
+            try:
+                ready.append((await client.get(f"{url}/readyz")).status_code)
+            except httpx.HTTPError as e:
+                ready.append(type(e).__name__)
+                return
+            await asyncio.sleep(0.1)
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency + 1)) as client:
+        await asyncio.gather(stopper(client), *(worker(client, w) for w in range(concurrency)))
+    return sent, stop_at[0], ready
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_sigterm_under_load_answers_every_accepted_request(exported, tmp_path):
+    """SIGTERM to ``serve``'s process group during a load at concurrency 8: every request sent
+    before the signal is answered 200 (those in flight included); one that came later is
+    answered (200), refused with a 503 that carries ``Retry-After``, or finds no server; the
+    readiness probe turns 503 before the server goes; exit 0."""
+    import os
+    import signal
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = start_cli(["--target", str(exported / "models" / "target"), "--draft",
+                      str(exported / "models" / "draft"), "--port", str(port), "--num-cpus", "2"], log)
+    try:
+        deadline = time.monotonic() + 300
+        while "serving on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        url = f"http://127.0.0.1:{port}"
+        histories = httpx.get(f"{url}/meta", timeout=30).json()["example_histories"]
+        proxy_logs = serve_logs(proc.pid, "ProxyActor")
+        sent, t_stop, ready = asyncio.run(load_until_refused(
+            url, histories, 8, stop_s=4.0, limit_s=120.0, on_stop=lambda: os.killpg(proc.pid, signal.SIGTERM)))
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = [s for s in sent if s.sent < t_stop]
+    in_flight = [s for s in before if s.done > t_stop]
+    after = [s for s in sent if s.sent >= t_stop]
+    print(f"{len(before)} requests before the stop ({len(in_flight)} in flight at it), {len(after)} after: "
+          f"{collections.Counter(s.outcome for s in after)}; readyz after the stop: {ready}; "
+          f"stop took {max(s.done for s in sent) - t_stop:.1f} s to the last answer")
+    assert rc == 0, log.read_text()[-3000:]
+    assert len(in_flight) >= 4 and all(s.outcome == 200 for s in before), [s for s in before if s.outcome != 200]
+    assert all(s.outcome in (200, "ConnectError") or s.outcome == 503 and s.retry_after for s in after), after
+    assert 503 in ready, ready
+    assert "every accepted request answered" in log.read_text()
+    # the config's logging_config (enable_access_log: false) reaches Serve's proxy too
+    access = [ln for f in proxy_logs for ln in f.read_text().splitlines() if "POST /" in ln]
+    assert proxy_logs and not access, access[:3]
+
+
+def serve_logs(pid: int, actor: str) -> list[Path]:
+    """The Serve log files that the ``ray::{actor}`` processes under ``pid`` write."""
+    import psutil
+
+    files = set()
+    for p in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.name() == f"ray::{actor}" or f"ray::{actor}" in " ".join(p.cmdline()):
+                files |= {Path(f.path) for f in p.open_files() if "/logs/serve/" in f.path}
+    return sorted(files)
+
+
+# a real method of each kind of Ray gRPC server (GCS, raylet, its object manager, core worker,
+# agent, Serve replica): an unknown method is UNIMPLEMENTED before any auth check (C++ servers)
+RAY_GRPC_METHODS = ("/ray.rpc.NodeInfoGcsService/GetClusterId", "/ray.rpc.NodeManagerService/GetNodeStats",
+                    "/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.CoreWorkerService/GetCoreWorkerStats",
+                    "/ray.rpc.ReporterService/HealthCheck", "/ray.serve.ASGIService/HandleRequest")
+LOOPBACK_IPS = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+
+def unauthenticated_call(port: int) -> str:
+    """What a caller without the token gets on ``127.0.0.1:port``: ``"refused: ..."`` (HTTP 401
+    or 403, gRPC UNAUTHENTICATED, no connection), ``"metrics"`` (an HTTP Prometheus page),
+    ``"ANSWERED: ..."`` (an HTTP or gRPC answer) or ``"unknown: ..."``."""
+    import grpc
+
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        if r.status_code in (401, 403):
+            return f"refused: HTTP {r.status_code}"
+        if r.status_code == 200 and r.text.startswith(("# HELP", "# TYPE")):
+            return "metrics"
+        return f"ANSWERED: HTTP {r.status_code} {r.text[:80]!r}"
+    except httpx.ConnectError as e:
+        return f"refused: no connection ({e})"
+    except httpx.HTTPError:  # not HTTP/1.1: a gRPC (HTTP/2) server
+        pass
+    codes = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for method in RAY_GRPC_METHODS:
+            call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+            try:
+                call(b"", timeout=10)
+                return f"ANSWERED: gRPC {method}"
+            except grpc.RpcError as e:
+                codes.append(e.code())
+    if grpc.StatusCode.UNAUTHENTICATED in codes:
+        return f"refused: gRPC UNAUTHENTICATED ({codes.count(grpc.StatusCode.UNIMPLEMENTED)} unknown methods)"
+    return f"unknown: gRPC {sorted({c.name for c in codes})}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_serve_ports_refuse_callers_without_the_token(exported, tmp_path):
+    """``serve`` as a user starts it (no Ray auth variables set): every TCP port its process tree
+    listens on, except the product's HTTP endpoint, refuses a call without Ray's token (gRPC
+    UNAUTHENTICATED, HTTP 401), among them GCS, raylet, workers and each Serve replica's gRPC
+    server (the one port on all interfaces). Ray's Prometheus metrics pages (read-only) answer
+    without a token: they must be bound to loopback."""
+    import os
+    import signal
+
+    import psutil
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = start_cli(["--target", str(exported / "models" / "target"), "--draft",
+                      str(exported / "models" / "draft"), "--port", str(port), "--num-cpus", "2"], log,
+                     drop_env=("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
+    try:
+        deadline = time.monotonic() + 300
+        while "serving on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        root = psutil.Process(proc.pid)
+        listening = {}  # port -> (process name, bound address)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                name = " ".join(p.cmdline())[:60]
+                for c in p.net_connections(kind="tcp"):
+                    if c.status == psutil.CONN_LISTEN:
+                        listening[c.laddr.port] = (name, c.laddr.ip)
+        assert listening.pop(port)[1] in LOOPBACK_IPS  # the product's endpoint, loopback
+        verdicts = {q: unauthenticated_call(q) for q in sorted(listening)}
+        for q, verdict in verdicts.items():
+            print(f"{q:>6} {listening[q][1]:<17} {listening[q][0]:<60} {verdict}")
+        wrong = {q: v for q, v in verdicts.items()
+                 if not (v.startswith("refused") or v == "metrics" and listening[q][1] in LOOPBACK_IPS)}
+        assert not wrong, wrong
+        exposed = [q for q, (_, ip) in listening.items() if ip not in LOOPBACK_IPS]
+        assert exposed and all(verdicts[q].startswith("refused: gRPC") for q in exposed)  # the replicas
+        assert sum(v.startswith("refused: gRPC") for v in verdicts.values()) >= 8
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
@@ -177,6 +379,7 @@ def app(tmp_path_factory):
     catalog = load_catalog(str(data), str(root / "models" / "target"))
     port = free_port()
     base = yaml.safe_load(LOCAL_YAML.read_text())
+    private_token()  # token auth, a token of the test process's own (nothing in ~/.ray)
     ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
              namespace="serve", log_to_driver=False)
     try:
@@ -513,7 +716,8 @@ def test_serve_run_marks_an_app_with_a_bad_model_path_failed_with_the_cause(app,
 def two_targets(app):
     """The app with 2 TargetModel replicas and 1 DraftModel replica (fixed counts), speculative
     routing: what ``jobs/serve_faults.py`` runs, on the test's tiny models."""
-    config = make_config(app["base"], app["root"] / "models", app["data"], app["port"])
+    config = make_config(app["base"], app["root"] / "models", app["data"], app["port"],
+                         ingress_replicas=2)  # as shipped: a killed ingress replica is no outage
     for d in config["applications"][0]["deployments"]:
         if d["name"] in ("TargetModel", "DraftModel"):
             d.pop("autoscaling_config", None)
@@ -531,7 +735,8 @@ def test_killing_a_replica_under_load_loses_no_request(two_targets, deployment):
     every request gets the target-only answer. A dead TargetModel replica's calls are sent again
     by the ingress (the other replica answers); a dead draft means target-alone fallbacks; a dead
     ingress' in-flight requests get a 500 from Serve's proxy, which the client retries (budget 2,
-    counted). Then the controller replaces the replica."""
+    counted), and no request sent after the kill fails even once (the second ingress replica
+    takes them). Then the controller replaces the replica."""
     app = two_targets
     histories = app["catalog"].examples[:24]
     want = beam_answers(app, histories, 5)
@@ -546,8 +751,9 @@ def test_killing_a_replica_under_load_loses_no_request(two_targets, deployment):
     assert s["failed"] == 0 and s["total"] == 96 and report.load.ok == 96, s
     sent_after = [t for t in report.load.timeline if t[0] >= s["killed_after_s"]]
     assert len(sent_after) >= 30, "the load must go on after the kill"
+    assert s["failed_sent_after_kill_before_retries"] == 0, s
     if deployment != "Recommender":
-        assert s["client_retries"] == 0, s  # the system itself loses nothing
+        assert s["client_retries"] == 0 and s["failed_before_retries"] == 0, s  # the system loses nothing
     if deployment == "DraftModel":
         assert s["paths"].get("fallback", 0) > 0, s
     assert s["paths"].get("speculative", 0) > 0, s

@@ -145,6 +145,8 @@ def test_loadtest_retries_connection_failures_and_5xx_within_budget_and_counts_t
     assert res.retries == 1 + 2 + 2 and len(res.retry_samples) == 5
     assert all(t is not None and t[0] <= t[1] for t in res.timeline)
     assert [t[2] for t in res.timeline] == [200, 200, 503, 422, 200]
+    assert res.first_try == [500, 0, 503, 422, 200]  # what a client without retries saw
+    assert res.errors_before_retries == 3 and res.summary()["errors_before_retries"] == 3
     res = asyncio.run(run_load("http://127.0.0.1:9", bodies[:1], 1,
                                client=httpx.AsyncClient(transport=httpx.MockTransport(handler))))
     assert res.ok == 1 and res.retries == 0  # history 1 fails only its first try: none needed now

@@ -367,18 +367,27 @@ def test_ray_zero3_align_resume_and_exact_export(ray_local, prep, target_dir, te
 @pytest.mark.timeout(1200)  # a head start, a job with up to 600 s and its retries
 def test_align_job_on_a_real_cluster(prep, target_dir, teacher_dir, tmp_path):
     """``ray start --head`` + ``ray job submit ... python jobs/align.py`` + stop (own temp dir and
-    ports; only the processes of this cluster are stopped)."""
+    ports; only the processes of this cluster are stopped), with token auth as the README's
+    recipe sets it up: the job runs, and the dashboard refuses a caller without the token."""
     import os
+    import secrets
     import signal
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
 
     repo = Path(__file__).resolve().parents[1]
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
+    # the README's recipe: token auth, one token file shared by the cluster and its clients
+    token = tmp_path / "ray-token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               PATH=f"{bin_dir}:{os.environ['PATH']}")
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(var, None)
     temp = Path("/tmp") / f"atspeed-raytest-{os.getpid()}"  # short: Ray's socket paths are limited
     port, dash = 46000 + os.getpid() % 1000, 47000 + os.getpid() % 1000
     head = subprocess.Popen(
@@ -392,11 +401,16 @@ def test_align_job_on_a_real_cluster(prep, target_dir, teacher_dir, tmp_path):
         t0 = time.time()
         while True:
             try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{address}/api/version", headers={"Authorization": f"Bearer {token.read_text()}"}),
+                    timeout=2)
                 break
             except OSError:
                 assert time.time() - t0 < 120, "the head did not come up"
                 time.sleep(1)
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no token: no dashboard API
+            urllib.request.urlopen(f"{address}/api/version", timeout=10)
+        assert refused.value.code == 401
         out = tmp_path / "draft"
         cmd = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir",
                str(repo), "--", "python", "jobs/align.py", "--data", str(prep), "--target",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from atspeed_ray.settings import DEFAULT_MODE, MODES
+from atspeed_ray.training.ray_utils import add_no_auth_flag
 
 
 def config_dir() -> Path:
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra app args, e.g. --set gamma=2 --set dtype=float64 (YAML values)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_no_auth_flag(p)
     p.set_defaults(func=run_serve)
 
     q = sub.add_parser("loadtest", help="bounded load against a loopback recommend endpoint")
@@ -148,7 +150,8 @@ def run_serve(args: argparse.Namespace) -> int:
         path = Path(tmp) / "config.yaml"
         path.write_text(text)
         port = config["http_options"].get("port", 8000)
-        return supervise(server_command(path, f"http://{args.host}:{port}", args.num_cpus))
+        return supervise(server_command(path, f"http://{args.host}:{port}", args.num_cpus,
+                                        args.allow_no_auth))
 
 
 def run_loadtest(args: argparse.Namespace) -> int:

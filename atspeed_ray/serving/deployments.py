@@ -51,10 +51,11 @@ from atspeed_ray.serving.config import (
     RecommendRequest, RecommendResponse,
 )
 from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
-from atspeed_ray.serving.http import field_error
+from atspeed_ray.serving.http import field_error, stopping
 from atspeed_ray.serving.http import install as install_http_guards
 from atspeed_ray.serving.retry import DraftBreaker, Retries, start_errors
 from atspeed_ray.serving.routing import Arm, Router
+from atspeed_ray.serving.stopping import STOPPING_DETAIL, StopFlag
 
 logger = logging.getLogger("ray.serve")
 
@@ -297,7 +298,8 @@ async def _ping(handle: DeploymentHandle) -> str:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-@serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.deployment(name="Recommender", num_replicas=2, ray_actor_options={"num_cpus": 0.125},
+                  max_ongoing_requests=256)  # 2 replicas: losing one ingress is no outage
 @serve.ingress(api)
 class Recommender:
     def __init__(self, args: dict[str, Any], target: DeploymentHandle, draft: DeploymentHandle | None = None):
@@ -319,6 +321,7 @@ class Recommender:
         self.pending_releases: set[asyncio.Future[Any]] = set()
         self.breaker, self.retries = DraftBreaker(self.args.retry), Retries(self.args.retry, "TargetModel")
         self.ready: tuple[float, dict[str, str]] | None = None  # (when, model -> "ok" | why not)
+        self.stop = StopFlag()  # set once `atspeed-ray serve` begins its orderly stop
         self.counts: dict[str, float] = {
             "requests": 0, "ok": 0, "errors": 0, "fallbacks": 0, "fallback_error": 0,
             "fallback_deadline": 0, "fallback_draft_down": 0, "retries": 0, "routed_target_only": 0,
@@ -350,7 +353,9 @@ class Recommender:
     async def readyz(self) -> JSONResponse:
         """200 when every model deployment answers a ping within ``READY_TIMEOUT_S`` (checked at
         most every ``READY_CACHE_S``), else 503 naming the one(s) that did not. ``/healthz`` only
-        says this ingress replica runs."""
+        says this ingress replica runs. 503 once the server is stopping."""
+        if await self.stop.since() is not None:
+            raise stopping(STOPPING_DETAIL)
         now = time.monotonic()
         if self.ready is None or now - self.ready[0] > READY_CACHE_S:
             handles = {"SpeculativeModel" if self.colocated else "TargetModel": self.target,
@@ -381,6 +386,8 @@ class Recommender:
 
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        if await self.stop.refuses():
+            raise stopping(STOPPING_DETAIL)
         self.counts["requests"] += 1
         app_path = "speculative" if self.speculative else "target_only"
         if req.k > self.max_k:

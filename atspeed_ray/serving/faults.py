@@ -9,6 +9,9 @@ The report (``FaultReport.summary()``, JSON):
 
 * ``failed``: requests whose last try got no 200, plus strict answers that differ from
   ``want`` (the target-only answers); ``total``; ``wrong_answers`` alone.
+* ``failed_before_retries``: requests whose first try got no answer or a 5xx (what a client
+  without retries would have seen), and ``failed_sent_after_kill_before_retries``: those of
+  them sent after the kill (a request that arrives after the kill should not fail at all).
 * ``client_retries``: new tries by the client (only with ``retries`` > 0; see ``loadtest``);
   ``server_retries``: target calls the ingress sent again; ``paths``: speculative / fallback /
   target_only answers (a fallback: the draft side failed, the target answered alone).
@@ -95,9 +98,14 @@ class FaultReport:
         after = [t for t in r.timeline if t is not None and kill_t is not None and t[0] >= kill_t
                  and t[2] == 200]
         server_retries = int(r.server_sums.get("retries", 0))
+        first_failed = [i for i, code in enumerate(r.first_try) if code is not None and (code == 0 or code >= 500)]
+        sent_after_kill = [i for i in first_failed if kill_t is not None and r.timeline[i] is not None
+                           and r.timeline[i][0] >= kill_t]
         return {
             "deployment": k.deployment, "victim": k.victim, "kill_error": k.error,
             "total": r.requests, "failed": r.errors + self.wrong_answers, "http_errors": r.errors,
+            "failed_before_retries": len(first_failed),
+            "failed_sent_after_kill_before_retries": len(sent_after_kill),
             "wrong_answers": self.wrong_answers, "client_retries": r.retries,
             "server_retries": server_retries, "paths": r.paths,
             "killed_after_s": None if kill_t is None else round(kill_t, 3),

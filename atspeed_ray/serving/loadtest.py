@@ -11,7 +11,8 @@
 * ``--retries N``: a request that gets no HTTP answer (connection failure) or a 5xx is sent
   again, at most N more times (backoff ``RETRY_BACKOFF_S``, doubling). Off by default. Every new
   try is counted (``retries``, with samples of what caused them); a request is an error only if
-  its last try failed, and its latency runs from its first try.
+  its last try failed (``errors``), and its latency runs from its first try. The first tries
+  that failed are counted apart (``errors_before_retries``): what a client without retries saw.
 """
 
 from __future__ import annotations
@@ -75,7 +76,14 @@ class LoadResult:
     # (HTTP code, or 0 when no answer came)
     timeline: list[tuple[float, float, int] | None] = field(default_factory=list)
     started: float = 0.0  # time.perf_counter() when the run began
+    # per request, by index: the status of its first try (HTTP code, or 0 when no answer came)
+    first_try: list[int | None] = field(default_factory=list)
     server_sums: dict[str, float] = field(default_factory=dict)  # sums of numeric response stats
+
+    @property
+    def errors_before_retries(self) -> int:
+        """Requests whose first try got no answer or a 5xx (retried or not)."""
+        return sum(1 for code in self.first_try if code is not None and (code == 0 or code >= 500))
 
     @property
     def rps(self) -> float:
@@ -91,7 +99,8 @@ class LoadResult:
         lat = self.latencies_ms
         return {
             "url": self.url, "requests": self.requests, "concurrency": self.concurrency,
-            "ok": self.ok, "errors": self.errors, "wall_s": round(self.wall_s, 3),
+            "ok": self.ok, "errors": self.errors, "errors_before_retries": self.errors_before_retries,
+            "wall_s": round(self.wall_s, 3),
             "req_per_s": round(self.rps, 2),
             "p50_ms": round(self.pct(50), 2), "p90_ms": round(self.pct(90), 2),
             "p99_ms": round(self.pct(99), 2),
@@ -155,17 +164,21 @@ async def watch_replicas(client: httpx.AsyncClient, url: str, res: LoadResult, e
 
 
 async def post_with_retries(client: httpx.AsyncClient, url: str, body: dict[str, Any], retries: int,
-                            res: LoadResult) -> httpx.Response:
-    """POST ``body``; again (at most ``retries`` more times) after a connection failure or a 5xx.
-    Returns the last response, or raises the last connection error."""
+                            res: LoadResult, i: int) -> httpx.Response:
+    """POST ``body`` (request ``i``); again (at most ``retries`` more times) after a connection
+    failure or a 5xx. Returns the last response, or raises the last connection error."""
     delay = RETRY_BACKOFF_S
     for attempt in range(retries + 1):
         try:
             r = await client.post(url, json=body)
+            if attempt == 0:
+                res.first_try[i] = r.status_code
             if r.status_code < 500 or attempt == retries:
                 return r
             why = f"HTTP {r.status_code}: {r.text[:120]}"
         except httpx.TransportError as e:
+            if attempt == 0:
+                res.first_try[i] = 0
             if attempt == retries:
                 raise
             why = f"{type(e).__name__}: {e}"
@@ -193,7 +206,7 @@ async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, tim
         raise ValueError(f"concurrency must be in [1, {MAX_CONCURRENCY}], got {concurrency}")
     if not 0 <= retries <= MAX_RETRIES:
         raise ValueError(f"retries must be in [0, {MAX_RETRIES}], got {retries}")
-    res = LoadResult(url, n, concurrency, answers=[None] * n, timeline=[None] * n)
+    res = LoadResult(url, n, concurrency, answers=[None] * n, timeline=[None] * n, first_try=[None] * n)
     tally = Tally()
     todo = iter(range(n))  # shared by the workers: each request is sent once
     done = 0
@@ -205,7 +218,7 @@ async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, tim
         for i in todo:
             t0 = time.perf_counter()
             try:
-                r = await post_with_retries(client, f"{url}/recommend", bodies[i], retries, res)
+                r = await post_with_retries(client, f"{url}/recommend", bodies[i], retries, res, i)
                 ms = (time.perf_counter() - t0) * 1000
                 res.timeline[i] = (t0 - start, t0 - start + ms / 1000, r.status_code)
                 done += 1
@@ -259,7 +272,8 @@ def format_result(r: LoadResult) -> str:
              f"mean {s['mean_ms'] if s['mean_ms'] is None else round(s['mean_ms'], 1)}",
              f"  paths {s['paths']}"]
     if s["retries"]:
-        lines.append(f"  client retries {s['retries']} (a request is an error only if its last try failed)")
+        lines.append(f"  client retries {s['retries']}: {s['errors_before_retries']} requests failed their "
+                     f"first try, {s['errors']} their last (an error only if its last try failed)")
     if s["max_replicas"]:
         lines.append("  replicas (most seen running): " + "  ".join(f"{k} {v}" for k, v in s["max_replicas"].items()))
     keys = ("rounds", "accepted_steps", "target_forwards", "draft_forwards", "handle_calls", "latency_ms",

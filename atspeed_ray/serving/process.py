@@ -11,9 +11,11 @@ that ends on the first deployment that cannot start or on a stop signal.
   model) ends the command within seconds, exit 1, with the replica's exception on one line
   (Serve itself would retry it and wait for health forever). "serving on URL" is printed once
   every app runs and ``GET /readyz`` answers 200.
-* Stop: a signal only sets a flag; the main thread then gives Serve at most
-  ``SERVE_SHUTDOWN_S`` to shut down (it drains in-flight requests) and ends the private Ray
-  instance (its processes are ours alone); exit 0.
+* Stop: a signal only sets a flag; the main thread then drains (``stopping.py``: the ingress
+  answers new requests and ``/readyz`` with 503, the accepted ones are answered, at most
+  ``DRAIN_S``), gives Serve at most ``SERVE_SHUTDOWN_S`` to shut down (that kills its HTTP proxy
+  at once, hence the drain first) and ends the private Ray instance (its processes are ours
+  alone); exit 0.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -29,6 +32,9 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from atspeed_ray.serving.stopping import DRAIN_S, PROXY_MIN_DRAINING_ENV, PROXY_MIN_DRAINING_S, drain
+from atspeed_ray.training.ray_utils import NO_AUTH_FLAG, AuthOff, add_no_auth_flag, check_auth, permit_no_auth
 
 POLL_S = 0.5
 SERVE_SHUTDOWN_S = 15.0  # seen over 5 s on a loaded 2-core machine; Serve's own bound is 30 s
@@ -81,10 +87,11 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
-def server_command(config: Path, url: str, num_cpus: float | None) -> list[str]:
+def server_command(config: Path, url: str, num_cpus: float | None, allow_no_auth: bool) -> list[str]:
     """The child process of ``supervise``: ``main`` below."""
     cmd = [sys.executable, "-m", "atspeed_ray.serving.process", str(config), url]
-    return cmd + (["--num-cpus", str(num_cpus)] if num_cpus is not None else [])
+    cmd += ["--num-cpus", str(num_cpus)] if num_cpus is not None else []
+    return cmd + ([NO_AUTH_FLAG] if allow_no_auth else [])
 
 
 def supervise(cmd: list[str]) -> int:
@@ -118,15 +125,21 @@ def serve_until_stopped(config: Path, url: str, num_cpus: float | None) -> int:
     from atspeed_ray.training.ray_utils import init_ray
 
     stop = threading.Event()
+    os.environ.setdefault(PROXY_MIN_DRAINING_ENV, str(PROXY_MIN_DRAINING_S))  # the proxy inherits it
     init_ray(num_cpus=num_cpus, include_dashboard=False, namespace="serve",
              object_store_memory=512 * 1024**2)
     for sig in STOP_SIGNALS:  # after ray.init, which installs its own handlers
         signal.signal(sig, lambda *_: stop.set())
     rc, ready = 0, False
-    prefix = (yaml.safe_load(config.read_text())["applications"][0].get("route_prefix") or "/").rstrip("/")
+    spec = yaml.safe_load(config.read_text())
+    prefix = (spec["applications"][0].get("route_prefix") or "/").rstrip("/")
     try:
         # `serve run` reports on stdout; that is Ray's log, stdout is this command's own
         with contextlib.redirect_stdout(sys.stderr):
+            # `serve run CONFIG` gives the config's top-level logging_config to the apps only; the
+            # controller and the HTTP proxy (an access-log line per request) get it here
+            serve.start(proxy_location=spec.get("proxy_location"), http_options=spec.get("http_options"),
+                        logging_config=spec.get("logging_config"))
             serve_cli.main(["run", str(config), "--non-blocking"], standalone_mode=False)
         while not stop.wait(POLL_S):
             status = serve.status()
@@ -138,6 +151,12 @@ def serve_until_stopped(config: Path, url: str, num_cpus: float | None) -> int:
             if not ready and running(status) and answers_ready(url + prefix):
                 ready = True
                 print(f"serving on {url}  (POST /recommend, GET /healthz, /readyz, /docs)", flush=True)
+        if stop.is_set():
+            t0 = time.monotonic()
+            drained = drain(DRAIN_S)
+            print("atspeed-ray serve: stopping: " + (
+                f"every accepted request answered in {time.monotonic() - t0:.1f} s" if drained
+                else f"requests still open after {DRAIN_S:.0f} s"), file=sys.stderr, flush=True)
     finally:
         shutdown(serve, ray)
     return rc
@@ -164,7 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", type=Path)
     p.add_argument("url")
     p.add_argument("--num-cpus", type=float, default=None)
+    add_no_auth_flag(p)
     a = p.parse_args(argv)
+    if a.allow_no_auth:
+        permit_no_auth()
+    try:
+        check_auth()
+    except AuthOff as e:
+        print(f"atspeed-ray serve: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return serve_until_stopped(a.config, a.url, a.num_cpus)
 
 

@@ -12,6 +12,7 @@ import sys
 from atspeed_ray.flags import options, values
 from atspeed_ray.report import print_summary
 from atspeed_ray.training.config import TeacherConfig, TrainConfig
+from atspeed_ray.training.ray_utils import add_no_auth_flag
 
 # the TrainConfig fields each command exposes, by help group (``workers`` is translated: the
 # CLI's 0 means runner "local")
@@ -48,12 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("teacher", help="target beam search over train/valid prompts -> teacher Parquet")
     options(p, TeacherConfig, TEACHER_FIELDS, with_dist={"flag": "--no-dist"})
+    add_no_auth_flag(p)
     p.set_defaults(func=run_teacher)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     for title, names in GROUPS.items():
         options(p.add_argument_group(title), TrainConfig, names, **HIDDEN)
+    add_no_auth_flag(p)
 
 
 def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
