@@ -33,7 +33,8 @@ def setup():
 def test_the_teacher_tree_is_the_targets_beam_search_with_its_hidden_states(setup):
     index, target, prompts = setup
     k = 5
-    levels = target_tree(target, prompts, index, k)
+    tree = target_tree(target, prompts, index, k)
+    levels = tree.levels
     assert len(levels) == index.L
     last = levels[-1]
     depth = torch.full((len(prompts),), index.L - 1)
@@ -50,6 +51,12 @@ def test_the_teacher_tree_is_the_targets_beam_search_with_its_hidden_states(setu
                     want = target.base_model(input_ids=ids).last_hidden_state[0, -1]
                     torch.testing.assert_close(lv.feature[b, m].double(), want.double(),
                                                rtol=1e-5, atol=1e-5)
+    for b, prompt in enumerate(prompts):  # the prompts' hidden states, left-padded
+        want = target.base_model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
+        n = len(prompt)
+        assert tree.context.valid[b].tolist() == [False] * (tree.context.valid.shape[1] - n) + [True] * n
+        torch.testing.assert_close(tree.context.features[b, -n:].double(), want.double(),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_candidate_kl_and_feature_regression():
@@ -79,16 +86,16 @@ def test_training_lowers_the_loss_and_the_width_the_codes_need(setup):
     draft = FeatureDraft.from_target(target, index, FeatureConfig(hidden=32, layers=1, heads=4)).double()
     trees = [target_tree(target, random_prompts(16, vocab_size([8] * 4), seed=s), index, 5)
              for s in range(4)]
-    before = float(tree_loss(draft, trees[0], index, 0.1)[0])
+    before = float(tree_loss(draft, trees[0], index, 0.1)[0].detach())
     widths_before = width_needed(draft, trees[0], index, 5)
     opt = torch.optim.AdamW(draft.parameters(), lr=3e-3)
     for _ in range(15):
-        for levels in trees:
-            loss, _ = tree_loss(draft, levels, index, 0.1)
+        for tree in trees:
+            loss, _ = tree_loss(draft, tree, index, 0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    after = float(tree_loss(draft, trees[0], index, 0.1)[0])
+    after = float(tree_loss(draft, trees[0], index, 0.1)[0].detach())
     widths_after = width_needed(draft, trees[0], index, 5)
     assert after < 0.7 * before
     assert set(widths_after) == {"code2_first", "code3_first", "code3_unrolled", "code4_first",

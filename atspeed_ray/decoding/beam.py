@@ -264,13 +264,14 @@ def prefill(model: torch.nn.Module, prompts: list[list[int]], extra: Nodes | Non
 
 
 def prefill_decode(model: torch.nn.Module, prompts: list[list[int]], extra: Nodes | None = None,
-                   max_chain: int = 8, hidden: bool = False
+                   max_chain: int = 8, hidden: bool = False, context: bool = False
                    ) -> tuple[DecoderOutput, TreeCache, Tensor]:
     """Feed the prompts (plus optional tree nodes, whose in-chunk parent chains are at most
     ``max_chain`` long) in one forward.
 
     Returns (the decoder's output [B, 1 + T, ...]: the prompt's last token, then the nodes;
-    with ``hidden``, hidden states too), the cache, node slots [B, T]).
+    with ``hidden``, hidden states too; with ``context``, ``.context`` [B, P + T, E] at every
+    position, the left-padded prompt block first), the cache, node slots [B, T]).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must hold at least one token")
@@ -278,7 +279,7 @@ def prefill_decode(model: torch.nn.Module, prompts: list[list[int]], extra: Node
     tokens, valid = left_pad(prompts, pad_id_of(model), device)
     nodes = extra if extra is not None else empty_nodes(len(prompts), device)
     return tree_decode(model, None, nodes, prompt=(tokens, valid), max_chain=max_chain,
-                       hidden=hidden)
+                       hidden=hidden, context=context)
 
 
 def finish(beams: Beams, index: ItemIndex, stats: dict[str, list[int]] | None = None) -> DecodeResult:

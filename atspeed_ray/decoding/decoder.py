@@ -41,6 +41,7 @@ class Chunk:
 class DecoderOutput:
     logits: Tensor  # [B, Q', V] (a code head's: [B, Q', H]); Q' = keep or Q
     hidden: Tensor | None = None  # [B, Q', E] last-layer hidden states (after the final norm)
+    context: Tensor | None = None  # [B, Q, E] the same at every position of the chunk
 
 
 @runtime_checkable
@@ -56,8 +57,10 @@ class Decoder(Protocol):
     def new_cache(self) -> KVStore:
         """An empty KV store for one request batch."""
 
-    def decode(self, chunk: Chunk, cache: KVStore, hidden: bool = False) -> DecoderOutput:
-        """One forward over ``chunk``, appended to ``cache`` in place."""
+    def decode(self, chunk: Chunk, cache: KVStore, hidden: bool = False, context: bool = False
+               ) -> DecoderOutput:
+        """One forward over ``chunk``, appended to ``cache`` in place; ``hidden``: the hidden
+        states at the kept positions too, ``context``: at every position."""
 
     def parameters(self, recurse: bool = True) -> Any:
         """The weights (their dtype and device are the decoding's)."""
@@ -88,14 +91,17 @@ class HFDecoder:
     def new_cache(self) -> GatherCache:
         return GatherCache(config=self.config)
 
-    def decode(self, chunk: Chunk, cache: KVStore, hidden: bool = False) -> DecoderOutput:
+    def decode(self, chunk: Chunk, cache: KVStore, hidden: bool = False, context: bool = False
+               ) -> DecoderOutput:
         keep = chunk.keep
-        if hidden:  # the base model's last hidden state, then the head (what the LM's forward does)
+        if hidden or context:  # the base model's last hidden state, then the head (as the LM does)
             base = self.model.base_model
             out = base(input_ids=chunk.tokens, attention_mask=chunk.mask,
                        position_ids=chunk.positions, use_cache=True, **_cache_kwargs(base, cache))
-            h = out.last_hidden_state[:, -keep:] if keep else out.last_hidden_state
-            return DecoderOutput(self.model.get_output_embeddings()(h), h)
+            every = out.last_hidden_state
+            h = every[:, -keep:] if keep else every
+            return DecoderOutput(self.model.get_output_embeddings()(h), h if hidden else None,
+                                 every if context else None)
         m = self.model
         out = m(input_ids=chunk.tokens, attention_mask=chunk.mask, position_ids=chunk.positions,
                 use_cache=True, **_cache_kwargs(m, cache),

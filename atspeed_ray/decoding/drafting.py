@@ -25,7 +25,7 @@ from atspeed_ray.decoding.beam import (
     Beams, Step, beam_step, choose, expand, expand_columns, log_probs, row_slices, step_nodes,
 )
 from atspeed_ray.decoding.decoder import head_columns
-from atspeed_ray.decoding.feed import feed
+from atspeed_ray.decoding.feed import Context, feed
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.cache import TreeCache
 from atspeed_ray.decoding.tree import tree_forward
@@ -202,6 +202,7 @@ class ProposeCall:
     g: Tensor  # [B] drafted steps usable per request (max(g) >= 1 draft steps are run)
     prompts: list[list[int]]  # [B] prompt token ids of the active requests
     params: SearchParams  # N, mode (sample or top-N) and the generator
+    context: Context | None = None  # the target's hidden states over the prompts, if asked for
 
 
 @runtime_checkable

@@ -425,22 +425,25 @@ class FastLlama(nn.Module):
                                                  is_causal=mask is None)
         return out.transpose(1, 2).reshape(B, q.shape[2], H * D)
 
-    def decode(self, chunk: Chunk, cache: KVCache, hidden: bool = False) -> DecoderOutput:
+    def decode(self, chunk: Chunk, cache: KVCache, hidden: bool = False, context: bool = False
+               ) -> DecoderOutput:
         """The ``Decoder`` contract: one forward over ``chunk``, appended to ``cache``."""
         return self(chunk.tokens, chunk.mask, chunk.positions, cache, logits_to_keep=chunk.keep,
-                    prompt_cols=chunk.prompt_cols, output_hidden=hidden)
+                    prompt_cols=chunk.prompt_cols, output_hidden=hidden, output_context=context)
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: KVCache | None = None,
                 use_cache: bool = True, logits_to_keep: int | Tensor = 0,
-                prompt_cols: int | None = None, output_hidden: bool = False) -> DecoderOutput:
+                prompt_cols: int | None = None, output_hidden: bool = False,
+                output_context: bool = False) -> DecoderOutput:
         """input_ids [B, T]; attention_mask [B, 1, T, S + T] additive (None: causal, no cache);
         position_ids [B, T]. ``cache`` is extended in place. ``logits_to_keep`` as in HF: the last
         n positions (0 = all) or a 1-D tensor of positions. ``prompt_cols``: the first key
         columns are a prompt block laid out alike in every call (``tree_forward`` says so; only
         ``invariant_attention`` reads it). ``output_hidden``: the last layer's hidden states
-        (after the final norm) at the same positions too."""
+        (after the final norm) at the same positions too; ``output_context``: at every position
+        (the last layer then runs every row)."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -472,16 +475,18 @@ class FastLlama(nn.Module):
             prompt_cols = None
         n = len(self.wqkv)
         for i in range(n):
-            q_rows = rows if i == n - 1 and attention_mask is not None else slice(None)
+            last_rows = i == n - 1 and attention_mask is not None and not output_context
+            q_rows = rows if last_rows else slice(None)
             attn = self.attention(i, x, cos, sin, attention_mask, cache if use_cache else None,
                                   q_rows, prompt_cols, tree_slots)
             x = self.post_attention(x[:, q_rows], attn, self.weight("wo", i), self.norm_mlp[i],
                                     self.weight("w_gate_up", i), self.weight("w_down", i),
                                     self.eps)
-        if attention_mask is None:
+        every = self.rms_norm(x, self.norm_out) if output_context else None  # [B, Q, E]
+        if attention_mask is None or output_context:
             x = x[:, rows]
         h = self.rms_norm(x, self.norm_out)  # [B, Q', E]
-        return DecoderOutput(linear(h, self.weight("lm_head")), h if output_hidden else None)
+        return DecoderOutput(linear(h, self.weight("lm_head")), h if output_hidden else None, every)
 
 
 def fast_forward(model: nn.Module, head_ids: Tensor | list[int] | None = None) -> nn.Module:

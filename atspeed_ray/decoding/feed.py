@@ -59,6 +59,27 @@ def record_pending(beams: Beams, name: str, nodes: Nodes, depth: Tensor, slots: 
 
 
 @dataclass
+class Context:
+    """The target's last-layer hidden states over each request's (left-padded) prompt: opaque to
+    the core, for a drafter that reads them (``Drafter.wants_features``)."""
+
+    features: Tensor  # [B, P, E]
+    valid: Tensor  # [B, P] bool: a real prompt token
+
+    def select_rows(self, rows: Tensor) -> Context:
+        return Context(self.features[rows], self.valid[rows])
+
+    def to(self, device: torch.device) -> Context:
+        return Context(self.features.to(device), self.valid.to(device))
+
+
+def prompt_valid(prompts: list[list[int]], P: int, device: torch.device) -> Tensor:
+    """[B, P] bool: the real tokens of ``prompts`` left-padded to ``P`` columns."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    return torch.arange(P, device=device) >= (P - lengths)[:, None]
+
+
+@dataclass
 class Fed:
     """What one ``feed`` forward gives."""
 
@@ -69,6 +90,7 @@ class Fed:
     cache: TreeCache
     front_hidden: Tensor | None = None  # [B, M, E] hidden states where front_logp was read
     extra_hidden: Tensor | None = None  # [B, T', E] hidden states of the extra nodes
+    context: Context | None = None  # the prompt's hidden states (when the prompt went in)
 
 
 def feed(model: torch.nn.Module, cache: TreeCache | None, beams: Beams, t: Tensor, name: str,
@@ -81,7 +103,8 @@ def feed(model: torch.nn.Module, cache: TreeCache | None, beams: Beams, t: Tenso
     ``build_extra(last, offset)`` returns nodes hanging below the pending ones (``last`` [B, M]:
     index of each beam's last pending node, -1 if its front is the prompt's end; ``offset``: the
     chunk index of the first extra node) in ``extra_levels`` levels. ``hidden``: the model's
-    last-layer hidden states at the same places as the logits, too.
+    last-layer hidden states at the same places as the logits, too, and over the prompt when it
+    goes in (``Fed.context``).
     """
     pend, last, depth = pending_nodes(beams, t, name)
     offset = pend.tokens.shape[1]
@@ -95,14 +118,18 @@ def feed(model: torch.nn.Module, cache: TreeCache | None, beams: Beams, t: Tenso
         return torch.where((last >= 0).view(*last.shape, *([1] * (x.dim() - 2))), take(x, at),
                            prompt_end[:, None])
 
+    ctx = None
     if cache is None:
-        out, cache, slots = prefill_decode(model, prompts, nodes, max_chain, hidden)
+        out, cache, slots = prefill_decode(model, prompts, nodes, max_chain, hidden, context=hidden)
         logits, h = out.logits[:, 1:], None if out.hidden is None else out.hidden[:, 1:]
         end_logits, end_h = out.logits[:, 0], None if out.hidden is None else out.hidden[:, 0]
+        if out.context is not None:
+            P = cache.prompt_cols
+            ctx = Context(out.context[:, :P], prompt_valid(prompts, P, out.context.device))
     else:
         out, cache, slots = tree_decode(model, cache, nodes, max_chain=max_chain, hidden=hidden)
         logits, h, end_logits, end_h = out.logits, out.hidden, None, None
     beams = record_pending(beams, name, pend, depth, slots[:, :offset])
     return Fed(log_probs(front(logits, end_logits)), logits[:, offset:], slots[:, offset:], beams,
                cache, None if h is None else front(h, end_h),
-               None if h is None else h[:, offset:])
+               None if h is None else h[:, offset:], ctx)

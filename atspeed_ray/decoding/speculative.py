@@ -38,6 +38,7 @@ from atspeed_ray.decoding.decoder import head_columns
 from atspeed_ray.decoding.drafting import (
     Drafter, DraftStep, LMDrafter, ProposeCall, as_drafter, draft_forwards,
 )
+from atspeed_ray.decoding.feed import Context
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.timing import Timings, phase, whole
 from atspeed_ray.decoding.cache import TreeCache
@@ -150,6 +151,7 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
     rows = torch.arange(B, device=device)  # original request of each active row
     answers = Answers.empty(B, K, L, device, dtype)
     active_prompts = prompts
+    context: Context | None = None  # the target's hidden states over the prompts (``features``)
     while rows.numel() > 0:
         if not keep_cache:
             beams = beams.forget_slots()
@@ -160,11 +162,13 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
         steps: list[DraftStep] = []
         if G > 0:
             with phase(timings, "draft"):
-                reply = yield ProposeCall(beams, t, g, active_prompts, params)
+                reply = yield ProposeCall(beams, t, g, active_prompts, params, context)
             steps, beams = reply  # type: ignore[misc]
         with phase(timings, "verify"):
             verified = yield VerifyCall(beams, t, steps, active_prompts, features)
         assert isinstance(verified, Verified)
+        if verified.context is not None:  # a pass that fed the prompts (the first, or stateless)
+            context = verified.context
         with phase(timings, "accept"):
             beams, acc = accept_round(verified, t, g, index, params)
         with phase(timings, "bookkeeping"):
@@ -177,6 +181,7 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
             if keep is not None:
                 answers.store(rows[done], beams.select_rows(done))
                 beams, t, rows = beams.select_rows(keep), t[keep], rows[keep]
+                context = None if context is None else context.select_rows(keep)
                 active_prompts = [active_prompts[i] for i in keep.tolist()]
     return answers.result(index, best_first=params.sample)
 

@@ -116,6 +116,7 @@ def tree_decode(
     max_chain: int = 8,
     prompt_logits: bool = False,
     hidden: bool = False,
+    context: bool = False,
 ) -> tuple[DecoderOutput, TreeCache, Tensor]:
     """One forward over [prompt block] + tree nodes, appended to ``cache``.
 
@@ -125,7 +126,8 @@ def tree_decode(
     or with a prompt block [B, 1 + T, ...]: the prompt's last position (prompts are left-padded,
     so it is column P - 1 of every row), then the nodes; ``prompt_logits=True`` returns every
     position [B, P + T, ...] (the LM head then runs over the whole prompt, which decoding never
-    reads). ``hidden`` adds the last-layer hidden states at the same positions.
+    reads). ``hidden`` adds the last-layer hidden states at the same positions, ``context`` at
+    every position of the chunk ([B, P + T, E]: the prompt block's too).
     """
     decoder = as_decoder(model)
     B, T = nodes.tokens.shape
@@ -151,7 +153,7 @@ def tree_decode(
     prompt_cols = P if cache is None else cache.prompt_cols
     chunk = Chunk(torch.cat([p_tok, nodes.tokens], 1), additive_mask(vis, dtype),
                   torch.cat([p_pos, n_pos], 1), prompt_cols, keep)
-    out = decoder.decode(chunk, kv, hidden)  # the cache is updated in place
+    out = decoder.decode(chunk, kv, hidden, context)  # the cache is updated in place
     new_is_prompt = torch.cat(
         [is_prompt_old, p_valid, torch.zeros(B, T, dtype=torch.bool, device=dev)], 1
     )

@@ -16,7 +16,7 @@ from torch import Tensor
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import Beams, column_log_probs, log_probs, take
 from atspeed_ray.decoding.drafting import DraftStep
-from atspeed_ray.decoding.feed import feed
+from atspeed_ray.decoding.feed import Context, feed
 from atspeed_ray.decoding.cache import TreeCache
 from atspeed_ray.decoding.tree import Nodes
 
@@ -33,6 +33,7 @@ class Verified:
     # same places as the log-probs: root [B, K, F], per drafted step [B, N, F]
     root_features: Tensor | None = None
     step_features: list[Tensor] | None = None
+    context: Context | None = None  # the prompt's hidden states, when this pass fed the prompt
 
 
 def drafted_nodes(steps: list[DraftStep], t: Tensor, L: int, last: Tensor, offset: int) -> Nodes:
@@ -97,4 +98,4 @@ def verify_phase(target: torch.nn.Module, tcache: TreeCache | None, beams: Beams
         start += n
     steps = with_target_slots(steps, fed.beams, fed.slots, t, L)
     return Verified(root_logp, step_logp, fed.beams, steps, fed.front_hidden,
-                    step_feat if features else None), fed.cache
+                    step_feat if features else None, fed.context), fed.cache

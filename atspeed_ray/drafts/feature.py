@@ -3,9 +3,10 @@
 A beam's next code is drafted from two things the target already has: its last-layer hidden
 state where it chose the beam's last code (``Beams.features``, after the final norm: what its LM
 head reads) and that code's embedding (the target's own row, frozen). ``FeatureDraft`` joins
-them (one linear from 2E to E), runs ``layers`` decoder blocks whose attention spans the beam's
-path within the round (its drafted ancestors and itself: at most gamma positions, so no prompt
-and no KV cache), and predicts the hidden state after the code, f^ [E]; its logits are f^
+them (one linear from 2E to E), runs ``layers`` decoder blocks whose attention spans the
+target's hidden states over the prompt (``Context``: what the target computed at its prefill)
+and the beam's path within the round (its drafted ancestors and itself: at most gamma
+positions, so the draft keeps no KV cache), and predicts the hidden state after the code, f^ [E]; its logits are f^
 times the target's LM-head rows of the code tokens (frozen). Later drafted steps of a round read
 the draft's own f^ of the parent instead of the target's feature (what training unrolls).
 
@@ -27,6 +28,7 @@ from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import Beams, log_probs, take
 from atspeed_ray.decoding.cache import TreeCache
 from atspeed_ray.decoding.drafting import DraftStep, ProposeCall, draft_tree
+from atspeed_ray.decoding.feed import Context
 from atspeed_ray.drafts.base import DRAFT_KIND_KEY, DraftKind, read_config
 
 KIND = "feature"
@@ -47,8 +49,14 @@ class FeatureConfig:
         return self.intermediate or 2 * self.hidden
 
 
+# per block: the keys and values of the target's prompt features [B, P, heads, D] and which
+# are real prompt tokens [B, P]
+ContextKV = list[tuple[Tensor, Tensor, Tensor]]
+
+
 class Block(nn.Module):
-    """Pre-norm decoder block; attention over the path's positions (no rope: depth embeddings)."""
+    """Pre-norm decoder block; attention over the target's prompt features and the path's
+    positions (no rope: depth embeddings)."""
 
     def __init__(self, c: FeatureConfig):
         super().__init__()
@@ -62,11 +70,20 @@ class Block(nn.Module):
         nn.init.zeros_(self.o.weight)  # a block starts as the identity
         nn.init.zeros_(self.down.weight)
 
-    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None
+    def context_kv(self, features: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values [B, P, heads, D] of the target's prompt features [B, P, E]."""
+        B, P, E = features.shape
+        _, k, v = self.qkv(F.rms_norm(features, (E,), self.norm1, self.eps)).view(
+            B, P, 3, self.heads, E // self.heads).unbind(2)
+        return k, v, valid
+
+    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None,
+                ctx: tuple[Tensor, Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x [B, M, E] (one position per beam); past (k, v) [B, M, P, heads, D] of each beam's
-        path before it (already taken at its parent). Returns the block's output and the path
-        with this position appended [B, M, P + 1, heads, D]."""
+        """x [B, M, E] (one position per beam); past (k, v) [B, M, P', heads, D] of each beam's
+        path before it (already taken at its parent); ``ctx`` the prompt's keys and values
+        (``context_kv``), which every beam of a request sees. Returns the block's output and the
+        path with this position appended [B, M, P' + 1, heads, D]."""
         B, M, E = x.shape
         Hh = self.heads
         q, k, v = self.qkv(F.rms_norm(x, (E,), self.norm1, self.eps)).view(B, M, 3, Hh, E // Hh).unbind(2)
@@ -74,8 +91,18 @@ class Block(nn.Module):
             k, v = torch.cat([past[0], k[:, :, None]], 2), torch.cat([past[1], v[:, :, None]], 2)
         else:
             k, v = k[:, :, None], v[:, :, None]
-        att = torch.einsum("bmhd,bmphd->bmhp", q, k) * (E // Hh) ** -0.5
-        out = torch.einsum("bmhp,bmphd->bmhd", att.softmax(-1), v).reshape(B, M, E)
+        scale = (E // Hh) ** -0.5
+        att = torch.einsum("bmhd,bmphd->bmhp", q, k) * scale  # [B, M, H, P']
+        if ctx is not None:
+            ck, cv, cvalid = ctx
+            catt = torch.einsum("bmhd,bphd->bmhp", q, ck) * scale  # [B, M, H, P]
+            catt = catt.masked_fill(~cvalid[:, None, None, :], float("-inf"))
+            w = torch.cat([catt, att], -1).softmax(-1)
+            P = ck.shape[1]
+            out = (torch.einsum("bmhp,bphd->bmhd", w[..., :P], cv)
+                   + torch.einsum("bmhp,bmphd->bmhd", w[..., P:], v)).reshape(B, M, E)
+        else:
+            out = torch.einsum("bmhp,bmphd->bmhd", att.softmax(-1), v).reshape(B, M, E)
         x = x + self.o(out)
         gate, up = self.gate_up(F.rms_norm(x, (E,), self.norm2, self.eps)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up), (k, v)
@@ -111,18 +138,26 @@ class FeatureDraft(nn.Module):
         # the out norm starts as the target's final norm (its features are after that norm)
         self.norm = nn.Parameter(norm.detach().clone() if norm is not None else torch.ones(E))
 
-    def step(self, feature: Tensor, tokens: Tensor, depth: Tensor, past: PathKV | None
-             ) -> tuple[Tensor, Tensor, PathKV]:
+    def context_kv(self, context: Context | None) -> ContextKV | None:
+        """Each block's keys and values of the target's prompt features (once per round)."""
+        if context is None:
+            return None
+        f = context.features.to(self.embed.dtype)
+        return [block.context_kv(f, context.valid) for block in self.blocks]
+
+    def step(self, feature: Tensor, tokens: Tensor, depth: Tensor, past: PathKV | None,
+             ctx: ContextKV | None = None) -> tuple[Tensor, Tensor, PathKV]:
         """feature [B, M, E], the codes just chosen ``tokens`` [B, M] at ``depth`` [B] (or
-        [B, M]), ``past`` each beam's path before it. Returns (f^ [B, M, E], code log-probs
-        [B, M, H], the paths with this position)."""
+        [B, M]), ``past`` each beam's path before it, ``ctx`` the prompt's keys and values
+        (``context_kv``). Returns (f^ [B, M, E], code log-probs [B, M, H], the paths with this
+        position)."""
         rows = self.head_columns[tokens.clamp(0, self.head_columns.numel() - 1)].clamp(min=0)
         dep = depth if depth.dim() == 2 else depth[:, None].expand_as(tokens)
         x = self.fc(torch.cat([feature.to(self.embed.dtype), self.embed[rows]], -1))
         x = x + self.depth(dep.clamp(max=self.config.max_depth - 1))
         out: PathKV = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if past is None else past[i])
+            x, kv = block(x, None if past is None else past[i], None if ctx is None else ctx[i])
             out.append(kv)
         f = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.eps)
         return f, log_probs(f @ self.head.T), out
@@ -196,6 +231,7 @@ class FeatureDrafter:
             raise ValueError("a feature draft needs the target's features on the beams "
                              "(the loop asks for them when Drafter.wants_features)")
         state: dict[str, object] = {}
+        ctx = self.model.context_kv(call.context)
 
         def score(b: Beams, depth: Tensor, parent: Tensor | None) -> tuple[Tensor, Beams]:
             if parent is None:  # the current beams: the target's features, no path yet
@@ -205,7 +241,7 @@ class FeatureDrafter:
                 feature = take(state["f"], parent)  # type: ignore[arg-type]
                 past = [(take(k, parent), take(v, parent)) for k, v in state["path"]]  # type: ignore[union-attr]
             last = b.tokens.gather(2, depth[:, None, None].expand(*b.tokens.shape[:2], 1))[..., 0]
-            f, logp, state["path"] = self.model.step(feature, last, depth, past)  # type: ignore[assignment]
+            f, logp, state["path"] = self.model.step(feature, last, depth, past, ctx)  # type: ignore[assignment]
             state["f"] = f
             return logp, b
 

@@ -40,6 +40,7 @@ from atspeed_ray.decoding.beam import (
     beam_step, column_log_probs, expand_columns, log_probs, prefill_decode, root_beams,
     score_dtype, step_nodes, take,
 )
+from atspeed_ray.decoding.feed import Context, prompt_valid
 from atspeed_ray.decoding.tree import tree_decode
 from atspeed_ray.drafts.feature import FeatureConfig, FeatureDraft, PathKV
 from atspeed_ray.training.losses import candidate_kl, feature_regression
@@ -62,16 +63,29 @@ class Level:
         return Level(*(mv(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
+@dataclass
+class TargetTree:
+    """``target_tree`` of a batch of prompts: its levels and the prompts' hidden states."""
+
+    levels: list[Level]  # depth 0..L-1
+    context: Context  # the target's hidden states over the (left-padded) prompts
+
+    def to(self, device: torch.device | str) -> TargetTree:
+        return TargetTree([lv.to(device) for lv in self.levels], self.context.to(device))
+
+
 @torch.no_grad()
 def target_tree(target: torch.nn.Module, prompts: list[list[int]], index: ItemIndex, k: int
-                ) -> list[Level]:
+                ) -> TargetTree:
     """The target's top-``k`` beam search of ``prompts`` (``beam_search``'s loop) with what a
-    feature draft learns from, per depth 0..L-1 (``Level``)."""
+    feature draft learns from, per depth 0..L-1 (``Level``), and the prompts' hidden states."""
     device = next(target.parameters()).device
     index = index.to(device)
     B, L = len(prompts), index.L
-    out, cache, _ = prefill_decode(target, prompts, hidden=True)
-    assert out.hidden is not None
+    out, cache, _ = prefill_decode(target, prompts, hidden=True, context=True)
+    assert out.hidden is not None and out.context is not None
+    P = cache.prompt_cols
+    context = Context(out.context[:, :P].float(), prompt_valid(prompts, P, device))
     feature, logp = out.hidden[:, :1], log_probs(out.logits[:, :1])  # [B, 1, ...] prompt end
     beams = root_beams(B, 1, L, ["target"], device, score_dtype(target))
     parent = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -89,16 +103,17 @@ def target_tree(target: torch.nn.Module, prompts: list[list[int]], index: ItemIn
         assert out.hidden is not None
         beams = beams.with_slots("target", depth, slots)
         feature, logp = out.hidden, log_probs(out.logits)
-    return levels
+    return TargetTree(levels, context)
 
 
-def draft_levels(draft: FeatureDraft, levels: list[Level], index: ItemIndex
+def draft_levels(draft: FeatureDraft, tree: TargetTree, index: ItemIndex
                  ) -> list[dict[int, tuple[Tensor, Tensor]]]:
     """For each depth d >= 1 (list index d - 1), start depth s -> (the draft's predicted hidden
     states [B, K, E], its column log-probs [B, K, C]) for a round that started at depth s
     (s = d: from the target's feature of the parent; s < d: unrolled from its own)."""
     out: list[dict[int, tuple[Tensor, Tensor]]] = []
     own: dict[int, tuple[Tensor, PathKV]] = {}
+    levels, ctx = tree.levels, draft.context_kv(tree.context)
     for d in range(1, len(levels)):
         lv, prev = levels[d], levels[d - 1]
         B = lv.parent.shape[0]
@@ -109,7 +124,7 @@ def draft_levels(draft: FeatureDraft, levels: list[Level], index: ItemIndex
             starts[s] = (take(f, lv.parent), [(take(a, lv.parent), take(b, lv.parent)) for a, b in path])
         now, res = {}, {}
         for s, (feature, past) in starts.items():
-            f, logp, path = draft.step(feature, last, pos, past)
+            f, logp, path = draft.step(feature, last, pos, past, ctx)
             res[s] = (f, column_log_probs(logp, pos + 1, index, draft.head_columns))
             now[s] = (f, path)
         own = now
@@ -117,12 +132,12 @@ def draft_levels(draft: FeatureDraft, levels: list[Level], index: ItemIndex
     return out
 
 
-def tree_loss(draft: FeatureDraft, levels: list[Level], index: ItemIndex,
+def tree_loss(draft: FeatureDraft, tree: TargetTree, index: ItemIndex,
               feature_weight: float) -> tuple[Tensor, dict[str, float]]:
     """The training loss of one batch of target trees (module docstring) and its parts."""
     total, parts, n = 0.0, {"kl": 0.0, "feature": 0.0}, 0
-    for d, res in enumerate(draft_levels(draft, levels, index), start=1):
-        lv = levels[d]
+    for d, res in enumerate(draft_levels(draft, tree, index), start=1):
+        lv = tree.levels[d]
         valid = index.child_table(lv.node) >= 0  # [B, K, C]
         live = torch.isfinite(lv.scores)  # [B, K]
         for f, col in res.values():
@@ -136,7 +151,7 @@ def tree_loss(draft: FeatureDraft, levels: list[Level], index: ItemIndex,
 
 
 @torch.no_grad()
-def width_needed(draft: FeatureDraft, levels: list[Level], index: ItemIndex, k: int
+def width_needed(draft: FeatureDraft, tree: TargetTree, index: ItemIndex, k: int
                  ) -> dict[str, list[int]]:
     """Per depth d >= 1, per prompt: the draft width whose top N hold the target's top ``k``
     children (``cover_width``), for a round's first drafted step (``code{d+1}_first``: from the
@@ -145,8 +160,8 @@ def width_needed(draft: FeatureDraft, levels: list[Level], index: ItemIndex, k: 
     from atspeed_ray.benchmarking import cover_width
 
     out: dict[str, list[int]] = {}
-    for d, res in enumerate(draft_levels(draft, levels, index), start=1):
-        lv = levels[d]
+    for d, res in enumerate(draft_levels(draft, tree, index), start=1):
+        lv = tree.levels[d]
         valid = index.child_table(lv.node) >= 0
         target = (lv.scores[..., None] + lv.col_logp).masked_fill(~valid, float("-inf")).flatten(1)
         for s, name in ((d, "first"), (d - 1, "unrolled")):
@@ -175,15 +190,15 @@ class FeatureTraining:
 
 
 def teacher_trees(target: torch.nn.Module, prompts: list[list[int]], index: ItemIndex, k: int,
-                  batch_size: int, label: str) -> list[list[Level]]:
+                  batch_size: int, label: str) -> list[TargetTree]:
     """``target_tree`` of ``prompts`` in batches of similar lengths (prompts are left-padded to
     the longest of their batch), kept on the CPU; progress lines on stdout."""
     out, t0 = [], time.perf_counter()
     prompts = sorted(prompts, key=len)
     n = math.ceil(len(prompts) / batch_size)
     for i in range(n):
-        levels = target_tree(target, prompts[i * batch_size:(i + 1) * batch_size], index, k)
-        out.append([lv.to("cpu") for lv in levels])
+        out.append(target_tree(target, prompts[i * batch_size:(i + 1) * batch_size], index,
+                               k).to("cpu"))
         if (i + 1) % max(1, n // 10) == 0 or i + 1 == n:
             print(f"[feature] {label} teacher {i + 1}/{n} batches, {time.perf_counter() - t0:.0f} s",
                   flush=True)
@@ -217,8 +232,8 @@ def train_feature_draft(target: torch.nn.Module, index: ItemIndex, train: list[l
     def validate() -> dict[str, float]:
         draft.eval()
         widths: dict[str, list[int]] = {}
-        for levels in val_trees:
-            for name, w in width_needed(draft, [lv.to(device) for lv in levels], index, cfg.k).items():
+        for tree in val_trees:
+            for name, w in width_needed(draft, tree.to(device), index, cfg.k).items():
                 widths.setdefault(name, []).extend(w)
         draft.train()
         return {f"{name}_width_median": median(w) for name, w in widths.items()}
@@ -228,8 +243,8 @@ def train_feature_draft(target: torch.nn.Module, index: ItemIndex, train: list[l
         t0 = time.perf_counter()
         order = torch.randperm(len(train_trees)).tolist()
         sums = {"loss": 0.0, "kl": 0.0, "feature": 0.0}
-        for levels in (train_trees[i] for i in order):
-            loss, parts = tree_loss(draft, [lv.to(device) for lv in levels], index, cfg.feature_weight)
+        for tree in (train_trees[i] for i in order):
+            loss, parts = tree_loss(draft, tree.to(device), index, cfg.feature_weight)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
