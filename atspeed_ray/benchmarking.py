@@ -7,6 +7,10 @@
   ``measure_speculative``, which times the target's beam search against speculative beam search
   on the same prompts in the same process, with the speculative time split by phase
   (``breakdown_ms``: draft, verify, accept, bookkeeping, rest per request);
+* paired timing (pure, any clock): ``interleaved`` times several calls back to back in a
+  rotating order, ``time_pairs`` does it per prompt (or batch) for beam search and speculation,
+  ``Speedup`` turns the pairs into WS with its spread and the ``unstable`` flag, and
+  ``paired_speedup`` measures again (at most ``EXTRA_PASSES`` times) while a row is unstable;
 * ``--draft-beams auto``: ``row_params`` picks N per K and batch size by measured cost
   (``atspeed_ray.width``) on a few validation prompts before the row is timed.
 
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from atspeed_ray.settings import (
     AUTO, DEFAULT_COMPILE, DEFAULT_FORWARD, DEFAULT_PACK, EXPAND_LAST, FORWARDS, PRECISIONS,
@@ -36,7 +42,18 @@ if TYPE_CHECKING:
     from atspeed_ray.width import WidthChoice
 
 X = TypeVar("X")
+Y = TypeVar("Y")
 Batch = list[list[int]]  # prompts decoded together
+Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter, or a test's fake clock)
+
+# A row is unstable when the interquartile range of its per-prompt ratios is wider than this
+# fraction of its WS, or when its repeats' WS (each the median over the prompts of one repeat)
+# span more than UNSTABLE_REPEATS of it; it is then measured again, at most EXTRA_PASSES times,
+# and flagged ``unstable`` if no pass is stable. Prompts differ (one is answered in one round,
+# another in three), so some spread is real: the threshold is wide enough for that.
+UNSTABLE_SPREAD = 0.5
+UNSTABLE_REPEATS = 0.1
+EXTRA_PASSES = 2
 
 
 # ----------------------------------------------------------------------------- command line
@@ -169,10 +186,189 @@ def time_per_batch(one: Callable[[Batch], Any], prompt_batches: list[Batch], rep
     return sum(timed(lambda b=b: one(b), repeat=repeat)[0] for b in prompt_batches)
 
 
+def device_clock(device: torch.device) -> Clock:
+    """``time.perf_counter`` that first waits for the device's queued work (CUDA)."""
+    import torch
+
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
+def interleaved(sides: Sequence[Callable[[], X]], repeat: int, clock: Clock = time.perf_counter,
+                start: int = 0) -> tuple[list[list[float]], list[list[X]]]:
+    """Time every side ``repeat`` times, all sides of one repeat back to back, the order rotating
+    by one side each repeat (two sides: alternating) and beginning at side ``start``: a slow
+    spell of the machine then falls on every side alike, not on whichever ran during it.
+    Returns (seconds [side][repeat], results [side][repeat])."""
+    n = len(sides)
+    seconds: list[list[float]] = [[0.0] * repeat for _ in range(n)]
+    results: list[list[Any]] = [[None] * repeat for _ in range(n)]
+    for r in range(repeat):
+        for j in range(n):
+            i = (start + r + j) % n
+            t0 = clock()
+            results[i][r] = sides[i]()
+            seconds[i][r] = clock() - t0
+    return seconds, results
+
+
+def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``xs`` (inclusive method; one value: itself)."""
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+@dataclass(frozen=True)
+class PairTimes:
+    """Seconds of the target's beam search (``plain``) and of speculative beam search (``spec``)
+    on each timed unit (a prompt, or a batch of ``--batch-size`` prompts), per repeat; the two
+    calls of a (unit, repeat) pair ran back to back."""
+
+    plain: tuple[tuple[float, ...], ...]  # [units][repeat]
+    spec: tuple[tuple[float, ...], ...]  # [units][repeat]
+
+    def ratios(self) -> list[float]:
+        """[units]: each unit's ratio plain / spec, the median over its repeats of the ratio of
+        the same pair (two calls that shared the machine's state)."""
+        return [statistics.median(p / s for p, s in zip(ps, ss))
+                for ps, ss in zip(self.plain, self.spec)]
+
+    def repeat_ws(self) -> list[float]:
+        """[repeat]: the WS each repeat alone gives (the median over the units of its ratios)."""
+        return [statistics.median(ps[r] / ss[r] for ps, ss in zip(self.plain, self.spec))
+                for r in range(len(self.plain[0]))]
+
+    def typical(self, side: str) -> list[int]:
+        """[units]: the repeat whose time is the (lower) median of the unit's times on ``side``
+        ("plain" or "spec"): a real call, so its phase timings can be reported with it."""
+        times = self.plain if side == "plain" else self.spec
+        return [sorted(range(len(ts)), key=ts.__getitem__)[(len(ts) - 1) // 2] for ts in times]
+
+    def total(self, side: str) -> float:
+        """Seconds of ``side`` summed over the units, each unit at its ``typical`` repeat."""
+        times = self.plain if side == "plain" else self.spec
+        return sum(ts[r] for ts, r in zip(times, self.typical(side)))
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """The walltime speedup of one row and how far it can be trusted.
+
+    WS is the **median of the per-unit ratios** (``PairTimes.ratios``), not the ratio of two
+    medians (or sums) of times: each ratio divides two calls that ran back to back on the same
+    prompt, so a background load that comes and goes slowly cancels inside it, whereas a median
+    of beam-search times and one of speculation times are taken over calls made at different
+    moments and let the load back in. It is the speedup of a typical request. Its spread is the
+    interquartile range [``q1``, ``q3``] of the same ratios, which holds WS by construction:
+    differences between prompts (rounds per request) and noise both widen it."""
+
+    ws: float  # median of the per-unit ratios
+    q1: float  # their first quartile
+    q3: float  # their third quartile
+    prompts: int  # prompts timed
+    units: int  # ratios (prompts, or batches of them)
+    repeat_ws: tuple[float, ...]  # [repeat] each repeat's WS
+    passes: int = 1  # measurements made (1 + extra passes while unstable)
+
+    @classmethod
+    def of(cls, times: PairTimes, prompts: int, passes: int = 1) -> Speedup:
+        q1, ws, q3 = quartiles(times.ratios())
+        return cls(ws, q1, q3, prompts, len(times.plain), tuple(times.repeat_ws()), passes)
+
+    @property
+    def spread(self) -> float:
+        """(q3 - q1) / WS."""
+        return (self.q3 - self.q1) / self.ws
+
+    @property
+    def disagreement(self) -> float:
+        """(largest - smallest repeat WS) / WS (0 with one repeat)."""
+        return (max(self.repeat_ws) - min(self.repeat_ws)) / self.ws
+
+    @property
+    def instability(self) -> float:
+        """> 1 when unstable: the larger of spread and disagreement over their thresholds."""
+        return max(self.spread / UNSTABLE_SPREAD, self.disagreement / UNSTABLE_REPEATS)
+
+    @property
+    def unstable(self) -> bool:
+        return self.instability > 1.0
+
+    def fields(self) -> dict[str, Any]:
+        """The row's columns: ``ws``, ``ws_q1``, ``ws_q3``, ``ws_prompts``, ``ws_units``,
+        ``ws_repeats`` (each repeat's WS), ``ws_passes``, ``unstable``."""
+        return {"ws": self.ws, "ws_q1": self.q1, "ws_q3": self.q3, "ws_prompts": self.prompts,
+                "ws_units": self.units, "ws_repeats": list(self.repeat_ws),
+                "ws_passes": self.passes, "unstable": self.unstable}
+
+    def text(self) -> str:
+        return ws_text(self.fields())
+
+
+def ws_text(row: dict[str, Any], flag: bool = True) -> str:
+    """A row's WS with the interquartile range of its per-prompt ratios: ``1.23x [1.10-1.35]``,
+    and `` unstable`` when it is (and ``flag``)."""
+    text = f"{row['ws']:.2f}x [{row['ws_q1']:.2f}-{row['ws_q3']:.2f}]"
+    return text + (" unstable" if flag and row["unstable"] else "")
+
+
+@dataclass(frozen=True)
+class PairedRun(Generic[X, Y]):
+    """One pass of ``time_pairs``: the times, their speedup and every call's result."""
+
+    times: PairTimes
+    speedup: Speedup
+    plain: list[list[X]]  # [units][repeat] results of beam search
+    spec: list[list[Y]]  # [units][repeat] results of speculation
+
+
+def time_pairs(plain: Callable[[int], X], spec: Callable[[int], Y], units: int, repeat: int,
+               clock: Clock = time.perf_counter) -> tuple[PairTimes, list[list[X]], list[list[Y]]]:
+    """``plain(u)`` and ``spec(u)`` for every unit u, back to back, ``repeat`` times per unit; the
+    order alternates between repeats and between units (``interleaved``). Returns the times and
+    the results ([units][repeat])."""
+    plain_s, spec_s, plain_out, spec_out = [], [], [], []
+    for u in range(units):
+        (ps, ss), (po, so) = interleaved([lambda: plain(u), lambda: spec(u)], repeat, clock, start=u)
+        plain_s.append(tuple(ps))
+        spec_s.append(tuple(ss))
+        plain_out.append(po)
+        spec_out.append(so)
+    return PairTimes(tuple(plain_s), tuple(spec_s)), plain_out, spec_out
+
+
+def paired_speedup(plain: Callable[[int], X], spec: Callable[[int], Y], units: int, prompts: int,
+                   repeat: int, clock: Clock = time.perf_counter,
+                   extra_passes: int = EXTRA_PASSES) -> PairedRun[X, Y]:
+    """``time_pairs``, then again while the result is unstable (``Speedup.unstable``), at most
+    ``extra_passes`` more times; returns the most stable pass (its ``passes``: how many ran)."""
+    runs: list[PairedRun[X, Y]] = []
+    while not runs or (runs[-1].speedup.unstable and len(runs) <= extra_passes):
+        times, plain_out, spec_out = time_pairs(plain, spec, units, repeat, clock)
+        runs.append(PairedRun(times, Speedup.of(times, prompts), plain_out, spec_out))
+    best = min(runs, key=lambda run: run.speedup.instability)
+    return PairedRun(best.times, Speedup.of(best.times, prompts, len(runs)), best.plain, best.spec)
+
+
 def oracle_pass_time(target: torch.nn.Module, prompt_batches: list[Batch], width: int, gamma: int,
                    repeat: int = 1) -> float:
     """Time of ONE target forward over each batch's prompts + width*gamma tree tokens (width K:
-    the oracle pass; width N: a verification pass over a full N-beam draft tree)."""
+    the oracle pass; width N: a verification pass over a full N-beam draft tree), each batch
+    the best of ``repeat``."""
+    return time_per_batch(oracle_pass(target, width, gamma), prompt_batches, repeat)
+
+
+def oracle_pass(target: torch.nn.Module, width: int, gamma: int) -> Callable[[Batch], None]:
+    """The call ``oracle_pass_time`` times: one target forward over a batch's prompts +
+    width*gamma tree tokens."""
     import torch
 
     from atspeed_ray.decoding.beam import prefill
@@ -189,7 +385,7 @@ def oracle_pass_time(target: torch.nn.Module, prompt_batches: list[Batch], width
                       torch.ones(B, T, dtype=torch.bool, device=dev))
         prefill(target, batch, nodes)
 
-    return time_per_batch(one, prompt_batches, repeat)
+    return one
 
 
 def cover_width(target_scores: torch.Tensor, draft_scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -232,8 +428,15 @@ def code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex
 
 def draft_round_time(draft: torch.nn.Module, index: ItemIndex, prompt_batches: list[Batch],
                      params: SearchParams, repeat: int = 1) -> float:
-    """Time of the draft's first round for each batch: its prefill and min(gamma, L - 1)
-    width-N drafting steps from the root (top-N drafting), as ``draft_phase`` runs them."""
+    """Time of the draft's first round for each batch (``draft_round``), each the best of
+    ``repeat``."""
+    return time_per_batch(draft_round(draft, index, params), prompt_batches, repeat)
+
+
+def draft_round(draft: torch.nn.Module, index: ItemIndex, params: SearchParams
+                ) -> Callable[[Batch], None]:
+    """The draft's first round for a batch: its prefill and min(gamma, L - 1) width-N drafting
+    steps from the root (top-N drafting), as ``draft_phase`` runs them."""
     import dataclasses
 
     import torch
@@ -250,67 +453,74 @@ def draft_round_time(draft: torch.nn.Module, index: ItemIndex, prompt_batches: l
         t = torch.zeros(B, dtype=torch.long, device=dev)
         draft_phase(draft, None, beams, t, torch.full_like(t, G), batch, index, top_n)
 
-    return time_per_batch(one, prompt_batches, repeat)
+    return one
 
 
-def alternate(plain: Callable[[], X], spec: Callable[[Timings | None], X], repeat: int,
-              device: torch.device) -> tuple[float, X, float, X, Timings]:
-    """Best of ``repeat`` alternating timings of ``plain()`` and ``spec(timings)``, so that a
-    slow spell of the machine hits both. On the CPU the timed speculative runs carry the phase
-    timer (a few clock reads per round) and the best run's phases are returned; on CUDA the
-    timer synchronises at every phase, so it runs once more, untimed, on its own.
-    Returns (plain s, plain result, speculative s, speculative result, phase timings)."""
-    from atspeed_ray.decoding.timing import Timings
+def summed_timings(parts: Sequence[Timings], device: torch.device) -> Timings:
+    """One ``Timings`` holding the sum of ``parts`` (phase by phase, and their totals)."""
+    from atspeed_ray.decoding.timing import PHASES, Timings
 
-    t_plain = t_spec = float("inf")
-    best: Timings | None = None
-    for _ in range(repeat):
-        t, ref = timed(plain)
-        t_plain = min(t_plain, t)
-        timings = Timings(device) if device.type == "cpu" else None
-        t, out = timed(lambda: spec(timings))
-        if t < t_spec:
-            t_spec, best = t, timings
-    if best is None:
-        best = Timings(device)
-        spec(best)
-    return t_plain, ref, t_spec, out, best
+    out = Timings(device)
+    for t in parts:
+        out.total += t.total
+        for name in PHASES:
+            out.seconds[name] += t.seconds[name]
+    return out
 
 
 def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
                         prompts: list[list[int]], params: SearchParams, batch_size: int,
-                        repeat: int = 1) -> tuple[dict, list, list]:
+                        repeat: int = 1, clock: Clock | None = None) -> tuple[dict, list, list]:
     """Time the target's beam search and speculative beam search on the same prompts (same
-    process, warm-up first; with ``repeat`` > 1 the two alternate and each keeps its best time),
-    with the speculative time split by phase (``Timings``) and the bounds measured beside.
+    process, warm-up first) in pairs: per batch of ``batch_size`` prompts the two run back to
+    back, ``repeat`` times, the order alternating (``paired_speedup``: WS is the median of the
+    per-batch ratios, with their interquartile range; an unstable row is measured again). The
+    speculative time is split by phase (``Timings``) and the bounds are measured beside.
     Relaxed sampling draws from ``params.generator`` (warm-up included).
     Returns (row of measurements, plain items, speculative items)."""
     import torch
 
     from atspeed_ray.decoding import beam_search, speculative_search
     from atspeed_ray.decoding.speculative import POSITION_STAT_NAMES, STAT_NAMES
+    from atspeed_ray.decoding.timing import Timings
 
     prompt_batches = batches(prompts, batch_size)
     k, n = params.k, params.N
+    # on the CPU every timed speculative call carries its own phase timer (a few clock reads per
+    # round); on CUDA the timer synchronises at every phase, so it runs once more, untimed
+    on_cpu = index.device.type == "cpu"
 
-    def plain() -> list:
-        return [beam_search(target, b, index, k) for b in prompt_batches]
+    def plain(u: int) -> Any:
+        return beam_search(target, prompt_batches[u], index, k)
 
-    def spec(timings: Timings | None) -> list:
-        return [speculative_search(target, draft, b, index, params, timings=timings)
-                for b in prompt_batches]
+    def spec(u: int) -> tuple[Any, Timings | None]:
+        timings = Timings(index.device) if on_cpu else None
+        return speculative_search(target, draft, prompt_batches[u], index, params,
+                                  timings=timings), timings
 
     with torch.no_grad():
         beam_search(target, prompt_batches[0], index, k)  # warm-up
         speculative_search(target, draft, prompt_batches[0], index, params)
-        t_plain, ref, t_spec, out, timings = alternate(plain, spec, repeat, index.device)
+        run = paired_speedup(plain, spec, len(prompt_batches), len(prompts), repeat,
+                             clock or device_clock(index.device))
+        # per batch, the call at the median time of its side (``PairTimes.typical``)
+        ref = [run.plain[u][r] for u, r in enumerate(run.times.typical("plain"))]
+        outs = [run.spec[u][r] for u, r in enumerate(run.times.typical("spec"))]
+        out = [o for o, _ in outs]
+        if on_cpu:
+            timings = summed_timings([t for _, t in outs], index.device)
+        else:
+            timings = Timings(index.device)
+            for b in prompt_batches:
+                speculative_search(target, draft, b, index, params, timings=timings)
+        t_plain, t_spec = run.times.total("plain"), run.times.total("spec")
         t_pass = oracle_pass_time(target, prompt_batches, k, params.gamma, repeat)
         t_tree = t_pass if n == k else oracle_pass_time(target, prompt_batches, n, params.gamma, repeat)
         t_draft = draft_round_time(draft, index, prompt_batches, params, repeat)
         cover = code_cover(target, draft, index, prompt_batches, k)  # [P][L]
     ref_items = [i for r in ref for i in r.items]
     out_items = [i for r in out for i in r.items]
-    row = speed_row(params, batch_size, t_plain, t_spec, t_pass, t_tree, t_draft,
+    row = speed_row(params, batch_size, run.speedup, t_plain, t_spec, t_pass, t_tree, t_draft,
                     {key: [v for r in out for v in r.stats[key]]
                      for key in (*STAT_NAMES, *POSITION_STAT_NAMES)})
     row.update(breakdown_ms(timings, len(prompts), t_plain, t_pass, t_tree, t_draft))
@@ -352,17 +562,21 @@ def breakdown_ms(timings: Timings, n_requests: int, t_plain: float, t_pass: floa
     return row
 
 
-def speed_row(params: SearchParams, batch_size: int, t_plain: float, t_spec: float, t_pass: float,
-              t_tree: float, t_draft: float, stats: dict[str, list[int]]) -> dict[str, Any]:
-    """One row of the speed table from the measured times (s) and the per-request counters."""
+def speed_row(params: SearchParams, batch_size: int, speedup: Speedup, t_plain: float,
+              t_spec: float, t_pass: float, t_tree: float, t_draft: float,
+              stats: dict[str, list[int]]) -> dict[str, Any]:
+    """One row of the speed table from the paired speedup, the measured times (s: each side
+    summed over the batches at their median calls, the bounds' passes) and the per-request
+    counters."""
     n_requests = len(stats["rounds"])
     return {
         "k": params.k, "draft_beams": params.N, "gamma": params.gamma, "mode": params.mode,
         "expand_last": params.expand_last,
-        "batch_size": batch_size, "beam_search_s": t_plain,
-        "speculative_s": t_spec, "walltime_speedup": t_plain / t_spec,
+        "batch_size": batch_size, "beam_search_s": t_plain, "speculative_s": t_spec,
+        **speedup.fields(),
+        "walltime_speedup": speedup.ws,  # = ws, the name the tables and scripts read
         "oracle_speedup": t_plain / t_pass,
-        "fraction_of_oracle": (t_plain / t_spec) / (t_plain / t_pass),
+        "fraction_of_oracle": speedup.ws / (t_plain / t_pass),
         # WS if every round were fully accepted and drafting were free, at this N: the verify
         # pass carries N*gamma drafted tokens, not K*gamma, so fraction_of_oracle is at most
         # t_pass / t_tree whatever the draft
@@ -410,8 +624,8 @@ def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
                batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
     """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and
     gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch
-    size, each cost the best of ``repeat`` (at least 2) timings (printed); the choice is
-    returned to be recorded with the row."""
+    size, each cost the median of ``repeat`` (at least 2) interleaved timings (printed); the
+    choice is returned to be recorded with the row."""
     if not width.auto:
         return params, None
     from atspeed_ray.width import choose_width
