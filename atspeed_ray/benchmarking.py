@@ -624,7 +624,7 @@ def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
                batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
     """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and
     gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch
-    size, each cost the median of ``repeat`` (at least 2) interleaved timings (printed); the
+    size, each cost the least of ``repeat`` (at least 2) interleaved timings (printed); the
     choice is returned to be recorded with the row."""
     if not width.auto:
         return params, None

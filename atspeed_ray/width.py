@@ -16,8 +16,9 @@ candidate (N, gamma):
   width N) plus the draft's first round (``draft_round``), per request at the batch size that
   will be used. Every candidate's two calls are timed in each of ``repeat`` rounds, all of a
   round back to back in an order that rotates from one round to the next
-  (``benchmarking.interleaved``), and each cost is the median over the rounds: a slow spell of
-  the machine falls on every candidate alike instead of deciding which one wins;
+  (``benchmarking.interleaved``), and each cost is the least over the rounds (noise only adds
+  time): a slow spell of the machine falls on every candidate alike instead of deciding which
+  one wins, and each candidate keeps its quietest round;
 * expected time per request = rounds x (pass + draft round). Later rounds re-use the cached
   prefix and draft fewer steps, so this over-counts them a little; it ranks candidates, the
   chosen one is then measured like any other.
@@ -107,8 +108,6 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
                  expand_last: int = EXPAND_LAST) -> WidthChoice:
     """The (N, gamma) with the least expected time per request for top-``k`` (module
     docstring), measured on ``prompts`` (a few validation prompts) at ``batch_size``."""
-    from statistics import median
-
     from atspeed_ray.benchmarking import batches, device_clock, draft_round, interleaved, oracle_pass
     from atspeed_ray.decoding import speculative_search
 
@@ -127,7 +126,7 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
     for call in calls:  # warm-up: the first call at a new shape pays one-off costs
         call()
     seconds, _ = interleaved(calls, repeat, device_clock(index.device))  # [2 * candidates][repeat]
-    ms = [1e3 * median(s) / rows for s in seconds]
+    ms = [1e3 * min(s) / rows for s in seconds]
     out = [WidthCandidate(p.N, p.gamma, sum(r) / len(r), ms[2 * i], ms[2 * i + 1] if p.gamma > 0 else 0.0)
            for i, (p, r) in enumerate(zip(grid, rounds))]
     return WidthChoice(k, batch_size, len(calib), out)
