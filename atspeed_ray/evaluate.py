@@ -10,7 +10,7 @@
   ``--timing-batch`` size (default 1); ``--draft-beams auto`` picks N per draft, K and batch
   size by measured cost (``atspeed_ray.width``) and records the choice with the row;
 * written as JSON, CSV and Markdown, with PNG plots (WS against K per method; histogram of
-  accepted steps per round).
+  accepted steps per round); the terminal gets the short form (``report.results_screen``).
 
 A draft's method name is its folder name (``drafts/atspeed-s`` -> ``atspeed-s``).
 """
@@ -29,6 +29,7 @@ from atspeed_ray.benchmarking import (
     add_precision_arg, batches, measure_speculative, parse_counts, parse_ks, positive, row_params,
     search_params, ws_text,
 )
+from atspeed_ray.report import results_screen
 from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, MODES
 from atspeed_ray.reference.config import add_reference_args, reference_config
 
@@ -290,8 +291,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
     speed = speed_table(s)
     write_table(speed, out, "speed", SPEED_COLUMNS)
     plot(speed, out)
-    print((out / "accuracy.md").read_text())
-    print((out / "speed.md").read_text())
-    print(f"wrote {out}/accuracy.{{json,csv,md}}, speed.{{json,csv,md}}, ws_vs_k.png, "
-          f"accepted_steps_hist.png (k up to {max(args.k)})")
+    print("\n" + results_screen(out), flush=True)
     return 0
