@@ -2,11 +2,12 @@
 
 * command line: ``parse_ks`` (``--k 1,5,10``), ``parse_counts`` (``--batch-size 1,8,32``),
   ``DraftWidth`` (``--draft-beams 20``, ``2k`` or ``auto``), ``add_forward_arg``, ``positive``;
-* measurements: ``timed`` / ``time_per_batch``, the two bounds (``oracle_pass_time``: one target
-  pass over a full tree; ``draft_round_time``: the draft's first round) and
-  ``measure_speculative``, which times the target's beam search against speculative beam search
-  on the same prompts in the same process, with the speculative time split by phase
-  (``breakdown_ms``: draft, verify, accept, bookkeeping, rest per request);
+* measurements: ``timed`` / ``time_per_batch``, the bounds' calls (``oracle_pass``: one target
+  pass over a full tree; ``draft_round``: the draft's first round, ``draft_round_time`` times
+  it alone) and ``measure_speculative``, which times the target's beam search against
+  speculative beam search on the same prompts in the same process, the bounds' calls beside
+  each pair, with the speculative time split by phase (``breakdown_ms``: draft, verify, accept,
+  bookkeeping, rest per request);
 * paired timing (pure, any clock): ``interleaved`` times several calls back to back in a
   rotating order, ``time_pairs`` does it per prompt (or batch) for beam search and speculation,
   ``Speedup`` turns the pairs into WS with its spread and the ``unstable`` flag, and
@@ -230,10 +231,24 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
 class PairTimes:
     """Seconds of the target's beam search (``plain``) and of speculative beam search (``spec``)
     on each timed unit (a prompt, or a batch of ``--batch-size`` prompts), per repeat; the two
-    calls of a (unit, repeat) pair ran back to back."""
+    calls of a (unit, repeat) pair ran back to back, and the calls ``beside`` them (the bounds'
+    passes) right after."""
 
     plain: tuple[tuple[float, ...], ...]  # [units][repeat]
     spec: tuple[tuple[float, ...], ...]  # [units][repeat]
+    beside: tuple[tuple[tuple[float, ...], ...], ...] = ()  # [side][units][repeat]
+
+    def side(self, name: str | int) -> tuple[tuple[float, ...], ...]:
+        """[units][repeat]: "plain", "spec" or the index of a side ``beside``."""
+        return self.plain if name == "plain" else self.spec if name == "spec" else self.beside[name]
+
+    def bound(self, sides: Sequence[int]) -> float:
+        """The speedup of beam search over the sum of the ``beside`` calls ``sides``, paired like
+        WS: the median over the units of each unit's median over its repeats."""
+        return statistics.median(
+            statistics.median(self.plain[u][r] / sum(self.beside[i][u][r] for i in sides)
+                              for r in range(len(self.plain[u])))
+            for u in range(len(self.plain)))
 
     def ratios(self) -> list[float]:
         """[units]: each unit's ratio plain / spec, the median over its repeats of the ratio of
@@ -246,16 +261,15 @@ class PairTimes:
         return [statistics.median(ps[r] / ss[r] for ps, ss in zip(self.plain, self.spec))
                 for r in range(len(self.plain[0]))]
 
-    def typical(self, side: str) -> list[int]:
+    def typical(self, side: str | int) -> list[int]:
         """[units]: the repeat whose time is the (lower) median of the unit's times on ``side``
-        ("plain" or "spec"): a real call, so its phase timings can be reported with it."""
-        times = self.plain if side == "plain" else self.spec
-        return [sorted(range(len(ts)), key=ts.__getitem__)[(len(ts) - 1) // 2] for ts in times]
+        (``side``): a real call, so its phase timings can be reported with it."""
+        return [sorted(range(len(ts)), key=ts.__getitem__)[(len(ts) - 1) // 2]
+                for ts in self.side(side)]
 
-    def total(self, side: str) -> float:
+    def total(self, side: str | int) -> float:
         """Seconds of ``side`` summed over the units, each unit at its ``typical`` repeat."""
-        times = self.plain if side == "plain" else self.spec
-        return sum(ts[r] for ts, r in zip(times, self.typical(side)))
+        return sum(ts[r] for ts, r in zip(self.side(side), self.typical(side)))
 
 
 @dataclass(frozen=True)
@@ -331,44 +345,43 @@ class PairedRun(Generic[X, Y]):
 
 
 def time_pairs(plain: Callable[[int], X], spec: Callable[[int], Y], units: int, repeat: int,
-               clock: Clock = time.perf_counter) -> tuple[PairTimes, list[list[X]], list[list[Y]]]:
+               clock: Clock = time.perf_counter, beside: Sequence[Callable[[int], object]] = (),
+               ) -> tuple[PairTimes, list[list[X]], list[list[Y]]]:
     """``plain(u)`` and ``spec(u)`` for every unit u, back to back, ``repeat`` times per unit; the
-    order alternates between repeats and between units (``interleaved``). Returns the times and
-    the results ([units][repeat])."""
-    plain_s, spec_s, plain_out, spec_out = [], [], [], []
+    order alternates between repeats and between units (``interleaved``); after each pair, each
+    call of ``beside`` on the same unit. Returns the times and the results ([units][repeat])."""
+    times: list[list[list[float]]] = [[[] for _ in range(units)] for _ in range(2 + len(beside))]
+    plain_out: list[list[X]] = [[] for _ in range(units)]
+    spec_out: list[list[Y]] = [[] for _ in range(units)]
     for u in range(units):
-        (ps, ss), (po, so) = interleaved([lambda: plain(u), lambda: spec(u)], repeat, clock, start=u)
-        plain_s.append(tuple(ps))
-        spec_s.append(tuple(ss))
-        plain_out.append(po)
-        spec_out.append(so)
-    return PairTimes(tuple(plain_s), tuple(spec_s)), plain_out, spec_out
+        for r in range(repeat):
+            (ps, ss), (po, so) = interleaved([lambda: plain(u), lambda: spec(u)], 1, clock, start=u + r)
+            (ts, _) = interleaved([lambda f=f: f(u) for f in beside], 1, clock) if beside else ([], [])
+            for side, t in zip(times, [ps, ss, *ts]):
+                side[u].append(t[0])
+            plain_out[u].append(po[0])
+            spec_out[u].append(so[0])
+    plain_s, spec_s, *rest = [tuple(tuple(ts) for ts in side) for side in times]
+    return PairTimes(plain_s, spec_s, tuple(rest)), plain_out, spec_out
 
 
 def paired_speedup(plain: Callable[[int], X], spec: Callable[[int], Y], units: int, prompts: int,
                    repeat: int, clock: Clock = time.perf_counter,
-                   extra_passes: int = EXTRA_PASSES) -> PairedRun[X, Y]:
+                   extra_passes: int = EXTRA_PASSES,
+                   beside: Sequence[Callable[[int], object]] = ()) -> PairedRun[X, Y]:
     """``time_pairs``, then again while the result is unstable (``Speedup.unstable``), at most
     ``extra_passes`` more times; returns the most stable pass (its ``passes``: how many ran)."""
     runs: list[PairedRun[X, Y]] = []
     while not runs or (runs[-1].speedup.unstable and len(runs) <= extra_passes):
-        times, plain_out, spec_out = time_pairs(plain, spec, units, repeat, clock)
+        times, plain_out, spec_out = time_pairs(plain, spec, units, repeat, clock, beside)
         runs.append(PairedRun(times, Speedup.of(times, prompts), plain_out, spec_out))
     best = min(runs, key=lambda run: run.speedup.instability)
     return PairedRun(best.times, Speedup.of(best.times, prompts, len(runs)), best.plain, best.spec)
 
 
-def oracle_pass_time(target: torch.nn.Module, prompt_batches: list[Batch], width: int, gamma: int,
-                   repeat: int = 1) -> float:
-    """Time of ONE target forward over each batch's prompts + width*gamma tree tokens (width K:
-    the oracle pass; width N: a verification pass over a full N-beam draft tree), each batch
-    the best of ``repeat``."""
-    return time_per_batch(oracle_pass(target, width, gamma), prompt_batches, repeat)
-
-
 def oracle_pass(target: torch.nn.Module, width: int, gamma: int) -> Callable[[Batch], None]:
-    """The call ``oracle_pass_time`` times: one target forward over a batch's prompts +
-    width*gamma tree tokens."""
+    """ONE target forward over a batch's prompts + width*gamma tree tokens (width K: the oracle
+    pass; width N: a verification pass over a full N-beam draft tree)."""
     import torch
 
     from atspeed_ray.decoding.beam import prefill
@@ -474,8 +487,9 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     """Time the target's beam search and speculative beam search on the same prompts (same
     process, warm-up first) in pairs: per batch of ``batch_size`` prompts the two run back to
     back, ``repeat`` times, the order alternating (``paired_speedup``: WS is the median of the
-    per-batch ratios, with their interquartile range; an unstable row is measured again). The
-    speculative time is split by phase (``Timings``) and the bounds are measured beside.
+    per-batch ratios, with their interquartile range; an unstable row is measured again), and
+    the bounds' passes right after each pair (each bound paired like WS). The speculative time
+    is split by phase (``Timings``).
     Relaxed sampling draws from ``params.generator`` (warm-up included).
     Returns (row of measurements, plain items, speculative items)."""
     import torch
@@ -498,11 +512,18 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
         return speculative_search(target, draft, prompt_batches[u], index, params,
                                   timings=timings), timings
 
+    # the bounds' calls, timed right after each pair: one target pass over K*gamma tree tokens,
+    # one over N*gamma, the draft's first round
+    bounds = [oracle_pass(target, k, params.gamma), oracle_pass(target, n, params.gamma),
+              draft_round(draft, index, params)]
+    beside = [lambda u, f=f: f(prompt_batches[u]) for f in bounds]
     with torch.no_grad():
         beam_search(target, prompt_batches[0], index, k)  # warm-up
         speculative_search(target, draft, prompt_batches[0], index, params)
+        for f in beside:
+            f(0)
         run = paired_speedup(plain, spec, len(prompt_batches), len(prompts), repeat,
-                             clock or device_clock(index.device))
+                             clock or device_clock(index.device), beside=beside)
         # per batch, the call at the median time of its side (``PairTimes.typical``)
         ref = [run.plain[u][r] for u, r in enumerate(run.times.typical("plain"))]
         outs = [run.spec[u][r] for u, r in enumerate(run.times.typical("spec"))]
@@ -513,14 +534,12 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
             timings = Timings(index.device)
             for b in prompt_batches:
                 speculative_search(target, draft, b, index, params, timings=timings)
-        t_plain, t_spec = run.times.total("plain"), run.times.total("spec")
-        t_pass = oracle_pass_time(target, prompt_batches, k, params.gamma, repeat)
-        t_tree = t_pass if n == k else oracle_pass_time(target, prompt_batches, n, params.gamma, repeat)
-        t_draft = draft_round_time(draft, index, prompt_batches, params, repeat)
         cover = code_cover(target, draft, index, prompt_batches, k)  # [P][L]
+    times = run.times
+    t_plain, t_pass, t_tree, t_draft = (times.total(side) for side in ("plain", 0, 1, 2))
     ref_items = [i for r in ref for i in r.items]
     out_items = [i for r in out for i in r.items]
-    row = speed_row(params, batch_size, run.speedup, t_plain, t_spec, t_pass, t_tree, t_draft,
+    row = speed_row(params, batch_size, run.speedup, times, t_plain, times.total("spec"),
                     {key: [v for r in out for v in r.stats[key]]
                      for key in (*STAT_NAMES, *POSITION_STAT_NAMES)})
     row.update(breakdown_ms(timings, len(prompts), t_plain, t_pass, t_tree, t_draft))
@@ -562,28 +581,29 @@ def breakdown_ms(timings: Timings, n_requests: int, t_plain: float, t_pass: floa
     return row
 
 
-def speed_row(params: SearchParams, batch_size: int, speedup: Speedup, t_plain: float,
-              t_spec: float, t_pass: float, t_tree: float, t_draft: float,
-              stats: dict[str, list[int]]) -> dict[str, Any]:
-    """One row of the speed table from the paired speedup, the measured times (s: each side
-    summed over the batches at their median calls, the bounds' passes) and the per-request
+def speed_row(params: SearchParams, batch_size: int, speedup: Speedup, times: PairTimes,
+              t_plain: float, t_spec: float, stats: dict[str, list[int]]) -> dict[str, Any]:
+    """One row of the speed table from the paired speedup, the paired times (their ``beside``
+    sides: the K*gamma pass, the N*gamma pass, the draft round; each bound paired like WS), the
+    two sides' times (s, summed over the batches at their median calls) and the per-request
     counters."""
     n_requests = len(stats["rounds"])
+    oracle = times.bound([0])
     return {
         "k": params.k, "draft_beams": params.N, "gamma": params.gamma, "mode": params.mode,
         "expand_last": params.expand_last,
         "batch_size": batch_size, "beam_search_s": t_plain, "speculative_s": t_spec,
         **speedup.fields(),
         "walltime_speedup": speedup.ws,  # = ws, the name the tables and scripts read
-        "oracle_speedup": t_plain / t_pass,
-        "fraction_of_oracle": speedup.ws / (t_plain / t_pass),
+        "oracle_speedup": oracle,
+        "fraction_of_oracle": speedup.ws / oracle,
         # WS if every round were fully accepted and drafting were free, at this N: the verify
         # pass carries N*gamma drafted tokens, not K*gamma, so fraction_of_oracle is at most
-        # t_pass / t_tree whatever the draft
-        "tree_bound_speedup": t_plain / t_tree,
+        # about T(K pass) / T(N pass) whatever the draft
+        "tree_bound_speedup": times.bound([1]),
         # ... and with the draft's cost counted: every request done in ONE fully accepted round
         # (one draft round + one verify pass), no bookkeeping
-        "one_round_bound_speedup": t_plain / (t_tree + t_draft),
+        "one_round_bound_speedup": times.bound([1, 2]),
         "target_calls_per_request": sum(stats["target_calls"]) / n_requests,
         "draft_calls_per_request": sum(stats["draft_calls"]) / n_requests,
         "accepted_steps_per_round": sum(stats["accepted_steps"]) / sum(stats["rounds"]),

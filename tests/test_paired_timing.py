@@ -145,3 +145,13 @@ def test_typical_picks_the_median_call_of_each_unit():
     times = PairTimes(plain=((3.0, 1.0, 2.0), (5.0, 4.0, 6.0)), spec=((1.0, 1.0, 1.0), (2.0, 9.0, 2.0)))
     assert times.typical("plain") == [2, 0] and times.total("plain") == 2.0 + 5.0
     assert times.ratios() == [2.0, 2.5]  # median over repeats of the pair ratios 3, 1, 2 / 2.5, 4/9, 3
+
+
+def test_the_bounds_timed_beside_each_pair_are_paired_too():
+    machine = FakeMachine(periodic)
+    plain, spec = sides(machine)
+    oracle = lambda u: machine.run(PLAIN[u] / 8.0)  # noqa: E731  one pass: 8x cheaper
+    draft = lambda u: machine.run(PLAIN[u] / 8.0)  # noqa: E731
+    times, _, _ = time_pairs(plain, spec, len(PLAIN), 3, machine.clock, beside=[oracle, draft])
+    assert times.bound([0]) == pytest.approx(8.0) and times.bound([0, 1]) == pytest.approx(4.0)
+    assert len(times.beside) == 2 and len(times.beside[0]) == 20 and len(times.beside[0][0]) == 3
