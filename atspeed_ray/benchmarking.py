@@ -263,7 +263,7 @@ class PairTimes:
 
     def typical(self, side: str | int) -> list[int]:
         """[units]: the repeat whose time is the (lower) median of the unit's times on ``side``
-        (``side``): a real call, so its phase timings can be reported with it."""
+        (``PairTimes.side``): a real call, so its phase timings can be reported with it."""
         return [sorted(range(len(ts)), key=ts.__getitem__)[(len(ts) - 1) // 2]
                 for ts in self.side(side)]
 

@@ -324,7 +324,8 @@ def accuracy_note(cfg: PipelineConfig, accuracy: list[dict], summary: dict) -> s
     from atspeed_ray.data.synthetic import SyntheticConfig
 
     syn = SyntheticConfig(**summary["synthetic"]["config"])  # what prepare generated
-    epochs = f"{cfg.target.epochs} epochs" if cfg.target.epochs else "its default epochs"
+    n = cfg.target.epochs
+    epochs = f"{n} epoch{'' if n == 1 else 's'}" if n else "its default epochs"
     model = f"the {cfg.preset} target" if cfg.base_model is None else "the target"
     return (note + f". The synthetic data is first-order: the next item is in the previous "
             f"item's cluster {syn.stay_prob:.0%} of the time, and its fixed successor "
