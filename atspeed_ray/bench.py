@@ -11,6 +11,7 @@ import argparse
 from atspeed_ray.benchmarking import (
     add_compile_arg, add_expand_arg, add_forward_arg, add_precision_arg, batches, measure_speculative,
     parse_counts, parse_ks, parse_widths, positive, row_params, search_params, timed, write_json,
+    ws_text,
 )
 from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, DEFAULT_MODE, MODES
 
@@ -48,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=positive, default=3,
-                   help="time each side this many times (alternating) and keep the best")
+                   help="time beam search and speculation on every prompt (batch) this many "
+                        "times, back to back, the order alternating; WS is the median of the "
+                        "per-prompt ratios")
     p.add_argument("--device", default="auto")
     add_forward_arg(p)
     add_compile_arg(p)
@@ -124,29 +127,32 @@ def run_bench_beam(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_HEADER = (f"{'B':>3} {'K':>3} {'N':>3} {'beam s':>8} {'spec s':>8} {'WS':>6} {'oracle':>7} "
-                f"{'%orcl':>6} {'N-tree':>7} {'1-round':>7} {'tgt calls/req':>13} {'acc steps/rnd':>13} ")
+BENCH_HEADER = (f"{'B':>3} {'K':>3} {'N':>3} {'beam s':>8} {'spec s':>8} {'WS [q1-q3]':>18} "
+                f"{'%orcl':>6} {'oracle':>7} "
+                f"{'N-tree':>7} {'1-round':>7} {'tgt calls/req':>13} {'acc steps/rnd':>13} ")
 
 
 def bench_line(row: dict, ref_items: list, out_items: list, targets: list[list[int]]) -> str:
-    """The printed line of one row; relaxed mode adds recall/NDCG of both methods to ``row``."""
+    """The printed line of one row; relaxed mode adds recall/NDCG of both methods to ``row``;
+    an unstable row (``benchmarking.Speedup``) ends with ``unstable``."""
     from atspeed_ray.metrics import ndcg_at_k, recall_at_k
 
     k = row["k"]
+    flag = "  unstable" if row["unstable"] else ""
     line = (f"{row['batch_size']:>3} {k:>3} {row['draft_beams']:>3} {row['beam_search_s']:>8.3f} "
-            f"{row['speculative_s']:>8.3f} "
-            f"{row['walltime_speedup']:>5.2f}x {row['oracle_speedup']:>6.2f}x "
-            f"{100 * row['fraction_of_oracle']:>5.0f}% {row['tree_bound_speedup']:>6.2f}x "
+            f"{row['speculative_s']:>8.3f} {ws_text(row, flag=False):>18} "
+            f"{100 * row['fraction_of_oracle']:>5.0f}% {row['oracle_speedup']:>6.2f}x "
+            f"{row['tree_bound_speedup']:>6.2f}x "
             f"{row['one_round_bound_speedup']:>6.2f}x "
             f"{row['target_calls_per_request']:>13.2f} "
             f"{row['accepted_steps_per_round']:>13.2f} ")
     if row["mode"] == "strict":
-        return line + f"{100 * row['identical_rate']:.1f}%"
+        return line + f"{100 * row['identical_rate']:.1f}%" + flag
     for name, items in (("beam", ref_items), ("spec", out_items)):
         row[f"recall@{k}_{name}"] = recall_at_k(items, targets, k)
         row[f"ndcg@{k}_{name}"] = ndcg_at_k(items, targets, k)
     return line + (f"{row[f'recall@{k}_beam']:.4f}/{row[f'recall@{k}_spec']:.4f}  "
-                   f"{row[f'ndcg@{k}_beam']:.4f}/{row[f'ndcg@{k}_spec']:.4f}")
+                   f"{row[f'ndcg@{k}_beam']:.4f}/{row[f'ndcg@{k}_spec']:.4f}") + flag
 
 
 def breakdown_line(row: dict) -> str:
@@ -205,7 +211,9 @@ def run_bench(args: argparse.Namespace) -> int:
     calibration = data.prompts("valid", limit=args.calibration_prompts)
     print(f"target {args.target}, draft {args.draft}, {len(prompts)} prompts of {args.split}, "
           f"batch {','.join(map(str, args.batch_size))}, mode {args.mode}, gamma {args.gamma}, "
-          f"device {dev.torch_device()}, {args.forward} forward, best of {args.repeat} timings")
+          f"device {dev.torch_device()}, {args.forward} forward, {args.repeat} paired timings "
+          f"per {'batch' if args.batch_size != [1] else 'prompt'}; WS = median of their ratios "
+          f"[interquartile range]")
     print(BENCH_HEADER + ("identical" if args.mode == "strict"
                           else "recall@K beam/spec  ndcg@K beam/spec"))
     rows = []

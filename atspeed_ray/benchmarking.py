@@ -2,11 +2,16 @@
 
 * command line: ``parse_ks`` (``--k 1,5,10``), ``parse_counts`` (``--batch-size 1,8,32``),
   ``DraftWidth`` (``--draft-beams 20``, ``2k`` or ``auto``), ``add_forward_arg``, ``positive``;
-* measurements: ``timed`` / ``time_per_batch``, the two bounds (``oracle_pass_time``: one target
-  pass over a full tree; ``draft_round_time``: the draft's first round) and
-  ``measure_speculative``, which times the target's beam search against speculative beam search
-  on the same prompts in the same process, with the speculative time split by phase
-  (``breakdown_ms``: draft, verify, accept, bookkeeping, rest per request);
+* measurements: ``timed`` / ``time_per_batch``, the bounds' calls (``oracle_pass``: one target
+  pass over a full tree; ``draft_round``: the draft's first round, ``draft_round_time`` times
+  it alone) and ``measure_speculative``, which times the target's beam search against
+  speculative beam search on the same prompts in the same process, the bounds' calls beside
+  each pair, with the speculative time split by phase (``breakdown_ms``: draft, verify, accept,
+  bookkeeping, rest per request);
+* paired timing (pure, any clock): ``interleaved`` times several calls back to back in a
+  rotating order, ``time_pairs`` does it per prompt (or batch) for beam search and speculation,
+  ``Speedup`` turns the pairs into WS with its spread and the ``unstable`` flag, and
+  ``paired_speedup`` measures again (at most ``EXTRA_PASSES`` times) while a row is unstable;
 * ``--draft-beams auto``: ``row_params`` picks N per K and batch size by measured cost
   (``atspeed_ray.width``) on a few validation prompts before the row is timed.
 
@@ -17,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from atspeed_ray.settings import (
     AUTO, DEFAULT_COMPILE, DEFAULT_FORWARD, DEFAULT_PACK, EXPAND_LAST, FORWARDS, PRECISIONS,
@@ -36,7 +43,18 @@ if TYPE_CHECKING:
     from atspeed_ray.width import WidthChoice
 
 X = TypeVar("X")
+Y = TypeVar("Y")
 Batch = list[list[int]]  # prompts decoded together
+Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter, or a test's fake clock)
+
+# A row is unstable when the interquartile range of its per-prompt ratios is wider than this
+# fraction of its WS, or when its repeats' WS (each the median over the prompts of one repeat)
+# span more than UNSTABLE_REPEATS of it; it is then measured again, at most EXTRA_PASSES times,
+# and flagged ``unstable`` if no pass is stable. Prompts differ (one is answered in one round,
+# another in three), so some spread is real: the threshold is wide enough for that.
+UNSTABLE_SPREAD = 0.5
+UNSTABLE_REPEATS = 0.1
+EXTRA_PASSES = 2
 
 
 # ----------------------------------------------------------------------------- command line
@@ -169,10 +187,201 @@ def time_per_batch(one: Callable[[Batch], Any], prompt_batches: list[Batch], rep
     return sum(timed(lambda b=b: one(b), repeat=repeat)[0] for b in prompt_batches)
 
 
-def oracle_pass_time(target: torch.nn.Module, prompt_batches: list[Batch], width: int, gamma: int,
-                   repeat: int = 1) -> float:
-    """Time of ONE target forward over each batch's prompts + width*gamma tree tokens (width K:
-    the oracle pass; width N: a verification pass over a full N-beam draft tree)."""
+def device_clock(device: torch.device) -> Clock:
+    """``time.perf_counter`` that first waits for the device's queued work (CUDA)."""
+    import torch
+
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
+def interleaved(sides: Sequence[Callable[[], X]], repeat: int, clock: Clock = time.perf_counter,
+                start: int = 0) -> tuple[list[list[float]], list[list[X]]]:
+    """Time every side ``repeat`` times, all sides of one repeat back to back, the order rotating
+    by one side each repeat (two sides: alternating) and beginning at side ``start``: a slow
+    spell of the machine then falls on every side alike, not on whichever ran during it.
+    Returns (seconds [side][repeat], results [side][repeat])."""
+    n = len(sides)
+    seconds: list[list[float]] = [[0.0] * repeat for _ in range(n)]
+    results: list[list[Any]] = [[None] * repeat for _ in range(n)]
+    for r in range(repeat):
+        for j in range(n):
+            i = (start + r + j) % n
+            t0 = clock()
+            results[i][r] = sides[i]()
+            seconds[i][r] = clock() - t0
+    return seconds, results
+
+
+def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``xs`` (inclusive method; one value: itself)."""
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+@dataclass(frozen=True)
+class PairTimes:
+    """Seconds of the target's beam search (``plain``) and of speculative beam search (``spec``)
+    on each timed unit (a prompt, or a batch of ``--batch-size`` prompts), per repeat; the two
+    calls of a (unit, repeat) pair ran back to back, and the calls ``beside`` them (the bounds'
+    passes) right after."""
+
+    plain: tuple[tuple[float, ...], ...]  # [units][repeat]
+    spec: tuple[tuple[float, ...], ...]  # [units][repeat]
+    beside: tuple[tuple[tuple[float, ...], ...], ...] = ()  # [side][units][repeat]
+
+    def side(self, name: str | int) -> tuple[tuple[float, ...], ...]:
+        """[units][repeat]: "plain", "spec" or the index of a side ``beside``."""
+        return self.plain if name == "plain" else self.spec if name == "spec" else self.beside[name]
+
+    def bound(self, sides: Sequence[int]) -> float:
+        """The speedup of beam search over the sum of the ``beside`` calls ``sides``, paired like
+        WS: the median over the units of each unit's median over its repeats."""
+        return statistics.median(
+            statistics.median(self.plain[u][r] / sum(self.beside[i][u][r] for i in sides)
+                              for r in range(len(self.plain[u])))
+            for u in range(len(self.plain)))
+
+    def ratios(self) -> list[float]:
+        """[units]: each unit's ratio plain / spec, the median over its repeats of the ratio of
+        the same pair (two calls that shared the machine's state)."""
+        return [statistics.median(p / s for p, s in zip(ps, ss))
+                for ps, ss in zip(self.plain, self.spec)]
+
+    def repeat_ws(self) -> list[float]:
+        """[repeat]: the WS each repeat alone gives (the median over the units of its ratios)."""
+        return [statistics.median(ps[r] / ss[r] for ps, ss in zip(self.plain, self.spec))
+                for r in range(len(self.plain[0]))]
+
+    def typical(self, side: str | int) -> list[int]:
+        """[units]: the repeat whose time is the (lower) median of the unit's times on ``side``
+        (``PairTimes.side``): a real call, so its phase timings can be reported with it."""
+        return [sorted(range(len(ts)), key=ts.__getitem__)[(len(ts) - 1) // 2]
+                for ts in self.side(side)]
+
+    def total(self, side: str | int) -> float:
+        """Seconds of ``side`` summed over the units, each unit at its ``typical`` repeat."""
+        return sum(ts[r] for ts, r in zip(self.side(side), self.typical(side)))
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """The walltime speedup of one row and how far it can be trusted.
+
+    WS is the **median of the per-unit ratios** (``PairTimes.ratios``), not the ratio of two
+    medians (or sums) of times: each ratio divides two calls that ran back to back on the same
+    prompt, so a background load that comes and goes slowly cancels inside it, whereas a median
+    of beam-search times and one of speculation times are taken over calls made at different
+    moments and let the load back in. It is the speedup of a typical request. Its spread is the
+    interquartile range [``q1``, ``q3``] of the same ratios, which holds WS by construction:
+    differences between prompts (rounds per request) and noise both widen it."""
+
+    ws: float  # median of the per-unit ratios
+    q1: float  # their first quartile
+    q3: float  # their third quartile
+    prompts: int  # prompts timed
+    units: int  # ratios (prompts, or batches of them)
+    repeat_ws: tuple[float, ...]  # [repeat] each repeat's WS
+    passes: int = 1  # measurements made (1 + extra passes while unstable)
+
+    @classmethod
+    def of(cls, times: PairTimes, prompts: int, passes: int = 1) -> Speedup:
+        q1, ws, q3 = quartiles(times.ratios())
+        return cls(ws, q1, q3, prompts, len(times.plain), tuple(times.repeat_ws()), passes)
+
+    @property
+    def spread(self) -> float:
+        """(q3 - q1) / WS."""
+        return (self.q3 - self.q1) / self.ws
+
+    @property
+    def disagreement(self) -> float:
+        """(largest - smallest repeat WS) / WS (0 with one repeat)."""
+        return (max(self.repeat_ws) - min(self.repeat_ws)) / self.ws
+
+    @property
+    def instability(self) -> float:
+        """> 1 when unstable: the larger of spread and disagreement over their thresholds."""
+        return max(self.spread / UNSTABLE_SPREAD, self.disagreement / UNSTABLE_REPEATS)
+
+    @property
+    def unstable(self) -> bool:
+        return self.instability > 1.0
+
+    def fields(self) -> dict[str, Any]:
+        """The row's columns: ``ws``, ``ws_q1``, ``ws_q3``, ``ws_prompts``, ``ws_units``,
+        ``ws_repeats`` (each repeat's WS), ``ws_passes``, ``unstable``."""
+        return {"ws": self.ws, "ws_q1": self.q1, "ws_q3": self.q3, "ws_prompts": self.prompts,
+                "ws_units": self.units, "ws_repeats": list(self.repeat_ws),
+                "ws_passes": self.passes, "unstable": self.unstable}
+
+    def text(self) -> str:
+        return ws_text(self.fields())
+
+
+def ws_text(row: dict[str, Any], flag: bool = True) -> str:
+    """A row's WS with the interquartile range of its per-prompt ratios: ``1.23x [1.10-1.35]``,
+    and `` unstable`` when it is (and ``flag``)."""
+    text = f"{row['ws']:.2f}x [{row['ws_q1']:.2f}-{row['ws_q3']:.2f}]"
+    return text + (" unstable" if flag and row["unstable"] else "")
+
+
+@dataclass(frozen=True)
+class PairedRun(Generic[X, Y]):
+    """One pass of ``time_pairs``: the times, their speedup and every call's result."""
+
+    times: PairTimes
+    speedup: Speedup
+    plain: list[list[X]]  # [units][repeat] results of beam search
+    spec: list[list[Y]]  # [units][repeat] results of speculation
+
+
+def time_pairs(plain: Callable[[int], X], spec: Callable[[int], Y], units: int, repeat: int,
+               clock: Clock = time.perf_counter, beside: Sequence[Callable[[int], object]] = (),
+               ) -> tuple[PairTimes, list[list[X]], list[list[Y]]]:
+    """``plain(u)`` and ``spec(u)`` for every unit u, back to back, ``repeat`` times per unit; the
+    order alternates between repeats and between units (``interleaved``); after each pair, each
+    call of ``beside`` on the same unit. Returns the times and the results ([units][repeat])."""
+    times: list[list[list[float]]] = [[[] for _ in range(units)] for _ in range(2 + len(beside))]
+    plain_out: list[list[X]] = [[] for _ in range(units)]
+    spec_out: list[list[Y]] = [[] for _ in range(units)]
+    for u in range(units):
+        for r in range(repeat):
+            (ps, ss), (po, so) = interleaved([lambda: plain(u), lambda: spec(u)], 1, clock, start=u + r)
+            (ts, _) = interleaved([lambda f=f: f(u) for f in beside], 1, clock) if beside else ([], [])
+            for side, t in zip(times, [ps, ss, *ts]):
+                side[u].append(t[0])
+            plain_out[u].append(po[0])
+            spec_out[u].append(so[0])
+    plain_s, spec_s, *rest = [tuple(tuple(ts) for ts in side) for side in times]
+    return PairTimes(plain_s, spec_s, tuple(rest)), plain_out, spec_out
+
+
+def paired_speedup(plain: Callable[[int], X], spec: Callable[[int], Y], units: int, prompts: int,
+                   repeat: int, clock: Clock = time.perf_counter,
+                   extra_passes: int = EXTRA_PASSES,
+                   beside: Sequence[Callable[[int], object]] = ()) -> PairedRun[X, Y]:
+    """``time_pairs``, then again while the result is unstable (``Speedup.unstable``), at most
+    ``extra_passes`` more times; returns the most stable pass (its ``passes``: how many ran)."""
+    runs: list[PairedRun[X, Y]] = []
+    while not runs or (runs[-1].speedup.unstable and len(runs) <= extra_passes):
+        times, plain_out, spec_out = time_pairs(plain, spec, units, repeat, clock, beside)
+        runs.append(PairedRun(times, Speedup.of(times, prompts), plain_out, spec_out))
+    best = min(runs, key=lambda run: run.speedup.instability)
+    return PairedRun(best.times, Speedup.of(best.times, prompts, len(runs)), best.plain, best.spec)
+
+
+def oracle_pass(target: torch.nn.Module, width: int, gamma: int) -> Callable[[Batch], None]:
+    """ONE target forward over a batch's prompts + width*gamma tree tokens (width K: the oracle
+    pass; width N: a verification pass over a full N-beam draft tree)."""
     import torch
 
     from atspeed_ray.decoding.beam import prefill
@@ -189,7 +398,7 @@ def oracle_pass_time(target: torch.nn.Module, prompt_batches: list[Batch], width
                       torch.ones(B, T, dtype=torch.bool, device=dev))
         prefill(target, batch, nodes)
 
-    return time_per_batch(one, prompt_batches, repeat)
+    return one
 
 
 def cover_width(target_scores: torch.Tensor, draft_scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -232,8 +441,15 @@ def code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex
 
 def draft_round_time(draft: torch.nn.Module, index: ItemIndex, prompt_batches: list[Batch],
                      params: SearchParams, repeat: int = 1) -> float:
-    """Time of the draft's first round for each batch: its prefill and min(gamma, L - 1)
-    width-N drafting steps from the root (top-N drafting), as ``draft_phase`` runs them."""
+    """Time of the draft's first round for each batch (``draft_round``), each the best of
+    ``repeat``."""
+    return time_per_batch(draft_round(draft, index, params), prompt_batches, repeat)
+
+
+def draft_round(draft: torch.nn.Module, index: ItemIndex, params: SearchParams
+                ) -> Callable[[Batch], None]:
+    """The draft's first round for a batch: its prefill and min(gamma, L - 1) width-N drafting
+    steps from the root (top-N drafting), as ``draft_phase`` runs them."""
     import dataclasses
 
     import torch
@@ -250,67 +466,80 @@ def draft_round_time(draft: torch.nn.Module, index: ItemIndex, prompt_batches: l
         t = torch.zeros(B, dtype=torch.long, device=dev)
         draft_phase(draft, None, beams, t, torch.full_like(t, G), batch, index, top_n)
 
-    return time_per_batch(one, prompt_batches, repeat)
+    return one
 
 
-def alternate(plain: Callable[[], X], spec: Callable[[Timings | None], X], repeat: int,
-              device: torch.device) -> tuple[float, X, float, X, Timings]:
-    """Best of ``repeat`` alternating timings of ``plain()`` and ``spec(timings)``, so that a
-    slow spell of the machine hits both. On the CPU the timed speculative runs carry the phase
-    timer (a few clock reads per round) and the best run's phases are returned; on CUDA the
-    timer synchronises at every phase, so it runs once more, untimed, on its own.
-    Returns (plain s, plain result, speculative s, speculative result, phase timings)."""
-    from atspeed_ray.decoding.timing import Timings
+def summed_timings(parts: Sequence[Timings], device: torch.device) -> Timings:
+    """One ``Timings`` holding the sum of ``parts`` (phase by phase, and their totals)."""
+    from atspeed_ray.decoding.timing import PHASES, Timings
 
-    t_plain = t_spec = float("inf")
-    best: Timings | None = None
-    for _ in range(repeat):
-        t, ref = timed(plain)
-        t_plain = min(t_plain, t)
-        timings = Timings(device) if device.type == "cpu" else None
-        t, out = timed(lambda: spec(timings))
-        if t < t_spec:
-            t_spec, best = t, timings
-    if best is None:
-        best = Timings(device)
-        spec(best)
-    return t_plain, ref, t_spec, out, best
+    out = Timings(device)
+    for t in parts:
+        out.total += t.total
+        for name in PHASES:
+            out.seconds[name] += t.seconds[name]
+    return out
 
 
 def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
                         prompts: list[list[int]], params: SearchParams, batch_size: int,
-                        repeat: int = 1) -> tuple[dict, list, list]:
+                        repeat: int = 1, clock: Clock | None = None) -> tuple[dict, list, list]:
     """Time the target's beam search and speculative beam search on the same prompts (same
-    process, warm-up first; with ``repeat`` > 1 the two alternate and each keeps its best time),
-    with the speculative time split by phase (``Timings``) and the bounds measured beside.
+    process, warm-up first) in pairs: per batch of ``batch_size`` prompts the two run back to
+    back, ``repeat`` times, the order alternating (``paired_speedup``: WS is the median of the
+    per-batch ratios, with their interquartile range; an unstable row is measured again), and
+    the bounds' passes right after each pair (each bound paired like WS). The speculative time
+    is split by phase (``Timings``).
     Relaxed sampling draws from ``params.generator`` (warm-up included).
     Returns (row of measurements, plain items, speculative items)."""
     import torch
 
     from atspeed_ray.decoding import beam_search, speculative_search
     from atspeed_ray.decoding.speculative import POSITION_STAT_NAMES, STAT_NAMES
+    from atspeed_ray.decoding.timing import Timings
 
     prompt_batches = batches(prompts, batch_size)
     k, n = params.k, params.N
+    # on the CPU every timed speculative call carries its own phase timer (a few clock reads per
+    # round); on CUDA the timer synchronises at every phase, so it runs once more, untimed
+    on_cpu = index.device.type == "cpu"
 
-    def plain() -> list:
-        return [beam_search(target, b, index, k) for b in prompt_batches]
+    def plain(u: int) -> Any:
+        return beam_search(target, prompt_batches[u], index, k)
 
-    def spec(timings: Timings | None) -> list:
-        return [speculative_search(target, draft, b, index, params, timings=timings)
-                for b in prompt_batches]
+    def spec(u: int) -> tuple[Any, Timings | None]:
+        timings = Timings(index.device) if on_cpu else None
+        return speculative_search(target, draft, prompt_batches[u], index, params,
+                                  timings=timings), timings
 
+    # the bounds' calls, timed right after each pair: one target pass over K*gamma tree tokens,
+    # one over N*gamma, the draft's first round
+    bounds = [oracle_pass(target, k, params.gamma), oracle_pass(target, n, params.gamma),
+              draft_round(draft, index, params)]
+    beside = [lambda u, f=f: f(prompt_batches[u]) for f in bounds]
     with torch.no_grad():
         beam_search(target, prompt_batches[0], index, k)  # warm-up
         speculative_search(target, draft, prompt_batches[0], index, params)
-        t_plain, ref, t_spec, out, timings = alternate(plain, spec, repeat, index.device)
-        t_pass = oracle_pass_time(target, prompt_batches, k, params.gamma, repeat)
-        t_tree = t_pass if n == k else oracle_pass_time(target, prompt_batches, n, params.gamma, repeat)
-        t_draft = draft_round_time(draft, index, prompt_batches, params, repeat)
+        for f in beside:
+            f(0)
+        run = paired_speedup(plain, spec, len(prompt_batches), len(prompts), repeat,
+                             clock or device_clock(index.device), beside=beside)
+        # per batch, the call at the median time of its side (``PairTimes.typical``)
+        ref = [run.plain[u][r] for u, r in enumerate(run.times.typical("plain"))]
+        outs = [run.spec[u][r] for u, r in enumerate(run.times.typical("spec"))]
+        out = [o for o, _ in outs]
+        if on_cpu:
+            timings = summed_timings([t for _, t in outs], index.device)
+        else:
+            timings = Timings(index.device)
+            for b in prompt_batches:
+                speculative_search(target, draft, b, index, params, timings=timings)
         cover = code_cover(target, draft, index, prompt_batches, k)  # [P][L]
+    times = run.times
+    t_plain, t_pass, t_tree, t_draft = (times.total(side) for side in ("plain", 0, 1, 2))
     ref_items = [i for r in ref for i in r.items]
     out_items = [i for r in out for i in r.items]
-    row = speed_row(params, batch_size, t_plain, t_spec, t_pass, t_tree, t_draft,
+    row = speed_row(params, batch_size, run.speedup, times, t_plain, times.total("spec"),
                     {key: [v for r in out for v in r.stats[key]]
                      for key in (*STAT_NAMES, *POSITION_STAT_NAMES)})
     row.update(breakdown_ms(timings, len(prompts), t_plain, t_pass, t_tree, t_draft))
@@ -352,24 +581,29 @@ def breakdown_ms(timings: Timings, n_requests: int, t_plain: float, t_pass: floa
     return row
 
 
-def speed_row(params: SearchParams, batch_size: int, t_plain: float, t_spec: float, t_pass: float,
-              t_tree: float, t_draft: float, stats: dict[str, list[int]]) -> dict[str, Any]:
-    """One row of the speed table from the measured times (s) and the per-request counters."""
+def speed_row(params: SearchParams, batch_size: int, speedup: Speedup, times: PairTimes,
+              t_plain: float, t_spec: float, stats: dict[str, list[int]]) -> dict[str, Any]:
+    """One row of the speed table from the paired speedup, the paired times (their ``beside``
+    sides: the K*gamma pass, the N*gamma pass, the draft round; each bound paired like WS), the
+    two sides' times (s, summed over the batches at their median calls) and the per-request
+    counters."""
     n_requests = len(stats["rounds"])
+    oracle = times.bound([0])
     return {
         "k": params.k, "draft_beams": params.N, "gamma": params.gamma, "mode": params.mode,
         "expand_last": params.expand_last,
-        "batch_size": batch_size, "beam_search_s": t_plain,
-        "speculative_s": t_spec, "walltime_speedup": t_plain / t_spec,
-        "oracle_speedup": t_plain / t_pass,
-        "fraction_of_oracle": (t_plain / t_spec) / (t_plain / t_pass),
+        "batch_size": batch_size, "beam_search_s": t_plain, "speculative_s": t_spec,
+        **speedup.fields(),
+        "walltime_speedup": speedup.ws,  # = ws, the name the tables and scripts read
+        "oracle_speedup": oracle,
+        "fraction_of_oracle": speedup.ws / oracle,
         # WS if every round were fully accepted and drafting were free, at this N: the verify
         # pass carries N*gamma drafted tokens, not K*gamma, so fraction_of_oracle is at most
-        # t_pass / t_tree whatever the draft
-        "tree_bound_speedup": t_plain / t_tree,
+        # about T(K pass) / T(N pass) whatever the draft
+        "tree_bound_speedup": times.bound([1]),
         # ... and with the draft's cost counted: every request done in ONE fully accepted round
         # (one draft round + one verify pass), no bookkeeping
-        "one_round_bound_speedup": t_plain / (t_tree + t_draft),
+        "one_round_bound_speedup": times.bound([1, 2]),
         "target_calls_per_request": sum(stats["target_calls"]) / n_requests,
         "draft_calls_per_request": sum(stats["draft_calls"]) / n_requests,
         "accepted_steps_per_round": sum(stats["accepted_steps"]) / sum(stats["rounds"]),
@@ -410,8 +644,8 @@ def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
                batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
     """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and
     gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch
-    size, each cost the best of ``repeat`` (at least 2) timings (printed); the choice is
-    returned to be recorded with the row."""
+    size, each cost the least of ``repeat`` (at least 2) interleaved timings (printed); the
+    choice is returned to be recorded with the row."""
     if not width.auto:
         return params, None
     from atspeed_ray.width import choose_width

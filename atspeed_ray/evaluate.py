@@ -10,7 +10,7 @@
   ``--timing-batch`` size (default 1); ``--draft-beams auto`` picks N per draft, K and batch
   size by measured cost (``atspeed_ray.width``) and records the choice with the row;
 * written as JSON, CSV and Markdown, with PNG plots (WS against K per method; histogram of
-  accepted steps per round).
+  accepted steps per round); the terminal gets the short form (``report.results_screen``).
 
 A draft's method name is its folder name (``drafts/atspeed-s`` -> ``atspeed-s``).
 """
@@ -27,8 +27,9 @@ from typing import Any
 from atspeed_ray.benchmarking import (
     BREAKDOWN_COLUMNS, DraftWidth, add_compile_arg, add_expand_arg, add_forward_arg,
     add_precision_arg, batches, measure_speculative, parse_counts, parse_ks, positive, row_params,
-    search_params,
+    search_params, ws_text,
 )
+from atspeed_ray.report import results_screen
 from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, MODES
 from atspeed_ray.reference.config import add_reference_args, reference_config
 
@@ -51,8 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timing-prompts", type=int, default=50, help="prompts timed per row")
     p.add_argument("--timing-batch", type=parse_counts, default=[1],
                    help="requests per call in the timed rows; several (1,8,32) each get rows")
-    p.add_argument("--repeat", type=positive, default=1,
-                   help="time each side this many times (alternating) and keep the best")
+    p.add_argument("--repeat", type=positive, default=2,
+                   help="time beam search and speculation on every timed prompt (batch) this "
+                        "many times, back to back, the order alternating; WS is the median of "
+                        "the per-prompt ratios (at least 2 to see whether repeats agree)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for accuracy runs")
     p.add_argument("--modes", default="strict,relaxed")
     p.add_argument("--seed", type=int, default=0)
@@ -138,10 +141,11 @@ def plot(speed: list[dict[str, Any]], out: Path) -> None:
 
 SPEED_COLUMNS = [
     "method", "mode", "batch_size", "k", "draft_beams", "gamma", "expand_last", "walltime_speedup",
+    "ws_q1", "ws_q3", "ws_prompts", "unstable", "fraction_of_oracle",
     "accepted_steps_per_round", "accepted_by_position",
     "target_calls_per_request", "draft_calls_per_request", "identical_rate",
     "code1_width_median", "code1_width_max", "code_width_by_position",
-    "oracle_speedup", "fraction_of_oracle", "tree_bound_speedup", "one_round_bound_speedup",
+    "oracle_speedup", "tree_bound_speedup", "one_round_bound_speedup",
     "beam_search_s", "speculative_s", *BREAKDOWN_COLUMNS]
 
 
@@ -272,9 +276,9 @@ def speed_table(s: Setup) -> list[dict[str, Any]]:
                         row["width_choice"] = choice.record()
                     speed.append(row)
                     print(f"  {name:>12} {mode:>8} B={batch_size:>2} K={k:>2} N={params.N:>2}: "
-                          f"WS {row['walltime_speedup']:.2f}x, "
-                          f"accepted steps/round {row['accepted_steps_per_round']:.2f}, "
-                          f"target calls/request {row['target_calls_per_request']:.2f}", flush=True)
+                          f"WS {ws_text(row)}, accepted/round "
+                          f"{row['accepted_steps_per_round']:.2f}, target calls/req "
+                          f"{row['target_calls_per_request']:.2f}", flush=True)
     return speed
 
 
@@ -287,8 +291,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
     speed = speed_table(s)
     write_table(speed, out, "speed", SPEED_COLUMNS)
     plot(speed, out)
-    print((out / "accuracy.md").read_text())
-    print((out / "speed.md").read_text())
-    print(f"wrote {out}/accuracy.{{json,csv,md}}, speed.{{json,csv,md}}, ws_vs_k.png, "
-          f"accepted_steps_hist.png (k up to {max(args.k)})")
+    print("\n" + results_screen(out), flush=True)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from typing import IO, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from atspeed_ray.report import below_references, results_screen, wrap_line
 from atspeed_ray.settings import LossName
 
 
@@ -87,6 +89,12 @@ class PipelineConfig(BaseModel):
 
 
 STAGE_TIMES = "stage_times.json"  # in the pipeline's work folder
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")  # CSI (colours, cursor) and OSC
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences (colours, cursor moves, titles)."""
+    return ANSI_ESCAPE.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -109,15 +117,24 @@ class StageOutput:
 
     @contextmanager
     def stderr(self, argv: list[str]) -> Iterator[IO[str] | None]:
-        """The file a command's stderr goes to (None: this process's stderr)."""
+        """The file a command's stderr goes to (None: this process's stderr). The libraries
+        colour some lines (Ray's worker prefixes) whether or not they write to a terminal: the
+        log's colour codes are removed when the command ends."""
         if self.verbose:
             yield None
             return
         self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.path(argv[0]), "a") as f:
-            f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} $ atspeed-ray {shlex.join(argv)}\n")
-            f.flush()
-            yield f
+        path = self.path(argv[0])
+        try:
+            with open(path, "a") as f:
+                f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} $ atspeed-ray {shlex.join(argv)}\n")
+                f.flush()
+                yield f
+        finally:
+            text = path.read_text(errors="replace")
+            plain = strip_ansi(text)
+            if plain != text:
+                path.write_text(plain)
 
     def failure(self, argv: list[str], rc: int, lines: int = 30) -> str:
         """The message for a failed command: with the end of its log when that is not on screen."""
@@ -279,13 +296,42 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         for d in drafts:
             argv += ["--draft", str(d)]
         run_cli(argv + list(cfg.eval_extra), output)
-    else:
-        print((evaluation / "accuracy.md").read_text())
-        print((evaluation / "speed.md").read_text())
+    else:  # evaluate printed them when it ran
+        print("\n" + results_screen(evaluation), flush=True)
     summary = json.loads((data / "summary.json").read_text())
+    note = accuracy_note(cfg, json.loads((evaluation / "accuracy.json").read_text()), summary)
+    if note:
+        print("\n" + wrap_line(note), flush=True)
     print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s: {summary['users']} users, "
           f"{summary['items']} items; outputs in {out}/", flush=True)
     return out
+
+
+def accuracy_note(cfg: PipelineConfig, accuracy: list[dict], summary: dict) -> str | None:
+    """A note when the target's Recall@K is below a reference recommender's: what the references
+    are and, on synthetic data, why (its generative story, ``atspeed_ray.data.synthetic``, with
+    the probabilities ``prepare`` recorded in ``summary``); None when the target is not below."""
+    from atspeed_ray.reference.config import REFERENCE_METHODS
+
+    below = below_references(accuracy, REFERENCE_METHODS)
+    if below is None:
+        return None
+    note = (f"note: the target ({below}) is below the reference recommenders, yardsticks fitted "
+            f"on the same train sequences (transition: which item followed which; sasrec: a "
+            f"self-attention model over item ids), not the product")
+    if "synthetic" not in summary:
+        return note + "."
+    from atspeed_ray.data.synthetic import SyntheticConfig
+
+    syn = SyntheticConfig(**summary["synthetic"]["config"])  # what prepare generated
+    n = cfg.target.epochs
+    epochs = f"{n} epoch{'' if n == 1 else 's'}" if n else "its default epochs"
+    model = f"the {cfg.preset} target" if cfg.base_model is None else "the target"
+    return (note + f". The synthetic data is first-order: the next item is in the previous "
+            f"item's cluster {syn.stay_prob:.0%} of the time, and its fixed successor "
+            f"{syn.stay_prob * syn.successor_prob:.0%} of the time, a rule a transition table "
+            f"counts exactly from the train pairs, while {model} learns it through "
+            f"{summary['L']}-token item IDs in {epochs}.")
 
 
 def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool | None = None,

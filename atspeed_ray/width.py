@@ -12,9 +12,13 @@ candidate (N, gamma):
 
 * acceptance: one strict speculative search over the prompts gives the mean rounds (= target
   calls) per request; the counters do not depend on timing, so one run is exact;
-* cost of a round: one target pass over prefix + N x gamma tree tokens (``oracle_pass_time``
-  with width N) plus the draft's first round (``draft_round_time``), each the best of
-  ``repeat`` timings, per request at the batch size that will be used;
+* cost of a round: one target pass over prefix + N x gamma tree tokens (``oracle_pass`` with
+  width N) plus the draft's first round (``draft_round``), per request at the batch size that
+  will be used. Every candidate's two calls are timed in each of ``repeat`` rounds, all of a
+  round back to back in an order that rotates from one round to the next
+  (``benchmarking.interleaved``), and each cost is the least over the rounds (noise only adds
+  time): a slow spell of the machine falls on every candidate alike instead of deciding which
+  one wins, and each candidate keeps its quietest round;
 * expected time per request = rounds x (pass + draft round). Later rounds re-use the cached
   prefix and draft fewer steps, so this over-counts them a little; it ranks candidates, the
   chosen one is then measured like any other.
@@ -104,20 +108,25 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
                  expand_last: int = EXPAND_LAST) -> WidthChoice:
     """The (N, gamma) with the least expected time per request for top-``k`` (module
     docstring), measured on ``prompts`` (a few validation prompts) at ``batch_size``."""
-    from atspeed_ray.benchmarking import batches, draft_round_time, oracle_pass_time
+    from atspeed_ray.benchmarking import batches, device_clock, draft_round, interleaved, oracle_pass
     from atspeed_ray.decoding import speculative_search
 
     calib = calibration_batch(prompts, batch_size)
     groups = batches(calib, batch_size)
-    head = groups[:1]  # the cost of a round is timed on the first full batch
-    rows = len(head[0])
-    out = []
-    for gamma in gammas:
-        for n in candidate_widths(k, factors):
-            params = SearchParams(k, n, gamma, "strict", expand_last=expand_last)
-            rounds = [r for b in groups for r in speculative_search(target, draft, b, index, params).stats["rounds"]]
-            t_pass = oracle_pass_time(target, head, n, gamma, repeat)
-            t_draft = draft_round_time(draft, index, head, params, repeat) if gamma > 0 else 0.0
-            out.append(WidthCandidate(n, gamma, sum(rounds) / len(rounds),
-                                      1e3 * t_pass / rows, 1e3 * t_draft / rows))
+    head = groups[0]  # the cost of a round is timed on the first full batch
+    rows = len(head)
+    grid = [SearchParams(k, n, gamma, "strict", expand_last=expand_last)
+            for gamma in gammas for n in candidate_widths(k, factors)]
+    rounds = [[r for b in groups for r in speculative_search(target, draft, b, index, p).stats["rounds"]]
+              for p in grid]  # counters: exact in one run (the first run warms up too)
+    calls = []  # per candidate: its target pass, then its draft round (none when gamma = 0)
+    for p in grid:
+        calls.append(lambda p=p: oracle_pass(target, p.N, p.gamma)(head))
+        calls.append((lambda p=p: draft_round(draft, index, p)(head)) if p.gamma > 0 else (lambda: None))
+    for call in calls:  # warm-up: the first call at a new shape pays one-off costs
+        call()
+    seconds, _ = interleaved(calls, repeat, device_clock(index.device))  # [2 * candidates][repeat]
+    ms = [1e3 * min(s) / rows for s in seconds]
+    out = [WidthCandidate(p.N, p.gamma, sum(r) / len(r), ms[2 * i], ms[2 * i + 1] if p.gamma > 0 else 0.0)
+           for i, (p, r) in enumerate(zip(grid, rounds))]
     return WidthChoice(k, batch_size, len(calib), out)

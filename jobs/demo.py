@@ -2,9 +2,13 @@
 
     python jobs/demo.py [--out demo_out] [--no-serve] [--verbose] [--llm]
 
-The terminal shows each stage's command, its progress lines and the result tables; the logs of
-Ray, DeepSpeed and the other libraries go to OUT/logs/<command>.log (--verbose, or
-ATSPEED_VERBOSE=1, prints them here too).
+The terminal shows each stage's command, its progress lines and, at the end, the results in
+one screen (``report.results_screen``: Recall@K per method, then per verification mode WS with
+its spread, the oracle fraction, target calls per request and identical top-K or Recall@K; the
+full tables are in OUT/eval) and, when the target is below the reference recommenders, a note
+saying why; then the serving example. The logs of Ray, DeepSpeed and the other libraries go to
+OUT/logs/<command>.log without colour codes (--verbose, or ATSPEED_VERBOSE=1, prints them here
+too).
 
 The default target is the `tiny` preset (4.4M, trained from scratch): the whole demo takes about
 7 min on 2 cores, but its pass is cheaper than a draft round, so speculation cannot pay there.
@@ -52,8 +56,7 @@ def llm_config(out: str, verbose: bool) -> PipelineConfig:
         align=StageSettings(epochs=3, micro_batch=32, lr=3e-4, workers=0, extra=["--code-head", *val]),
         teacher_k=10, teacher_samples=200, teacher_workers=0, teacher_extra=["--max-valid", "32"],
         losses=["sft", "atspeed-s", "atspeed-r"],
-        eval_k=[1, 10], eval_prompts=100, timing_prompts=10, draft_beams="2k",
-        eval_extra=["--repeat", "2"], verbose=verbose,
+        eval_k=[1, 10], eval_prompts=100, timing_prompts=10, draft_beams="2k", verbose=verbose,
     )
 
 

@@ -1,0 +1,80 @@
+"""One screen of results: evaluate's short tables (and the demo's closing note) fit 100 columns,
+say where the full tables are, and the stage logs hold no terminal escape codes."""
+
+from __future__ import annotations
+
+import json
+
+from atspeed_ray.pipeline import PipelineConfig, StageOutput, accuracy_note, strip_ansi
+from atspeed_ray.report import SCREEN_WIDTH, below_references, results_screen
+
+DRAFTS = ["sft", "atspeed-s", "a-very-long-draft-folder-name"]
+KS = [1, 5, 10, 20]
+
+
+def speed_row(method: str, mode: str, k: int, unstable: bool = False) -> dict:
+    return {"method": method, "mode": mode, "batch_size": 1, "k": k, "draft_beams": 2 * k,
+            "walltime_speedup": 1.234, "ws": 1.234, "ws_q1": 1.1, "ws_q3": 11.35,
+            "ws_prompts": 30, "unstable": unstable, "fraction_of_oracle": 0.456,
+            "target_calls_per_request": 2.25, "identical_rate": 1.0}
+
+
+def write_eval(folder, target_recall: float) -> None:
+    folder.mkdir()
+    acc = [{"method": m, "mode": mode, "k": k, "recall": r, "ndcg": r / 2}
+           for m, mode, r in [("popularity", "-", 0.1), ("transition", "-", 0.49),
+                              ("sasrec", "-", 0.51), ("target", "beam", target_recall),
+                              *[(d, "relaxed", 0.4) for d in DRAFTS]] for k in KS]
+    speed = [speed_row(d, mode, k, unstable=(d == "sft" and k == 5))
+             for mode in ("strict", "relaxed") for d in DRAFTS for k in KS]
+    (folder / "accuracy.json").write_text(json.dumps(acc))
+    (folder / "speed.json").write_text(json.dumps(speed))
+
+
+def test_the_short_tables_fit_100_columns_and_say_where_the_full_ones_are(tmp_path):
+    write_eval(tmp_path / "eval", target_recall=0.42)
+    text = results_screen(tmp_path / "eval")
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= SCREEN_WIDTH == 100
+    assert len(lines) < 50  # one screen, where evaluate's tables had 32 columns
+    assert "R@20" in lines[1] and "0.4900" in text
+    strict = lines.index(next(x for x in lines if x.startswith("strict SD")))
+    assert "identical" in lines[strict + 1] and "WS [q1-q3]" in lines[strict + 1]
+    row = lines[strict + 2]
+    assert row.split()[:3] == ["sft", "1", "2"] and "1.23x [1.10-11.35]" in row
+    assert "46%" in row and "2.25" in row and row.endswith("100.0%")
+    assert "unstable" in lines[strict + 3] and "unstable" not in row  # K=5 flagged, K=1 not
+    assert "a-very-long~" in text  # names are cut, not the table
+    relaxed = lines.index(next(x for x in lines if x.startswith("relaxed SD")))
+    assert lines[relaxed + 2].endswith("0.4000 / 0.4200")  # speculation's Recall@K / the target's
+    assert "2 row(s) unstable" in text and "WS on 30 prompts" in text
+    assert f"full tables: {tmp_path / 'eval'}/speed.{{md,csv,json}}" in text
+
+
+def test_the_demo_says_why_the_target_is_below_the_references_only_when_it_is(tmp_path):
+    from atspeed_ray.data.synthetic import SyntheticConfig
+
+    write_eval(tmp_path / "below", target_recall=0.42)
+    write_eval(tmp_path / "above", target_recall=0.60)
+    read = lambda name: json.loads((tmp_path / name / "accuracy.json").read_text())  # noqa: E731
+    assert below_references(read("below"), ["transition", "sasrec"]) == (
+        "Recall@20 0.42 against transition 0.49, sasrec 0.51")
+    summary = {"L": 4, "synthetic": {"config": SyntheticConfig(stay_prob=0.7).model_dump()}}
+    cfg = PipelineConfig()  # the tiny demo's
+    note = accuracy_note(cfg.model_copy(update={"target": cfg.target.model_copy(
+        update={"epochs": 4})}), read("below"), summary)
+    assert "Recall@20 0.42 against transition 0.49, sasrec 0.51" in note
+    assert "cluster 70%" in note and "successor 35%" in note and "4 epochs" in note
+    assert "4-token item IDs" in note
+    assert accuracy_note(cfg, read("above"), summary) is None
+    plain = accuracy_note(cfg, read("below"), {"L": 4})  # a real data set: no synthetic reason
+    assert plain.endswith("not the product.") and "first-order" not in plain
+
+
+def test_stage_logs_hold_no_escape_codes(tmp_path):
+    output = StageOutput(tmp_path / "logs")
+    with output.stderr(["teacher", "--k", "3"]) as f:
+        f.write("\x1b[36m(RayTrainWorker pid=12)\x1b[0m step 1 \x1b[2K\x1b]0;title\x07done\n")
+    log = (tmp_path / "logs" / "teacher.log").read_text()
+    assert "\x1b" not in log and "(RayTrainWorker pid=12) step 1 done" in log
+    assert strip_ansi("\x1b[1;31mred\x1b[0m") == "red"
