@@ -10,10 +10,11 @@ import argparse
 
 from atspeed_ray.benchmarking import (
     add_compile_arg, add_expand_arg, add_forward_arg, add_precision_arg, batches, measure_speculative,
-    parse_counts, parse_ks, parse_widths, positive, row_params, search_params, timed, write_json,
+    parse_widths, positive, search_params, timed, write_json,
     ws_text,
 )
-from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, DEFAULT_MODE, MODES
+from atspeed_ray.flags import parse_counts, parse_ks
+from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, DEFAULT_KS, DEFAULT_MODE, MODES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
     p.add_argument("--model", default=None, help="HF model dir (default: random model of --preset)")
     p.add_argument("--preset", default="cpu", help="preset of the random target if no --model")
-    p.add_argument("--k", type=parse_ks, default=[1, 5, 10, 20])
+    p.add_argument("--k", type=parse_ks, default=list(DEFAULT_KS))
     p.add_argument("--num-prompts", type=int, default=30)
     p.add_argument("--split", default="test")
     p.add_argument("--device", default="auto")
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
     p.add_argument("--target", required=True, help="HF model dir of the target")
     p.add_argument("--draft", required=True, help="HF model dir of the draft")
-    p.add_argument("--k", type=parse_ks, default=[1, 3, 5, 10, 20])
+    p.add_argument("--k", type=parse_ks, default=list(DEFAULT_KS))
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
     p.add_argument("--draft-beams", type=parse_widths, default=parse_widths("1k"),
                    help="draft width: N, a multiple of K such as 2k (raised to K where smaller), or "
@@ -175,6 +176,8 @@ def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list
               targets: list[list[int]], calibration: list[list[int]], k: int, width,
               batch_size: int) -> dict:
     """Time one row (batch size, K, width spec) and print it; ``auto`` is chosen first."""
+    from atspeed_ray.width import row_params
+
     params = search_params(k, width, args.gamma, args.mode, args.seed, index.device,
                            args.expand_last)
     params, choice = row_params(params, width, target, draft, index, calibration, batch_size,

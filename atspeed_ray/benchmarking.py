@@ -1,6 +1,6 @@
 """What ``bench`` and ``evaluate`` share: their command-line values and the speed measurements.
 
-* command line: ``parse_ks`` (``--k 1,5,10``), ``parse_counts`` (``--batch-size 1,8,32``),
+* command line (the integer lists ``--k`` and ``--batch-size`` are ``flags.parse_ks`` / ``parse_counts``):
   ``DraftWidth`` (``--draft-beams 20``, ``2k`` or ``auto``), ``add_forward_arg``, ``positive``;
 * measurements: ``timed`` / ``time_per_batch``, the bounds' calls (``oracle_pass``: one target
   pass over a full tree; ``draft_round``: the draft's first round, ``draft_round_time`` times
@@ -12,8 +12,9 @@
   rotating order, ``time_pairs`` does it per prompt (or batch) for beam search and speculation,
   ``Speedup`` turns the pairs into WS with its spread and the ``unstable`` flag, and
   ``paired_speedup`` measures again (at most ``EXTRA_PASSES`` times) while a row is unstable;
-* ``--draft-beams auto``: ``row_params`` picks N per K and batch size by measured cost
-  (``atspeed_ray.width``) on a few validation prompts before the row is timed.
+* ``--draft-beams auto``: ``width.row_params`` picks N per K and batch size by measured cost
+  on a few validation prompts before the row is timed (``width`` imports this module, never
+  the other way round).
 
 Torch is imported inside the functions: the CLI imports this module for ``--help``.
 """
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from atspeed_ray.data.index import ItemIndex
     from atspeed_ray.decoding.search import SearchParams
     from atspeed_ray.decoding.timing import Timings
-    from atspeed_ray.width import WidthChoice
 
 X = TypeVar("X")
 Y = TypeVar("Y")
@@ -65,28 +65,11 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def int_list(flag: str) -> Callable[[str], list[int]]:
-    """An argparse type: comma-separated integers, each >= 1 (``flag`` names them in errors)."""
-
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be comma-separated integers, got {text!r}")
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"{flag} values must be >= 1, got {text!r}")
-        return values
-
-    return parse
-
-
-parse_ks = int_list("--k")  # --k 1,5,10: beam counts
-parse_counts = int_list("--batch-size")  # --batch-size 1,8,32: requests decoded together
 
 
 class DraftWidth:
     """``--draft-beams``: a fixed width N ("20"), a multiple of K ("2k"; never below K), or
-    ``auto``: chosen per K by measured cost (``atspeed_ray.width``, see ``row_params``)."""
+    ``auto``: chosen per K by measured cost (``width.row_params``)."""
 
     def __init__(self, text: str):
         t = text.strip().lower()
@@ -105,7 +88,7 @@ class DraftWidth:
 
     def of(self, k: int) -> int:
         """N for ``k``: the fixed width, or ceil(factor * k) as the serve configs'
-        draft_beams_factor; at least k (``auto``: k, until ``row_params`` measures it)."""
+        draft_beams_factor; at least k (``auto``: k, until ``width.row_params`` measures it)."""
         if self.auto:
             return k
         if self.fixed is not None:
@@ -401,19 +384,6 @@ def oracle_pass(target: torch.nn.Module, width: int, gamma: int) -> Callable[[Ba
     return one
 
 
-def cover_width(target_scores: torch.Tensor, draft_scores: torch.Tensor, k: int) -> torch.Tensor:
-    """target_scores, draft_scores [B, F] (the same candidates, -inf where the trie forbids one)
-    -> [B]: the smallest N whose top N by the draft's score hold all of the target's top k
-    (0 for a request without a live candidate)."""
-    import torch
-
-    kk = min(k, target_scores.shape[1])
-    top = target_scores.topk(kk, dim=1)  # the target's top kk candidates
-    order = draft_scores.argsort(dim=1, descending=True, stable=True)
-    rank = order.argsort(dim=1).gather(1, top.indices) + 1  # [B, kk] the draft's rank (1 = best)
-    return torch.where(torch.isfinite(top.values), rank, 0).max(dim=1).values
-
-
 def code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
                prompt_batches: list[Batch], k: int) -> list[list[int]]:
     """Per prompt, per code position (L values): the draft width that position needs when a round
@@ -426,6 +396,7 @@ def code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex
     import torch
 
     from atspeed_ray.decoding.beam import beam_search
+    from atspeed_ray.metrics import cover_width
 
     need: list[list[int]] = []
     for batch in prompt_batches:
@@ -637,20 +608,3 @@ def search_params(k: int, width: DraftWidth, gamma: int, mode: str, seed: int,
     gen = torch.Generator(device=device).manual_seed(seed)
     return SearchParams(k, width.of(k), gamma, mode, gen,  # type: ignore[arg-type]
                         expand_last=expand_last if mode == "strict" else 0)
-
-
-def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
-               draft: torch.nn.Module, index: ItemIndex, calibration: list[list[int]],
-               batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
-    """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and
-    gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch
-    size, each cost the least of ``repeat`` (at least 2) interleaved timings (printed); the
-    choice is returned to be recorded with the row."""
-    if not width.auto:
-        return params, None
-    from atspeed_ray.width import choose_width
-
-    choice = choose_width(target, draft, index, calibration, params.k, (params.gamma,), batch_size,
-                          repeat=max(2, repeat), expand_last=params.expand_last)
-    print(f"    {choice.summary()}", flush=True)
-    return choice.params(params), choice

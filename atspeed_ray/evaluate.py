@@ -18,7 +18,6 @@ A draft's method name is its folder name (``drafts/atspeed-s`` -> ``atspeed-s``)
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,11 +25,12 @@ from typing import Any
 
 from atspeed_ray.benchmarking import (
     BREAKDOWN_COLUMNS, DraftWidth, add_compile_arg, add_expand_arg, add_forward_arg,
-    add_precision_arg, batches, measure_speculative, parse_counts, parse_ks, positive, row_params,
+    add_precision_arg, batches, measure_speculative, positive,
     search_params, ws_text,
 )
-from atspeed_ray.report import results_screen
-from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, MODES
+from atspeed_ray.flags import parse_counts, parse_ks
+from atspeed_ray.report import results_screen, write_table
+from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, DEFAULT_KS, MODES
 from atspeed_ray.reference.config import add_reference_args, reference_config
 
 
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
     p.add_argument("--target", required=True)
     p.add_argument("--draft", required=True, action="append", help="a draft model dir (repeatable)")
-    p.add_argument("--k", type=parse_ks, default=[1, 3, 5, 10, 20])
+    p.add_argument("--k", type=parse_ks, default=list(DEFAULT_KS))
     p.add_argument("--out", required=True, help="output folder for tables and plots")
     p.add_argument("--draft-beams", type=DraftWidth, default=DraftWidth("1k"),
                    help="draft width: N, a multiple of K such as 2k (at least K), or auto: chosen per "
@@ -70,19 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def method_name(path: str) -> str:
     return Path(path).resolve().name
-
-
-def write_table(rows: list[dict[str, Any]], out: Path, name: str, columns: list[str]) -> None:
-    """rows -> NAME.json, NAME.csv, NAME.md."""
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def _per_mode_figure(modes: list[str], draw, xlabel: str, ylabel: str, path: Path) -> None:
@@ -170,6 +157,8 @@ class Setup:
         """The search of draft ``name`` at (k, mode, batch size) and its width choice (None
         unless ``--draft-beams auto``); the choice is measured once per (draft, k, batch),
         strict, and serves both modes."""
+        from atspeed_ray.width import row_params
+
         a = self.args
         params = search_params(k, a.draft_beams, a.gamma, mode, a.seed, self.index.device,
                                a.expand_last)

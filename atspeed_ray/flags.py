@@ -66,3 +66,22 @@ def options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, model: ty
 def values(args: argparse.Namespace, names: typing.Iterable[str]) -> dict[str, Any]:
     """The parsed values of ``names`` (the fields added with :func:`options`)."""
     return {name: getattr(args, name) for name in names}
+
+
+def int_list(flag: str) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers, each >= 1 (``flag`` names them in errors)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be comma-separated integers, got {text!r}")
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{flag} values must be >= 1, got {text!r}")
+        return values
+
+    return parse
+
+
+parse_ks = int_list("--k")  # --k 1,5,10: beam counts (default ``settings.DEFAULT_KS``)
+parse_counts = int_list("--batch-size")  # --batch-size 1,8,32: requests decoded together

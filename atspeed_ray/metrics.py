@@ -64,3 +64,17 @@ def evaluate_rankings(
         out[f"recall@{k}"] = recall_at_k(ranked, targets, k)
         out[f"ndcg@{k}"] = ndcg_at_k(ranked, targets, k)
     return out
+
+
+def cover_width(target_scores: "torch.Tensor", draft_scores: "torch.Tensor", k: int) -> "torch.Tensor":
+    """target_scores, draft_scores [B, F] (the same candidates, -inf where the trie forbids one)
+    -> [B]: the smallest N whose top N by the draft's score hold all of the target's top k
+    (0 for a request without a live candidate): the draft width a strict beam step needs
+    (``benchmarking.code_cover``, ``training.feature.width_needed``)."""
+    import torch
+
+    kk = min(k, target_scores.shape[1])
+    top = target_scores.topk(kk, dim=1)  # the target's top kk candidates
+    order = draft_scores.argsort(dim=1, descending=True, stable=True)
+    rank = order.argsort(dim=1).gather(1, top.indices) + 1  # [B, kk] the draft's rank (1 = best)
+    return torch.where(torch.isfinite(top.values), rank, 0).max(dim=1).values

@@ -4,9 +4,11 @@ screen of ``SCREEN_WIDTH`` columns (``results_screen``; the full tables stay in 
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def value_text(value: object) -> str:
@@ -128,3 +130,16 @@ def below_references(accuracy: Sequence[Mapping], references: Sequence[str]) -> 
     if not above:
         return None
     return f"Recall@{k} {target:.2f} against " + ", ".join(f"{m} {v:.2f}" for m, v in above.items())
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, name: str, columns: list[str]) -> None:
+    """rows -> NAME.json, NAME.csv, NAME.md."""
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -51,6 +51,10 @@ LossName = Literal["sft", "seqkd", "wordkd", "tvdkd", "atspeed-s", "atspeed-r"]
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 
 
+# the K values (top-K list lengths) bench, evaluate and the reference recommenders report by
+# default: the paper's
+DEFAULT_KS: tuple[int, ...] = (1, 3, 5, 10, 20)
+
 # ``--draft-beams auto`` / ``draft_beams_factor: auto``: the draft width chosen per K by measured
 # cost (``atspeed_ray.width``) among N = ceil(f * K) for these factors f.
 AUTO = "auto"

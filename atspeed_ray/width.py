@@ -33,6 +33,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from atspeed_ray.benchmarking import (
+    DraftWidth, batches, device_clock, draft_round, interleaved, oracle_pass,
+)
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.settings import AUTO_WIDTH_FACTORS, EXPAND_LAST, draft_width
@@ -108,7 +111,6 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
                  expand_last: int = EXPAND_LAST) -> WidthChoice:
     """The (N, gamma) with the least expected time per request for top-``k`` (module
     docstring), measured on ``prompts`` (a few validation prompts) at ``batch_size``."""
-    from atspeed_ray.benchmarking import batches, device_clock, draft_round, interleaved, oracle_pass
     from atspeed_ray.decoding import speculative_search
 
     calib = calibration_batch(prompts, batch_size)
@@ -130,3 +132,18 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
     out = [WidthCandidate(p.N, p.gamma, sum(r) / len(r), ms[2 * i], ms[2 * i + 1] if p.gamma > 0 else 0.0)
            for i, (p, r) in enumerate(zip(grid, rounds))]
     return WidthChoice(k, batch_size, len(calib), out)
+
+
+def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
+               draft: torch.nn.Module, index: ItemIndex, calibration: list[list[int]],
+               batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
+    """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and
+    gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch
+    size, each cost the least of ``repeat`` (at least 2) interleaved timings (printed); the
+    choice is returned to be recorded with the row."""
+    if not width.auto:
+        return params, None
+    choice = choose_width(target, draft, index, calibration, params.k, (params.gamma,), batch_size,
+                          repeat=max(2, repeat), expand_last=params.expand_last)
+    print(f"    {choice.summary()}", flush=True)
+    return choice.params(params), choice

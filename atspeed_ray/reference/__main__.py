@@ -15,13 +15,14 @@ from atspeed_ray.reference.config import add_reference_args, reference_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from atspeed_ray.benchmarking import parse_ks
+    from atspeed_ray.flags import parse_ks
+    from atspeed_ray.settings import DEFAULT_KS
 
     p = argparse.ArgumentParser(prog="python -m atspeed_ray.reference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
     p.add_argument("--out", required=True, help="output folder for accuracy.{json,csv,md}")
-    p.add_argument("--k", type=parse_ks, default=[1, 3, 5, 10, 20])
+    p.add_argument("--k", type=parse_ks, default=list(DEFAULT_KS))
     p.add_argument("--num-prompts", type=int, default=None, help="test prompts (default: all)")
     p.add_argument("--seed", type=int, default=0)
     add_reference_args(p)
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from atspeed_ray.data.prepare import open_data, popularity_topk
-    from atspeed_ray.evaluate import write_table
+    from atspeed_ray.report import write_table
     from atspeed_ray.metrics import ndcg_at_k, recall_at_k
     from atspeed_ray.reference.data import canonical_lists, reference_rankings
 

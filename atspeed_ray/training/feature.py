@@ -157,7 +157,7 @@ def width_needed(draft: FeatureDraft, tree: TargetTree, index: ItemIndex, k: int
     children (``cover_width``), for a round's first drafted step (``code{d+1}_first``: from the
     target's feature) and for its second (``code{d+1}_unrolled``: from the draft's own, one
     level up)."""
-    from atspeed_ray.benchmarking import cover_width
+    from atspeed_ray.metrics import cover_width
 
     out: dict[str, list[int]] = {}
     for d, res in enumerate(draft_levels(draft, tree, index), start=1):
