@@ -429,7 +429,7 @@ def draft_round(draft: torch.nn.Module, index: ItemIndex, params: SearchParams
     from atspeed_ray.decoding.drafting import draft_phase
 
     G = min(params.gamma, index.L - 1)
-    top_n = dataclasses.replace(params, mode="strict", generator=None)
+    top_n = dataclasses.replace(params, mode="strict", seed=None)
 
     def one(batch: Batch) -> None:
         B, dev = len(batch), index.device
@@ -461,7 +461,7 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     per-batch ratios, with their interquartile range; an unstable row is measured again), and
     the bounds' passes right after each pair (each bound paired like WS). The speculative time
     is split by phase (``Timings``).
-    Relaxed sampling draws from ``params.generator`` (warm-up included).
+    Relaxed sampling draws from ``params.seed`` (every batch's rows from their own streams).
     Returns (row of measurements, plain items, speculative items)."""
     import torch
 
@@ -598,13 +598,10 @@ def position_acceptance(stats: dict[str, list]) -> dict[str, Any]:
 
 def search_params(k: int, width: DraftWidth, gamma: int, mode: str, seed: int,
                   device: torch.device, expand_last: int = EXPAND_LAST) -> SearchParams:
-    """The search of one table row: width ``width.of(k)``; relaxed sampling from a generator
-    seeded with ``seed`` on ``device`` (a fresh one per row); children steps (``expand_last``)
-    in strict rows only."""
-    import torch
-
+    """The search of one table row: width ``width.of(k)``; relaxed sampling seeded with
+    ``seed`` (``device`` is unused: the numbers are made where sampling happens); children steps
+    (``expand_last``) in strict rows only."""
     from atspeed_ray.decoding.search import SearchParams
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return SearchParams(k, width.of(k), gamma, mode, gen,  # type: ignore[arg-type]
+    return SearchParams(k, width.of(k), gamma, mode, seed,  # type: ignore[arg-type]
                         expand_last=expand_last if mode == "strict" else 0)

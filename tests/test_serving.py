@@ -460,7 +460,7 @@ def test_relaxed_with_seed_equals_offline(app):
         prompt = app["catalog"].prompt(history)
         N = served_width(app, 5)
         off = speculative_beam_search(app["target"], app["draft"], [prompt], index, 5, draft_beams=N,
-                                      gamma=GAMMA, mode="relaxed", generator=torch.Generator().manual_seed(seed))
+                                      gamma=GAMMA, mode="relaxed", seed=seed)
         assert r["items"] == valid_items(off.items[0]) and r["stats"]["rounds"] == off.stats["rounds"][0]
 
 

@@ -109,11 +109,10 @@ def test_relaxed_with_seed_on_replica_caches_equals_offline(small):
     index = catalog.index
     prop, ver = replicas(target, draft, index, new_stores())
     for seed, p in enumerate(prompts[:3]):
-        gen = torch.Generator().manual_seed(seed)
         out = run(RemoteModels(prop, ver, session=f"relaxed-{seed}"), p, index,
-                  SearchParams(5, 10, 3, "relaxed", gen, seeded=True))
+                  SearchParams(5, 10, 3, "relaxed", seed))
         off = speculative_beam_search(target, draft, [p], index, 5, draft_beams=10, gamma=3,
-                                      mode="relaxed", generator=torch.Generator().manual_seed(seed))
+                                      mode="relaxed", seed=seed)
         assert out.items == off.items and out.stats == off.stats
 
 
@@ -182,17 +181,18 @@ def test_colocated_batch_equals_beam_search_and_offline_relaxed(small):
     index = catalog.index
     reqs = [SpeculateRequest(p, SearchParams(5, 10, 3, "strict")) for p in prompts]
     reqs += [SpeculateRequest(p, SearchParams(3, 6, 2, "strict")) for p in prompts[:2]]
-    gen = torch.Generator().manual_seed(4)
-    reqs.append(SpeculateRequest(prompts[0], SearchParams(5, 10, 3, "relaxed", seeded=True), gen.get_state()))
+    relaxed = [(prompts[0], 4), (prompts[1], 5), (prompts[2], 4)]  # stacked in one group
+    reqs += [SpeculateRequest(p, SearchParams(5, 10, 3, "relaxed", s)) for p, s in relaxed]
     out = speculate_batch(target, draft, index, reqs)
     ref5, ref3 = beam_search(target, prompts, index, 5), beam_search(target, prompts[:2], index, 3)
     for b in range(len(prompts)):
         assert out[b].items == ref5.items[b]
         torch.testing.assert_close(out[b].scores, ref5.scores[b], atol=1e-9, rtol=0)
-    assert [o.items for o in out[len(prompts):-1]] == ref3.items
-    off = speculative_beam_search(target, draft, prompts[:1], index, 5, draft_beams=10, gamma=3,
-                                  mode="relaxed", generator=torch.Generator().manual_seed(4))
-    assert out[-1].items == off.items[0] and out[-1].stats["rounds"] == off.stats["rounds"][0]
+    assert [o.items for o in out[len(prompts):-len(relaxed)]] == ref3.items
+    for (p, s), o in zip(relaxed, out[-len(relaxed):]):
+        off = speculative_beam_search(target, draft, [p], index, 5, draft_beams=10, gamma=3,
+                                      mode="relaxed", seed=s)
+        assert o.items == off.items[0] and o.stats["rounds"] == off.stats["rounds"][0]
 
 
 def test_chained_drive_equals_beam_search_and_falls_back_alone(small):

@@ -106,12 +106,36 @@ def test_remote_relaxed_with_seed_equals_offline(small):
         return verify_batch(target, index, [r])[0]
 
     for seed, p in enumerate(prompts[:3]):
-        gen = torch.Generator().manual_seed(seed)
         out = asyncio.run(remote_speculative(RemoteModels(prop, ver), [p], index,
-                                             SearchParams(5, 10, 3, "relaxed", gen, seeded=True),
+                                             SearchParams(5, 10, 3, "relaxed", seed),
                                              dtype=torch.float64))
         off = speculative_beam_search(target, draft, [p], index, 5, draft_beams=10, gamma=3,
-                                      mode="relaxed", generator=torch.Generator().manual_seed(seed))
+                                      mode="relaxed", seed=seed)
+        assert out.items == off.items and out.stats == off.stats
+
+
+def test_remote_relaxed_requests_of_any_seeds_share_draft_batches(small):
+    """Concurrent relaxed requests, different seeds (and one seed twice, on other prompts),
+    stacked into the same draft and verify calls: each answer is the one its request gets
+    offline alone (its rows draw from their own keys, whatever they are stacked with)."""
+    _, catalog, target, draft, prompts = small
+    index = catalog.index
+    seeds = [7, 8, 7, 9, 10, 7]
+
+    async def run():
+        prop = Batcher(lambda rs: draft_batch(draft, index, rs))
+        ver = Batcher(lambda rs: verify_batch(target, index, rs))
+        outs = await asyncio.gather(*(
+            remote_speculative(RemoteModels(prop, ver), [p], index,
+                               SearchParams(5, 10, 3, "relaxed", s), dtype=torch.float64)
+            for p, s in zip(prompts, seeds)))
+        return outs, prop.sizes
+
+    outs, sizes = asyncio.run(run())
+    assert max(sizes) > 1, "concurrent relaxed requests must share batched draft calls"
+    for p, s, out in zip(prompts, seeds, outs):
+        off = speculative_beam_search(target, draft, [p], index, 5, draft_beams=10, gamma=3,
+                                      mode="relaxed", seed=s)
         assert out.items == off.items and out.stats == off.stats
 
 

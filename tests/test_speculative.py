@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import json
+import pickle
 import subprocess
 import sys
 
@@ -87,8 +90,7 @@ def test_fewer_live_extensions_than_k_keep_dead_beams_dead(mode):
         for draft in (unrelated, target):
             for gamma in (1, 3):
                 out = speculative_beam_search(target, draft, prompts, index, k, draft_beams=n,
-                                              gamma=gamma, mode=mode,
-                                              generator=torch.Generator().manual_seed(0))
+                                              gamma=gamma, mode=mode, seed=0)
                 if mode == "strict":
                     assert_same_as_beam_search(out, ref)
                 for items in out.items:
@@ -227,14 +229,13 @@ def test_verification_pass_logits_at_every_drafted_node(setup):
 
 def test_relaxed_items_exist_and_draft_equal_to_target_accepts_all(setup):
     index, V, target, unrelated, prompts = setup
-    gen = torch.Generator().manual_seed(0)
     out = speculative_beam_search(target, unrelated, prompts, index, 10, draft_beams=20,
-                                  mode="relaxed", generator=gen)
+                                  mode="relaxed", seed=0)
     for items in out.items:
         assert len(set(items)) == 10 and bool(index.contains(items).all())
     assert bool((out.scores[:, :-1] >= out.scores[:, 1:]).all())
     same = speculative_beam_search(target, target, prompts, index, 5, draft_beams=5, gamma=3,
-                                   mode="relaxed", generator=gen)
+                                   mode="relaxed", seed=1)
     assert same.stats["accepted_steps"] == [3] * len(prompts)
     assert same.stats["target_calls"] == [1] * len(prompts)
 
@@ -261,9 +262,8 @@ def test_relaxed_sampling_follows_the_target_distribution():
         q = torch.softmax(plain_last_logits(bad, prompt)[first].masked_fill(~allowed, -torch.inf), -1)
     assert tvd(p, q) > 0.25, "the draft must be deliberately bad for this test to mean anything"
     n = 4000
-    gen = torch.Generator().manual_seed(0)
     out = speculative_beam_search(target, bad, [prompt] * n, index, 1, draft_beams=1, gamma=3,
-                                  mode="relaxed", generator=gen)
+                                  mode="relaxed", seed=0)
     col = index.columns_of(out.sequences[:, 0, 0], 0)
     emp = torch.bincount(col, minlength=len(first)).double() / n
     assert tvd(emp, p.double()) < 0.05
@@ -279,11 +279,79 @@ def test_search_params_are_checked_once_naming_the_bad_value():
     assert SearchParams(5).N == 5 and SearchParams(5, 10).N == 10
     assert SearchParams(3, mode="relaxed").sample and not SearchParams(3).sample
     for kwargs, word in (({"k": 0}, "k"), ({"k": 5, "draft_beams": 4}, "draft_beams"),
-                         ({"k": 1, "gamma": -1}, "gamma"), ({"k": 1, "mode": "fast"}, "mode")):
+                         ({"k": 1, "gamma": -1}, "gamma"), ({"k": 1, "mode": "fast"}, "mode"),
+                         ({"k": 1, "seed": -1}, "seed"), ({"k": 1, "seed": 2**63}, "seed")):
         with pytest.raises(ValueError, match=word):
             SearchParams(**kwargs)
     with pytest.raises(AttributeError):
         SearchParams(5).k = 6  # frozen: one search, one set of parameters
+
+
+def test_search_params_are_plain_fields_that_round_trip_through_json():
+    """No torch object inside: the spec travels as JSON (or a pickle) and comes back equal."""
+    for p in (SearchParams(5), SearchParams(5, 10, 2, "relaxed", seed=2**62 + 3),
+              SearchParams(3, 6, 0, "strict", expand_last=8)):
+        fields = dataclasses.asdict(p)
+        assert all(isinstance(v, (int, str, type(None))) for v in fields.values())
+        assert SearchParams(**json.loads(json.dumps(fields))) == p
+        assert pickle.loads(pickle.dumps(p)) == p
+
+
+def test_seeded_uniforms_are_splitmix64_and_depend_on_their_row_only():
+    """The int64 tensor arithmetic wraps like splitmix64 on unsigned ints (checked against
+    Python integers), and a row's uniforms are the same alone and in a batch."""
+    from atspeed_ray.decoding import noise
+
+    M = 2**64
+
+    def mix(z: int) -> int:
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % M
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB % M
+        return z ^ (z >> 31)
+
+    xs = [0, 1, 2**63 + 5, 12345678901234567, M - 1]
+    got = noise._mix(torch.tensor([noise._i64(x) for x in xs])).tolist()
+    assert [g % M for g in got] == [mix(x) for x in xs]
+    keys = noise.round_streams(noise.row_streams(7, 300), 2, "accept")
+    assert keys is not None
+    u = noise.uniform(keys, 5, (300, 64), torch.device("cpu"), torch.float64)
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    alone = noise.uniform(keys[4:5], 5, (1, 64), torch.device("cpu"), torch.float64)
+    assert torch.equal(alone[0], u[4])
+    other = noise.uniform(noise.round_streams(noise.row_streams(7, 300), 2, "draft"), 5,
+                          (300, 64), torch.device("cpu"), torch.float64)
+    assert not torch.equal(u, other)  # each phase its own numbers
+
+
+def test_relaxed_seed_gives_the_same_answer_alone_and_in_any_batch(setup):
+    """A seeded relaxed request draws its numbers from its seed, its row and the round only:
+    alone (row 0) it gets the answer it gets as row 0 of a batch of other requests (which
+    draft and finish differently); stacked with rows of other seeds (``streams``, as the
+    co-located replica stacks requests) each row gets its own alone answer. The same seed
+    twice gives the same answer; different seeds give different samples."""
+    from atspeed_ray.decoding.noise import row_streams
+
+    index, V, target, unrelated, prompts = setup
+    others = random_prompts(4, V, seed=31)
+
+    def run(ps: list[list[int]], seed: int | None, streams: torch.Tensor | None = None):
+        return speculative_search(target, unrelated, ps, index,
+                                  SearchParams(5, 10, 3, "relaxed", seed), streams=streams)
+
+    for p in prompts:
+        alone = run([p], 7)
+        batched = run([p] + others, 7)
+        assert batched.items[0] == alone.items[0]
+        assert {n: v[0] for n, v in batched.stats.items()} == {n: v[0] for n, v in alone.stats.items()}
+        assert run([p], 7).items == alone.items  # reproducible
+    seeds = [3, 11, 3]
+    mixed = run(prompts, None, torch.cat([row_streams(s, 1) for s in seeds]))  # type: ignore[misc]
+    for b, (p, s) in enumerate(zip(prompts, seeds)):
+        assert mixed.items[b] == run([p], s).items[0]
+    samples = {tuple(run(prompts[:1], s).items[0]) for s in range(8)}
+    assert len(samples) > 1, "different seeds must give different samples"
+    rows = run([prompts[0]] * 8, 5).items  # rows of one search draw from different streams
+    assert len({tuple(r) for r in rows}) > 1
 
 
 @pytest.mark.parametrize("N", [2, 3])
@@ -321,7 +389,7 @@ def test_relaxed_k2_follows_the_distribution_the_scheme_defines(N):
     assert abs(sum(exact.values()) - 1) < 1e-9
     n = 4000
     out = speculative_beam_search(target, bad, [prompt] * n, index, K, draft_beams=N, gamma=1,
-                                  mode="relaxed", generator=torch.Generator().manual_seed(0))
+                                  mode="relaxed", seed=0)
     emp: dict[frozenset, float] = {}
     for items in out.items:
         emp[frozenset(items)] = emp.get(frozenset(items), 0.0) + 1 / n

@@ -5,18 +5,24 @@ beams; relaxed mode accepts each drafted beam with probability min(1, p/q) and n
 At the first rejection the target's own choice at that step is taken (strict: its top-K;
 relaxed: the accepted ones plus draws from norm(max(p - q, 0))). If all drafted steps pass, the
 target's distribution after the last one gives a bonus step.
+
+Relaxed mode's draws at step j are numbered (``accept_draw``) so that a row draws the same numbers
+whatever rows it is stacked with: the draws of its bonus step are those of a step where it
+drafted nothing (which it has when stacked with rows that drafted more).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
-from atspeed_ray.decoding.beam import Beams, Candidates, Step, beam_step, choose, expand_columns, gumbel_like, take
+from atspeed_ray.decoding.beam import Beams, Candidates, Step, beam_step, choose, expand_columns, take
 from atspeed_ray.decoding.drafting import DraftStep
+from atspeed_ray.decoding.noise import gumbel, uniform
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.verification import Verified
 
@@ -46,11 +52,22 @@ def accept_strict(cands: Candidates, d_flat: Tensor, K: int) -> tuple[Step, Tens
     return step, found.all(-1), torch.where(live, match.int().argmax(-1), -1)
 
 
-def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: Tensor, K: int,
-                   drafted: Tensor, generator: torch.Generator | None) -> tuple[Step, Tensor, Tensor]:
-    """Accept drafted beam y with probability min(1, p(y)/q(y)).
+Draw = Literal["accept", "pick", "resample"]
+_DRAWS: tuple[Draw, ...] = ("accept", "pick", "resample")
 
-    ``drafted`` [B] is False for requests with nothing drafted at this step: they sample from p.
+
+def accept_draw(j: int, what: Draw) -> int:
+    """The number of relaxed acceptance's draw ``what`` at step ``j`` (1-based) of a round."""
+    return len(_DRAWS) * j + _DRAWS.index(what)
+
+
+def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: Tensor, K: int,
+                   drafted: Tensor, keys: Tensor | None, j: int) -> tuple[Step, Tensor, Tensor]:
+    """Accept drafted beam y with probability min(1, p(y)/q(y)) (step ``j``: draws
+    ``accept_draw(j, ...)`` of the rows' acceptance keys ``keys`` [B], None: torch's generator).
+
+    ``drafted`` [B] is False for requests with nothing drafted at this step: they sample from p
+    exactly as a bonus step does (the same draw, the same keys).
     Returns (the step taken if this is where the round stops: the accepted beams plus draws from
     norm(max(p - q, 0)); whether >= K were accepted [B]; K accepted drafted beams [B, K])."""
     B, F = cands.scores.shape
@@ -60,10 +77,10 @@ def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: 
     q = take(step.q.view(B, n_prev, C), cur_idx).reshape(B, F)  # draft's, in target space
     q = q * drafted[:, None]
     p_y = torch.where(d_flat >= 0, p.gather(1, d_flat.clamp(min=0)), 0.0)
-    u = torch.rand(p_y.shape, generator=generator, device=p_y.device, dtype=p_y.dtype)
+    u = uniform(keys, accept_draw(j, "accept"), tuple(p_y.shape), p_y.device, p_y.dtype)
     accepted = (d_flat >= 0) & (u * step.q_sel < p_y)  # [B, N]
     enough = accepted.sum(1) >= K
-    pick = torch.rand(p_y.shape, generator=generator, device=p_y.device, dtype=p_y.dtype)
+    pick = uniform(keys, accept_draw(j, "pick"), tuple(p_y.shape), p_y.device, p_y.dtype)
     chosen = torch.where(accepted, pick, -1.0).topk(K, dim=1).indices  # K random accepted ones
     # where the round stops: keep every accepted beam, fill up from the residual distribution
     is_acc = torch.zeros(B, F + 1, dtype=torch.bool, device=p.device)
@@ -72,17 +89,19 @@ def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: 
     resid = (p - q).clamp(min=0).masked_fill(is_acc, 0.0)
     empty = resid.sum(1, keepdim=True) <= 0
     resid = torch.where(empty, p.masked_fill(is_acc, 0.0), resid)
-    key = torch.log(resid) + gumbel_like(resid, generator)
-    key = key.masked_fill(is_acc, float("inf"))
+    # nothing drafted: sample from p as the bonus step does (its key: the scores themselves)
+    key = torch.where(drafted[:, None], torch.log(resid), cands.scores)
+    key = (key + gumbel(keys, accept_draw(j, "resample"), key)).masked_fill(is_acc, float("inf"))
     return choose(cands, key, K), enough, chosen
 
 
-def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, params: SearchParams
-                 ) -> tuple[Beams, Tensor]:
+def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, params: SearchParams,
+                 keys: Tensor | None = None) -> tuple[Beams, Tensor]:
     """Walk the drafted steps with the target's column log-probs; return the K new beams per
-    request and the number of accepted steps [B] (``accepted + 1`` tokens longer)."""
+    request and the number of accepted steps [B] (``accepted + 1`` tokens longer). Relaxed:
+    ``keys`` [B] are the rows' acceptance keys of this round (``noise.round_streams``; None:
+    torch's default generator)."""
     beams, steps, K = verified.beams, verified.steps, params.k
-    generator = params.generator if params.sample else None
     L, C, G = index.L, index.num_columns, len(steps)
     cur, cur_logp = beams, verified.root_logp
     cur_feat = verified.root_features  # [B, K, F] where cur_logp was read (None: not asked)
@@ -98,12 +117,13 @@ def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, par
             s = steps[j - 1]
             d_flat = drafted_flat(s, cur_idx, n_prev, depth, index, C)
             if params.sample:
-                stop_step, ok, nxt = accept_relaxed(cands, d_flat, s, cur_idx, K, j <= g, generator)
+                stop_step, ok, nxt = accept_relaxed(cands, d_flat, s, cur_idx, K, j <= g, keys, j)
             else:
                 stop_step, ok, nxt = accept_strict(cands, d_flat, K)
             ok = ok & (j <= g)
         else:  # bonus step (or the last step of a request with nothing drafted)
-            stop_step = beam_step(cands, K, sample=params.sample, generator=generator)
+            noise = gumbel(keys, accept_draw(j, "resample"), cands.scores) if params.sample else None
+            stop_step = beam_step(cands, K, noise)
             ok = torch.zeros_like(stopped)
         stop = ~stopped & ~ok
         feat = None if cur_feat is None else take(cur_feat, stop_step.parent)

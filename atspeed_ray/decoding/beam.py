@@ -133,18 +133,11 @@ def score_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
-def gumbel_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    neg_log_u = (-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20)  # Exp(1) draws
-    return -torch.log(neg_log_u)
-
-
-def beam_step(cands: Candidates, width: int, sample: bool = False,
-              generator: torch.Generator | None = None) -> Step:
-    """Top-``width`` extensions; with ``sample``, ``width`` draws without replacement from the
-    softmax over cumulative sequence scores (Gumbel top-k)."""
-    key = cands.scores + gumbel_like(cands.scores, generator) if sample else cands.scores
-    return choose(cands, key, width)
+def beam_step(cands: Candidates, width: int, noise: Tensor | None = None) -> Step:
+    """Top-``width`` extensions; with Gumbel ``noise`` [B, M * C] (``noise.gumbel``) added to
+    the cumulative sequence scores, ``width`` draws without replacement from their softmax
+    (Gumbel top-k)."""
+    return choose(cands, cands.scores if noise is None else cands.scores + noise, width)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from atspeed_ray.decoding.beam import (
 )
 from atspeed_ray.decoding.decoder import head_columns
 from atspeed_ray.decoding.feed import Context, feed
+from atspeed_ray.decoding.noise import gumbel
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.cache import TreeCache
 from atspeed_ray.decoding.tree import tree_forward
@@ -106,15 +107,16 @@ Scorer = Callable[[Beams, Tensor, Tensor | None], tuple[Tensor, Beams]]
 
 
 def draft_tree(score: Scorer, beams: Beams, t: Tensor, g: Tensor, index: ItemIndex,
-               params: SearchParams, head: Tensor | None) -> tuple[list[DraftStep], Beams]:
+               params: SearchParams, head: Tensor | None, keys: Tensor | None = None
+               ) -> tuple[list[DraftStep], Beams]:
     """``max(g)`` drafted steps from the K current ``beams`` [B, K, L] at ``t`` [B] tokens: a
     width-N beam search (or sampling) over the drafter's log-probs (``score``; ``head``: its
     head's token id -> column map, None for a full vocabulary). ``g`` [B]: drafted steps usable
     per request (later steps of a request are drafted but not valid). A last children step
     (``SearchParams.expand_last``) needs no scores: ``score`` is not called for it. Returns the
-    steps and the current beams as ``score`` recorded them."""
+    steps and the current beams as ``score`` recorded them. Relaxed: step j samples with draw j
+    of each row's drafting key ``keys`` [B] (``ProposeCall.keys``; None: torch's generator)."""
     G = int(g.max())
-    generator = params.generator if params.sample else None
     L = index.L
 
     def last_width(parents: Beams) -> int | None:  # step G as a children step, if it may be one
@@ -135,7 +137,8 @@ def draft_tree(score: Scorer, beams: Beams, t: Tensor, g: Tensor, index: ItemInd
         else:
             assert logp is not None
             cands = expand(logp, parents.scores, parents.node, depth, index, head)
-            step = beam_step(cands, params.N, sample=params.sample, generator=generator)
+            step = beam_step(cands, params.N,
+                             gumbel(keys, j, cands.scores) if params.sample else None)
             if params.sample:
                 q = torch.softmax(cands.scores, dim=1)
                 q_sel = q.gather(1, step.flat)
@@ -151,13 +154,14 @@ def draft_tree(score: Scorer, beams: Beams, t: Tensor, g: Tensor, index: ItemInd
 
 
 def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, t: Tensor,
-                g: Tensor, prompts: list[list[int]], index: ItemIndex, params: SearchParams
-                ) -> tuple[list[DraftStep], Beams, TreeCache | None]:
+                g: Tensor, prompts: list[list[int]], index: ItemIndex, params: SearchParams,
+                keys: Tensor | None = None) -> tuple[list[DraftStep], Beams, TreeCache | None]:
     """A causal LM's drafting (``LMDrafter``): ``draft_tree`` scored by the draft's own forwards
     on its tree cache ``dcache``: the first over the beams' uncached tokens (the prompt too on a
     first or stateless call), then one per drafted step but a last children step.
 
-    ``beams`` [B, K, L] at ``t`` [B] tokens; ``g`` [B] drafted steps usable per request. Returns
+    ``beams`` [B, K, L] at ``t`` [B] tokens; ``g`` [B] drafted steps usable per request;
+    ``keys`` [B]: relaxed sampling's per-row keys (``ProposeCall.keys``). Returns
     the steps, the beams with the draft's cache slots recorded, and the draft's cache (still
     ``dcache``, maybe None, when the only step was a children step). A code-head draft
     (``head_columns``) scores over its head: log-softmax over the code tokens only.
@@ -174,7 +178,7 @@ def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, 
                                             max_chain=0)
         return log_probs(logits), b.with_slots("draft", depth, slots)
 
-    steps, beams = draft_tree(score, beams, t, g, index, params, head_columns(draft))
+    steps, beams = draft_tree(score, beams, t, g, index, params, head_columns(draft), keys)
     return steps, beams, cache
 
 
@@ -201,8 +205,11 @@ class ProposeCall:
     t: Tensor  # [B] tokens generated so far
     g: Tensor  # [B] drafted steps usable per request (max(g) >= 1 draft steps are run)
     prompts: list[list[int]]  # [B] prompt token ids of the active requests
-    params: SearchParams  # N, mode (sample or top-N) and the generator
+    params: SearchParams  # N, mode (sample or top-N)
     context: Context | None = None  # the target's hidden states over the prompts, if asked for
+    # relaxed, seeded: [B] int64 key of each row's drafting in this round
+    # (``noise.round_streams``); None: unseeded (torch's default generator)
+    keys: Tensor | None = None
 
 
 @runtime_checkable
@@ -241,7 +248,7 @@ class LMDrafter:
     def propose(self, call: ProposeCall, index: ItemIndex, cache: TreeCache | None
                 ) -> tuple[list[DraftStep], Beams, TreeCache | None]:
         return draft_phase(self.model, cache, call.beams, call.t, call.g, call.prompts, index,
-                           call.params)
+                           call.params, call.keys)
 
 
 def as_drafter(draft: Drafter | torch.nn.Module) -> Drafter:

@@ -2,18 +2,18 @@
 
 ``SearchParams`` travels unchanged from where a search is asked for (the HTTP request, the
 ``bench`` / ``evaluate`` commands, the training loop's validation) down to ``speculative_loop``
-and, on the wire, to the draft replicas. No torch import here: the generator is only typed.
+and, on the wire, to the draft replicas. Plain fields only (no torch object): it pickles and
+goes through ``dataclasses.asdict`` / JSON as it is. Relaxed mode's random numbers are made where
+sampling happens, from ``seed`` and counters (``decoding/noise.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from atspeed_ray.settings import DEFAULT_MODE, EXPAND_LAST, MODES, Mode, check_choice
 
-if TYPE_CHECKING:
-    import torch
+SEED_LIMIT = 2**63  # a seed is an int64 value in [0, SEED_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,9 @@ class SearchParams:
     draft_beams: int | None = None  # draft width N (k <= N); None: N = k
     gamma: int = 3  # draft steps per round (0: every round is one target step)
     mode: Mode = DEFAULT_MODE  # strict top-K (lossless) or relaxed sampling verification
-    # relaxed: the random stream of sampling and acceptance (None: torch's default generator)
-    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
-    # relaxed: the generator's stream is the request's own (it was seeded for a reproducible
-    # answer), so whoever drafts must continue it instead of using a stream of its own
-    seeded: bool = False
+    # relaxed: the seed of the search's random numbers (row b of the prompts draws from its
+    # own stream of it, ``noise.row_streams``); None: torch's default generator
+    seed: int | None = None
     # strict: the last drafted step of a round holds every trie child of the step before it
     # when they number at most this many per request (``drafting``); 0 = always the top N
     expand_last: int = EXPAND_LAST
@@ -46,6 +44,8 @@ class SearchParams:
         check_choice(self.mode, MODES, "mode")
         if self.expand_last < 0:
             raise ValueError(f"expand_last must be >= 0, got {self.expand_last}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         if self.expand_last and self.mode == "relaxed":
             raise ValueError("expand_last is for strict mode: relaxed acceptance needs every "
                              "drafted step sampled from the draft")

@@ -18,7 +18,9 @@ Strict mode returns exactly the target's beam search (same items, order and scor
 The loop is written once, as a generator (``speculative_loop``) that yields the model calls it
 needs: ``speculative_search`` answers them with in-process models and tree caches
 (``LocalModels``); the serving ingress answers them with remote, stateless replica calls.
-The search parameters travel as one ``SearchParams``.
+The search parameters travel as one ``SearchParams``. Relaxed mode's random numbers come from
+``params.seed``, each row's place and the round (``noise``): the loop counts rounds and hands
+each phase its rows' keys, so a request draws the same numbers in whatever batch it runs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from atspeed_ray.decoding.drafting import (
     Drafter, DraftStep, LMDrafter, ProposeCall, as_drafter, draft_forwards,
 )
 from atspeed_ray.decoding.feed import Context
+from atspeed_ray.decoding.noise import round_streams, row_streams
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.timing import Timings, phase, whole
 from atspeed_ray.decoding.cache import TreeCache
@@ -130,7 +133,8 @@ class Answers:
 
 def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchParams,
                      keep_cache: bool = True, dtype: torch.dtype = torch.float32,
-                     timings: Timings | None = None, features: bool = False) -> SpeculativeLoop:
+                     timings: Timings | None = None, features: bool = False,
+                     streams: Tensor | None = None) -> SpeculativeLoop:
     """The speculative beam search loop over ``prompts``; model calls are yielded (see above).
 
     ``index`` must be on the device the beams live on; ``dtype`` is the beam score dtype
@@ -143,6 +147,9 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
     every verification returns them and the beams carry them (``Beams.features``); the first
     round then drafts nothing (there are no features yet): it is the target's prefill and its
     exact first code.
+    ``streams`` [B] int64: each request's stream key for relaxed sampling; default
+    ``row_streams(params.seed, B)`` (None when unseeded). A caller that stacks requests of
+    different seeds passes each one's key as row 0 of its own search (``noise.row_streams``).
     """
     device = index.device
     B, L, K = len(prompts), index.L, params.k
@@ -152,6 +159,12 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
     answers = Answers.empty(B, K, L, device, dtype)
     active_prompts = prompts
     context: Context | None = None  # the target's hidden states over the prompts (``features``)
+    if not params.sample:  # strict mode draws nothing
+        streams = None
+    elif streams is None:
+        streams = row_streams(params.seed, B, device)
+    streams = None if streams is None else streams.to(device)  # [B'] of the active rows
+    round_no = 0
     while rows.numel() > 0:
         if not keep_cache:
             beams = beams.forget_slots()
@@ -162,7 +175,8 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
         steps: list[DraftStep] = []
         if G > 0:
             with phase(timings, "draft"):
-                reply = yield ProposeCall(beams, t, g, active_prompts, params, context)
+                reply = yield ProposeCall(beams, t, g, active_prompts, params, context,
+                                          round_streams(streams, round_no, "draft"))
             steps, beams = reply  # type: ignore[misc]
         with phase(timings, "verify"):
             verified = yield VerifyCall(beams, t, steps, active_prompts, features)
@@ -170,7 +184,8 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
         if verified.context is not None:  # a pass that fed the prompts (the first, or stateless)
             context = verified.context
         with phase(timings, "accept"):
-            beams, acc = accept_round(verified, t, g, index, params)
+            beams, acc = accept_round(verified, t, g, index, params,
+                                      round_streams(streams, round_no, "accept"))
         with phase(timings, "bookkeeping"):
             answers.count_round(rows, t, g, draft_forwards(steps), acc)
             t = t + acc + 1
@@ -182,7 +197,9 @@ def speculative_loop(prompts: list[list[int]], index: ItemIndex, params: SearchP
                 answers.store(rows[done], beams.select_rows(done))
                 beams, t, rows = beams.select_rows(keep), t[keep], rows[keep]
                 context = None if context is None else context.select_rows(keep)
+                streams = None if streams is None else streams[keep]
                 active_prompts = [active_prompts[i] for i in keep.tolist()]
+            round_no += 1
     return answers.result(index, best_first=params.sample)
 
 
@@ -248,13 +265,15 @@ class LocalModels:
 def speculative_search(target: torch.nn.Module, draft: Drafter | torch.nn.Module,
                        prompts: list[list[int]],
                        index: ItemIndex, params: SearchParams, keep_cache: bool = True,
-                       timings: Timings | None = None) -> DecodeResult:
+                       timings: Timings | None = None, streams: Tensor | None = None
+                       ) -> DecodeResult:
     """Top-``params.k`` items per prompt by speculative beam search (see the module docstring).
 
     ``stats`` holds per-request lists: target_calls, draft_calls, rounds, accepted_steps.
     ``keep_cache=False`` runs every round stateless (prompt and beams recomputed each forward):
     the same result, the mode used when draft and target are remote replicas without caches.
     ``timings`` (optional, ``Timings``) adds the time of each phase and of the whole call.
+    ``streams`` [B]: relaxed sampling's per-request stream keys (``speculative_loop``).
     ``draft`` is a ``Drafter`` or a causal LM (``LMDrafter``), which may have a code head
     (``FastLlama.restrict_head``); the target may not.
     """
@@ -266,7 +285,7 @@ def speculative_search(target: torch.nn.Module, draft: Drafter | torch.nn.Module
     if isinstance(drafter, LMDrafter):
         check_code_head(drafter.model, index)
     loop = speculative_loop(prompts, index, params, keep_cache, score_dtype(target), timings,
-                            drafter.wants_features)
+                            drafter.wants_features, streams)
     with whole(timings):
         return run_loop(loop, LocalModels(target, drafter, index, keep_cache))
 
@@ -280,10 +299,10 @@ def speculative_beam_search(
     draft_beams: int | None = None,
     gamma: int = 3,
     mode: Mode = DEFAULT_MODE,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     keep_cache: bool = True,
 ) -> DecodeResult:
     """``speculative_search`` with the search parameters given one by one (draft width
-    ``draft_beams`` = N, default k)."""
-    params = SearchParams(k, draft_beams, gamma, mode, generator)
+    ``draft_beams`` = N, default k; relaxed: ``seed``, None = torch's default generator)."""
+    params = SearchParams(k, draft_beams, gamma, mode, seed)
     return speculative_search(target, draft, prompts, index, params, keep_cache)

@@ -246,7 +246,7 @@ class FeatureDrafter:
             return logp, b
 
         steps, beams = draft_tree(score, beams, t, call.g, index, call.params,
-                                  self.model.head_columns)
+                                  self.model.head_columns, call.keys)
         return steps, beams, cache
 
 

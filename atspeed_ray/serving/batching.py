@@ -9,8 +9,10 @@ requests along the batch dimension (``Beams.cat``), run the core's ``draft_phase
 
 Stateless calls (``cache: stateless``): no KV cache outlives a call. The beams arrive with every
 cache slot forgotten (``Beams.forget_slots``), so each forward recomputes prompt + beams (``feed``
-with ``cache=None``). Requests that cannot be stacked (a different k or draft width, or a seeded
-relaxed request whose random stream must stay its own) run as separate groups of the same batch.
+with ``cache=None``). Requests that cannot be stacked (a different k or draft width, or relaxed
+requests with and without a seed) run as separate groups of the same batch. Relaxed requests of
+different seeds stack: each row samples from its own key (``ProposeCall.keys``, ``noise``), so
+its draws do not depend on the rows beside it, and no random state travels back.
 
 A request that carries a ``SessionRef`` (``cache: replica``) runs on its own tree cache kept in
 the replica's ``SessionStore`` (``cache.py``): one forward per such request (caches of different
@@ -48,8 +50,8 @@ class DraftRequest:
     t: Tensor  # [B]
     g: Tensor  # [B]
     prompts: list[list[int]]  # [B]
-    params: SearchParams  # without its generator (a generator does not travel)
-    generator_state: Tensor | None  # seeded relaxed request: its generator's state
+    params: SearchParams
+    keys: Tensor | None = None  # relaxed, seeded: [B] each row's drafting key of this round
     session: SessionRef | None = None  # cache: replica (None: a stateless call)
 
     @property
@@ -63,17 +65,13 @@ class DraftRequest:
 
     @classmethod
     def of(cls, call: ProposeCall, session: SessionRef | None = None) -> DraftRequest:
-        gen = call.params.generator
-        state = gen.get_state() if (call.params.seeded and gen is not None) else None
-        return cls(call.beams, call.t, call.g, call.prompts, replace(call.params, generator=None),
-                   state, session)
+        return cls(call.beams, call.t, call.g, call.prompts, call.params, call.keys, session)
 
 
 @dataclass
 class DraftReply:
     steps: list[DraftStep]  # G steps of [B, N] beams
     beams: Beams  # [B, K, L]
-    generator_state: Tensor | None  # the seeded generator's state after drafting
     compute_ms: float = 0.0  # time of the batched call this request was part of
     cache_hit: bool | None = None  # cache: replica: did the replica hold the request's cache
 
@@ -175,40 +173,33 @@ def stateless_groups(reqs: Sequence[T], done: Sequence[object | None], key: Call
 
 # ------------------------------------------------------------------------------ the work
 def _draft_key(r: DraftRequest) -> Hashable:
-    seeded = id(r) if r.generator_state is not None else None  # a seeded stream runs alone
-    return (r.beams.tokens.shape[1], r.params.N, r.params.sample, seeded)
+    # rows with keys and rows on torch's default generator do not stack
+    return (r.beams.tokens.shape[1], r.params.N, r.params.sample, r.keys is None)
 
 
-def _draft_one(model: torch.nn.Module, index: ItemIndex, r: DraftRequest, store: SessionStore,
-               generator: torch.Generator | None) -> DraftReply:
+def _draft_one(model: torch.nn.Module, index: ItemIndex, r: DraftRequest, store: SessionStore
+               ) -> DraftReply:
     """A request with a session: on its own cached tree (see ``cache.draft_cached``)."""
     assert r.session is not None
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    gen = generator
-    if r.generator_state is not None:
-        gen = torch.Generator(device=device)
-        gen.set_state(r.generator_state)
     steps, beams, hit = draft_cached(model, index, store, r.session, r.beams.to(device),
-                                     r.t.to(device), r.g.to(device), r.prompts,
-                                     replace(r.params, generator=gen))
-    state = gen.get_state() if r.generator_state is not None and gen is not None else None
-    return DraftReply([s.to(CPU) for s in steps], beams.to(CPU), state,
+                                     r.t.to(device), r.g.to(device), r.prompts, r.params, r.keys)
+    return DraftReply([s.to(CPU) for s in steps], beams.to(CPU),
                       (time.perf_counter() - t0) * 1000, hit)
 
 
 @torch.no_grad()
 def draft_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[DraftRequest],
-                generator: torch.Generator | None = None, store: SessionStore | None = None
-                ) -> list[DraftReply]:
-    """``draft_phase`` over a batch of requests (``index`` on the model's device); ``generator``
-    is the replica's own stream, for relaxed requests that did not bring one; requests with a
-    session run on their cache in ``store`` (one forward each)."""
+                store: SessionStore | None = None) -> list[DraftReply]:
+    """``draft_phase`` over a batch of requests (``index`` on the model's device); requests
+    with a session run on their cache in ``store`` (one forward each). Unseeded relaxed
+    requests sample from the replica's default torch generator."""
     device = next(model.parameters()).device
     out: list[DraftReply | None] = [None] * len(reqs)
     for i, r in enumerate(reqs):
         if r.session is not None and store is not None:
-            out[i] = _draft_one(model, index, r, store, generator)
+            out[i] = _draft_one(model, index, r, store)
     for idx in stateless_groups(reqs, out, _draft_key):
         t0 = time.perf_counter()
         group = [reqs[i] for i in idx]
@@ -218,17 +209,12 @@ def draft_batch(model: torch.nn.Module, index: ItemIndex, reqs: Sequence[DraftRe
         t = torch.cat([r.t for r in group]).to(device)
         g = torch.cat([r.g for r in group]).to(device)
         prompts = [p for r in group for p in r.prompts]
-        gen = generator
-        if first.generator_state is not None:
-            gen = torch.Generator(device=device)
-            gen.set_state(first.generator_state)
-        params = replace(first.params, generator=gen)
-        steps, beams, _ = draft_phase(model, None, beams, t, g, prompts, index, params)
+        keys = None if first.keys is None else torch.cat([r.keys for r in group])  # type: ignore[misc]
+        steps, beams, _ = draft_phase(model, None, beams, t, g, prompts, index, first.params, keys)
         per_step = [s.to(CPU).split(sizes) for s in steps]  # [G][request]
         for j, (i, r, b) in enumerate(zip(idx, group, beams.to(CPU).split(sizes))):
             own = [per_step[s][j] for s in range(r.G)]  # a request keeps its own G steps
-            state = gen.get_state() if first.generator_state is not None and gen is not None else None
-            out[i] = DraftReply(own, b, state, (time.perf_counter() - t0) * 1000)
+            out[i] = DraftReply(own, b, (time.perf_counter() - t0) * 1000)
     return out  # type: ignore[return-value]
 
 

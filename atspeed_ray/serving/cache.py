@@ -159,14 +159,15 @@ def resume(cache: TreeCache | None, ref: SessionRef, name: str, beams: Beams,
 
 @torch.no_grad()
 def draft_cached(model: torch.nn.Module, index: ItemIndex, store: SessionStore, ref: SessionRef,
-                 beams: Beams, t: Tensor, g: Tensor, prompts: list[list[int]], params: SearchParams
-                 ) -> tuple[list[DraftStep], Beams, bool]:
+                 beams: Beams, t: Tensor, g: Tensor, prompts: list[list[int]], params: SearchParams,
+                 keys: Tensor | None = None) -> tuple[list[DraftStep], Beams, bool]:
     """``draft_phase`` on the request's stored draft cache (or none: a miss); the cache is kept
-    for the next call. Returns the steps, the beams and whether the cache was a hit."""
+    for the next call (``keys``: relaxed sampling's, ``ProposeCall.keys``). Returns the steps,
+    the beams and whether the cache was a hit."""
     cache = store.take(ref)
     hit = cache is not None
     cache, beams, _ = resume(cache, ref, "draft", beams)
-    steps, beams, cache = draft_phase(model, cache, beams, t, g, prompts, index, params)
+    steps, beams, cache = draft_phase(model, cache, beams, t, g, prompts, index, params, keys)
     if cache is not None:  # None: a first call whose one step was a children step (no forward)
         store.put(ref, cache)
     return steps, beams, hit

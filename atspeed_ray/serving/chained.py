@@ -22,8 +22,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
-
 import torch
 
 from atspeed_ray.data.index import ItemIndex
@@ -41,25 +39,19 @@ async def drive(req: SpeculateRequest, index: ItemIndex, propose: ProposeFn, ver
     """One request's speculative loop on the target side (see the module docstring).
     ``release(key)`` frees the request's caches when it ends (``cache``: keyed calls)."""
     t0 = time.perf_counter()
-    gen = None
-    if req.generator_state is not None:
-        gen = torch.Generator()
-        gen.set_state(req.generator_state)
-    params = replace(req.params, generator=gen)
+    params = req.params
     models = RemoteModels(propose, verify, draft_timeout_s=draft_timeout_s,
                           session=uuid.uuid4().hex if cache else None)
     try:
         res = await remote_speculative(models, [req.prompt], index, params, dtype)
     except DraftUnavailable as e:
         reply = await beam(BeamRequest([req.prompt], params.k))
-        return SpeculateReply(reply.items[0], reply.scores[0], {}, None,
+        return SpeculateReply(reply.items[0], reply.scores[0], {},
                               (time.perf_counter() - t0) * 1000, fallback=e.reason,
                               detail=str(e)[:200], calls=models.calls["draft"])
     finally:
         if models.session is not None:
             release(models.session)
     stats = {n: res.stats[n][0] for n in STAT_NAMES}
-    return SpeculateReply(res.items[0], res.scores[0], stats,
-                          gen.get_state() if gen is not None else None,
-                          (time.perf_counter() - t0) * 1000, calls=models.calls["draft"],
+    return SpeculateReply(res.items[0], res.scores[0], stats, (time.perf_counter() - t0) * 1000, calls=models.calls["draft"],
                           cache_hits=models.hits["draft"] + models.hits["target"])

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.noise import row_streams
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.speculative import STAT_NAMES, speculative_search
 from atspeed_ray.serving.batching import group_by
@@ -31,8 +32,7 @@ from atspeed_ray.serving.batching import group_by
 @dataclass
 class SpeculateRequest:
     prompt: list[int]
-    params: SearchParams  # without its generator (a generator does not travel)
-    generator_state: Tensor | None = None  # a seeded relaxed request: its generator's state
+    params: SearchParams  # relaxed: its seed makes the request's random numbers
 
 
 @dataclass
@@ -40,7 +40,6 @@ class SpeculateReply:
     items: list[int]  # [k] (-1: fewer items exist)
     scores: Tensor  # [k]
     stats: dict[str, int]  # target_calls, draft_calls, rounds, accepted_steps
-    generator_state: Tensor | None = None
     compute_ms: float = 0.0
     # graph: chained (``chained.drive``): a draft that failed ("error" | "deadline": the items
     # are the target's beam search), the draft calls the target made, the cache hits they had
@@ -52,30 +51,27 @@ class SpeculateReply:
 
 def _key(r: SpeculateRequest) -> Hashable:
     p = r.params
-    return (p.k, p.N, p.gamma, p.mode, id(r) if r.generator_state is not None else None)
+    return (p.k, p.N, p.gamma, p.mode, p.seed is None)  # seeds differ per row, not per group
 
 
 @torch.no_grad()
 def speculate_batch(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
-                    reqs: Sequence[SpeculateRequest], generator: torch.Generator | None = None
-                    ) -> list[SpeculateReply]:
-    """``speculative_search`` over a batch of requests, one group per search setting (a seeded
-    relaxed request alone, on its own stream; others on the replica's ``generator``)."""
-    device = next(target.parameters()).device
+                    reqs: Sequence[SpeculateRequest]) -> list[SpeculateReply]:
+    """``speculative_search`` over a batch of requests, one group per search setting. Seeded
+    relaxed requests of different seeds share a group: each samples from its own stream, as row
+    0 of a search of its own (``noise.row_streams``), so its answer is the one it gets alone;
+    unseeded ones sample from the replica's default torch generator."""
     out: list[SpeculateReply | None] = [None] * len(reqs)
     for idx in group_by(reqs, _key):
         t0 = time.perf_counter()
-        first = reqs[idx[0]]
-        gen = generator
-        if first.generator_state is not None:
-            gen = torch.Generator(device=device)
-            gen.set_state(first.generator_state)
-        params = replace(first.params, generator=gen)
-        res = speculative_search(target, draft, [reqs[i].prompt for i in idx], index, params)
-        state = gen.get_state() if first.generator_state is not None and gen is not None else None
+        group = [reqs[i] for i in idx]
+        seeded = [row_streams(r.params.seed, 1) for r in group]
+        streams = None if seeded[0] is None else torch.cat(seeded)  # type: ignore[arg-type]
+        res = speculative_search(target, draft, [r.prompt for r in group], index, group[0].params,
+                                 streams=streams)
         ms = (time.perf_counter() - t0) * 1000
         scores = res.scores.cpu()
         for j, i in enumerate(idx):
             out[i] = SpeculateReply(res.items[j], scores[j], {n: res.stats[n][j] for n in STAT_NAMES},
-                                    state, ms)
+                                    ms)
     return out  # type: ignore[return-value]

@@ -9,11 +9,13 @@ Limits (documented in the OpenAPI schema at /docs):
 * the body: at most ``MAX_BODY_BYTES`` (64 KiB; more gets a 413 before parsing). A 422 echoes
   at most 200 characters of the input it names.
 * ``mode``: ``strict`` (lossless: the target's own beam search) or ``relaxed`` (sampling
-  verification; add ``seed`` for a reproducible answer).
+  verification; add ``seed``, 0 to ``SEED_MAX``, for a reproducible answer; without one the
+  ingress draws one at random, ``random_seed``, and reports it as ``stats.seed``).
 """
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,6 +29,12 @@ SERVED_DRAFT_KINDS = ("lm", "code-head", "compact-vocab")
 MAX_HISTORY = 50
 MAX_K = 50
 MAX_BODY_BYTES = 64 * 1024  # POST bodies: 50 ids of 19 digits are ~1 KiB
+SEED_MAX = 2**62  # a request's seed: 0..SEED_MAX (inside SearchParams' int64 range)
+
+
+def random_seed() -> int:
+    """The seed of a relaxed request that brought none (uniform over a request's seeds)."""
+    return secrets.randbelow(SEED_MAX + 1)
 
 ItemId = Annotated[int, Field(strict=True, ge=0, le=2**62)]
 
@@ -44,8 +52,9 @@ class RecommendRequest(BaseModel):
     k: int = Field(default=10, ge=1, le=MAX_K, description="Number of items to return.")
     mode: Mode = Field(default=DEFAULT_MODE, description="strict: exact target beam search; "
                                                      "relaxed: sampling verification.")
-    seed: int | None = Field(default=None, ge=0, le=2**62,
-                             description="relaxed mode: seed for a reproducible answer.")
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX,
+                             description="relaxed mode: seed for a reproducible answer (without "
+                                         "one, a random seed is drawn and reported as stats.seed).")
 
 
 class RecommendResponse(BaseModel):

@@ -25,7 +25,6 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from atspeed_ray.serving.chained import drive
 from atspeed_ray.serving.colocated import SpeculateReply, SpeculateRequest, speculate_batch
 from atspeed_ray.serving.config import (
     MAX_BODY_BYTES, MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings,
-    RecommendRequest, RecommendResponse,
+    RecommendRequest, RecommendResponse, random_seed,
 )
 from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
 from atspeed_ray.serving.http import field_error, stopping
@@ -165,7 +164,6 @@ class DraftModel(ModelReplica):
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
         self.apply_batch_settings(self.propose)
-        self.generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(4), "little"))
         self.fault = FaultConfig()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -180,7 +178,7 @@ class DraftModel(ModelReplica):
             raise RuntimeError("DraftModel fault injection: raise")
         if self.fault.fault == "delay":
             await asyncio.sleep(self.fault.fault_delay_s)
-        return await self.run(draft_batch, self.model, self.index, reqs, self.generator, self.store)
+        return await self.run(draft_batch, self.model, self.index, reqs, self.store)
 
 
 @serve.deployment(name="TargetModel", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -235,13 +233,11 @@ class SpeculativeModel(ModelReplica):
         d = ModelSettings.model_validate(draft_settings)
         self.draft = load_decoder(d.model, DeviceConfig(device=d.device, dtype=d.dtype, forward=d.forward))
         self.apply_batch_settings(self.speculate, self.beam_search)
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            int.from_bytes(os.urandom(4), "little"))
 
     @batched
     async def speculate(self, reqs: list[SpeculateRequest]) -> list[SpeculateReply]:
         self.observe_batch("speculate", len(reqs))
-        return await self.run(speculate_batch, self.model, self.draft, self.index, reqs, self.generator)
+        return await self.run(speculate_batch, self.model, self.draft, self.index, reqs)
 
     @batched
     async def beam_search(self, reqs: list[BeamRequest]) -> list[BeamReply]:
@@ -434,14 +430,13 @@ class Recommender:
         self.m_requests.inc(tags={"app_path": app_path, "mode": mode, "status": status})
 
     def search_params(self, req: RecommendRequest) -> SearchParams:
-        """The request's search: its k and mode, the app's gamma and draft width; a relaxed
-        request samples from its own generator (seeded by ``seed``, else at random)."""
-        gen: torch.Generator | None = None
+        """The request's search: its k and mode, the app's gamma and draft width. A relaxed
+        request always has a seed: its own, else one drawn here at random (``random_seed``; the
+        answer reports it as ``stats.seed``, so the same body with that seed gives it again)."""
+        seed = None
         if req.mode == "relaxed":
-            gen = torch.Generator()
-            gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "little"))
-        return SearchParams(req.k, self.args.draft_width(req.k), self.args.gamma, req.mode, gen,
-                            seeded=req.seed is not None,
+            seed = req.seed if req.seed is not None else random_seed()
+        return SearchParams(req.k, self.args.draft_width(req.k), self.args.gamma, req.mode, seed,
                             expand_last=self.args.expand_last if req.mode == "strict" else 0)
 
     async def _decode(self, req: RecommendRequest, arm: Arm = "speculative"
@@ -455,8 +450,11 @@ class Recommender:
         if speculate and ticket is None:
             self._fallback("draft_down", "a draft call failed moments ago", stats)
         elif ticket is not None:
-            answer = await (self._one_call(prompt, self.search_params(req), stats, calls) if self.one_call
-                            else self._speculative(prompt, self.search_params(req), stats, calls, ticket))
+            params = self.search_params(req)
+            if params.seed is not None:
+                stats["seed"] = params.seed
+            answer = await (self._one_call(prompt, params, stats, calls) if self.one_call
+                            else self._speculative(prompt, params, stats, calls, ticket))
             if answer is not None:
                 return answer
         elif self.speculative:  # adaptive routing chose the target alone: same strict answer
@@ -512,12 +510,10 @@ class Recommender:
         """graph: colocated / chained: one call; the SpeculativeModel (or the TargetModel, which
         calls the draft itself) runs the whole loop."""
         calls["target"] += 1
-        gen = params.generator
-        state = gen.get_state() if params.seeded and gen is not None else None
         t0 = time.perf_counter()
         try:
             reply: SpeculateReply = await asyncio.wait_for(_result(self.target.speculate.remote(
-                SpeculateRequest(prompt, replace(params, generator=None), state))),
+                SpeculateRequest(prompt, params))),
                 self.args.target_timeout_s)
         except Exception as e:  # noqa: BLE001 - the replica failed: one more try, the target alone
             logger.exception("speculative call failed")
@@ -530,8 +526,6 @@ class Recommender:
             self._fallback(reply.fallback, reply.detail, stats)
             stats.update(rounds=None, accepted_steps=None, target_forwards=self.catalog.index.L, **rtt)
             return self._answer(reply.items, reply.scores.tolist(), stats)
-        if reply.generator_state is not None and gen is not None:
-            gen.set_state(reply.generator_state)
         st = reply.stats
         stats.update(path="speculative", rounds=st["rounds"], accepted_steps=st["accepted_steps"],
                      target_forwards=st["target_calls"], draft_forwards=st["draft_calls"],

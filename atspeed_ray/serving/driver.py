@@ -61,8 +61,8 @@ class RemoteModels:
 
     ``calls`` counts the draft and target calls (also when one fails); ``times`` sums their
     round trips and the replicas' compute time (ms); ``hits`` counts the calls that found the
-    request's cache on their replica (``session`` set). A seeded request's generator state
-    travels to the draft and back (``SearchParams.seeded``)."""
+    request's cache on their replica (``session`` set). Relaxed sampling needs no state here:
+    each draft call carries its rows' keys (``ProposeCall.keys``), made from the seed."""
 
     propose: ProposeFn
     verify: VerifyFn
@@ -107,9 +107,6 @@ class RemoteModels:
             self.times["draft_rtt_ms"] += (time.perf_counter() - t0) * 1000
             self.times["draft_compute_ms"] += reply.compute_ms
             self.hits["draft"] += int(bool(reply.cache_hit))
-            gen = call.params.generator
-            if reply.generator_state is not None and gen is not None:
-                gen.set_state(reply.generator_state)
             return reply.steps, reply.beams
         if isinstance(call, VerifyCall):
             self.calls["target"] += 1

@@ -38,10 +38,9 @@ def _align_metrics(s: Setup, draft: torch.nn.Module) -> dict[str, float]:
     from atspeed_ray.decoding import speculative_beam_search
 
     cfg = s.cfg
-    gen = torch.Generator(device=next(draft.parameters()).device).manual_seed(cfg.seed)
     res = speculative_beam_search(s.target, draft, s.val.prompts, s.prepared.index, cfg.val_k,
                                   draft_beams=cfg.val_draft_beams, gamma=cfg.val_gamma,
-                                  mode=cfg.val_mode, generator=gen)
+                                  mode=cfg.val_mode, seed=cfg.seed)
     acc, rounds = sum(res.stats["accepted_steps"]), sum(res.stats["rounds"])
     out = {"val_accept": acc / max(rounds, 1),
            "val_target_calls": float(np.mean(res.stats["target_calls"]))}
