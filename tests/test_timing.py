@@ -27,10 +27,10 @@ def setup():
 @pytest.mark.parametrize("mode", ["strict", "relaxed"])
 def test_timed_search_gives_the_same_result_and_phases_sum_to_its_time(setup, mode):
     index, target, draft, prompts = setup
-    params = SearchParams(5, 10, 2, mode, torch.Generator().manual_seed(0))
+    params = SearchParams(5, 10, 2, mode, 0)
     plain = speculative_search(target, draft, prompts, index, params)
     timings = Timings()
-    params = SearchParams(5, 10, 2, mode, torch.Generator().manual_seed(0))
+    params = SearchParams(5, 10, 2, mode, 0)
     t0 = time.perf_counter()
     out = speculative_search(target, draft, prompts, index, params, timings=timings)
     outside = time.perf_counter() - t0
