@@ -4,7 +4,7 @@ oracle bound paired the same way, target calls per request, identical top-K, the
 breakdown, and the width each code needs (``training.feature.width_needed``).
 
     python results/beauty-smollm2/feature_bench.py --data DATA --target TARGET --draft DRAFT \
-        --out OUT.json [--k 1,3,5,10,20] [--num-prompts 16] [--repeat 2] [--gamma 3]
+        --out OUT.json [--k 1,3,5,10,20] [--num-prompts 16] [--repeat 2] [--gamma 3] [--threads 1]
 
 ``bench`` and ``evaluate`` do not load feature drafts yet; this script is what measured them.
 """
@@ -41,7 +41,11 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 beside other work: see results/trust/RUN.md)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = DeviceConfig(device="cpu", dtype="float32")
     data = load_prepared(args.data)
     target = load_decoder(args.target, dev)
