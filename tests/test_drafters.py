@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from atspeed_ray.data.errors import DataError
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding import beam_search
 from atspeed_ray.decoding.beam import Beams
@@ -96,7 +97,7 @@ def test_kinds_are_read_from_the_config_and_older_exports_still_load(tmp_path):
     (tmp_path / "config.json").write_text("{\n  bad")
     with pytest.raises(ValueError, match=r"config.json:2: "):
         draft_kind(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(DataError, match="no config.json"):  # the project's bad-input error
         draft_kind(tmp_path / "missing")
     with pytest.raises(ValueError, match="registered already"):
         register(DraftKind("lm", FIRST_CHILDREN.load, "another lm"))

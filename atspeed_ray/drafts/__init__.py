@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atspeed_ray.drafts.base import DRAFT_KIND_KEY, DraftKind, read_config
+from atspeed_ray.data.llm import read_config
+from atspeed_ray.drafts.base import DRAFT_KIND_KEY, DraftKind
 from atspeed_ray.drafts.feature import FEATURE
 from atspeed_ray.drafts.lm import CODE_HEAD, COMPACT_VOCAB, LM
 

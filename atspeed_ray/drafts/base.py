@@ -3,7 +3,6 @@ the checkpoint folder into a ``Drafter`` (the decoding core's contract, ``decodi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +21,3 @@ class DraftKind:
     name: str  # the value of ``DRAFT_KIND_KEY``
     load: Callable[[Path, DeviceConfig], Drafter]  # checkpoint folder, device -> drafter
     about: str  # one line for --help and errors
-
-
-def read_config(path: Path) -> dict:
-    """``path/config.json`` as a dict; a clear error naming the file when it is missing or bad."""
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
-    try:
-        out = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}:{e.lineno}: {e.msg}") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{cfg}: expected a JSON object")
-    return out

@@ -29,7 +29,8 @@ from atspeed_ray.decoding.beam import Beams, log_probs, take
 from atspeed_ray.decoding.cache import TreeCache
 from atspeed_ray.decoding.drafting import DraftStep, ProposeCall, draft_tree
 from atspeed_ray.decoding.feed import Context
-from atspeed_ray.drafts.base import DRAFT_KIND_KEY, DraftKind, read_config
+from atspeed_ray.data.llm import read_config
+from atspeed_ray.drafts.base import DRAFT_KIND_KEY, DraftKind
 
 KIND = "feature"
 WEIGHTS = "model.safetensors"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,11 +206,6 @@ def teacher_trees(target: torch.nn.Module, prompts: list[list[int]], index: Item
     return out
 
 
-def median(xs: list[int]) -> float:
-    s = sorted(xs)
-    return float(s[len(s) // 2]) if s else float("nan")
-
-
 def train_feature_draft(target: torch.nn.Module, index: ItemIndex, train: list[list[int]],
                         valid: list[list[int]], cfg: FeatureTraining, out: Path) -> dict:
     """Train a fresh ``FeatureDraft`` on ``target`` (an HF causal LM, frozen) in process and save
@@ -236,7 +232,7 @@ def train_feature_draft(target: torch.nn.Module, index: ItemIndex, train: list[l
             for name, w in width_needed(draft, tree.to(device), index, cfg.k).items():
                 widths.setdefault(name, []).extend(w)
         draft.train()
-        return {f"{name}_width_median": median(w) for name, w in widths.items()}
+        return {f"{name}_width_median": float(statistics.median_high(w)) for name, w in widths.items()}
 
     print(f"[feature] before training: {validate()}", flush=True)
     for epoch in range(1, cfg.epochs + 1):
