@@ -25,14 +25,15 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from atspeed_ray.settings import (
     AUTO, DEFAULT_COMPILE, DEFAULT_FORWARD, DEFAULT_PACK, EXPAND_LAST, FORWARDS, PRECISIONS,
-    draft_width,
+    TIMING_THREADS, draft_width,
 )
 
 if TYPE_CHECKING:
@@ -168,6 +169,23 @@ def timed(fn: Callable[[], X], repeat: int = 1) -> tuple[float, X]:
 def time_per_batch(one: Callable[[Batch], Any], prompt_batches: list[Batch], repeat: int) -> float:
     """Sum over batches of the best of ``repeat`` timings of ``one(batch)``."""
     return sum(timed(lambda b=b: one(b), repeat=repeat)[0] for b in prompt_batches)
+
+
+@contextmanager
+def timing_threads(device: torch.device, threads: int = TIMING_THREADS) -> Iterator[int]:
+    """Run the block with ``threads`` torch threads on the CPU (``settings.TIMING_THREADS``; 0
+    keeps torch's own count), the count before restored after; yields the count timed with."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 0:
+        yield before
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def device_clock(device: torch.device) -> Clock:
@@ -488,7 +506,7 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     bounds = [oracle_pass(target, k, params.gamma), oracle_pass(target, n, params.gamma),
               draft_round(draft, index, params)]
     beside = [lambda u, f=f: f(prompt_batches[u]) for f in bounds]
-    with torch.no_grad():
+    with torch.no_grad(), timing_threads(index.device) as threads:
         beam_search(target, prompt_batches[0], index, k)  # warm-up
         speculative_search(target, draft, prompt_batches[0], index, params)
         for f in beside:
@@ -515,6 +533,7 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
                      for key in (*STAT_NAMES, *POSITION_STAT_NAMES)})
     row.update(breakdown_ms(timings, len(prompts), t_plain, t_pass, t_tree, t_draft))
     row.update(width_columns(cover))
+    row["threads"] = threads
     if params.mode == "strict":
         row["identical_rate"] = sum(a == b for a, b in zip(out_items, ref_items)) / len(prompts)
     return row, ref_items, out_items

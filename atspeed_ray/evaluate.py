@@ -128,7 +128,7 @@ def plot(speed: list[dict[str, Any]], out: Path) -> None:
 
 SPEED_COLUMNS = [
     "method", "mode", "batch_size", "k", "draft_beams", "gamma", "expand_last", "walltime_speedup",
-    "ws_q1", "ws_q3", "ws_prompts", "unstable", "fraction_of_oracle",
+    "ws_q1", "ws_q3", "ws_prompts", "unstable", "threads", "fraction_of_oracle",
     "accepted_steps_per_round", "accepted_by_position",
     "target_calls_per_request", "draft_calls_per_request", "identical_rate",
     "code1_width_median", "code1_width_max", "code_width_by_position",

@@ -62,6 +62,12 @@ AUTO_WIDTH_FACTORS: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
 # validation prompts the choice is measured on
 AUTO_WIDTH_PROMPTS = 8
 
+# torch threads while timing on the CPU (bench, evaluate, the width chooser): with one thread a
+# background load only slows the clock, and both sides of a pair alike; with several, a thread
+# that shares its core with another process makes every parallel op wait for its time slice,
+# which changes the two sides' relative cost (results/trust/RUN.md). 0: torch's own default.
+TIMING_THREADS = 1
+
 # strict: a round's last drafted step holds every trie child of the step before it when they
 # number at most this many per request (``SearchParams.expand_last``; 0 = always the draft's top N)
 EXPAND_LAST = 0

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from atspeed_ray.benchmarking import (
-    DraftWidth, batches, device_clock, draft_round, interleaved, oracle_pass,
+    DraftWidth, batches, device_clock, draft_round, interleaved, oracle_pass, timing_threads,
 )
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.search import SearchParams
@@ -125,9 +125,10 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
     for p in grid:
         calls.append(lambda p=p: oracle_pass(target, p.N, p.gamma)(head))
         calls.append((lambda p=p: draft_round(draft, index, p)(head)) if p.gamma > 0 else (lambda: None))
-    for call in calls:  # warm-up: the first call at a new shape pays one-off costs
-        call()
-    seconds, _ = interleaved(calls, repeat, device_clock(index.device))  # [2 * candidates][repeat]
+    with timing_threads(index.device):
+        for call in calls:  # warm-up: the first call at a new shape pays one-off costs
+            call()
+        seconds, _ = interleaved(calls, repeat, device_clock(index.device))  # [2 * candidates][repeat]
     ms = [1e3 * min(s) / rows for s in seconds]
     out = [WidthCandidate(p.N, p.gamma, sum(r) / len(r), ms[2 * i], ms[2 * i + 1] if p.gamma > 0 else 0.0)
            for i, (p, r) in enumerate(zip(grid, rounds))]

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from atspeed_ray.benchmarking import BREAKDOWN_COLUMNS, measure_speculative
+from atspeed_ray.benchmarking import BREAKDOWN_COLUMNS, measure_speculative, timing_threads
+from atspeed_ray.settings import TIMING_THREADS
 from atspeed_ray.decoding import SearchParams, speculative_search
 from atspeed_ray.decoding.timing import PHASES, Timings
 from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
@@ -77,6 +78,18 @@ def test_bench_row_carries_the_breakdown_and_it_sums_to_the_measured_time(setup)
     assert 1 <= row["ws_passes"] <= 3 and isinstance(row["unstable"], bool)
     assert row["fraction_of_oracle"] == pytest.approx(row["ws"] / row["oracle_speedup"])
     assert 0 < row["fraction_of_oracle"]
+    assert row["threads"] == TIMING_THREADS
+
+
+def test_timing_runs_with_the_timing_threads_and_restores_the_count():
+    import torch
+
+    before = torch.get_num_threads()
+    with timing_threads(torch.device("cpu"), 1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with timing_threads(torch.device("cpu"), 0) as n:  # 0: torch's own count
+        assert n == before and torch.get_num_threads() == before
 
 
 def test_evaluate_speed_table_carries_the_breakdown_columns():
