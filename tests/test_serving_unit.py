@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import shutil
 from pathlib import Path
 
 import httpx
@@ -517,6 +518,16 @@ def test_bad_paths_are_refused_in_one_line_before_any_replica(small, tmp_path, c
              ({"target": str(root / "models/target"), "draft": str(root / "data")}, "config.json"),
              ({"target": str(root / "models/target"), "draft": str(root / "models/draft"),
                "data": str(tmp_path)}, "not a prepared data folder")]
+    # corrupt checkpoints (a truncated weight file, a foreign one, a config that is not JSON):
+    # refused from their headers, naming the file, before Ray starts
+    for name, corrupt in (("truncated", lambda w: w.write_bytes(w.read_bytes()[:1000])),
+                          ("foreign", lambda w: w.write_bytes(b"not a checkpoint")),
+                          ("config", lambda w: (w.parent / "config.json").write_text("{oops"))):
+        copy = tmp_path / name
+        shutil.copytree(root / "models/draft", copy)
+        corrupt(copy / "model.safetensors")
+        needle = "config.json:1" if name == "config" else "model.safetensors: not a readable safetensors"
+        cases.append(({"target": str(root / "models/target"), "draft": str(copy)}, needle))
     for args, needle in cases:
         with pytest.raises(ValueError, match=needle) as e:
             build_app(args)

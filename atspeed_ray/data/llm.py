@@ -44,6 +44,26 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise DataError(f"invalid JSON ({e.msg})", path, e.lineno) from e
 
 
+def check_checkpoint(model_dir: str | Path) -> None:
+    """A model folder's config.json parses and every ``*.safetensors`` weight file has a whole
+    header that covers the file (``safe_open``: header only, no tensor is read), else a DataError
+    naming the file: a truncated or foreign file is refused in well under a second, before any
+    replica or worker starts."""
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(model_dir)
+    read_config(root)
+    weights = sorted(root.glob("*.safetensors"))
+    if not weights:
+        raise DataError("model folder without weights (no *.safetensors file)", root)
+    for path in weights:
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise DataError(f"not a readable safetensors file ({e})", path) from None
+
+
 def load_base_tokenizer(model_dir: str | Path) -> "PreTrainedTokenizerBase":
     """The tokenizer of a local HF model folder, or a DataError naming what is missing."""
     from transformers import AutoTokenizer

@@ -203,6 +203,8 @@ class AppArgs(BaseModel):
     def check_paths(self) -> None:
         """Refuse, in one line, paths the replicas could not start from (before they start)."""
         from atspeed_ray.data.catalog import catalog_source_error
+        from atspeed_ray.data.errors import DataError
+        from atspeed_ray.data.llm import check_checkpoint
 
         models = [("target", self.target)] + ([("draft", self.draft)] if self.speculative else [])
         for name, path in models:
@@ -219,6 +221,11 @@ class AppArgs(BaseModel):
         error = catalog_source_error(self.data, self.target)
         if error is not None:
             raise ValueError(error)
+        for name, path in models:  # a truncated or foreign weight file: refused here in < 1 s
+            try:
+                check_checkpoint(path)  # type: ignore[arg-type]
+            except DataError as e:
+                raise ValueError(f"{name}: {e}") from None
 
     @property
     def speculative(self) -> bool:
