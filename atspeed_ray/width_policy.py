@@ -18,7 +18,6 @@ Torch-free: the CLI's ``--help`` and the serving config import it.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -104,23 +103,19 @@ class WidthPolicy:
         return AUTO if self.auto else LEVEL_SEP.join(map(str, self.levels))
 
 
-def parse_width(text: str) -> WidthPolicy:
-    """An argparse type: one ``--draft-beams`` policy."""
-    try:
-        return WidthPolicy.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def parse_widths(text: str) -> list[WidthPolicy]:
-    """An argparse type: ``--draft-beams 1k,2k/8k,auto``: several policies, each timed as its
-    own row (a sweep beside the automatic choice, in one process)."""
-    return [parse_width(t) for t in text.split(",") if t.strip()] or [parse_width("")]
-
-
 def _policy(value: Any) -> Any:
     return WidthPolicy.parse(value, "draft_beams") if isinstance(value, (str, int)) else value
 
 
+def _policies(value: Any) -> Any:
+    if isinstance(value, str):
+        return [WidthPolicy.parse(t, "draft_beams") for t in value.split(",") if t.strip()] \
+            or [WidthPolicy.parse("", "draft_beams")]
+    return value
+
+
 # a pydantic field holding a policy: given as its text (or an int N), shown as its text
 Width = Annotated[WidthPolicy, BeforeValidator(_policy), PlainSerializer(str, return_type=str)]
+# several, comma-separated (``bench --draft-beams 1k,2k/8k,auto``: each timed as its own row)
+Widths = Annotated[list[WidthPolicy], BeforeValidator(_policies),
+                   PlainSerializer(lambda ws: ",".join(map(str, ws)), return_type=str)]
