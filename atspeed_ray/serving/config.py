@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from atspeed_ray.serving.routing import PROBE_BACKOFF, PROBE_EVERY
 from atspeed_ray.settings import (
-    DEFAULT_GAMMA, DEFAULT_MODE, EXPAND_LAST, Dtype, Forward, Mode,
+    DEFAULT_DRAFT_BEAMS, DEFAULT_GAMMA, DEFAULT_MODE, EXPAND_LAST, Dtype, Forward, Mode,
 )
 from atspeed_ray.width_policy import WidthPolicy
 
@@ -154,7 +154,7 @@ class AppArgs(BaseModel):
         description="strict: a round's last drafted step holds every trie child of the step before "
                     "it when there are at most this many per request (0: the draft's top N)")
     draft_beams_factor: Annotated[float, Field(ge=1.0, le=8.0)] | str = Field(
-        default=1.0, description="draft width N = ceil(factor * k); auto: N per k measured when the "
+        default=DEFAULT_DRAFT_BEAMS, description="draft width N = ceil(factor * k); auto: N per k measured when the "
                                  "app is built (draft_widths); or any width policy as bench's "
                                  "--draft-beams writes it (20, 2k, or per code position 2k/8k/2k)")
     draft_widths: dict[int, int] = Field(
