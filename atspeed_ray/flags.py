@@ -4,7 +4,11 @@ A command that parses its flags into a pydantic model declares which fields it e
 option takes its name (``--field-name``), type, default, choices (a ``Literal`` field) and help
 (the field's description) from the field, so a default is written once, in the model. Booleans
 become switches: ``--name`` for a field that defaults to False; a field that defaults to True
-needs an explicit ``flag`` (for example ``--no-dist`` for ``with_dist``) and clears it.
+needs an explicit ``flag`` (for example ``--no-dist`` for ``with_dist``) that clears it, or an
+``action`` (``argparse.BooleanOptionalAction``: ``--pack`` / ``--no-pack``). A ``list[int]``
+field takes comma-separated integers (``--k 1,5,10``); a field with a pydantic
+``BeforeValidator`` takes its text through it (``--draft-beams 2k/8k``: ``width_policy.Width``).
+``validated`` then builds the model from the parsed values, so its range checks run too.
 
 Imports nothing heavy (only argparse and pydantic), so ``--help`` stays fast.
 """
