@@ -298,6 +298,21 @@ def test_strict_equals_beam_search_with_a_width_per_level(setup, fast_models, k,
                 assert_same_as_beam_search(out, ref)
 
 
+def test_a_step_is_as_wide_as_its_widest_drafting_request():
+    from atspeed_ray.decoding.beam import Step
+    from atspeed_ray.decoding.drafting import level_widths, narrow
+
+    params = SearchParams(2, (2, 8, 4))
+    depth, drafting = torch.tensor([0, 1, 3]), torch.tensor([True, False, True])
+    width, own = level_widths(params, depth, drafting)
+    assert width == 4 and own is not None and own.tolist() == [2, 8, 4]  # row 1 drafts nothing
+    assert level_widths(SearchParams(2, 6), depth, drafting) == (6, None)
+    step = Step(*(torch.zeros(3, 4, dtype=torch.long) for _ in range(2)), torch.zeros(3, 4),
+                torch.ones(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long))
+    kept = torch.isfinite(narrow(step, own).score)
+    assert kept.sum(1).tolist() == [2, 4, 4] and not kept[0, 2:].any()
+
+
 def test_relaxed_with_a_width_per_level_is_the_same_alone_and_in_a_batch(setup):
     """A request's first N_l draws are its own whatever width its batch drafts at."""
     index, V, target, unrelated, prompts = setup
