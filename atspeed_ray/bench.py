@@ -8,57 +8,52 @@ from __future__ import annotations
 
 import argparse
 
+from pydantic import Field
+
 from atspeed_ray.benchmarking import (
-    add_compile_arg, add_expand_arg, add_forward_arg, add_precision_arg, batches, measure_speculative,
-    parse_widths, positive, search_params, timed, write_json,
-    ws_text,
+    SWITCHES, SpeedFlags, batches, measure_speculative, search_params, timed, write_json, ws_text,
 )
-from atspeed_ray.flags import parse_counts, parse_ks
-from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, DEFAULT_KS, DEFAULT_MODE, MODES
+from atspeed_ray.flags import options, validated
+from atspeed_ray.settings import DEFAULT_DRAFT_BEAMS
+from atspeed_ray.width_policy import Widths, WidthPolicy
+
+
+class BenchBeamFlags(SpeedFlags):
+    """``bench-beam``'s own flags (the others: ``SpeedFlags``)."""
+
+    model: str | None = Field(None, description="HF model dir (default: random model of --preset)")
+    preset: str = Field("cpu", description="preset of the random target if no --model")
+    num_prompts: int = Field(30, ge=1, description="prompts decoded")
+
+
+class BenchFlags(SpeedFlags):
+    """``bench``'s own flags (the others: ``SpeedFlags``)."""
+
+    draft: str = Field(description="HF model dir of the draft")
+    draft_beams: Widths = Field(
+        default_factory=lambda: [WidthPolicy.parse(DEFAULT_DRAFT_BEAMS)],
+        description=SpeedFlags.model_fields["draft_beams"].description + "; several, "
+        "comma-separated, are each timed (a sweep beside auto)")
+    num_prompts: int = Field(100, ge=1, description="prompts timed")
+    batch_size: list[int] = Field(default_factory=lambda: [1], description=(
+        "requests decoded together; several (1,8,32) are each timed"))
+    repeat: int = Field(3, ge=1, description=SpeedFlags.model_fields["repeat"].description)
+
+
+BENCH_BEAM_FIELDS = ("data", "model", "preset", "k", "num_prompts", "split", "device", "forward",
+                     "out")
+BENCH_FIELDS = ("data", "target", "draft", "k", "mode", "draft_beams", "calibration_prompts",
+                "gamma", "num_prompts", "batch_size", "split", "seed", "repeat", "device",
+                "forward", "compile", "pack", "precision", "expand_last", "out")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench-beam", help="our beam_search vs HF generate(prefix_allowed_tokens_fn)")
-    p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
-    p.add_argument("--model", default=None, help="HF model dir (default: random model of --preset)")
-    p.add_argument("--preset", default="cpu", help="preset of the random target if no --model")
-    p.add_argument("--k", type=parse_ks, default=list(DEFAULT_KS))
-    p.add_argument("--num-prompts", type=int, default=30)
-    p.add_argument("--split", default="test")
-    p.add_argument("--device", default="auto")
-    add_forward_arg(p)
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    options(p, BenchBeamFlags, BENCH_BEAM_FIELDS)
     p.set_defaults(func=run_bench_beam)
 
     p = sub.add_parser("bench", help="speculative beam search vs the target's beam search")
-    p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
-    p.add_argument("--target", required=True, help="HF model dir of the target")
-    p.add_argument("--draft", required=True, help="HF model dir of the draft")
-    p.add_argument("--k", type=parse_ks, default=list(DEFAULT_KS))
-    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
-    p.add_argument("--draft-beams", type=parse_widths, default=parse_widths("1k"),
-                   help="draft width: N, a multiple of K such as 2k (raised to K where smaller), or "
-                        "auto: chosen per K and batch size by measured cost on --calibration-prompts "
-                        "validation prompts; several, comma-separated, are each timed (a sweep beside "
-                        "auto) (default: K)")
-    p.add_argument("--calibration-prompts", type=positive, default=AUTO_WIDTH_PROMPTS,
-                   help="--draft-beams auto: validation prompts the choice is measured on")
-    p.add_argument("--gamma", type=int, default=3)
-    p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--batch-size", type=parse_counts, default=[1],
-                   help="requests decoded together; several (1,8,32) are each timed")
-    p.add_argument("--split", default="test")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeat", type=positive, default=3,
-                   help="time beam search and speculation on every prompt (batch) this many "
-                        "times, back to back, the order alternating; WS is the median of the "
-                        "per-prompt ratios")
-    p.add_argument("--device", default="auto")
-    add_forward_arg(p)
-    add_compile_arg(p)
-    add_precision_arg(p)
-    add_expand_arg(p)
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    options(p, BenchFlags, BENCH_FIELDS, **SWITCHES)
     p.set_defaults(func=run_bench)
 
 
@@ -83,6 +78,7 @@ def hf_constrained_topk(model, prompt: list[int], index, k: int, pad_id: int) ->
 
 
 def run_bench_beam(args: argparse.Namespace) -> int:
+    validated(args, BenchBeamFlags, BENCH_BEAM_FIELDS)
     import torch
 
     from atspeed_ray.data.prepare import open_data
@@ -173,8 +169,8 @@ def position_line(row: dict) -> str:
 
 
 def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list[int]],
-              targets: list[list[int]], calibration: list[list[int]], k: int, width,
-              batch_size: int) -> dict:
+              targets: list[list[int]], calibration: list[list[int]], k: int,
+              width: WidthPolicy, batch_size: int) -> dict:
     """Time one row (batch size, K, width spec) and print it; ``auto`` is chosen first."""
     from atspeed_ray.width import row_params
 
@@ -184,7 +180,7 @@ def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list
                                 args.repeat)
     row, ref_items, out_items = measure_speculative(target, draft, index, prompts, params,
                                                     batch_size, args.repeat)
-    row["draft_beams_spec"] = repr(width)
+    row["draft_beams_spec"] = str(width)
     if choice is not None:
         row["width_choice"] = choice.record()
     print(bench_line(row, ref_items, out_items, targets) + ("  (auto)" if choice else ""))
@@ -194,6 +190,7 @@ def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    validated(args, BenchFlags, BENCH_FIELDS)
     from atspeed_ray.data.prepare import open_data
     from atspeed_ray.models import DeviceConfig, decoding_dtype, load_decoder
 
@@ -227,7 +224,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                       k, width, batch_size))
     result = {"target": args.target, "draft": args.draft, "mode": args.mode, "gamma": args.gamma,
               "split": args.split, "prompts": len(prompts), "batch_sizes": args.batch_size,
-              "draft_beams": [repr(w) for w in args.draft_beams],
+              "draft_beams": [str(w) for w in args.draft_beams],
               "repeat": args.repeat,
               "device": str(dev.torch_device()), "forward": args.forward, "compile": args.compile,
               "pack": args.pack,

@@ -1,7 +1,8 @@
 """What ``bench`` and ``evaluate`` share: their command-line values and the speed measurements.
 
 * command line (the integer lists ``--k`` and ``--batch-size`` are ``flags.parse_ks`` / ``parse_counts``):
-  ``DraftWidth`` (``--draft-beams 20``, ``2k`` or ``auto``), ``add_forward_arg``, ``positive``;
+  ``SpeedFlags``, the fields their flags are generated from (``flags.options``; ``--draft-beams``
+  is a ``width_policy.WidthPolicy``), and ``positive``;
 * measurements: ``timed`` / ``time_per_batch``, the bounds' calls (``oracle_pass``: one target
   pass over a full tree; ``draft_round``: the draft's first round, ``draft_round_time`` times
   it alone) and ``measure_speculative``, which times the target's beam search against
@@ -31,10 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from atspeed_ray.settings import (
-    AUTO, DEFAULT_COMPILE, DEFAULT_FORWARD, DEFAULT_PACK, EXPAND_LAST, FORWARDS, PRECISIONS,
-    TIMING_THREADS, draft_width,
+    AUTO_WIDTH_PROMPTS, DEFAULT_COMPILE, DEFAULT_DRAFT_BEAMS, DEFAULT_FORWARD, DEFAULT_GAMMA,
+    DEFAULT_KS, DEFAULT_MODE, DEFAULT_PACK, EXPAND_LAST, TIMING_THREADS, Forward, Mode,
+    Precision,
 )
+from atspeed_ray.width_policy import Width, WidthPolicy
 
 if TYPE_CHECKING:
     import torch
@@ -68,71 +73,55 @@ def positive(text: str) -> int:
 
 
 
-class DraftWidth:
-    """``--draft-beams``: a fixed width N ("20"), a multiple of K ("2k"; never below K), or
-    ``auto``: chosen per K by measured cost (``width.row_params``)."""
+class SpeedFlags(BaseModel):
+    """The flags ``bench``, ``bench-beam``, ``evaluate`` and ``draft_tradeoff`` share, each
+    default defined here once; each command lists the fields it exposes (``flags.options``:
+    name, type, default, choices and help come from the field) and may add its own in a
+    subclass (``bench.BenchFlags``, ``evaluate.EvaluateFlags``)."""
 
-    def __init__(self, text: str):
-        t = text.strip().lower()
-        self.auto = t == AUTO
-        if self.auto:
-            self.factor, self.fixed, self.text = None, None, AUTO
-            return
-        try:
-            self.factor = float(t[:-1]) if t.endswith("k") else None
-            self.fixed = None if t.endswith("k") else int(t)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--draft-beams must be N or a multiple of K like 2k, got {text!r}")
-        if (self.factor is not None and self.factor < 1) or (self.fixed is not None and self.fixed < 1):
-            raise argparse.ArgumentTypeError(f"--draft-beams must be >= 1 (or >= 1k), got {text!r}")
-        self.text = text
+    model_config = ConfigDict(extra="forbid")
 
-    def of(self, k: int) -> int:
-        """N for ``k``: the fixed width, or ceil(factor * k) as the serve configs'
-        draft_beams_factor; at least k (``auto``: k, until ``width.row_params`` measures it)."""
-        if self.auto:
-            return k
-        if self.fixed is not None:
-            return max(self.fixed, k)
-        assert self.factor is not None
-        return draft_width(k, self.factor)
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-def parse_widths(text: str) -> list[DraftWidth]:
-    """``bench --draft-beams 1k,2k,auto``: several widths, each timed as its own row (a sweep
-    beside the automatic choice, in one process)."""
-    return [DraftWidth(t) for t in text.split(",") if t.strip()] or [DraftWidth("")]
-
-
-def add_forward_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--forward", choices=FORWARDS, default=DEFAULT_FORWARD,
-                   help="decoding forward: compact FastLlama (Llama checkpoints) or the HF model's")
-
-
-def add_compile_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=DEFAULT_COMPILE,
-                   help="torch.compile FastLlama's per-layer blocks (see the README's "
-                        "'Compiled decoding step' for when it pays)")
-    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=DEFAULT_PACK,
-                   help="lay FastLlama's weights out once for the CPU GEMM library (oneDNN bf16, "
-                        "MKL fp32; not with --compile, nothing on a GPU)")
+    data: str = Field(description="prepared folder, release folder or 'synthetic'")
+    target: str = Field(description="HF model dir of the target")
+    k: list[int] = Field(default_factory=lambda: list(DEFAULT_KS),
+                         description="K values (items returned), comma-separated")
+    mode: Mode = Field(DEFAULT_MODE, description="verification: strict top-K (the target's own "
+                                                 "beam search) or relaxed sampling")
+    draft_beams: Width = Field(
+        default_factory=lambda: WidthPolicy.parse(DEFAULT_DRAFT_BEAMS),
+        description="draft width: N, a multiple of K such as 2k (raised to K where smaller), "
+                    "auto (chosen per K and batch size by measured cost on "
+                    "--calibration-prompts validation prompts), or one of those per code "
+                    "position, first code first, the last holding for later codes, such as "
+                    "2k/8k/2k (the draft keeps that many beams at that code)")
+    calibration_prompts: int = Field(AUTO_WIDTH_PROMPTS, ge=1, description="--draft-beams "
+                                     "auto: validation prompts the choice is measured on")
+    gamma: int = Field(DEFAULT_GAMMA, ge=0, description="draft steps per round")
+    seed: int = Field(0, ge=0, description="relaxed mode's seed")
+    repeat: int = Field(2, ge=1, description=(
+        "time beam search and speculation on every prompt (batch) this many times, back to "
+        "back, the order alternating; WS is the median of the per-prompt ratios"))
+    split: str = Field("test", description="the split whose prompts are decoded")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
+    forward: Forward = Field(DEFAULT_FORWARD, description="decoding forward: compact FastLlama "
+                                                          "(Llama checkpoints) or the HF model's")
+    compile: bool = Field(DEFAULT_COMPILE, description="torch.compile FastLlama's per-layer "
+                          "blocks (see the README's 'Compiled decoding step' for when it pays)")
+    pack: bool = Field(DEFAULT_PACK, description="lay FastLlama's weights out once for the CPU "
+                       "GEMM library (oneDNN bf16, MKL fp32; not with --compile, nothing on a GPU)")
+    precision: Precision = Field("auto", description=(
+        "decoding dtype: auto = bf16 on a GPU, fp32 on a CPU; bf16 on a CPU with AMX or "
+        "AVX512-BF16 (fp32 on other CPUs); the one used is printed"))
+    expand_last: int = Field(EXPAND_LAST, ge=0, description=(
+        "strict: a round's last drafted step holds every trie child of the step before it when "
+        "there are at most this many per request (no draft forward for it; accepted whenever "
+        "the step before is); 0 = the draft's top N"))
+    out: str | None = Field(None, description="write the results as JSON here")
 
 
-def add_expand_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--expand-last", type=int, default=EXPAND_LAST, metavar="M",
-                   help="strict: a round's last drafted step holds every trie child of the step "
-                        "before it when there are at most M per request (no draft forward for "
-                        "it; accepted whenever the step before is); 0 = the draft's top N "
-                        "(default: %(default)s)")
-
-
-def add_precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="decoding dtype: auto = bf16 on a GPU, fp32 on a CPU; bf16 on a CPU with "
-                        "AMX or AVX512-BF16 (fp32 on other CPUs); the one used is printed")
+# the decoding flags' switches: --compile/--no-compile, --pack/--no-pack
+SWITCHES = {"compile": {"action": argparse.BooleanOptionalAction},
+            "pack": {"action": argparse.BooleanOptionalAction}}
 
 
 def write_json(out: str | None, result: dict) -> None:
@@ -581,6 +570,7 @@ def speed_row(params: SearchParams, batch_size: int, speedup: Speedup, times: Pa
     oracle = times.bound([0])
     return {
         "k": params.k, "draft_beams": params.N, "gamma": params.gamma, "mode": params.mode,
+        "level_widths": list(params.widths),  # per code position, the last holding for later codes
         "expand_last": params.expand_last,
         "batch_size": batch_size, "beam_search_s": t_plain, "speculative_s": t_spec,
         **speedup.fields(),
@@ -615,12 +605,12 @@ def position_acceptance(stats: dict[str, list]) -> dict[str, Any]:
     return out
 
 
-def search_params(k: int, width: DraftWidth, gamma: int, mode: str, seed: int,
+def search_params(k: int, width: WidthPolicy, gamma: int, mode: str, seed: int,
                   device: torch.device, expand_last: int = EXPAND_LAST) -> SearchParams:
-    """The search of one table row: width ``width.of(k)``; relaxed sampling seeded with
+    """The search of one table row: width ``width.resolve(k)``; relaxed sampling seeded with
     ``seed`` (``device`` is unused: the numbers are made where sampling happens); children steps
     (``expand_last``) in strict rows only."""
     from atspeed_ray.decoding.search import SearchParams
 
-    return SearchParams(k, width.of(k), gamma, mode, seed,  # type: ignore[arg-type]
+    return SearchParams(k, width.resolve(k), gamma, mode, seed,  # type: ignore[arg-type]
                         expand_last=expand_last if mode == "strict" else 0)

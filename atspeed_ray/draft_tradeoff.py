@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from atspeed_ray.benchmarking import (
-    DraftWidth, add_expand_arg, add_precision_arg, positive, search_params,
-)
+from atspeed_ray.benchmarking import SpeedFlags, search_params
+from atspeed_ray.flags import options
+from atspeed_ray.width_policy import WidthPolicy
 
 
 def named_dir(text: str) -> tuple[str, str]:
@@ -62,8 +62,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         draft = load_decoder(path, dev)
         row: dict[str, Any] = {"draft": name, "path": path, **draft_size(draft), "by_n": {}}
         for n in args.draft_beams:
-            params = search_params(args.k, DraftWidth(str(n)), args.gamma, "strict", 0, index.device,
-                                   args.expand_last)
+            params = search_params(args.k, WidthPolicy.parse(str(n)), args.gamma, "strict", 0,
+                                   index.device, args.expand_last)
             row["by_n"][n] = measure_one(target, draft, index, prompts, params, args.repeat)
             print(f"{name:16s} N={n:<3d} {line(row['by_n'][n])}", flush=True)
         rows.append(row)
@@ -127,13 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft", type=named_dir, action="append", required=True, help="NAME=DIR")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--draft-beams", type=lambda s: [int(x) for x in s.split(",")], default=[10, 20])
-    p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=20)
-    p.add_argument("--split", default="test")
-    p.add_argument("--repeat", type=positive, default=2)
     p.add_argument("--device", default="cpu")
-    add_precision_arg(p)
-    add_expand_arg(p)
+    options(p, SpeedFlags, ("gamma", "split", "repeat", "precision", "expand_last"))
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     result = measure(args)

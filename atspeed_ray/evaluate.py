@@ -23,47 +23,39 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from atspeed_ray.benchmarking import (
-    BREAKDOWN_COLUMNS, DraftWidth, add_compile_arg, add_expand_arg, add_forward_arg,
-    add_precision_arg, batches, measure_speculative, positive,
-    search_params, ws_text,
+    BREAKDOWN_COLUMNS, SWITCHES, SpeedFlags, batches, measure_speculative, search_params, ws_text,
 )
-from atspeed_ray.flags import parse_counts, parse_ks
+from atspeed_ray.flags import options, validated
 from atspeed_ray.report import results_screen, write_table
-from atspeed_ray.settings import AUTO_WIDTH_PROMPTS, DEFAULT_KS, MODES
+from atspeed_ray.settings import MODES
 from atspeed_ray.reference.config import add_reference_args, reference_config
+
+
+class EvaluateFlags(SpeedFlags):
+    """``evaluate``'s own flags (the others: ``SpeedFlags``)."""
+
+    draft: list[str] = Field(description="a draft model dir (repeatable)")
+    out: str = Field(description="output folder for tables and plots")  # type: ignore[assignment]
+    num_prompts: int | None = Field(None, ge=1, description="accuracy prompts (default: all)")
+    timing_prompts: int = Field(50, ge=1, description="prompts timed per row")
+    timing_batch: list[int] = Field(default_factory=lambda: [1], description=(
+        "requests per call in the timed rows; several (1,8,32) each get rows"))
+    batch_size: int = Field(32, ge=1, description="batch size for accuracy runs")
+    modes: str = Field(",".join(MODES), description="verification modes, comma-separated")
+
+
+EVALUATE_FIELDS = ("data", "target", "draft", "k", "out", "draft_beams", "calibration_prompts",
+                   "gamma", "num_prompts", "timing_prompts", "timing_batch", "repeat",
+                   "batch_size", "modes", "seed", "device", "forward", "compile", "pack",
+                   "precision", "expand_last")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="paper-style tables: accuracy and speed for each draft")
-    p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
-    p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True, action="append", help="a draft model dir (repeatable)")
-    p.add_argument("--k", type=parse_ks, default=list(DEFAULT_KS))
-    p.add_argument("--out", required=True, help="output folder for tables and plots")
-    p.add_argument("--draft-beams", type=DraftWidth, default=DraftWidth("1k"),
-                   help="draft width: N, a multiple of K such as 2k (at least K), or auto: chosen per "
-                        "draft, K and timing batch by measured cost on --calibration-prompts "
-                        "validation prompts (default: K)")
-    p.add_argument("--calibration-prompts", type=positive, default=AUTO_WIDTH_PROMPTS,
-                   help="--draft-beams auto: validation prompts the choice is measured on")
-    p.add_argument("--gamma", type=int, default=3)
-    p.add_argument("--num-prompts", type=int, default=None, help="accuracy prompts (default: all)")
-    p.add_argument("--timing-prompts", type=int, default=50, help="prompts timed per row")
-    p.add_argument("--timing-batch", type=parse_counts, default=[1],
-                   help="requests per call in the timed rows; several (1,8,32) each get rows")
-    p.add_argument("--repeat", type=positive, default=2,
-                   help="time beam search and speculation on every timed prompt (batch) this "
-                        "many times, back to back, the order alternating; WS is the median of "
-                        "the per-prompt ratios (at least 2 to see whether repeats agree)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size for accuracy runs")
-    p.add_argument("--modes", default="strict,relaxed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    add_forward_arg(p)
-    add_compile_arg(p)
-    add_precision_arg(p)
-    add_expand_arg(p)
+    options(p, EvaluateFlags, EVALUATE_FIELDS, draft={"action": "append"}, **SWITCHES)
     add_reference_args(p)
     p.set_defaults(func=run_evaluate)
 
@@ -167,7 +159,7 @@ class Setup:
             self.choices[key] = row_params(params, a.draft_beams, self.target, self.drafts[name],
                                            self.index, self.calibration, batch_size, a.repeat)
         chosen, choice = self.choices[key]
-        return replace(params, draft_beams=chosen.N, gamma=chosen.gamma), choice
+        return replace(params, draft_beams=chosen.draft_beams, gamma=chosen.gamma), choice
 
 
 def load_setup(args: argparse.Namespace) -> Setup:
@@ -237,8 +229,7 @@ def accuracy_table(s: Setup) -> list[dict[str, Any]]:
     if "relaxed" in s.modes:
         for name, draft in s.drafts.items():
             def relaxed(k: int) -> SearchParams:  # auto: the width chosen at the first timing batch
-                chosen, _ = s.params(name, k, "relaxed", args.timing_batch[0])
-                return SearchParams(k, chosen.N, chosen.gamma, "relaxed", args.seed)
+                return s.params(name, k, "relaxed", args.timing_batch[0])[0]
 
             add_accuracy(name, "relaxed", {k: ranked(lambda b, p=relaxed(k): speculative_search(
                 s.target, draft, b, index, p)) for k in ks})
@@ -270,6 +261,7 @@ def speed_table(s: Setup) -> list[dict[str, Any]]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    validated(args, EvaluateFlags, EVALUATE_FIELDS)
     s = load_setup(args)
     out = s.out
     print(f"evaluate: {len(s.prompts)} test prompts, K={args.k}, drafts={list(s.drafts)}, "

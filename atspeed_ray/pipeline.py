@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atspeed_ray.report import below_references, results_screen, wrap_line
 from atspeed_ray.settings import LossName
+from atspeed_ray.width_policy import Width
 
 
 VERBOSE_ENV = "ATSPEED_VERBOSE"
@@ -80,7 +81,9 @@ class PipelineConfig(BaseModel):
     eval_k: list[int] = [1, 5, 10]
     eval_prompts: int | None = None
     timing_prompts: int = 30
-    draft_beams: int | str | None = None  # N, or a multiple of K such as "2k"
+    # evaluate --draft-beams: N, a multiple of K such as "2k", auto, or per code position
+    # "2k/8k/2k" (``width_policy.WidthPolicy``); None: the evaluate command's default
+    draft_beams: Width | None = None
     draft_init_layers: int | None = None  # drafts start from the target's first N layers (align --init-layers)
     gamma: int | None = None  # None: the evaluate command's default
     eval_extra: list[str] = []  # more evaluate flags, passed as is

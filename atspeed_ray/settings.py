@@ -8,7 +8,6 @@ torch-free serving config can use it.
 
 from __future__ import annotations
 
-import math
 from typing import Literal, get_args
 
 # Verification mode of speculative beam search: strict top-K (lossless: equals the target's
@@ -55,6 +54,12 @@ LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 # default: the paper's
 DEFAULT_KS: tuple[int, ...] = (1, 3, 5, 10, 20)
 
+# draft steps per round of a speculative search (``SearchParams.gamma``, ``--gamma``, the serve
+# config's ``gamma``)
+DEFAULT_GAMMA = 3
+
+# the draft width policy (``width_policy.WidthPolicy``) where none is given: N = K
+DEFAULT_DRAFT_BEAMS = "1k"
 # ``--draft-beams auto`` / ``draft_beams_factor: auto``: the draft width chosen per K by measured
 # cost (``atspeed_ray.width``) among N = ceil(f * K) for these factors f.
 AUTO = "auto"
@@ -71,12 +76,6 @@ TIMING_THREADS = 1
 # strict: a round's last drafted step holds every trie child of the step before it when they
 # number at most this many per request (``SearchParams.expand_last``; 0 = always the draft's top N)
 EXPAND_LAST = 0
-
-
-def draft_width(k: int, factor: float) -> int:
-    """Draft width N for top-``k`` as a multiple of k: ceil(factor * k), never below k (the
-    serve configs' ``draft_beams_factor`` and ``bench --draft-beams 2k``)."""
-    return max(k, math.ceil(k * factor - 1e-9))
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:

@@ -34,11 +34,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from atspeed_ray.benchmarking import (
-    DraftWidth, batches, device_clock, draft_round, interleaved, oracle_pass, timing_threads,
+    batches, device_clock, draft_round, interleaved, oracle_pass, timing_threads,
 )
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.search import SearchParams
-from atspeed_ray.settings import AUTO_WIDTH_FACTORS, EXPAND_LAST, draft_width
+from atspeed_ray.settings import AUTO_WIDTH_FACTORS, EXPAND_LAST
+from atspeed_ray.width_policy import LevelWidth, WidthPolicy
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,17 @@ class WidthChoice:
     def best(self) -> WidthCandidate:
         return min(self.candidates, key=lambda c: (c.expected_ms, c.n, c.gamma))
 
+    @property
+    def policy(self) -> WidthPolicy:
+        """``auto`` with the chosen width measured at this k."""
+        return WidthPolicy().with_measured({self.k: self.best.n})
+
     def params(self, base: SearchParams) -> SearchParams:
-        """``base`` with the chosen width and gamma."""
+        """``base`` with the chosen width (resolved by ``policy``) and gamma."""
         import dataclasses
 
-        return dataclasses.replace(base, draft_beams=self.best.n, gamma=self.best.gamma)
+        return dataclasses.replace(base, draft_beams=self.policy.resolve(base.k),
+                                   gamma=self.best.gamma)
 
     def record(self) -> dict:
         """JSON-able: the choice and the table it was chosen from."""
@@ -92,7 +99,7 @@ class WidthChoice:
 
 def candidate_widths(k: int, factors: tuple[float, ...] = AUTO_WIDTH_FACTORS) -> list[int]:
     """The distinct widths N = ceil(f * k) tried for top-``k``, smallest first."""
-    return sorted({draft_width(k, f) for f in factors})
+    return sorted({LevelWidth(f, per_k=True).of(k) for f in factors})
 
 
 def calibration_batch(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -135,7 +142,7 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
     return WidthChoice(k, batch_size, len(calib), out)
 
 
-def row_params(params: SearchParams, width: DraftWidth, target: torch.nn.Module,
+def row_params(params: SearchParams, width: WidthPolicy, target: torch.nn.Module,
                draft: torch.nn.Module, index: ItemIndex, calibration: list[list[int]],
                batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
     """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and

@@ -101,8 +101,8 @@ def assert_same_as_beam_search(out, ref) -> None:
     torch.testing.assert_close(out.scores, ref.scores, atol=1e-4, rtol=0)
 
 
-def strict_runs(target, draft, batch: list[list[int]], index: ItemIndex, k: int, n: int,
-                gamma: int) -> Iterator[tuple[int, object]]:
+def strict_runs(target, draft, batch: list[list[int]], index: ItemIndex, k: int,
+                n: int | tuple[int, ...], gamma: int) -> Iterator[tuple[int, object]]:
     """(children cap, result) of strict speculative search of ``batch`` for every cap of
     ``CHILDREN_CAPS``; ``draft`` is a causal LM or a ``Drafter``."""
     from atspeed_ray.decoding.search import SearchParams

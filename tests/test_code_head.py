@@ -273,12 +273,13 @@ def test_align_code_head_trains_records_the_head_and_decodes_exactly(tmp_path, o
     # rate depend on the CPU (0.5 on an AMD EPYC, 1.0 on an Intel Xeon): exactness is checked on
     # the same measurement in fp64
     assert all(0.0 <= m["identical_rate"] <= 1.0 for r in table["rows"] for m in r["by_n"].values())
-    from atspeed_ray.benchmarking import DraftWidth, search_params
+    from atspeed_ray.benchmarking import search_params
+    from atspeed_ray.width_policy import WidthPolicy
     from atspeed_ray.draft_tradeoff import measure_one
 
     for name in ("fresh", "compact-fresh"):
         for n in (2, 4):
-            params = search_params(2, DraftWidth(str(n)), 3, "strict", 0, torch.device("cpu"))
+            params = search_params(2, WidthPolicy.parse(str(n)), 3, "strict", 0, torch.device("cpu"))
             m = measure_one(target, load_decoder(tmp_path / name, dev), data.index, prompts[:2],
                             params, 1)
             assert m["identical_rate"] == 1.0, (name, n)

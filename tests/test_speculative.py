@@ -274,6 +274,56 @@ def test_decoding_core_imports_no_ray():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+# per code position widths (``SearchParams.draft_beams`` as a tuple, ``--draft-beams 2k/8k/2k``):
+# (k, widths, gamma), the widest level first, in the middle, last, and a narrow-then-wide mix
+LEVEL_GRID = [(1, (1, 4, 2), 2), (3, (3, 9, 3), 3), (5, (10, 5), 2), (5, (5, 5, 15), 1),
+              (10, (20, 10, 30, 10), 3)]
+
+
+@pytest.mark.parametrize("forward", ["hf", "fast"])
+@pytest.mark.parametrize("k,widths,gamma", LEVEL_GRID)
+def test_strict_equals_beam_search_with_a_width_per_level(setup, fast_models, k, widths, gamma,
+                                                          forward):
+    """The draft keeps N_l beams at code position l (``drafting.level_widths``): a round whose
+    requests draft different positions is as wide as the widest and each request's extra
+    columns are dead. Strict output is still exactly the target's beam search, alone and in a
+    batch (whose rows draft different positions), with and without children steps."""
+    index, V, target, unrelated, prompts = setup
+    if forward == "fast":
+        target, unrelated = fast_models
+    for batch in (prompts[:1], prompts):
+        ref = beam_search(target, batch, index, k)
+        for draft in (unrelated, target):
+            for cap, out in strict_runs(target, draft, batch, index, k, widths, gamma):
+                assert_same_as_beam_search(out, ref)
+
+
+def test_a_step_is_as_wide_as_its_widest_drafting_request():
+    from atspeed_ray.decoding.beam import Step
+    from atspeed_ray.decoding.drafting import level_widths, narrow
+
+    params = SearchParams(2, (2, 8, 4))
+    depth, drafting = torch.tensor([0, 1, 3]), torch.tensor([True, False, True])
+    width, own = level_widths(params, depth, drafting)
+    assert width == 4 and own is not None and own.tolist() == [2, 8, 4]  # row 1 drafts nothing
+    assert level_widths(SearchParams(2, 6), depth, drafting) == (6, None)
+    step = Step(*(torch.zeros(3, 4, dtype=torch.long) for _ in range(2)), torch.zeros(3, 4),
+                torch.ones(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long))
+    kept = torch.isfinite(narrow(step, own).score)
+    assert kept.sum(1).tolist() == [2, 4, 4] and not kept[0, 2:].any()
+
+
+def test_relaxed_with_a_width_per_level_is_the_same_alone_and_in_a_batch(setup):
+    """A request's first N_l draws are its own whatever width its batch drafts at."""
+    index, V, target, unrelated, prompts = setup
+    params = SearchParams(3, (3, 9, 6), 2, "relaxed", 5)
+    others = random_prompts(3, V, seed=33)
+    for p in prompts[:2]:
+        alone = speculative_search(target, unrelated, [p], index, params)
+        batched = speculative_search(target, unrelated, [p] + others, index, params)
+        assert batched.items[0] == alone.items[0]
+
+
 def test_search_params_are_checked_once_naming_the_bad_value():
     assert SearchParams(5).N == 5 and SearchParams(5, 10).N == 10
     assert SearchParams(3, mode="relaxed").sample and not SearchParams(3).sample
@@ -293,6 +343,12 @@ def test_search_params_are_plain_fields_that_round_trip_through_json():
         fields = dataclasses.asdict(p)
         assert all(isinstance(v, (int, str, type(None))) for v in fields.values())
         assert SearchParams(**json.loads(json.dumps(fields))) == p
+    levels = SearchParams(3, (3, 9, 6, 6), 2)  # per code position; a repeated last one is dropped
+    assert levels.draft_beams == (3, 9, 6) and levels.N == 9 and levels.widths == (3, 9, 6)
+    assert SearchParams(**json.loads(json.dumps(dataclasses.asdict(levels)))) == levels
+    assert SearchParams(3, (6, 6)).draft_beams == 6
+    with pytest.raises(ValueError, match="draft_beams"):
+        SearchParams(3, (3, 2))
 
 
 def test_seeded_uniforms_are_splitmix64_and_depend_on_their_row_only():

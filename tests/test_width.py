@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from atspeed_ray.benchmarking import DraftWidth, parse_widths
+from atspeed_ray.bench import BenchFlags
+from atspeed_ray.width_policy import WidthPolicy
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.width import WidthCandidate, WidthChoice, calibration_batch, candidate_widths
 
@@ -36,13 +37,29 @@ def test_calibration_batch_fills_the_batch():
 
 
 def test_draft_width_flag():
-    assert DraftWidth("auto").auto and DraftWidth("auto").of(7) == 7
-    assert [repr(w) for w in parse_widths("1k,auto,20")] == ["1k", "auto", "20"]
-    assert not DraftWidth("2k").auto and DraftWidth("2k").of(5) == 10
-    import argparse
+    """``--draft-beams``: N, a multiple of K, auto, or one per code position; one resolver."""
+    assert WidthPolicy.parse("auto").auto and WidthPolicy.parse("auto").resolve(7) == 7
+    widths = BenchFlags.model_fields["draft_beams"].metadata[0].func("1k,auto,20,2k/8k/2k")
+    assert [str(w) for w in widths] == ["1k", "auto", "20", "2k/8k/2k"]
+    assert not WidthPolicy.parse("2k").auto and WidthPolicy.parse("2k").resolve(5) == 10
+    assert WidthPolicy.parse("20").resolve(5) == 20 and WidthPolicy.parse("20").resolve(30) == 30
+    assert WidthPolicy.parse("1k/4k/2").resolve(1) == (1, 4, 2)
+    assert WidthPolicy.parse("1k/4k/2").resolve(3) == (3, 12, 3)
+    assert WidthPolicy.parse("2k/2k").resolve(3) == 6  # equal levels: one width
+    assert WidthPolicy().with_measured({1: 2, 10: 20}).resolve(3) == 6  # nearest k's N/k
+    for bad in ("wide", "0", "0.5k", "2k//3", ""):
+        with pytest.raises(ValueError, match="--draft-beams"):
+            WidthPolicy.parse(bad)
 
-    with pytest.raises(argparse.ArgumentTypeError):
-        DraftWidth("wide")
+
+def test_draft_width_flag_errors_name_the_flag(capsys):
+    from atspeed_ray.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--data", "d", "--target", "t", "--draft", "d", "--draft-beams", "2k/x"])
+    assert "--draft-beams" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--repeat"):
+        main(["bench", "--data", "d", "--target", "t", "--draft", "d", "--repeat", "0"])
 
 
 def test_bench_auto_beside_a_sweep_at_two_batch_sizes(tmp_path, capsys):

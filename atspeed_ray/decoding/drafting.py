@@ -14,7 +14,7 @@ the trie is narrow (Beauty: 1.7 children per prefix at the third code, 72 at the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -100,6 +100,27 @@ def children_step(parents: Beams, depth: Tensor, index: ItemIndex, width: int) -
     return choose(cands, torch.isfinite(cands.scores).to(flat.dtype), width)  # real children first
 
 
+def level_widths(params: SearchParams, depth: Tensor, drafting: Tensor) -> tuple[int, Tensor | None]:
+    """The width of a drafted step whose requests draft code position ``depth`` [B] (those
+    where ``drafting`` [B]): the widest of their levels' widths (``SearchParams.widths``), and
+    each request's own width [B] (None when every level has the same width)."""
+    if len(params.widths) == 1:
+        return params.N, None
+    table = torch.tensor(params.widths, device=depth.device)
+    own = table[depth.clamp(max=len(params.widths) - 1)]  # [B]
+    return int(torch.where(drafting, own, params.k).max()), own  # one host sync
+
+
+def narrow(step: Step, own: Tensor) -> Step:
+    """``step`` [B, W] with each request's columns past its own width ``own`` [B] dead (score
+    -inf, no node): their proposals are not valid and they have no live children. Its columns
+    are ordered by their key (``choose``), so a request keeps its own top ``own`` (relaxed: its
+    first ``own`` draws without replacement), whatever W it was stacked at."""
+    dead = torch.arange(step.score.shape[1], device=own.device)[None, :] >= own[:, None]  # [B, W]
+    return replace(step, score=step.score.masked_fill(dead, float("-inf")),
+                   node=step.node.masked_fill(dead, -1))
+
+
 # score(beams, depth, parent) -> (log-probs after each beam [B, M, H] over the drafter's head,
 # the beams with its cache slots recorded). ``parent`` [B, M]: each beam's parent among the
 # beams scored last (None: the current beams, scored first; ``depth`` is then unused).
@@ -137,8 +158,11 @@ def draft_tree(score: Scorer, beams: Beams, t: Tensor, g: Tensor, index: ItemInd
         else:
             assert logp is not None
             cands = expand(logp, parents.scores, parents.node, depth, index, head)
-            step = beam_step(cands, params.N,
+            width_j, own = level_widths(params, depth, j <= g)
+            step = beam_step(cands, width_j,
                              gumbel(keys, j, cands.scores) if params.sample else None)
+            if own is not None:
+                step = narrow(step, own)
             if params.sample:
                 q = torch.softmax(cands.scores, dim=1)
                 q_sel = q.gather(1, step.flat)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atspeed_ray.settings import DEFAULT_MODE, EXPAND_LAST, MODES, Mode, check_choice
+from atspeed_ray.settings import (
+    DEFAULT_GAMMA, DEFAULT_MODE, EXPAND_LAST, MODES, Mode, check_choice,
+)
 
 SEED_LIMIT = 2**63  # a seed is an int64 value in [0, SEED_LIMIT)
 
@@ -24,8 +26,11 @@ class SearchParams:
     """
 
     k: int  # beams kept = items returned
-    draft_beams: int | None = None  # draft width N (k <= N); None: N = k
-    gamma: int = 3  # draft steps per round (0: every round is one target step)
+    # draft width N (k <= N), or one per code position (the drafted level; the last holding for
+    # later codes): the draft keeps N_l beams at level l. None: N = k. Made by
+    # ``WidthPolicy.resolve``; a tuple of equal widths is stored as the one int
+    draft_beams: int | tuple[int, ...] | None = None
+    gamma: int = DEFAULT_GAMMA  # draft steps per round (0: every round is one target step)
     mode: Mode = DEFAULT_MODE  # strict top-K (lossless) or relaxed sampling verification
     # relaxed: the seed of the search's random numbers (row b of the prompts draws from its
     # own stream of it, ``noise.row_streams``); None: torch's default generator
@@ -37,8 +42,16 @@ class SearchParams:
     def __post_init__(self) -> None:
         if self.draft_beams is None:
             object.__setattr__(self, "draft_beams", self.k)
-        if self.k < 1 or self.N < self.k:
-            raise ValueError(f"need 1 <= k <= draft_beams, got k={self.k}, draft_beams={self.N}")
+        if isinstance(self.draft_beams, (tuple, list)):  # a list: read back from JSON
+            levels = tuple(self.draft_beams)
+            while len(levels) > 1 and levels[-1] == levels[-2]:  # the last one holds anyway
+                levels = levels[:-1]
+            if not levels:
+                raise ValueError("draft_beams: no width given (an empty tuple)")
+            object.__setattr__(self, "draft_beams", levels[0] if len(levels) == 1 else levels)
+        if self.k < 1 or min(self.widths) < self.k:
+            raise ValueError(f"need 1 <= k <= draft_beams, got k={self.k}, "
+                             f"draft_beams={self.draft_beams}")
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         check_choice(self.mode, MODES, "mode")
@@ -51,10 +64,17 @@ class SearchParams:
                              "drafted step sampled from the draft")
 
     @property
-    def N(self) -> int:
-        """The draft width (``draft_beams``, resolved)."""
+    def widths(self) -> tuple[int, ...]:
+        """The draft width per code position, the last holding for later codes (one entry when
+        every level has the same width)."""
         assert self.draft_beams is not None  # resolved in __post_init__
-        return self.draft_beams
+        return self.draft_beams if isinstance(self.draft_beams, tuple) else (self.draft_beams,)
+
+    @property
+    def N(self) -> int:
+        """The draft width: the widest level's when they differ (what a bound or a record of
+        the search's size reads; ``widths`` has each level's)."""
+        return max(self.widths)
 
     @property
     def sample(self) -> bool:

@@ -46,7 +46,7 @@ from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.timing import Timings, phase, whole
 from atspeed_ray.decoding.cache import TreeCache
 from atspeed_ray.decoding.verification import Verified, verify_phase
-from atspeed_ray.settings import DEFAULT_MODE, Mode
+from atspeed_ray.settings import DEFAULT_GAMMA, DEFAULT_MODE, Mode
 
 # ---------------------------------------------------------------------------------------------
 # The loop, written once. It is a generator ("sans-IO"): it yields the model calls it needs
@@ -296,13 +296,13 @@ def speculative_beam_search(
     prompts: list[list[int]],
     index: ItemIndex,
     k: int,
-    draft_beams: int | None = None,
-    gamma: int = 3,
+    draft_beams: int | tuple[int, ...] | None = None,
+    gamma: int = DEFAULT_GAMMA,
     mode: Mode = DEFAULT_MODE,
     seed: int | None = None,
     keep_cache: bool = True,
 ) -> DecodeResult:
     """``speculative_search`` with the search parameters given one by one (draft width
-    ``draft_beams`` = N, default k; relaxed: ``seed``, None = torch's default generator)."""
+    ``draft_beams`` = N or one per code position, default k; relaxed: ``seed``, None = torch's default generator)."""
     params = SearchParams(k, draft_beams, gamma, mode, seed)
     return speculative_search(target, draft, prompts, index, params, keep_cache)

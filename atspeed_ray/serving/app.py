@@ -28,7 +28,7 @@ from ray.serve.config import RequestRouterConfig
 from atspeed_ray.serving.affinity import AffinityRouter
 from atspeed_ray.serving.config import AppArgs
 from atspeed_ray.serving.deployments import DraftModel, Recommender, SpeculativeModel, TargetModel
-from atspeed_ray.settings import AUTO, AUTO_WIDTH_PROMPTS
+from atspeed_ray.settings import AUTO_WIDTH_PROMPTS
 
 logger = logging.getLogger(__name__)
 AUTO_WIDTH_KS = (1, 5, 10, 20)  # k the builder measures a width for (others: the nearest's N/k)
@@ -40,7 +40,7 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
     catalog's example histories, for each k of ``AUTO_WIDTH_KS`` the app allows. On a GPU
     cluster, where the builder may run without the replicas' device, give ``draft_widths``
     (as ``bench --draft-beams auto`` prints them) instead."""
-    if args.draft_beams_factor != AUTO or args.draft_widths or not args.speculative:
+    if not args.auto_width or not args.speculative:
         return args
     from atspeed_ray.models import DeviceConfig, load_decoder
     from atspeed_ray.data.catalog import load_catalog

@@ -174,7 +174,7 @@ def stateless_groups(reqs: Sequence[T], done: Sequence[object | None], key: Call
 # ------------------------------------------------------------------------------ the work
 def _draft_key(r: DraftRequest) -> Hashable:
     # rows with keys and rows on torch's default generator do not stack
-    return (r.beams.tokens.shape[1], r.params.N, r.params.sample, r.keys is None)
+    return (r.beams.tokens.shape[1], r.params.draft_beams, r.params.sample, r.keys is None)
 
 
 def _draft_one(model: torch.nn.Module, index: ItemIndex, r: DraftRequest, store: SessionStore

@@ -51,7 +51,7 @@ class SpeculateReply:
 
 def _key(r: SpeculateRequest) -> Hashable:
     p = r.params
-    return (p.k, p.N, p.gamma, p.mode, p.seed is None)  # seeds differ per row, not per group
+    return (p.k, p.draft_beams, p.gamma, p.mode, p.seed is None)  # seeds differ per row, not per group
 
 
 @torch.no_grad()

@@ -19,10 +19,13 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from atspeed_ray.serving.routing import PROBE_BACKOFF, PROBE_EVERY
-from atspeed_ray.settings import AUTO, DEFAULT_MODE, EXPAND_LAST, Dtype, Forward, Mode, draft_width
+from atspeed_ray.settings import (
+    DEFAULT_DRAFT_BEAMS, DEFAULT_GAMMA, DEFAULT_MODE, EXPAND_LAST, Dtype, Forward, Mode,
+)
+from atspeed_ray.width_policy import WidthPolicy
 
 # the draft kinds (``drafts.DRAFT_KINDS``) the replicas run: causal-LM drafts (``LMDrafter``)
 SERVED_DRAFT_KINDS = ("lm", "code-head", "compact-vocab")
@@ -145,14 +148,15 @@ class AppArgs(BaseModel):
     forward: Forward = Field(
         default="fast", description="model forward: 'fast' = compact FastLlama for Llama "
                                     "checkpoints (others keep HF's), 'hf' = the HF model's own")
-    gamma: int = Field(default=3, ge=0, le=16, description="draft steps per round")
+    gamma: int = Field(default=DEFAULT_GAMMA, ge=0, le=16, description="draft steps per round")
     expand_last: int = Field(
         default=EXPAND_LAST, ge=0, le=100_000,
         description="strict: a round's last drafted step holds every trie child of the step before "
                     "it when there are at most this many per request (0: the draft's top N)")
-    draft_beams_factor: Annotated[float, Field(ge=1.0, le=8.0)] | Literal["auto"] = Field(
-        default=1.0, description="draft width N = ceil(factor * k); auto: N per k measured when the "
-                                 "app is built (draft_widths)")
+    draft_beams_factor: Annotated[float, Field(ge=1.0, le=8.0)] | str = Field(
+        default=DEFAULT_DRAFT_BEAMS, description="draft width N = ceil(factor * k); auto: N per k measured when the "
+                                 "app is built (draft_widths); or any width policy as bench's "
+                                 "--draft-beams writes it (20, 2k, or per code position 2k/8k/2k)")
     draft_widths: dict[int, int] = Field(
         default_factory=dict,
         description="measured draft width N per k (draft_beams_factor auto fills it when the app is "
@@ -194,6 +198,13 @@ class AppArgs(BaseModel):
     draft_batch: BatchSettings = BatchSettings()
     target_batch: BatchSettings = BatchSettings()
 
+    @field_validator("draft_beams_factor")
+    @classmethod
+    def _width_text(cls, value: float | str) -> float | str:
+        if isinstance(value, str):
+            WidthPolicy.parse(value, "draft_beams_factor")  # a ValueError names the field
+        return value
+
     @model_validator(mode="after")
     def _draft_needed(self) -> "AppArgs":
         if self.draft is None and not self.target_only:
@@ -231,11 +242,24 @@ class AppArgs(BaseModel):
     def speculative(self) -> bool:
         return not self.target_only and self.draft is not None
 
-    def draft_width(self, k: int) -> int:
+    @property
+    def width_policy(self) -> WidthPolicy:
+        """The draft width policy: ``draft_widths`` when given (measured: auto with them), else
+        ``draft_beams_factor``."""
         if self.draft_widths:
-            near = min(self.draft_widths, key=lambda kk: (abs(kk - k), kk))
-            return draft_width(k, self.draft_widths[near] / near)
-        return draft_width(k, 1.0 if self.draft_beams_factor == AUTO else self.draft_beams_factor)
+            return WidthPolicy().with_measured(self.draft_widths)
+        if isinstance(self.draft_beams_factor, str):
+            return WidthPolicy.parse(self.draft_beams_factor, "draft_beams_factor")
+        return WidthPolicy.factor(self.draft_beams_factor)
+
+    @property
+    def auto_width(self) -> bool:
+        """``draft_beams_factor: auto`` with no ``draft_widths`` yet: the builder measures them."""
+        return self.width_policy.auto and not self.draft_widths
+
+    def draft_width(self, k: int) -> int | tuple[int, ...]:
+        """The ``SearchParams.draft_beams`` of a top-``k`` request (``WidthPolicy.resolve``)."""
+        return self.width_policy.resolve(k)
 
     def model_settings(self, which: Literal["target", "draft"]) -> ModelSettings:
         draft = which == "draft"

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from atspeed_ray.settings import DEFAULT_MODE, LOSS_NAMES, LossName, Mode, Precision, check_choice
+from atspeed_ray.settings import DEFAULT_GAMMA, DEFAULT_MODE, LOSS_NAMES, LossName, Mode, Precision, check_choice
 
 
 # the alignment objective when none is given: ``train-target`` trains next-item SFT only,
@@ -122,7 +122,7 @@ class TrainConfig(BaseModel):
     val_samples: int = Field(128, ge=0, description="validation prompts evaluated after each epoch")
     val_k: int = Field(10, ge=1, description="K of val_accept / val_recall")
     val_draft_beams: int = Field(20, ge=1, description="N (draft beams) of val_accept")
-    val_gamma: int = Field(3, ge=0, description="drafted steps per round of val_accept")
+    val_gamma: int = Field(DEFAULT_GAMMA, ge=0, description="drafted steps per round of val_accept")
     val_mode: Mode = Field(
         DEFAULT_MODE, description="align: verification mode of val_accept; relaxed also reports "
                                   "val_recall (relaxed SD) and val_target_recall (the target's beam "
