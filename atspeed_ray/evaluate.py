@@ -253,10 +253,10 @@ def speed_table(s: Setup) -> list[dict[str, Any]]:
                     if choice is not None:
                         row["width_choice"] = choice.record()
                     speed.append(row)
-                    print(f"  {name:>12} {mode:>8} B={batch_size:>2} K={k:>2} N={params.N:>2}: "
-                          f"WS {ws_text(row)}, accepted/round "
-                          f"{row['accepted_steps_per_round']:.2f}, target calls/req "
-                          f"{row['target_calls_per_request']:.2f}", flush=True)
+                    print(f"  {name:>10} {mode:>7} B={batch_size} K={k:>2} N={params.N:>2}: "
+                          f"WS {ws_text(row)}, {row['accepted_steps_per_round']:.2f} "
+                          f"steps/round, {row['target_calls_per_request']:.2f} calls/req",
+                          flush=True)  # at most 100 columns
     return speed
 
 

@@ -24,7 +24,7 @@ from typing import IO, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from atspeed_ray.report import below_references, results_screen, wrap_line
+from atspeed_ray.report import below_references, command_text, results_screen, wrap_line
 from atspeed_ray.settings import LossName
 from atspeed_ray.width_policy import Width
 
@@ -92,12 +92,28 @@ class PipelineConfig(BaseModel):
 
 
 STAGE_TIMES = "stage_times.json"  # in the pipeline's work folder
+EXAMPLE_ITEMS = 8  # the demo's example request: the last items of a test history
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")  # CSI (colours, cursor) and OSC
+
+
+# Ray prefixes what its workers print with where it came from: "(RayTrainWorker pid=12, ip=..)"
+# for a worker, "(raylet)" / "(autoscaler +1s)" for its own notices
+RAY_WORKER_PREFIX = re.compile(r"^\((?:[\w.:-]+ )?pid=\d+(?:, ip=[^)]*)?\) ")
+RAY_NOTICE = re.compile(r"^\((?:raylet|autoscaler|pid=raylet|pid=autoscaler)[^)]*\)")
 
 
 def strip_ansi(text: str) -> str:
     """``text`` without terminal escape sequences (colours, cursor moves, titles)."""
     return ANSI_ESCAPE.sub("", text)
+
+
+def screen_line(line: str) -> str | None:
+    """A line a command printed, as the terminal shows it: without colour codes and without
+    Ray's worker prefix; None for Ray's own notices (they go to the command's log)."""
+    plain = strip_ansi(line.rstrip("\n"))
+    if RAY_NOTICE.match(plain):
+        return None
+    return RAY_WORKER_PREFIX.sub("", plain)
 
 
 @dataclass(frozen=True)
@@ -166,8 +182,29 @@ def cli_process(argv: list[str], stderr: IO[str] | None, **kw) -> subprocess.Pop
     return subprocess.Popen([sys.executable, "-m", "atspeed_ray.cli", *argv], stderr=stderr, env=env, **kw)
 
 
-def wait_child(proc: subprocess.Popen) -> int:
+def relayed(argv: list[str], err: IO[str] | None, **kw) -> subprocess.Popen:
+    """``cli_process`` with its stdout read here line by line (``relay``)."""
+    return cli_process(argv, err, stdout=subprocess.PIPE, text=True, errors="replace", bufsize=1,
+                       **kw)
+
+
+def relay(proc: subprocess.Popen, err: IO[str] | None) -> None:
+    """Print a child's stdout as ``screen_line`` shows it; Ray's notices go to ``err`` (its
+    log; the terminal's stderr when None) until the child closes its stdout."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        shown = screen_line(line)
+        if shown is not None:
+            print(shown, flush=True)
+        else:
+            print(strip_ansi(line.rstrip("\n")), file=err or sys.stderr, flush=True)
+
+
+def wait_child(proc: subprocess.Popen, err: IO[str] | None = None) -> int:
+    """The child's exit code, its stdout relayed (``relay``) when it was started by ``relayed``."""
     try:
+        if proc.stdout is not None:
+            relay(proc, err)
         return proc.wait()
     except KeyboardInterrupt:  # the child got the same Ctrl-C: give it time to shut Ray down
         try:
@@ -179,10 +216,10 @@ def wait_child(proc: subprocess.Popen) -> int:
 
 def run_cli(argv: list[str], output: StageOutput) -> None:
     """Run one ``atspeed-ray`` command as a child process; stop the pipeline if it fails."""
-    print(f"\n$ atspeed-ray {shlex.join(argv)}", flush=True)
+    print("\n" + command_text(["atspeed-ray", *argv]), flush=True)
     t0 = time.perf_counter()
     with output.stderr(argv) as err:
-        rc = wait_child(cli_process(argv, err))
+        rc = wait_child(relayed(argv, err), err)
     if rc:
         raise SystemExit(output.failure(argv, rc))
     seconds = time.perf_counter() - t0
@@ -346,7 +383,7 @@ def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool
 
     from atspeed_ray.data.prepare import load_prepared
 
-    history = load_prepared(out / "data").histories("test", limit=1)[0]
+    history = load_prepared(out / "data").histories("test", limit=1)[0][-EXAMPLE_ITEMS:]
     body = json.dumps({"history": history, "k": 5, "mode": "strict"})
     url = f"http://127.0.0.1:{port}"
     argv = ["serve", "--target", str(out / "target"), "--draft", str(out / "drafts" / draft),
@@ -355,16 +392,20 @@ def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool
     if widths:  # evaluate measured them on these models: the app need not measure them again
         argv += ["--set", f"draft_widths={json.dumps(widths)}"]
     output = StageOutput(out / "logs", verbose)
-    print(f"\n$ atspeed-ray {shlex.join(argv)}", flush=True)
+    print("\n" + command_text(["atspeed-ray", *argv]), flush=True)
     with output.stderr(argv) as err:
-        # its own session: Ctrl-C reaches only this process, which stops the server in order
-        proc = cli_process(argv, err, start_new_session=True)
+        # its own session: Ctrl-C reaches only this process, which stops the server in order;
+        # what it prints goes to its log (this function prints the example and the URL)
+        proc = cli_process(argv, err, start_new_session=True, stdout=err)
         try:
             wait_healthy(proc, url, output, argv)
             reply = httpx.post(f"{url}/recommend", content=body,
                                headers={"content-type": "application/json"}, timeout=60)
-            print(f"\nexample request:\n  curl -s -X POST {url}/recommend -H 'content-type: application/json' "
-                  f"-d '{body}'\nreply ({reply.status_code}): {reply.text}\nAPI docs: {url}/docs", flush=True)
+            print("\nexample request:\n" + command_text(
+                ["curl", "-s", "-X", "POST", f"{url}/recommend", "-H", "content-type: application/json",
+                 "-d", body], prompt="  "), flush=True)
+            print(f"reply ({reply.status_code}): {reply_text(reply.text)}\nAPI docs: {url}/docs",
+                  flush=True)
             if wait if wait is not None else sys.stdin.isatty():
                 print("serving; press Ctrl-C to stop", flush=True)
                 proc.wait()
@@ -372,6 +413,17 @@ def serve_demo(out: Path, draft: str = "atspeed-s", port: int = 8000, wait: bool
             pass
         finally:
             stop_server(proc)
+
+
+def reply_text(text: str) -> str:
+    """A /recommend reply in one short line: its items and their scores (2 decimals); other
+    replies as they came, cut to one screen line."""
+    try:
+        reply = json.loads(text)
+        items, scores = reply["items"], [round(s, 2) for s in reply["scores"]]
+    except (ValueError, KeyError, TypeError):
+        return text[:80]
+    return f"items {items}, scores {scores}"
 
 
 def measured_widths(evaluation: Path, draft: str) -> dict[int, int]:

@@ -120,6 +120,29 @@ def wrap_line(line: str) -> str:
     return "\n".join(textwrap.wrap(line, SCREEN_WIDTH, subsequent_indent="  ")) if line else ""
 
 
+def command_text(argv: Sequence[str], prompt: str = "$ ") -> str:
+    """A shell command (``argv``, quoted) in lines of at most ``SCREEN_WIDTH`` columns, broken
+    before a flag (``-d``, ``--data``) with `` \\`` continuations: still one command when pasted
+    (a flag with a value longer than a line stays whole on its own line)."""
+    import shlex
+
+    words = [shlex.quote(w) for w in argv]
+    parts: list[str] = []  # each flag with its values
+    for w in words:
+        if parts and not w.startswith("-"):
+            parts[-1] += " " + w
+        else:
+            parts.append(w)
+    lines, line = [], prompt + parts[0]
+    for part in parts[1:]:
+        if len(line) + 1 + len(part) + 2 > SCREEN_WIDTH:
+            lines.append(line + " \\")
+            line = "    " + part
+        else:
+            line += " " + part
+    return "\n".join([*lines, line])
+
+
 def below_references(accuracy: Sequence[Mapping], references: Sequence[str]) -> str | None:
     """When the target's beam search is below a reference recommender at the largest K: the
     numbers as a phrase ("Recall@10 0.42 against transition 0.49, sasrec 0.51"), else None."""

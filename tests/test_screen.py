@@ -78,3 +78,44 @@ def test_stage_logs_hold_no_escape_codes(tmp_path):
     log = (tmp_path / "logs" / "teacher.log").read_text()
     assert "\x1b" not in log and "(RayTrainWorker pid=12) step 1 done" in log
     assert strip_ansi("\x1b[1;31mred\x1b[0m") == "red"
+
+
+def test_what_a_stage_prints_reaches_the_terminal_without_ray_prefixes_or_colours():
+    from atspeed_ray.pipeline import screen_line
+
+    worker = "\x1b[36m(RayTrainWorker pid=21961)\x1b[0m [target] epoch 1/4 step 50/301 loss 2.65\n"
+    assert screen_line(worker) == "[target] epoch 1/4 step 50/301 loss 2.65"
+    remote = "(TeacherWorker pid=7, ip=10.0.0.2) [teacher] 10/40 batches\n"
+    assert screen_line(remote) == "[teacher] 10/40 batches"
+    raylet = ("\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are "
+              "infinite retries remaining\n")
+    assert screen_line(raylet) is None  # Ray's own notices go to the command's log
+    assert screen_line("evaluate: 760 test prompts (pid=3)\n") == "evaluate: 760 test prompts (pid=3)"
+
+
+def test_commands_and_the_serving_example_fit_100_columns_and_stay_one_command():
+    import shlex
+
+    from atspeed_ray.pipeline import reply_text
+    from atspeed_ray.report import command_text
+
+    argv = ["atspeed-ray", "evaluate", "--data", "/a/rather/long/path/" * 3 + "data",
+            "--target", "/some/where/target", "--out", "/some/where/eval", "--k", "1,5,10",
+            "--timing-prompts", "30", "--draft-beams", "2k", "--draft", "sft=/x/drafts/sft",
+            "--draft", "atspeed-s=/x/drafts/atspeed-s", "--set", 'draft_widths={"1": 2, "10": 20}']
+    text = command_text(argv)
+    assert all(len(line) <= SCREEN_WIDTH for line in text.splitlines()), text
+    assert text.startswith("$ atspeed-ray evaluate") and len(text.splitlines()) > 1
+    pasted = text.removeprefix("$ ").replace(" \\\n", " ")  # what a shell reads
+    assert shlex.split(pasted) == argv
+    body = json.dumps({"history": [215, 201, 380, 455, 9, 378, 363, 328], "k": 5, "mode": "strict"})
+    curl = command_text(["curl", "-s", "-X", "POST", "http://127.0.0.1:8000/recommend", "-H",
+                         "content-type: application/json", "-d", body], prompt="  ")
+    assert all(len(line) <= SCREEN_WIDTH for line in curl.splitlines()), curl
+    reply = json.dumps({"items": [107, 580, 454, 554, 211],
+                        "scores": [-1.6411241292953491, -2.472123384475708, -2.95, -3.01, -3.14],
+                        "stats": {"target_calls": 2, "rounds": 2, "draft_width": 10}})
+    line = "reply (200): " + reply_text(reply)
+    assert line == ("reply (200): items [107, 580, 454, 554, 211], "
+                    "scores [-1.64, -2.47, -2.95, -3.01, -3.14]") and len(line) <= SCREEN_WIDTH
+    assert reply_text('{"detail": "k: must be >= 1"}') == '{"detail": "k: must be >= 1"}'
