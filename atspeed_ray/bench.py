@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speculative beam search vs the target's beam search")
     p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
     p.add_argument("--target", required=True, help="HF model dir of the target")
-    p.add_argument("--draft", required=True, help="HF model dir of the draft")
+    p.add_argument("--draft", required=True, help="draft folder, any kind (atspeed_ray.drafts)")
     p.add_argument("--k", type=parse_ks, default=list(DEFAULT_KS))
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
     p.add_argument("--draft-beams", type=parse_widths, default=parse_widths("1k"),
@@ -207,7 +207,7 @@ def run_bench(args: argparse.Namespace) -> int:
     dev = dev.model_copy(update={"dtype": dtype})
     print(f"precision: {why}")
     target = load_decoder(args.target, dev)
-    draft = load_drafter(args.draft, dev)
+    draft, kind = load_drafter(args.draft, dev), draft_kind(args.draft).name
     models = [("target", target)] + ([("draft", draft.model)] if isinstance(draft, LMDrafter) else [])
     packed = [name for name, m in models if getattr(m, "packed", None) is not None]
     print(f"packed weights: {', '.join(packed) or 'none'}")
@@ -215,7 +215,7 @@ def run_bench(args: argparse.Namespace) -> int:
     prompts = data.prompts(args.split, limit=args.num_prompts)
     targets = data.targets(args.split, limit=args.num_prompts)
     calibration = data.prompts("valid", limit=args.calibration_prompts)
-    print(f"target {args.target}, draft {args.draft} ({draft_kind(args.draft).name}), "
+    print(f"target {args.target}, draft {args.draft} ({kind}), "
           f"{len(prompts)} prompts of {args.split}, "
           f"batch {','.join(map(str, args.batch_size))}, mode {args.mode}, gamma {args.gamma}, "
           f"device {dev.torch_device()}, {args.forward} forward, {args.repeat} paired timings "
@@ -230,7 +230,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 rows.append(bench_row(args, target, draft, index, prompts, targets, calibration,
                                       k, width, batch_size))
     result = {"target": args.target, "draft": args.draft,
-              "draft_kind": draft_kind(args.draft).name, "mode": args.mode, "gamma": args.gamma,
+              "draft_kind": kind, "mode": args.mode, "gamma": args.gamma,
               "split": args.split, "prompts": len(prompts), "batch_sizes": args.batch_size,
               "draft_beams": [repr(w) for w in args.draft_beams],
               "repeat": args.repeat,

@@ -435,7 +435,8 @@ def draft_cover(target: torch.nn.Module, drafter: Drafter, index: ItemIndex,
                 prompt_batches: list[Batch], k: int) -> list[list[int | None]]:
     """Per prompt, per code position: the draft width strict acceptance there needs
     (``code_cover`` for a causal-LM draft, ``feature_cover`` for a feature draft; None where the
-    drafter never drafts that position). A TypeError for another kind: it adds its measure here."""
+    drafter never drafts that position). Another kind has no measure here yet: None everywhere
+    (the columns read "-")."""
     from atspeed_ray.decoding.drafting import LMDrafter
     from atspeed_ray.drafts.feature import FeatureDrafter
 
@@ -443,8 +444,7 @@ def draft_cover(target: torch.nn.Module, drafter: Drafter, index: ItemIndex,
         return code_cover(target, drafter.model, index, prompt_batches, k)  # type: ignore[return-value]
     if isinstance(drafter, FeatureDrafter):
         return feature_cover(target, drafter.model, index, prompt_batches, k)
-    raise TypeError(f"no code-width measure for a {type(drafter).__name__} draft "
-                    f"(benchmarking.draft_cover)")
+    return [[None] * index.L for b in prompt_batches for _ in b]
 
 
 def first_proposal(target: torch.nn.Module | None, drafter: Drafter, index: ItemIndex,

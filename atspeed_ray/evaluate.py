@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="paper-style tables: accuracy and speed for each draft")
     p.add_argument("--data", required=True, help="prepared folder, release folder or 'synthetic'")
     p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True, action="append", help="a draft model dir (repeatable)")
+    p.add_argument("--draft", required=True, action="append", help="a draft folder of any kind (repeatable)")
     p.add_argument("--k", type=parse_ks, default=list(DEFAULT_KS))
     p.add_argument("--out", required=True, help="output folder for tables and plots")
     p.add_argument("--draft-beams", type=DraftWidth, default=DraftWidth("1k"),
