@@ -29,7 +29,7 @@ class BenchBeamFlags(SpeedFlags):
 class BenchFlags(SpeedFlags):
     """``bench``'s own flags (the others: ``SpeedFlags``)."""
 
-    draft: str = Field(description="HF model dir of the draft")
+    draft: str = Field(description="draft folder, any kind (atspeed_ray.drafts)")
     draft_beams: Widths = Field(
         default_factory=lambda: [WidthPolicy.parse(DEFAULT_DRAFT_BEAMS)],
         description=SpeedFlags.model_fields["draft_beams"].description + "; several, "
@@ -192,24 +192,28 @@ def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list
 def run_bench(args: argparse.Namespace) -> int:
     validated(args, BenchFlags, BENCH_FIELDS)
     from atspeed_ray.data.prepare import open_data
+    from atspeed_ray.decoding.drafting import LMDrafter
+    from atspeed_ray.drafts import check_draft, draft_kind, load_drafter
     from atspeed_ray.models import DeviceConfig, decoding_dtype, load_decoder
 
-    data = open_data(args.data, models=(args.target, args.draft))
+    data = open_data(args.data, models=(args.target,))
+    check_draft(data, args.draft)
     dev = DeviceConfig(device=args.device, forward=args.forward, compile=args.compile,
                        pack=args.pack)
     dtype, why = decoding_dtype(args.precision, dev.torch_device())
     dev = dev.model_copy(update={"dtype": dtype})
     print(f"precision: {why}")
     target = load_decoder(args.target, dev)
-    draft = load_decoder(args.draft, dev)
-    packed = [name for name, m in (("target", target), ("draft", draft))
-              if getattr(m, "packed", None) is not None]
+    draft, kind = load_drafter(args.draft, dev), draft_kind(args.draft).name
+    models = [("target", target)] + ([("draft", draft.model)] if isinstance(draft, LMDrafter) else [])
+    packed = [name for name, m in models if getattr(m, "packed", None) is not None]
     print(f"packed weights: {', '.join(packed) or 'none'}")
     index = data.index.to(dev.torch_device())
     prompts = data.prompts(args.split, limit=args.num_prompts)
     targets = data.targets(args.split, limit=args.num_prompts)
     calibration = data.prompts("valid", limit=args.calibration_prompts)
-    print(f"target {args.target}, draft {args.draft}, {len(prompts)} prompts of {args.split}, "
+    print(f"target {args.target}, draft {args.draft} ({kind}), "
+          f"{len(prompts)} prompts of {args.split}, "
           f"batch {','.join(map(str, args.batch_size))}, mode {args.mode}, gamma {args.gamma}, "
           f"device {dev.torch_device()}, {args.forward} forward, {args.repeat} paired timings "
           f"per {'batch' if args.batch_size != [1] else 'prompt'}; WS = median of their ratios "
@@ -222,7 +226,8 @@ def run_bench(args: argparse.Namespace) -> int:
             for width in args.draft_beams:
                 rows.append(bench_row(args, target, draft, index, prompts, targets, calibration,
                                       k, width, batch_size))
-    result = {"target": args.target, "draft": args.draft, "mode": args.mode, "gamma": args.gamma,
+    result = {"target": args.target, "draft": args.draft,
+              "draft_kind": kind, "mode": args.mode, "gamma": args.gamma,
               "split": args.split, "prompts": len(prompts), "batch_sizes": args.batch_size,
               "draft_beams": [str(w) for w in args.draft_beams],
               "repeat": args.repeat,

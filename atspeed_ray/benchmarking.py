@@ -8,7 +8,10 @@
   it alone) and ``measure_speculative``, which times the target's beam search against
   speculative beam search on the same prompts in the same process, the bounds' calls beside
   each pair, with the speculative time split by phase (``breakdown_ms``: draft, verify, accept,
-  bookkeeping, rest per request);
+  bookkeeping, rest per request), and ``draft_cover``, the width each code position needs;
+  the draft is any kind (``drafts.load_drafter``): a causal LM, or a feature draft, whose
+  round starts after the target's prefill (``first_proposal``) and whose widths come from the
+  target's features along the target's beams (``feature_cover``);
 * paired timing (pure, any clock): ``interleaved`` times several calls back to back in a
   rotating order, ``time_pairs`` does it per prompt (or batch) for beam search and speculation,
   ``Speedup`` turns the pairs into WS with its spread and the ``unstable`` flag, and
@@ -45,8 +48,10 @@ if TYPE_CHECKING:
     import torch
 
     from atspeed_ray.data.index import ItemIndex
+    from atspeed_ray.decoding.drafting import Drafter, ProposeCall
     from atspeed_ray.decoding.search import SearchParams
     from atspeed_ray.decoding.timing import Timings
+    from atspeed_ray.drafts.feature import FeatureDraft
 
 X = TypeVar("X")
 Y = TypeVar("Y")
@@ -417,32 +422,101 @@ def code_cover(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex
     return need
 
 
-def draft_round_time(draft: torch.nn.Module, index: ItemIndex, prompt_batches: list[Batch],
-                     params: SearchParams, repeat: int = 1) -> float:
-    """Time of the draft's first round for each batch (``draft_round``), each the best of
-    ``repeat``."""
-    return time_per_batch(draft_round(draft, index, params), prompt_batches, repeat)
+def feature_cover(target: torch.nn.Module, draft: FeatureDraft, index: ItemIndex,
+                  prompt_batches: list[Batch], k: int) -> list[list[int | None]]:
+    """``code_cover`` of a feature draft: per prompt, per code position, the width a round's first
+    drafted step there needs, from the target's own feature of the parent along the target's
+    beams (``training.feature.width_needed``, its ``first`` widths). Position 1 is None: the
+    first code is the target's prefill, never drafted."""
+    from atspeed_ray.training.feature import target_tree, width_needed
+
+    need: list[list[int | None]] = []
+    for batch in prompt_batches:
+        widths = width_needed(draft, target_tree(target, batch, index, k), index, k)
+        by_position = [widths[f"code{d}_first"] for d in range(2, index.L + 1)]  # [L - 1][B]
+        need += [[None, *row] for row in zip(*by_position)] if by_position else [[None]] * len(batch)
+    return need
 
 
-def draft_round(draft: torch.nn.Module, index: ItemIndex, params: SearchParams
-                ) -> Callable[[Batch], None]:
-    """The draft's first round for a batch: its prefill and min(gamma, L - 1) width-N drafting
-    steps from the root (top-N drafting), as ``draft_phase`` runs them."""
+def draft_cover(target: torch.nn.Module, drafter: Drafter, index: ItemIndex,
+                prompt_batches: list[Batch], k: int) -> list[list[int | None]]:
+    """Per prompt, per code position: the draft width strict acceptance there needs
+    (``code_cover`` for a causal-LM draft, ``feature_cover`` for a feature draft; None where the
+    drafter never drafts that position). Another kind has no measure here yet: None everywhere
+    (the columns read "-")."""
+    from atspeed_ray.decoding.drafting import LMDrafter
+    from atspeed_ray.drafts.feature import FeatureDrafter
+
+    if isinstance(drafter, LMDrafter):
+        return code_cover(target, drafter.model, index, prompt_batches, k)  # type: ignore[return-value]
+    if isinstance(drafter, FeatureDrafter):
+        return feature_cover(target, drafter.model, index, prompt_batches, k)
+    return [[None] * index.L for b in prompt_batches for _ in b]
+
+
+def first_proposal(target: torch.nn.Module | None, drafter: Drafter, index: ItemIndex,
+                   params: SearchParams, batch: Batch) -> ProposeCall | None:
+    """The speculative loop's first drafting call for ``batch`` (top-N drafting, unseeded): at
+    the root for a drafter that reads tokens only (no target call comes before it; ``target``
+    may be None); after the target's prefill (the loop's first round, answered here) for one
+    that reads the target's features. None when the loop never drafts (too few codes)."""
     import dataclasses
 
     import torch
 
     from atspeed_ray.decoding.beam import root_beams, score_dtype
-    from atspeed_ray.decoding.drafting import draft_phase
+    from atspeed_ray.decoding.drafting import ProposeCall
+    from atspeed_ray.decoding.speculative import LocalModels, speculative_loop
 
-    G = min(params.gamma, index.L - 1)
     top_n = dataclasses.replace(params, mode="strict", seed=None)
+    if not drafter.wants_features:
+        B, G, dev = len(batch), min(params.gamma, index.L - 1), index.device
+        if G < 1:
+            return None
+        dtype = torch.float32 if target is None else score_dtype(target)
+        beams = root_beams(B, params.k, index.L, ["target", "draft"], dev, dtype)
+        t = torch.zeros(B, dtype=torch.long, device=dev)
+        return ProposeCall(beams, t, torch.full_like(t, G), batch, top_n)
+    if target is None:
+        raise ValueError("a feature draft's round starts from the target's prefill: give a target")
+    loop = speculative_loop(batch, index, top_n, dtype=score_dtype(target), features=True)
+    answer = LocalModels(target, drafter, index)
+    try:
+        call = next(loop)
+        while not isinstance(call, ProposeCall):
+            call = loop.send(answer(call))
+    except StopIteration:
+        return None
+    loop.close()
+    return call
+
+
+def draft_round_time(target: torch.nn.Module | None, draft: Drafter | torch.nn.Module,
+                     index: ItemIndex, prompt_batches: list[Batch], params: SearchParams,
+                     repeat: int = 1) -> float:
+    """Time of the draft's first round for each batch (``draft_round``), each the best of
+    ``repeat``."""
+    return time_per_batch(draft_round(target, draft, index, params, prompt_batches),
+                          prompt_batches, repeat)
+
+
+def draft_round(target: torch.nn.Module | None, draft: Drafter | torch.nn.Module, index: ItemIndex,
+                params: SearchParams, prompt_batches: list[Batch]) -> Callable[[Batch], None]:
+    """The draft's first round for a batch of ``prompt_batches``: the first drafting call of the
+    speculative loop (``first_proposal``, made here for every batch, untimed), answered by the
+    draft alone with no cache. A causal LM: its prefill and min(gamma, L - 1) width-N steps from
+    the root, as ``draft_phase`` runs them (``target`` may be None); a feature draft: its
+    min(gamma, L - 2) steps after the target's prefill."""
+    from atspeed_ray.decoding.drafting import as_drafter
+
+    drafter = as_drafter(draft)
+    calls = {tuple(map(tuple, b)): first_proposal(target, drafter, index, params, b)
+             for b in prompt_batches}
 
     def one(batch: Batch) -> None:
-        B, dev = len(batch), index.device
-        beams = root_beams(B, params.k, index.L, ["target", "draft"], dev, score_dtype(draft))
-        t = torch.zeros(B, dtype=torch.long, device=dev)
-        draft_phase(draft, None, beams, t, torch.full_like(t, G), batch, index, top_n)
+        call = calls[tuple(map(tuple, batch))]
+        if call is not None:
+            drafter.propose(call, index, None)
 
     return one
 
@@ -459,7 +533,7 @@ def summed_timings(parts: Sequence[Timings], device: torch.device) -> Timings:
     return out
 
 
-def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
+def measure_speculative(target: torch.nn.Module, draft: Drafter | torch.nn.Module, index: ItemIndex,
                         prompts: list[list[int]], params: SearchParams, batch_size: int,
                         repeat: int = 1, clock: Clock | None = None) -> tuple[dict, list, list]:
     """Time the target's beam search and speculative beam search on the same prompts (same
@@ -467,15 +541,18 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     back, ``repeat`` times, the order alternating (``paired_speedup``: WS is the median of the
     per-batch ratios, with their interquartile range; an unstable row is measured again), and
     the bounds' passes right after each pair (each bound paired like WS). The speculative time
-    is split by phase (``Timings``).
+    is split by phase (``Timings``). ``draft``: any ``Drafter`` (``drafts.load_drafter``) or a
+    causal LM.
     Relaxed sampling draws from ``params.seed`` (every batch's rows from their own streams).
     Returns (row of measurements, plain items, speculative items)."""
     import torch
 
     from atspeed_ray.decoding import beam_search, speculative_search
+    from atspeed_ray.decoding.drafting import as_drafter
     from atspeed_ray.decoding.speculative import POSITION_STAT_NAMES, STAT_NAMES
     from atspeed_ray.decoding.timing import Timings
 
+    draft = as_drafter(draft)
     prompt_batches = batches(prompts, batch_size)
     k, n = params.k, params.N
     # on the CPU every timed speculative call carries its own phase timer (a few clock reads per
@@ -493,7 +570,7 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     # the bounds' calls, timed right after each pair: one target pass over K*gamma tree tokens,
     # one over N*gamma, the draft's first round
     bounds = [oracle_pass(target, k, params.gamma), oracle_pass(target, n, params.gamma),
-              draft_round(draft, index, params)]
+              draft_round(target, draft, index, params, prompt_batches)]
     beside = [lambda u, f=f: f(prompt_batches[u]) for f in bounds]
     with torch.no_grad(), timing_threads(index.device) as threads:
         beam_search(target, prompt_batches[0], index, k)  # warm-up
@@ -512,7 +589,7 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
             timings = Timings(index.device)
             for b in prompt_batches:
                 speculative_search(target, draft, b, index, params, timings=timings)
-        cover = code_cover(target, draft, index, prompt_batches, k)  # [P][L]
+        cover = draft_cover(target, draft, index, prompt_batches, k)  # [P][L]
     times = run.times
     t_plain, t_pass, t_tree, t_draft = (times.total(side) for side in ("plain", 0, 1, 2))
     ref_items = [i for r in ref for i in r.items]
@@ -528,14 +605,19 @@ def measure_speculative(target: torch.nn.Module, draft: torch.nn.Module, index: 
     return row, ref_items, out_items
 
 
-def width_columns(cover: list[list[int]]) -> dict[str, int | str]:
+def width_columns(cover: list[list[int | None]]) -> dict[str, int | str | None]:
     """``code{d}_width_median`` / ``_max`` over the prompts, for every code position d (1-based)
-    of ``code_cover`` (the draft width each position needs), and all of them in one string,
-    ``code_width_by_position``: "median/max" per position, comma-separated."""
-    out: dict[str, int | str] = {}
+    of ``draft_cover`` (the draft width each position needs; None where the draft never drafts
+    it), and all of them in one string, ``code_width_by_position``: "median/max" per position
+    ("-" where not drafted), comma-separated."""
+    out: dict[str, int | str | None] = {}
     parts = []
     for d, widths in enumerate(zip(*cover), start=1):
-        w = sorted(widths)
+        if any(x is None for x in widths):
+            out[f"code{d}_width_median"] = out[f"code{d}_width_max"] = None
+            parts.append("-")
+            continue
+        w = sorted(widths)  # type: ignore[type-var]
         median, most = w[len(w) // 2], w[-1]
         out[f"code{d}_width_median"], out[f"code{d}_width_max"] = median, most
         parts.append(f"{median}/{most}")

@@ -81,8 +81,8 @@ def measure_one(target, draft, index, prompts: list[list[int]], params, repeat: 
 
     if target is None:
         with torch.no_grad():
-            draft_round_time(draft, index, batches(prompts[:1], 1), params)  # warm-up
-            t = draft_round_time(draft, index, batches(prompts, 1), params, repeat)
+            draft_round_time(None, draft, index, batches(prompts[:1], 1), params)  # warm-up
+            t = draft_round_time(None, draft, index, batches(prompts, 1), params, repeat)
         return {"draft_round_ms": 1e3 * t / len(prompts)}
     r, _, _ = measure_speculative(target, draft, index, prompts, params, 1, repeat)
     rounds = sum(r["rounds_per_request"]) / len(prompts)

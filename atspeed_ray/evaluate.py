@@ -12,7 +12,9 @@
 * written as JSON, CSV and Markdown, with PNG plots (WS against K per method; histogram of
   accepted steps per round); the terminal gets the short form (``report.results_screen``).
 
-A draft's method name is its folder name (``drafts/atspeed-s`` -> ``atspeed-s``).
+A draft's method name is its folder name (``drafts/atspeed-s`` -> ``atspeed-s``); a draft is
+any registered kind (``atspeed_ray.drafts``: a causal LM, or a feature draft on the target's
+hidden states), so several kinds compare on the same prompts in one run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import argparse
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -33,11 +35,14 @@ from atspeed_ray.report import results_screen, write_table
 from atspeed_ray.settings import MODES
 from atspeed_ray.reference.config import add_reference_args, reference_config
 
+if TYPE_CHECKING:
+    from atspeed_ray.decoding.drafting import Drafter
+
 
 class EvaluateFlags(SpeedFlags):
     """``evaluate``'s own flags (the others: ``SpeedFlags``)."""
 
-    draft: list[str] = Field(description="a draft model dir (repeatable)")
+    draft: list[str] = Field(description="a draft folder of any kind (repeatable)")
     out: str = Field(description="output folder for tables and plots")  # type: ignore[assignment]
     num_prompts: int | None = Field(None, ge=1, description="accuracy prompts (default: all)")
     timing_prompts: int = Field(50, ge=1, description="prompts timed per row")
@@ -138,7 +143,7 @@ class Setup:
     data: Any  # the opened data (``open_data``)
     index: Any  # ItemIndex on the models' device
     target: Any  # the target model
-    drafts: dict[str, Any]  # method name -> draft model
+    drafts: dict[str, Drafter]  # method name -> draft (any kind, ``drafts.load_drafter``)
     prompts: list[list[int]]  # test prompts
     targets: list[list[int]]  # their target items, in code space
     calibration: list[list[int]]  # validation prompts of --draft-beams auto
@@ -164,6 +169,7 @@ class Setup:
 
 def load_setup(args: argparse.Namespace) -> Setup:
     from atspeed_ray.data.prepare import open_data
+    from atspeed_ray.drafts import check_draft, load_drafter
     from atspeed_ray.models import DeviceConfig, decoding_dtype, load_decoder
 
     modes = [m for m in args.modes.split(",") if m]
@@ -172,14 +178,16 @@ def load_setup(args: argparse.Namespace) -> Setup:
             raise SystemExit(f"--modes: unknown mode {m!r} ({', '.join(MODES)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = open_data(args.data, models=(args.target, *args.draft))
+    data = open_data(args.data, models=(args.target,))
+    for d in args.draft:
+        check_draft(data, d)
     dev = DeviceConfig(device=args.device, forward=args.forward, compile=args.compile,
                        pack=args.pack)
     dtype, why = decoding_dtype(args.precision, dev.torch_device())
     dev = dev.model_copy(update={"dtype": dtype})
     print(f"precision: {why}")
     target = load_decoder(args.target, dev)
-    drafts = {method_name(d): load_decoder(d, dev) for d in args.draft}
+    drafts = {method_name(d): load_drafter(d, dev) for d in args.draft}
     index = data.index.to(dev.torch_device())
     prompts = data.prompts("test", limit=args.num_prompts)
     targets = data.targets("test", limit=args.num_prompts)

@@ -1,5 +1,5 @@
-"""The whole pipeline as one job: prepare -> train target -> teacher data -> align drafts ->
-evaluate (-> serve). ``jobs/demo.py`` runs it on the built-in synthetic data, ``jobs/reproduce.py``
+"""The whole pipeline as one job: prepare -> train target -> teacher data -> align drafts (the
+LM drafts, then a feature draft if configured) -> evaluate (-> serve). ``jobs/demo.py`` runs it on the built-in synthetic data, ``jobs/reproduce.py``
 on a paper-format data set. Each stage is skipped when its output already exists, so a second run
 reuses the first one's work. Every stage is the same CLI command a user would type, run as its
 own process: its stdout (stage lines, progress, tables) comes to the terminal, its stderr (Ray's,
@@ -78,6 +78,10 @@ class PipelineConfig(BaseModel):
     draft_recipe: DraftRecipe = TEACHER_RECIPE
     sft: StageSettings = StageSettings()  # the sft stage of "sft-then-align"
     alpha: float | None = None  # None: the align command's default
+    # a feature draft (a head on the target's hidden states, ``align --draft-kind feature``, on
+    # the target's own top teacher_k) made after the LM drafts and evaluated beside them, in
+    # drafts/feature; None: no feature draft
+    feature: StageSettings | None = None
     eval_k: list[int] = [1, 5, 10]
     eval_prompts: int | None = None
     timing_prompts: int = 30
@@ -305,6 +309,30 @@ def align_argv(cfg: PipelineConfig, data: Path, target: Path, teacher: Path, dra
             + stage_flags(cfg.sft if first else cfg.align, cfg.use_gpu))
 
 
+def evaluate_argv(cfg: PipelineConfig, data: Path, target: Path, evaluation: Path,
+                  drafts: list[Path]) -> list[str]:
+    """evaluate of every draft (any kind) on the same prompts, into ``evaluation``."""
+    argv = ["evaluate", "--data", str(data), "--target", str(target), "--out", str(evaluation),
+            "--k", ",".join(map(str, cfg.eval_k))]
+    argv += flags(timing_prompts=cfg.timing_prompts, gamma=cfg.gamma,
+                  num_prompts=cfg.eval_prompts, draft_beams=cfg.draft_beams)
+    for d in drafts:
+        argv += ["--draft", str(d)]
+    return argv + list(cfg.eval_extra)
+
+
+FEATURE_DRAFT = "feature"  # the feature draft's folder under drafts/ (its method name)
+
+
+def feature_argv(cfg: PipelineConfig, data: Path, target: Path, draft: Path) -> list[str]:
+    """align for the feature draft: trained on the target's own top ``teacher_k`` beam search
+    (no teacher data folder), with the ``feature`` stage settings."""
+    assert cfg.feature is not None
+    return (["align", "--data", str(data), "--target", str(target), "--out", str(draft),
+             "--draft-kind", "feature"] + flags(teacher_k=cfg.teacher_k)
+            + stage_flags(cfg.feature, cfg.use_gpu))
+
+
 def run_pipeline(cfg: PipelineConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,15 +355,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         if not done(draft, "config.json"):
             run_cli(align_argv(cfg, data, target, teacher, draft), output)
     drafts = [out / "drafts" / loss for loss in cfg.losses]  # evaluated in the configured order
+    if cfg.feature is not None:
+        drafts.append(out / "drafts" / FEATURE_DRAFT)
+        if not done(drafts[-1], "config.json"):
+            run_cli(feature_argv(cfg, data, target, drafts[-1]), output)
     evaluation = out / "eval"
     if not done(evaluation, "speed.json"):
-        argv = ["evaluate", "--data", str(data), "--target", str(target), "--out", str(evaluation),
-                "--k", ",".join(map(str, cfg.eval_k))]
-        argv += flags(timing_prompts=cfg.timing_prompts, gamma=cfg.gamma,
-                      num_prompts=cfg.eval_prompts, draft_beams=cfg.draft_beams)
-        for d in drafts:
-            argv += ["--draft", str(d)]
-        run_cli(argv + list(cfg.eval_extra), output)
+        run_cli(evaluate_argv(cfg, data, target, evaluation, drafts), output)
     else:  # evaluate printed them when it ran
         print("\n" + results_screen(evaluation), flush=True)
     summary = json.loads((data / "summary.json").read_text())

@@ -156,13 +156,13 @@ def below_references(accuracy: Sequence[Mapping], references: Sequence[str]) -> 
 
 
 def write_table(rows: list[dict[str, Any]], out: Path, name: str, columns: list[str]) -> None:
-    """rows -> NAME.json, NAME.csv, NAME.md."""
+    """rows -> NAME.json, NAME.csv, NAME.md (None, a value not measured: "-" in the Markdown)."""
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

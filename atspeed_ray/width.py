@@ -130,12 +130,13 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
               for p in grid]  # counters: exact in one run (the first run warms up too)
     calls = []  # per candidate: its target pass, then its draft round (none when gamma = 0)
     for p in grid:
-        calls.append(lambda p=p: oracle_pass(target, p.N, p.gamma)(head))
-        calls.append((lambda p=p: draft_round(draft, index, p)(head)) if p.gamma > 0 else (lambda: None))
+        calls.append(oracle_pass(target, p.N, p.gamma))
+        calls.append(draft_round(target, draft, index, p, [head]) if p.gamma > 0 else (lambda _: None))
     with timing_threads(index.device):
         for call in calls:  # warm-up: the first call at a new shape pays one-off costs
-            call()
-        seconds, _ = interleaved(calls, repeat, device_clock(index.device))  # [2 * candidates][repeat]
+            call(head)
+        seconds, _ = interleaved([lambda f=f: f(head) for f in calls], repeat,
+                                 device_clock(index.device))  # [2 * candidates][repeat]
     ms = [1e3 * min(s) / rows for s in seconds]
     out = [WidthCandidate(p.N, p.gamma, sum(r) / len(r), ms[2 * i], ms[2 * i + 1] if p.gamma > 0 else 0.0)
            for i, (p, r) in enumerate(zip(grid, rounds))]

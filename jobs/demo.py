@@ -31,12 +31,16 @@ from atspeed_ray.pipeline import (  # noqa: E402
 
 
 def tiny_config(out: str, verbose: bool) -> PipelineConfig:
-    """The 4.4M from-scratch target and preset drafts, on Ray Train + DeepSpeed."""
+    """The 4.4M from-scratch target and preset drafts, on Ray Train + DeepSpeed, and a feature
+    draft trained in process."""
     return PipelineConfig(
         data="synthetic", out=out, preset="tiny",
         target=StageSettings(epochs=4, micro_batch=64, lr=3e-3),
         align=StageSettings(epochs=2, micro_batch=64, lr=3e-3),
         teacher_k=10, teacher_samples=4000, losses=["sft", "atspeed-s", "atspeed-r"],
+        # a feature draft on the target's own top 10, in process (not on Ray Train yet)
+        feature=StageSettings(epochs=4, micro_batch=32, lr=3e-3, max_samples=2000, workers=0,
+                              extra=["--val-samples", "32"]),
         eval_k=[1, 5, 10], timing_prompts=30, draft_beams="2k", verbose=verbose,
     )
 

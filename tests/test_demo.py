@@ -85,3 +85,20 @@ def test_demo_configs_validate_and_the_llm_one_cuts_drafts_from_the_target():
     assert tiny.base_model is None and tiny.draft_recipe == "teacher"
     assert llm.base_model == "smollm2" and llm.draft_recipe == "sft-then-align"
     assert llm.draft_init_layers == 2 and "--code-head" in llm.align.extra
+    assert tiny.feature is not None and tiny.feature.workers == 0  # Ray Train: not yet
+
+
+def test_a_feature_draft_is_trained_in_process_and_evaluated_beside_the_lm_drafts(tmp_path):
+    from atspeed_ray.pipeline import FEATURE_DRAFT, StageSettings, evaluate_argv, feature_argv
+
+    d, t, e = tmp_path / "d", tmp_path / "t", tmp_path / "eval"
+    cfg = PipelineConfig(teacher_k=5, feature=StageSettings(epochs=2, lr=1e-3, workers=0))
+    draft = tmp_path / "drafts" / FEATURE_DRAFT
+    argv = feature_argv(cfg, d, t, draft)
+    assert argv[argv.index("--draft-kind") + 1] == "feature"
+    assert argv[argv.index("--teacher-k") + 1] == "5" and argv[argv.index("--workers") + 1] == "0"
+    assert "--teacher" not in argv and "--loss" not in argv  # the target's own beams teach it
+    drafts = [tmp_path / "drafts" / "atspeed-s", draft]
+    argv = evaluate_argv(cfg, d, t, e, drafts)
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--draft"] == [str(p) for p in drafts]
+    assert PipelineConfig().feature is None  # none unless configured

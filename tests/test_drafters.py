@@ -61,7 +61,8 @@ class FirstChildren:
 
 FIRST_CHILDREN = register(DraftKind("test-first-children",
                                     lambda path, device: FirstChildren(device.torch_device()),
-                                    "the trie's first N children (a test kind)"))
+                                    "the trie's first N children (a test kind)",
+                                    lambda prepared, path: None))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_kinds_are_read_from_the_config_and_older_exports_still_load(tmp_path):
     with pytest.raises(DataError, match="no config.json"):  # the project's bad-input error
         draft_kind(tmp_path / "missing")
     with pytest.raises(ValueError, match="registered already"):
-        register(DraftKind("lm", FIRST_CHILDREN.load, "another lm"))
+        register(DraftKind("lm", FIRST_CHILDREN.load, "another lm", FIRST_CHILDREN.fits))
 
 
 def test_a_causal_lm_is_an_lm_drafter(setup):

@@ -9,11 +9,15 @@ table, a code head) and otherwise load as a plain causal LM.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atspeed_ray.data.llm import read_config
 from atspeed_ray.drafts.base import DRAFT_KIND_KEY, DraftKind
 from atspeed_ray.drafts.feature import FEATURE
 from atspeed_ray.drafts.lm import CODE_HEAD, COMPACT_VOCAB, LM
+
+if TYPE_CHECKING:
+    from atspeed_ray.data.prepare import PreparedData
 
 DRAFT_KINDS: dict[str, DraftKind] = {k.name: k for k in (LM, CODE_HEAD, COMPACT_VOCAB, FEATURE)}
 
@@ -48,6 +52,13 @@ def draft_kind(path: str | Path) -> DraftKind:
     return DRAFT_KINDS[name]
 
 
+def check_draft(prepared: PreparedData, path: str | Path) -> None:
+    """Stop with a DataError naming the draft's file unless the draft at ``path`` fits the
+    prepared data folder (``DraftKind.fits``: a causal LM's tokenizer or vocabulary, a feature
+    draft's code tokens)."""
+    draft_kind(path).fits(prepared, Path(path))
+
+
 def load_drafter(path: str | Path, device=None):
     """The draft at ``path`` as a ``Drafter`` (``decoding.drafting``), by its kind."""
     from atspeed_ray.models import DeviceConfig
@@ -55,5 +66,5 @@ def load_drafter(path: str | Path, device=None):
     return draft_kind(path).load(Path(path), device or DeviceConfig())
 
 
-__all__ = ["DRAFT_KINDS", "DRAFT_KIND_KEY", "DraftKind", "draft_kind", "kind_name",
+__all__ = ["DRAFT_KINDS", "DRAFT_KIND_KEY", "DraftKind", "check_draft", "draft_kind", "kind_name",
            "load_drafter", "register"]

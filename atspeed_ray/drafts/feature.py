@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from atspeed_ray.data.errors import DataError
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import Beams, log_probs, take
 from atspeed_ray.decoding.cache import TreeCache
@@ -31,6 +33,9 @@ from atspeed_ray.decoding.drafting import DraftStep, ProposeCall, draft_tree
 from atspeed_ray.decoding.feed import Context
 from atspeed_ray.data.llm import read_config
 from atspeed_ray.drafts.base import DRAFT_KIND_KEY, DraftKind
+
+if TYPE_CHECKING:
+    from atspeed_ray.data.prepare import PreparedData
 
 KIND = "feature"
 WEIGHTS = "model.safetensors"
@@ -231,6 +236,10 @@ class FeatureDrafter:
         if beams.features is None:
             raise ValueError("a feature draft needs the target's features on the beams "
                              "(the loop asks for them when Drafter.wants_features)")
+        if beams.features.shape[-1] != self.model.config.hidden:
+            raise ValueError(f"a feature draft of hidden size {self.model.config.hidden} got the "
+                             f"features of a target of hidden size {beams.features.shape[-1]}: "
+                             f"it was trained on another target")
         state: dict[str, object] = {}
         ctx = self.model.context_kv(call.context)
 
@@ -255,4 +264,21 @@ def load(path: Path, device) -> FeatureDrafter:
     return FeatureDrafter(FeatureDraft.load(path, device.torch_device()))
 
 
-FEATURE = DraftKind(KIND, load, "a head on the target's hidden states (EAGLE-style)")
+def fits(prepared: PreparedData, path: Path) -> None:
+    """Its head scores exactly the prepared catalogue's code tokens (it carries no tokenizer:
+    the target's rows it copied are what ties it to the data)."""
+    from safetensors import safe_open
+
+    from atspeed_ray.models import code_token_ids
+
+    if not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path}: no {WEIGHTS}")
+    with safe_open(str(path / WEIGHTS), "pt") as f:
+        ids = f.get_tensor("code_ids").tolist()
+    if ids != code_token_ids(prepared.index):
+        raise DataError(f"its {len(ids)} code tokens are not the {prepared.root} catalogue's "
+                        f"{len(code_token_ids(prepared.index))}: it was trained on other data",
+                        path / WEIGHTS)
+
+
+FEATURE = DraftKind(KIND, load, "a head on the target's hidden states (EAGLE-style)", fits)

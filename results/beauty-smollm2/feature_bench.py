@@ -6,7 +6,8 @@ breakdown, and the width each code needs (``training.feature.width_needed``).
     python results/beauty-smollm2/feature_bench.py --data DATA --target TARGET --draft DRAFT \
         --out OUT.json [--k 1,3,5,10,20] [--num-prompts 16] [--repeat 2] [--gamma 3] [--threads 1]
 
-``bench`` and ``evaluate`` do not load feature drafts yet; this script is what measured them.
+This script measured the feature draft before ``bench`` and ``evaluate`` loaded feature drafts
+(they do now, with the same columns); it is kept as the record of how the numbers here were made.
 """
 
 from __future__ import annotations
