@@ -116,9 +116,10 @@ def test_align_draft_kind_feature_writes_a_loadable_draft(tmp_path, capsys):
                  "--draft-kind", "feature", "--workers", "0", "--epochs", "2", "--max-samples", "64",
                  "--val-samples", "16", "--teacher-k", "5", "--micro-batch", "16"]) == 0
     printed = capsys.readouterr().out
-    assert "[feature] epoch 2/2" in printed and "code2_first_width_median" in printed
+    assert "[align feature atspeed-s] epoch 2/2 done" in printed
     history = json.loads((out / "training.json").read_text())
-    assert len(history["epochs"]) == 2 and history["train_prompts"] == 64
+    assert len(history["epochs"]) == 2 and history["step"] == 2 * (64 // 16)
+    assert {"val_accept", "val_code2_first_width_median", "align", "feature"} <= set(history["epochs"][-1])
     drafter = load_drafter(out, DeviceConfig(device="cpu"))
     assert isinstance(drafter, FeatureDrafter)
     from atspeed_ray.models import load_decoder
@@ -130,5 +131,78 @@ def test_align_draft_kind_feature_writes_a_loadable_draft(tmp_path, capsys):
     for _, res in strict_runs(target, drafter, prompts, prepared.index, 5, 10, 3):
         assert_same_as_beam_search(res, ref)
     assert main(["align", "--data", str(data), "--target", str(target_dir), "--out", str(out),
-                 "--draft-kind", "feature", "--workers", "2"]) == 2
-    assert "--workers 0" in capsys.readouterr().err
+                 "--draft-kind", "feature", "--workers", "2", "--zero-stage", "3"]) == 2
+    assert "--zero-stage 2" in capsys.readouterr().err
+    assert main(["align", "--data", str(data), "--target", str(target_dir), "--out", str(out),
+                 "--draft-kind", "feature", "--workers", "0", "--loss", "wordkd"]) == 2
+    assert "atspeed-s or atspeed-r" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A prepared synthetic folder and a random tiny target on it."""
+    data, target_dir, _ = prepared_random_pair(tmp_path_factory.mktemp("pair"), 60, 120, seed=3)
+    return data, target_dir
+
+
+def test_the_feature_setup_trains_only_the_head_on_a_frozen_target(pair, tmp_path):
+    from atspeed_ray.training.config import TrainConfig
+    from atspeed_ray.training.feature import FeatureObjective, TargetTree
+    from atspeed_ray.training.setup import build_setup, make_optimizer
+
+    data, target_dir = pair
+    cfg = TrainConfig(task="align", runner="local", data=str(data), target=str(target_dir),
+                      out=str(tmp_path / "d"), draft_kind="feature", teacher_k=3, max_samples=32,
+                      val_samples=4)
+    s = build_setup(cfg, torch.device("cpu"))
+    assert isinstance(s.model, FeatureDraft) and s.model.training
+    assert isinstance(s.objective, FeatureObjective) and s.teacher_k == 3
+    assert not s.target.training and not any(p.requires_grad for p in s.target.parameters())
+    trained = {id(p) for g in make_optimizer(s.model, cfg).param_groups for p in g["params"]}
+    assert trained == {id(p) for p in s.model.parameters()}
+    assert not trained & {id(p) for p in s.target.parameters()}
+    # a batch is the target's trees of its prompts, kept per prompt and restacked in any order
+    batch = s.batch(s.train, [3, 0, 1])
+    assert isinstance(batch, TargetTree) and batch.size == 3
+    again = s.batch(s.train, [1, 3])
+    ref = target_tree(s.target, [s.train.prompts[i] for i in (1, 3)], s.prepared.index, 3)
+    for lv, want in zip(again.levels, ref.levels):
+        assert torch.equal(lv.tokens, want.tokens)
+        torch.testing.assert_close(lv.feature, want.feature, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again.context.features[again.context.valid],
+                               ref.context.features[ref.context.valid], rtol=1e-4, atol=1e-4)
+    assert len(s.trees.trees) == 3  # the prompts computed so far, once each
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_ray_zero2_two_workers_train_a_feature_draft(ray_local, pair, tmp_path):
+    """``align --draft-kind feature --workers 2`` (ZeRO-2): the shared Ray Train loop trains the
+    head on every worker's frozen target; the export loads by its kind and decodes exactly."""
+    from atspeed_ray.cli import main
+    from atspeed_ray.data.prepare import load_prepared
+    from atspeed_ray.models import load_decoder
+    from atspeed_ray.training.core import steps_per_epoch
+
+    data, target_dir = pair
+    out = tmp_path / "feature"
+    assert main(["align", "--data", str(data), "--target", str(target_dir), "--out", str(out),
+                 "--draft-kind", "feature", "--workers", "2", "--zero-stage", "2", "--epochs", "2",
+                 "--max-samples", "64", "--micro-batch", "8", "--lr", "3e-3", "--val-samples", "8",
+                 "--teacher-k", "3", "--val-k", "3", "--val-draft-beams", "6", "--threads", "1",
+                 "--storage-path", str(tmp_path / "ray"), "--log-every", "1000"]) == 0
+    hist = json.loads((out / "training.json").read_text())
+    assert hist["step"] == 2 * steps_per_epoch(64, 2, 8, 1) and len(hist["epochs"]) == 2
+    assert hist["epochs"][1]["align"] < hist["epochs"][0]["align"]
+    assert "val_code2_first_width_median" in hist["epochs"][1]
+    drafter = load_drafter(out, DeviceConfig(device="cpu"))
+    assert isinstance(drafter, FeatureDrafter)
+    prepared = load_prepared(data)
+    target = load_decoder(target_dir, DeviceConfig(device="cpu"))
+    fresh = FeatureDraft.from_target(target, prepared.index)  # the target's rows, untrained
+    assert torch.equal(drafter.model.embed, fresh.embed) and torch.equal(drafter.model.head, fresh.head)
+    prompts = prepared.prompts("test", limit=4)
+    ref = beam_search(target, prompts, prepared.index, 3)
+    for _, res in strict_runs(target, drafter, prompts, prepared.index, 3, 6, 3):
+        assert_same_as_beam_search(res, ref)
