@@ -15,7 +15,7 @@ from atspeed_ray.drafts import load_drafter
 from atspeed_ray.drafts.feature import FeatureConfig, FeatureDraft, FeatureDrafter
 from atspeed_ray.models import DeviceConfig
 from atspeed_ray.training.feature import target_tree, tree_loss, width_needed
-from atspeed_ray.training.losses import candidate_kl, feature_regression
+from atspeed_ray.training.losses import beam_tvd, candidate_kl, feature_regression, tvd
 from tests.helpers import (
     assert_same_as_beam_search, prepared_random_pair, random_catalog, random_model,
     random_prompts, strict_runs, vocab_size,
@@ -80,7 +80,51 @@ def test_candidate_kl_and_feature_regression():
     assert float(feature_regression(bad, h, live)) == 0.0
 
 
-def test_training_lowers_the_loss_and_the_width_the_codes_need(setup):
+def test_beam_tvd_is_atspeed_r_on_the_targets_beams():
+    scores = torch.tensor([[0.0, -1.0, float("-inf")]])
+    p = torch.log_softmax(torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0)), -1)
+    valid = torch.ones(1, 3, 4, dtype=torch.bool)
+    valid[0, 0, 3] = False
+    assert float(beam_tvd(scores, p, p, valid)) == pytest.approx(0.0, abs=1e-7)
+    q = p.clone()
+    q[0, 0, 3] += 5.0  # an invalid code: ignored
+    q[0, 2] += torch.tensor([3.0, 0.0, 0.0, 0.0])  # a dead beam: ignored
+    assert float(beam_tvd(scores, p, q, valid)) == pytest.approx(0.0, abs=1e-6)
+    q[0, 1, 0] += 2.0
+    want = 0.5 * float(tvd(q[0, 1], p[0, 1], valid[0, 1]))  # one of the two live beams
+    assert float(beam_tvd(scores, p, q, valid)) == pytest.approx(want, rel=1e-6)
+    # per-beam TVD is not the sequence-level KL of atspeed-s: the beams' scores do not enter it
+    assert float(beam_tvd(scores - 3.0, p, q, valid)) == pytest.approx(want, rel=1e-6)
+    assert float(candidate_kl(scores, p, q, valid)) != pytest.approx(want, rel=1e-3)
+
+
+def test_relaxed_objective_differs_from_strict_and_training_lowers_it(setup, one_torch_thread):
+    index, target, _ = setup
+    torch.manual_seed(0)
+    draft = FeatureDraft.from_target(target, index, FeatureConfig(hidden=32, layers=1, heads=4)).double()
+    trees = [target_tree(target, random_prompts(8, vocab_size([8] * 4), seed=s), index, 5)
+             for s in range(2)]
+    with torch.no_grad():
+        strict, strict_parts = tree_loss(draft, trees[0], index, 0.0, "atspeed-s")
+        relaxed, relaxed_parts = tree_loss(draft, trees[0], index, 0.0, "atspeed-r")
+    assert float(relaxed) != pytest.approx(float(strict), rel=1e-2)
+    assert relaxed_parts["feature"] == pytest.approx(strict_parts["feature"])
+    assert 0.0 < float(relaxed) < 1.0  # a total variation
+    opt = torch.optim.AdamW(draft.parameters(), lr=3e-3)
+    for _ in range(8):
+        for tree in trees:
+            loss, _ = tree_loss(draft, tree, index, 0.1, "atspeed-r")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        after, _ = tree_loss(draft, trees[0], index, 0.0, "atspeed-r")
+    assert float(after) < 0.8 * float(relaxed)
+    with pytest.raises(ValueError, match="atspeed-s or atspeed-r"):
+        tree_loss(draft, trees[0], index, 0.1, "wordkd")
+
+
+def test_training_lowers_the_loss_and_the_width_the_codes_need(setup, one_torch_thread):
     index, target, prompts = setup
     torch.manual_seed(0)
     draft = FeatureDraft.from_target(target, index, FeatureConfig(hidden=32, layers=1, heads=4)).double()
@@ -157,6 +201,7 @@ def test_the_feature_setup_trains_only_the_head_on_a_frozen_target(pair, tmp_pat
     s = build_setup(cfg, torch.device("cpu"))
     assert isinstance(s.model, FeatureDraft) and s.model.training
     assert isinstance(s.objective, FeatureObjective) and s.teacher_k == 3
+    assert s.objective.loss == "atspeed-s"  # align's default: strict
     assert not s.target.training and not any(p.requires_grad for p in s.target.parameters())
     trained = {id(p) for g in make_optimizer(s.model, cfg).param_groups for p in g["params"]}
     assert trained == {id(p) for p in s.model.parameters()}
