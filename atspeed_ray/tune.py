@@ -27,6 +27,10 @@ A search space is a YAML file (``tuning/*.yaml``)::
       weight_decay: {choice: [0.0, 0.01, 0.1]}
     baseline: {alpha: 0.7, temperature: 1.0, lr: 0.001, weight_decay: 0.1}  # optional: trial 1
 
+A feature draft's space (``tuning/feature.yaml``) fixes ``draft_kind: feature`` and searches its
+own fields (``feature_weight``: the align term against the hidden-state regression,
+``feature_layers``); it needs no ``--teacher`` (the target's own beam search is its teacher).
+
 Outputs in ``--out``: ``best_config.json`` (with the baseline trial's objective and the gain over
 it when the space has a baseline), ``trials.csv`` and ``trials.md`` (every trial), and
 ``best_draft/`` (the best trial's draft, HF format, ready for ``serve``/``bench``).
@@ -309,7 +313,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="Ray Tune search of the alignment weights")
     p.add_argument("--data", required=True, help="prepared data folder")
     p.add_argument("--target", required=True, help="trained target model folder")
-    p.add_argument("--teacher", required=True, help="teacher data folder")
+    p.add_argument("--teacher", default=None,
+                   help="teacher data folder (the LM drafts' spaces; a feature draft's space "
+                        "(draft_kind: feature) needs none: the target is its teacher)")
     p.add_argument("--space", required=True, help="search space YAML (tuning/*.yaml)")
     p.add_argument("--num-samples", type=int, required=True, help="number of trials")
     p.add_argument("--out", required=True)
