@@ -251,3 +251,43 @@ def test_ray_zero2_two_workers_train_a_feature_draft(ray_local, pair, tmp_path):
     ref = beam_search(target, prompts, prepared.index, 3)
     for _, res in strict_runs(target, drafter, prompts, prepared.index, 3, 6, 3):
         assert_same_as_beam_search(res, ref)
+
+
+def test_teacher_trees_are_cached_by_target_data_and_k(pair, tmp_path, monkeypatch):
+    """``--tree-cache``: the first setup computes the trees and writes them; a second one on the
+    same target, data and K loads them without running the target; another K has its own file."""
+    import atspeed_ray.training.feature as feature
+    from atspeed_ray.training.config import TrainConfig
+    from atspeed_ray.training.setup import build_setup
+
+    data, target_dir = pair
+    cache = tmp_path / "trees"
+    cfg = TrainConfig(task="align", runner="local", data=str(data), target=str(target_dir),
+                      out=str(tmp_path / "d"), draft_kind="feature", teacher_k=3, max_samples=24,
+                      val_samples=4, micro_batch=8, tree_cache=str(cache))
+    first = build_setup(cfg, torch.device("cpu"))
+    files = list(cache.glob("trees-*.safetensors"))
+    assert len(files) == 1 and len(first.trees.trees) == len({tuple(p) for p in
+                                                             first.train.prompts + first.val.prompts})
+
+    def no_target(*a, **kw):
+        raise AssertionError("the target ran although its trees are cached")
+
+    monkeypatch.setattr(feature, "target_tree", no_target)
+    second = build_setup(cfg, torch.device("cpu"))
+    for idx in ([0, 5, 2], [1]):
+        a, b = first.batch(first.train, idx), second.batch(second.train, idx)
+        for la, lb in zip(a.levels, b.levels):
+            for f in ("tokens", "scores", "node", "parent", "feature", "col_logp"):
+                assert torch.equal(getattr(la, f), getattr(lb, f)), f
+        assert torch.equal(a.context.features, b.context.features)
+        assert torch.equal(a.context.valid, b.context.valid)
+    key = feature.tree_cache_key(target_dir, first.prepared.index, 3)
+    assert key != feature.tree_cache_key(target_dir, first.prepared.index, 4)
+    with pytest.raises(ValueError, match="another target"):
+        second.trees.load(files[0], feature.tree_cache_key(target_dir, first.prepared.index, 4))
+    with pytest.raises(AssertionError, match="cached"):  # K = 4: not cached yet, the target runs
+        build_setup(cfg.model_copy(update={"teacher_k": 4}), torch.device("cpu"))
+    with pytest.raises(ValueError, match="--draft-kind feature only"):
+        TrainConfig(task="align", data=str(data), target=str(target_dir), out="o",
+                    teacher="t", tree_cache=str(cache))

@@ -19,7 +19,7 @@ from atspeed_ray.training.ray_utils import add_no_auth_flag
 TARGET_FIELDS = ("data", "out", "preset")
 ALIGN_FIELDS = ("data", "target", "teacher", "out", "loss", "preset", "draft_size", "alpha",
                 "temperature", "topk", "teacher_k", "teacher_logits", "init_layers", "code_head",
-                "compact_vocab", "draft_kind", "feature_layers", "feature_weight")
+                "compact_vocab", "draft_kind", "feature_layers", "feature_weight", "tree_cache")
 GROUPS = {
     "training": ("init", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip",
                  "micro_batch", "grad_accum", "seed", "max_samples"),

@@ -65,6 +65,11 @@ class TrainConfig(BaseModel):
     feature_layers: int = Field(1, ge=1, le=8, description="--draft-kind feature: decoder blocks")
     feature_weight: float = Field(0.1, ge=0.0, description="--draft-kind feature: weight of the "
                                                            "hidden-state regression")
+    tree_cache: str | None = Field(
+        None, description="--draft-kind feature: folder that keeps the target's teacher trees "
+                          "(safetensors, keyed by the target's weights, the item index and the "
+                          "teacher K); a later run on the same target and data loads them "
+                          "instead of running the target again")
     new_token_init: NewTokenInit = Field(
         "pieces", description="--init: rows of the tokens the prepared tokenizer adds start from the "
                             "existing rows' mean, mean + noise, or the mean of the rows of the "
@@ -179,6 +184,9 @@ class TrainConfig(BaseModel):
             if self.save_probe:
                 raise ValueError("--save-probe checks a causal LM's export: not with --draft-kind "
                                  "feature")
+        if self.tree_cache is not None and self.draft_kind != "feature":
+            raise ValueError("--tree-cache keeps a feature draft's teacher trees: with "
+                             "--draft-kind feature only")
         if self.code_head and self.task != "align":
             raise ValueError("--code-head is for drafts (align): the target's scores are over the "
                              "whole vocabulary")

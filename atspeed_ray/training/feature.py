@@ -33,8 +33,11 @@ step of a round) and unrolled from one level up.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import statistics
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -256,7 +259,8 @@ def fresh_feature_draft(target: torch.nn.Module, index: ItemIndex, layers: int) 
 class TreeTeacher:
     """The frozen ``target``'s trees (``target_tree``, top ``k``) of the prompts of a batch: each
     prompt's tree is computed once, kept on the CPU (``TargetTree.split``) and stacked again into
-    any later batch that holds the prompt (every epoch reshuffles the batches)."""
+    any later batch that holds the prompt (every epoch reshuffles the batches). ``use_cache``
+    keeps them in a safetensors file for later runs (``tree_cache_key``)."""
 
     def __init__(self, target: torch.nn.Module, index: ItemIndex, k: int):
         self.target, self.index, self.k = target, index, k
@@ -265,11 +269,90 @@ class TreeTeacher:
     def batch(self, prompts: Sequence[Sequence[int]]) -> TargetTree:
         """The trees of ``prompts`` as one batch, on the CPU."""
         keys = [tuple(p) for p in prompts]
-        missing = list(dict.fromkeys(key for key in keys if key not in self.trees))
-        if missing:
-            tree = target_tree(self.target, [list(m) for m in missing], self.index, self.k)
-            self.trees.update(zip(missing, tree.to("cpu").split()))
+        self.compute(list(dict.fromkeys(key for key in keys if key not in self.trees)))
         return TargetTree.stack([self.trees[key] for key in keys])
+
+    def compute(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Run the target over ``prompts`` (in one batch) and keep their trees."""
+        if prompts:
+            tree = target_tree(self.target, [list(p) for p in prompts], self.index, self.k)
+            self.trees.update(zip((tuple(p) for p in prompts), tree.to("cpu").split()))
+
+    def use_cache(self, folder: Path, key: str, prompts: Sequence[Sequence[int]],
+                  batch_size: int) -> tuple[int, int, Path]:
+        """Load the trees cached under ``folder`` for ``key`` (``tree_cache_key``), compute those of
+        ``prompts`` it lacks (batches of ``batch_size`` similar lengths) and, if any, write the
+        union back (atomically: workers that fill the same file at once leave one whole copy).
+        Returns (trees loaded, trees computed, the file)."""
+        path = folder / f"trees-{key[:24]}.safetensors"
+        loaded = self.load(path, key) if path.is_file() else 0
+        missing = sorted({tuple(p) for p in prompts} - set(self.trees), key=lambda p: (len(p), p))
+        for i in range(0, len(missing), batch_size):
+            self.compute(missing[i:i + batch_size])
+        if missing:
+            self.save(path, key)
+        return loaded, len(missing), path
+
+    def save(self, path: Path, key: str) -> None:
+        """All kept trees in one safetensors file: the prompts and their contexts ragged (flat
+        tokens / features and lengths), every field of every level stacked over the prompts."""
+        from safetensors.torch import save_file
+
+        prompts = list(self.trees)
+        trees = [self.trees[p] for p in prompts]
+        tensors = {
+            "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
+            "prompt_tokens": torch.tensor([t for p in prompts for t in p], dtype=torch.long),
+            "context": torch.cat([t.context.features[0] for t in trees]),  # [sum of lengths, E]
+        }
+        for d in range(len(trees[0].levels)):
+            for f in fields(Level):
+                tensors[f"level{d}.{f.name}"] = torch.cat([getattr(t.levels[d], f.name) for t in trees])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({n: v.contiguous() for n, v in tensors.items()}, str(tmp),
+                  metadata={"key": key, "k": str(self.k)})
+        os.replace(tmp, path)
+
+    def load(self, path: Path, key: str) -> int:
+        """Add the trees of ``path`` (written by ``save`` for ``key``); returns how many."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("key") != key:
+            raise ValueError(f"{path}: teacher trees of another target, item index or K "
+                             f"(key {meta.get('key', 'none')[:24]}, expected {key[:24]})")
+        t = load_file(str(path))
+        lengths = t["prompt_lengths"].tolist()
+        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        depths = sorted({int(n.split(".")[0][5:]) for n in t if n.startswith("level")})
+        for i, n in enumerate(lengths):
+            a, b = starts[i], starts[i + 1]
+            levels = [Level(*(t[f"level{d}.{f.name}"][i:i + 1] for f in fields(Level))) for d in depths]
+            ctx = Context(t["context"][None, a:b], torch.ones(1, n, dtype=torch.bool))
+            self.trees[tuple(t["prompt_tokens"][a:b].tolist())] = TargetTree(levels, ctx)
+        return len(lengths)
+
+
+def tree_cache_key(target_dir: str | Path, index: ItemIndex, k: int) -> str:
+    """What teacher trees depend on: the target's weights and config (the bytes of its files),
+    the item index (its codes) and K; sha256 hex. The prompts are stored with their trees."""
+    h = hashlib.sha256(f"atspeed-ray teacher trees v1, k={k}\n".encode())
+    files = sorted(f for f in Path(target_dir).iterdir() if f.is_file() and (
+        f.suffix in (".safetensors", ".bin") or f.name == "config.json"))
+    if not any(f.suffix in (".safetensors", ".bin") for f in files):
+        raise FileNotFoundError(f"{target_dir}: no weights (*.safetensors, *.bin) to key the "
+                                f"teacher trees by")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    h.update(index.item_ids.cpu().numpy().tobytes())
+    h.update(index.codes.cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

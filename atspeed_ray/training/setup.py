@@ -203,18 +203,30 @@ def feature_setup(cfg: TrainConfig, prepared, device: torch.device) -> Setup:
     """A feature draft's run (``align --draft-kind feature``): the samples are prompts, a batch
     is the frozen target's trees of its prompts (``feature.TreeTeacher``: the target, loaded in
     eval mode on every worker, never trained), the objective ``feature.FeatureObjective``."""
-    from atspeed_ray.training.feature import FEATURE_MAX_SAMPLES, FeatureObjective, TreeTeacher
+    from pathlib import Path
+
+    from atspeed_ray.training.feature import (
+        FEATURE_MAX_SAMPLES, FeatureObjective, TreeTeacher, tree_cache_key,
+    )
     from atspeed_ray.training.teacher_data import load_examples, subsample
 
     target = load_frozen_target(cfg, device)
     train = load_examples(prepared, "train")
     train = train.select(subsample(len(train), cfg.max_samples or FEATURE_MAX_SAMPLES, cfg.seed))
+    val = val_examples(cfg, prepared)
     k = cfg.teacher_k or cfg.val_k
     index = prepared.index.to(device)
+    trees = TreeTeacher(target, index, k)
+    prefix = f"[align feature {cfg.loss}]"
+    if cfg.tree_cache:
+        assert cfg.target is not None
+        loaded, computed, path = trees.use_cache(Path(cfg.tree_cache),
+                                                 tree_cache_key(cfg.target, prepared.index, k),
+                                                 train.prompts + val.prompts, cfg.micro_batch)
+        print(f"{prefix} teacher trees: {loaded} from {path}, {computed} computed", flush=True)
     objective = FeatureObjective(index, cfg.loss, cfg.feature_weight, cfg.temperature)
-    return Setup(cfg, prepared, train, val_examples(cfg, prepared), objective, k, False,
-                 build_model(cfg, prepared, device, target), target, device,
-                 f"[align feature {cfg.loss}]", trees=TreeTeacher(target, index, k))
+    return Setup(cfg, prepared, train, val, objective, k, False,
+                 build_model(cfg, prepared, device, target), target, device, prefix, trees=trees)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
