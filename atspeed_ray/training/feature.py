@@ -55,7 +55,7 @@ from atspeed_ray.drafts.feature import FeatureConfig, FeatureDraft, PathKV
 from atspeed_ray.training.losses import beam_tvd, candidate_kl, feature_regression
 
 
-@dataclass
+@dataclass(frozen=True)
 class Level:
     """The target's beams holding d codes, over a batch of B prompts (M = 1 at d = 0, else K)."""
 
@@ -81,7 +81,7 @@ class Level:
         return Level(*(torch.cat([getattr(lv, f.name) for lv in levels]) for f in fields(Level)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TargetTree:
     """``target_tree`` of a batch of prompts: its levels and the prompts' hidden states."""
 

@@ -30,6 +30,11 @@ name           positions   align term (per position)
 
 "truth" = the ground-truth next item's codes, "teacher" = the target's top-K beam-search
 sequences of the same prompt (one loss term per position of every teacher sequence).
+
+A feature draft (``training/feature.py``) trains level by level on the target's beams instead:
+``atspeed-s`` there is ``candidate_kl`` (the KL over the K x C candidate extensions a beam step
+ranks), ``atspeed-r`` is ``beam_tvd`` (``tvd`` after each of the target's beams), each with
+``feature_regression`` on the predicted hidden states.
 ``temperature`` divides both logits before the (masked) softmax in every distribution loss.
 """
 
