@@ -45,6 +45,7 @@ import csv
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -334,8 +335,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"epochs": args.epochs, "max_samples": args.max_samples,
                                    "preset": args.preset}.items() if v is not None}
-    run_tune(args.data, args.target, args.teacher, args.space, args.num_samples, args.out,
-             resume=args.resume, max_concurrent=args.max_concurrent,
-             grace_period=args.grace_period, base_overrides=overrides,
-             time_budget_s=args.time_budget)
+    try:
+        run_tune(args.data, args.target, args.teacher, args.space, args.num_samples, args.out,
+                 resume=args.resume, max_concurrent=args.max_concurrent,
+                 grace_period=args.grace_period, base_overrides=overrides,
+                 time_budget_s=args.time_budget)
+    except ValueError as e:  # a space or flags that make no valid run (e.g. no --teacher for it)
+        print(f"atspeed-ray tune: error: {e}", file=sys.stderr)
+        return 2
     return 0

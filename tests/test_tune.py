@@ -101,6 +101,15 @@ def test_the_feature_space_makes_valid_feature_runs_without_teacher_data():
         assert (cfg.draft_kind, cfg.teacher, cfg.feature_layers) == ("feature", None, layers)
 
 
+def test_an_lm_space_without_teacher_data_is_one_clear_error(tmp_path, capsys):
+    from atspeed_ray.cli import main
+
+    space = Path(__file__).resolve().parents[1] / "tuning" / "atspeed_s.yaml"
+    assert main(["tune", "--data", str(tmp_path), "--target", str(tmp_path), "--space", str(space),
+                 "--num-samples", "1", "--out", str(tmp_path / "out")]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900)

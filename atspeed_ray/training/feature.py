@@ -155,9 +155,10 @@ def target_tree(target: torch.nn.Module, prompts: list[list[int]], index: ItemIn
 def draft_levels(draft: FeatureDraft, tree: TargetTree, index: ItemIndex
                  ) -> list[dict[int, tuple[Tensor, Tensor]]]:
     """``draft`` (a ``FeatureDraft``, or a DeepSpeed engine around one: its forward is the
-    draft's ``step``) over ``tree``: for each depth d >= 1 (list index d - 1), start depth s -> (the draft's predicted hidden
-    states [B, K, E], its column log-probs [B, K, C]) for a round that started at depth s
-    (s = d: from the target's feature of the parent; s < d: unrolled from its own)."""
+    draft's ``step``) over ``tree``: for each depth d >= 1 (list index d - 1), start depth s ->
+    (the draft's predicted hidden states [B, K, E], its column log-probs [B, K, C]) for a round
+    that started at depth s (s = d: from the target's feature of the parent; s < d: unrolled
+    from its own)."""
     out: list[dict[int, tuple[Tensor, Tensor]]] = []
     own: dict[int, tuple[Tensor, PathKV]] = {}
     levels, ctx = tree.levels, draft.context_kv(tree.context)
@@ -171,7 +172,7 @@ def draft_levels(draft: FeatureDraft, tree: TargetTree, index: ItemIndex
             starts[s] = (take(f, lv.parent), [(take(a, lv.parent), take(b, lv.parent)) for a, b in path])
         now, res = {}, {}
         for s, (feature, past) in starts.items():
-            f, logp, path = draft(feature, last, pos, past, ctx)  # step (module docstring)
+            f, logp, path = draft(feature, last, pos, past, ctx)  # its forward: step
             res[s] = (f, column_log_probs(logp, pos + 1, index, draft.head_columns))
             now[s] = (f, path)
         own = now

@@ -65,9 +65,10 @@ def feature_widths(s: Setup, draft: torch.nn.Module) -> dict[str, float]:
     N hold the target's top K (of its trees, ``s.teacher_k``) on the validation prompts."""
     from atspeed_ray.training.feature import width_medians
 
-    step = s.cfg.micro_batch
-    trees = [s.batch(s.val, np.arange(i, min(i + step, len(s.val)))) for i in range(0, len(s.val), step)]
-    widths = width_medians(draft, trees, s.prepared.index.to(s.device), s.teacher_k)  # type: ignore[arg-type]
+    step, n = s.cfg.micro_batch, len(s.val)
+    trees = [s.batch(s.val, np.arange(i, min(i + step, n))) for i in range(0, n, step)]
+    widths = width_medians(draft, trees, s.prepared.index.to(s.device),  # type: ignore[arg-type]
+                           s.teacher_k)
     return {f"val_{name}": v for name, v in widths.items()}
 
 
