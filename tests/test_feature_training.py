@@ -236,7 +236,9 @@ def test_ray_zero2_two_workers_train_a_feature_draft(ray_local, pair, tmp_path):
                  "--draft-kind", "feature", "--workers", "2", "--zero-stage", "2", "--epochs", "2",
                  "--max-samples", "64", "--micro-batch", "8", "--lr", "3e-3", "--val-samples", "8",
                  "--teacher-k", "3", "--val-k", "3", "--val-draft-beams", "6", "--threads", "1",
-                 "--storage-path", str(tmp_path / "ray"), "--log-every", "1000"]) == 0
+                 "--storage-path", str(tmp_path / "ray"), "--log-every", "1000",
+                 "--tree-cache", str(tmp_path / "trees")]) == 0
+    assert len(list((tmp_path / "trees").glob("trees-*.safetensors"))) == 1  # both workers, one file
     hist = json.loads((out / "training.json").read_text())
     assert hist["step"] == 2 * steps_per_epoch(64, 2, 8, 1) and len(hist["epochs"]) == 2
     assert hist["epochs"][1]["align"] < hist["epochs"][0]["align"]
