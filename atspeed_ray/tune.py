@@ -216,6 +216,8 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
     base = {"task": "align", "data": str(Path(data).resolve()), "target": str(Path(target).resolve()),
             "teacher": str(Path(teacher).resolve()) if teacher else None, "out": str(out_dir / "unused"),
             "workers": 1, **space.fixed, **(base_overrides or {})}
+    if base.get("tree_cache"):  # shared by the trials: absolute (a trial runs in its own folder)
+        base["tree_cache"] = str(Path(base["tree_cache"]).resolve())
     checked = TrainConfig(**base)  # fail early, naming the field, on a bad fixed section
     check_models(load_prepared(checked.data), checked.target, checked.init)
     init_ray()
