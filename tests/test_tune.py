@@ -121,18 +121,19 @@ def test_two_trial_feature_search(ray_local, assets, tmp_path):
 
     prep, target, _ = assets
     space = tmp_path / "space.yaml"
-    space.write_text("""
+    space.write_text(f"""
 name: f
 mode: strict
-fixed: {draft_kind: feature, epochs: 1}
+fixed: {{draft_kind: feature, epochs: 1, tree_cache: {tmp_path / 'trees'}}}
 search:
-  feature_layers: {grid: [1, 2]}
-  feature_weight: {choice: [0.1]}
+  feature_layers: {{grid: [1, 2]}}
+  feature_weight: {{choice: [0.1]}}
 """)
     out = tmp_path / "out"
     summary = run_tune(str(prep), str(target), None, str(space), 1, str(out), max_concurrent=1,
                        base_overrides={**QUICK, "max_samples": 64}, log=lambda m: None)
     assert summary["trials"] == summary["trials_run"] == 2
+    assert len(list((tmp_path / "trees").glob("trees-*.safetensors"))) == 1  # shared by both
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["feature_layers"] for r in rows) == ["1", "2"]
