@@ -27,6 +27,10 @@ A search space is a YAML file (``tuning/*.yaml``)::
       weight_decay: {choice: [0.0, 0.01, 0.1]}
     baseline: {alpha: 0.7, temperature: 1.0, lr: 0.001, weight_decay: 0.1}  # optional: trial 1
 
+A feature draft's space (``tuning/feature.yaml``) fixes ``draft_kind: feature`` and searches its
+own fields (``feature_weight``: the align term against the hidden-state regression,
+``feature_layers``); it needs no ``--teacher`` (the target's own beam search is its teacher).
+
 Outputs in ``--out``: ``best_config.json`` (with the baseline trial's objective and the gain over
 it when the space has a baseline), ``trials.csv`` and ``trials.md`` (every trial), and
 ``best_draft/`` (the best trial's draft, HF format, ready for ``serve``/``bench``).
@@ -41,6 +45,7 @@ import csv
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +216,8 @@ def run_tune(data: str, target: str, teacher: str | None, space_file: str, num_s
     base = {"task": "align", "data": str(Path(data).resolve()), "target": str(Path(target).resolve()),
             "teacher": str(Path(teacher).resolve()) if teacher else None, "out": str(out_dir / "unused"),
             "workers": 1, **space.fixed, **(base_overrides or {})}
+    if base.get("tree_cache"):  # shared by the trials: absolute (a trial runs in its own folder)
+        base["tree_cache"] = str(Path(base["tree_cache"]).resolve())
     checked = TrainConfig(**base)  # fail early, naming the field, on a bad fixed section
     check_models(load_prepared(checked.data), checked.target, checked.init)
     init_ray()
@@ -309,7 +316,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="Ray Tune search of the alignment weights")
     p.add_argument("--data", required=True, help="prepared data folder")
     p.add_argument("--target", required=True, help="trained target model folder")
-    p.add_argument("--teacher", required=True, help="teacher data folder")
+    p.add_argument("--teacher", default=None,
+                   help="teacher data folder (the LM drafts' spaces; a feature draft's space "
+                        "(draft_kind: feature) needs none: the target is its teacher)")
     p.add_argument("--space", required=True, help="search space YAML (tuning/*.yaml)")
     p.add_argument("--num-samples", type=int, required=True, help="number of trials")
     p.add_argument("--out", required=True)
@@ -328,8 +337,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"epochs": args.epochs, "max_samples": args.max_samples,
                                    "preset": args.preset}.items() if v is not None}
-    run_tune(args.data, args.target, args.teacher, args.space, args.num_samples, args.out,
-             resume=args.resume, max_concurrent=args.max_concurrent,
-             grace_period=args.grace_period, base_overrides=overrides,
-             time_budget_s=args.time_budget)
+    try:
+        run_tune(args.data, args.target, args.teacher, args.space, args.num_samples, args.out,
+                 resume=args.resume, max_concurrent=args.max_concurrent,
+                 grace_period=args.grace_period, base_overrides=overrides,
+                 time_budget_s=args.time_budget)
+    except ValueError as e:  # a space or flags that make no valid run (e.g. no --teacher for it)
+        print(f"atspeed-ray tune: error: {e}", file=sys.stderr)
+        return 2
     return 0

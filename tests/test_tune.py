@@ -91,6 +91,57 @@ def test_two_trial_search_and_resume(ray_local, assets, tmp_path):
         time.sleep(0.5)
 
 
+def test_the_feature_space_makes_valid_feature_runs_without_teacher_data():
+    space = load_space(Path(__file__).resolve().parents[1] / "tuning" / "feature.yaml")
+    assert {"feature_weight", "feature_layers"} <= set(space.search)
+    assert space.search["feature_layers"] == {"choice": [1, 2]}
+    for layers in (1, 2):  # the baseline and the other depth, as a trial builds them
+        cfg = TrainConfig(task="align", data="d", target="t", out="o", workers=1, **space.fixed,
+                          **{**space.baseline, "feature_layers": layers})
+        assert (cfg.draft_kind, cfg.teacher, cfg.feature_layers) == ("feature", None, layers)
+
+
+def test_an_lm_space_without_teacher_data_is_one_clear_error(tmp_path, capsys):
+    from atspeed_ray.cli import main
+
+    space = Path(__file__).resolve().parents[1] / "tuning" / "atspeed_s.yaml"
+    assert main(["tune", "--data", str(tmp_path), "--target", str(tmp_path), "--space", str(space),
+                 "--num-samples", "1", "--out", str(tmp_path / "out")]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_two_trial_feature_search(ray_local, assets, tmp_path):
+    """A feature draft's search (feature_layers 1 vs 2, no teacher data): both trials train on
+    Ray Train, the best draft is exported as a feature draft."""
+    from atspeed_ray.drafts import load_drafter
+    from atspeed_ray.drafts.feature import FeatureDrafter
+
+    prep, target, _ = assets
+    space = tmp_path / "space.yaml"
+    space.write_text(f"""
+name: f
+mode: strict
+fixed: {{draft_kind: feature, epochs: 1, tree_cache: {tmp_path / 'trees'}}}
+search:
+  feature_layers: {{grid: [1, 2]}}
+  feature_weight: {{choice: [0.1]}}
+""")
+    out = tmp_path / "out"
+    summary = run_tune(str(prep), str(target), None, str(space), 1, str(out), max_concurrent=1,
+                       base_overrides={**QUICK, "max_samples": 64}, log=lambda m: None)
+    assert summary["trials"] == summary["trials_run"] == 2
+    assert len(list((tmp_path / "trees").glob("trees-*.safetensors"))) == 1  # shared by both
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["feature_layers"] for r in rows) == ["1", "2"]
+    drafter = load_drafter(out / "best_draft")
+    assert isinstance(drafter, FeatureDrafter)
+    assert drafter.model.config.layers == summary["config"]["feature_layers"]
+
+
 def test_baseline_must_cover_the_searched_fields(tmp_path):
     path = write_space(tmp_path / "space.yaml")
     path.write_text(path.read_text() + "baseline: {alpha: 0.9, lr: 0.003}\n")

@@ -168,6 +168,11 @@ class FeatureDraft(nn.Module):
         f = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.eps)
         return f, log_probs(f @ self.head.T), out
 
+    def forward(self, feature: Tensor, tokens: Tensor, depth: Tensor, past: PathKV | None,
+                ctx: ContextKV | None = None) -> tuple[Tensor, Tensor, PathKV]:
+        """``step`` (what training calls: through a DeepSpeed engine it must be the forward)."""
+        return self.step(feature, tokens, depth, past, ctx)
+
     def save(self, out: str | Path) -> Path:
         from safetensors.torch import save_file
 

@@ -19,7 +19,7 @@ from atspeed_ray.training.ray_utils import add_no_auth_flag
 TARGET_FIELDS = ("data", "out", "preset")
 ALIGN_FIELDS = ("data", "target", "teacher", "out", "loss", "preset", "draft_size", "alpha",
                 "temperature", "topk", "teacher_k", "teacher_logits", "init_layers", "code_head",
-                "compact_vocab", "draft_kind", "feature_layers", "feature_weight")
+                "compact_vocab", "draft_kind", "feature_layers", "feature_weight", "tree_cache")
 GROUPS = {
     "training": ("init", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip",
                  "micro_batch", "grad_accum", "seed", "max_samples"),
@@ -83,41 +83,11 @@ def _guard(command: str, fn) -> int:
 def _train(args: argparse.Namespace, task: str) -> int:
     from atspeed_ray.training.trainer import fit
 
-    cfg = config_from_args(args, task)
-    if cfg.draft_kind == "feature":
-        return _train_feature(cfg)
-    res = fit(cfg)
+    res = fit(config_from_args(args, task))
     last = res["epochs"][-1] if res["epochs"] else {}
     keep = {k: v for k, v in last.items() if k not in ("epoch", "step", "optimizer_steps", "epoch_seconds")}
     print_summary(f"trained {res['out']} (history in training.json):",
                   {"epochs": res["epoch"], "steps": res["step"], "last epoch": keep})
-    return 0
-
-
-def _train_feature(cfg: TrainConfig) -> int:
-    """``align --draft-kind feature``: a feature draft on the frozen target, in process."""
-    import random
-    from pathlib import Path
-
-    from atspeed_ray.data.prepare import check_models, load_prepared
-    from atspeed_ray.models import DeviceConfig, load_decoder
-    from atspeed_ray.training.feature import FeatureTraining, train_feature_draft
-
-    data = load_prepared(cfg.data)
-    check_models(data, cfg.target)
-    target = load_decoder(cfg.target, DeviceConfig(device="cuda" if cfg.use_gpu else "cpu",
-                                                   dtype="float32"))
-    train = data.prompts("train")
-    random.Random(cfg.seed).shuffle(train)  # --max-samples: a random subset
-    run = FeatureTraining(k=cfg.teacher_k or cfg.val_k, layers=cfg.feature_layers,
-                          heads=target.config.num_attention_heads, epochs=cfg.epochs, lr=cfg.lr,
-                          weight_decay=cfg.weight_decay, batch_size=cfg.micro_batch,
-                          feature_weight=cfg.feature_weight,
-                          max_samples=cfg.max_samples or FeatureTraining().max_samples,
-                          val_samples=cfg.val_samples, seed=cfg.seed)
-    res = train_feature_draft(target, data.index, train, data.prompts("valid"), run, Path(cfg.out))
-    print_summary(f"trained {cfg.out} (history in training.json):",
-                  {"epochs": len(res["epochs"]), "last epoch": res["epochs"][-1]})
     return 0
 
 

@@ -59,10 +59,17 @@ class TrainConfig(BaseModel):
         "lm", description="align: the draft to train: a causal LM (lm; with --code-head or "
                           "--compact-vocab its kind is recorded as code-head / compact-vocab), or "
                           "a feature draft (feature: a head on the target's hidden states, "
-                          "trained on the target's own top --teacher-k beam search, in process)")
+                          "trained on the target's own top --teacher-k beam search, default "
+                          "--val-k; --loss atspeed-s or atspeed-r; without --max-samples on "
+                          "training.feature.FEATURE_MAX_SAMPLES prompts)")
     feature_layers: int = Field(1, ge=1, le=8, description="--draft-kind feature: decoder blocks")
     feature_weight: float = Field(0.1, ge=0.0, description="--draft-kind feature: weight of the "
                                                            "hidden-state regression")
+    tree_cache: str | None = Field(
+        None, description="--draft-kind feature: folder that keeps the target's teacher trees "
+                          "(safetensors, keyed by the target's weights, the item index and the "
+                          "teacher K); a later run on the same target and data loads them "
+                          "instead of running the target again")
     new_token_init: NewTokenInit = Field(
         "pieces", description="--init: rows of the tokens the prepared tokenizer adds start from the "
                             "existing rows' mean, mean + noise, or the mean of the rows of the "
@@ -165,8 +172,21 @@ class TrainConfig(BaseModel):
             if self.code_head or self.compact_vocab or self.init_layers or self.init:
                 raise ValueError("--draft-kind feature reads the target's own rows: no --code-head, "
                                  "--compact-vocab, --init-layers or --init")
-            if self.runner != "local":
-                raise ValueError("--draft-kind feature trains in process for now: give --workers 0")
+            from atspeed_ray.training.feature import FEATURE_LOSSES
+
+            if self.loss not in FEATURE_LOSSES:
+                raise ValueError(f"--draft-kind feature trains with --loss "
+                                 f"{' or '.join(FEATURE_LOSSES)}, not {self.loss}")
+            if self.runner == "ray" and self.zero_stage == 3:
+                raise ValueError("--draft-kind feature trains with ZeRO stages 0-2 (its head is "
+                                 "small; stage 3 would gather it around every call): give "
+                                 "--zero-stage 2")
+            if self.save_probe:
+                raise ValueError("--save-probe checks a causal LM's export: not with --draft-kind "
+                                 "feature")
+        if self.tree_cache is not None and self.draft_kind != "feature":
+            raise ValueError("--tree-cache keeps a feature draft's teacher trees: with "
+                             "--draft-kind feature only")
         if self.code_head and self.task != "align":
             raise ValueError("--code-head is for drafts (align): the target's scores are over the "
                              "whole vocabulary")

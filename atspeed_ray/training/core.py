@@ -268,6 +268,14 @@ class Objective:
                        temperature=self.temperature, topk=self.topk, **kw)
 
 
+class Loss(Protocol):
+    """What the loop trains on: a batch's loss and its parts (for logging). ``Objective`` for
+    the causal-LM models, ``training.feature.FeatureObjective`` for a feature draft (its
+    batches are the target's trees)."""
+
+    def __call__(self, model: torch.nn.Module, batch) -> tuple[Tensor, dict[str, float]]: ...
+
+
 # ---------------------------------------------------------------------------- stepping
 class Stepper(Protocol):
     """Owns backward and the optimizer step (plain torch or a DeepSpeed engine)."""
@@ -321,7 +329,7 @@ class DeepSpeedStepper:
         return float(self.engine.get_lr()[0])
 
 
-def train_step(model: torch.nn.Module, batch: Batch, objective: Objective,
+def train_step(model: torch.nn.Module, batch, objective: Loss,
                stepper: Stepper) -> dict[str, float]:
     """One micro-step: forward, loss, backward, (optimizer step at accumulation boundaries)."""
     loss, parts = objective(model, batch)
@@ -331,8 +339,8 @@ def train_step(model: torch.nn.Module, batch: Batch, objective: Objective,
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, batches: Sequence[Batch], objective: Objective) -> float:
-    """Mean objective over ``batches`` (weighted by batch size)."""
+def eval_loss(model: torch.nn.Module, batches: Sequence, objective: Loss) -> float:
+    """Mean objective over ``batches`` (weighted by their ``size``)."""
     total, n = 0.0, 0
     for b in batches:
         loss, _ = objective(model, b)

@@ -88,13 +88,18 @@ def load_full_state(eval_model: torch.nn.Module, state_dict: dict[str, torch.Ten
 
 
 def export_hf(model: torch.nn.Module, prepared, out: Path) -> None:
-    """A plain HF checkpoint (LoRA adapters merged into a copy) with the tokenizer, and the item
-    index and prompt format serving needs (``index.json``, ``catalog.json``)."""
+    """A plain HF checkpoint (LoRA adapters merged into a copy) with the tokenizer, or a feature
+    draft's own folder (``FeatureDraft.save``), and the item index and prompt format serving
+    needs (``index.json``, ``catalog.json``)."""
     from atspeed_ray.models import save_model
     from atspeed_ray.data.catalog import export_catalog
+    from atspeed_ray.drafts.feature import FeatureDraft
     from atspeed_ray.training.lora import plain_model
 
-    save_model(plain_model(model), prepared.tokenizer, out)
+    if isinstance(model, FeatureDraft):
+        model.save(out)
+    else:
+        save_model(plain_model(model), prepared.tokenizer, out)
     export_catalog(prepared, out)
 
 

@@ -30,6 +30,11 @@ name           positions   align term (per position)
 
 "truth" = the ground-truth next item's codes, "teacher" = the target's top-K beam-search
 sequences of the same prompt (one loss term per position of every teacher sequence).
+
+A feature draft (``training/feature.py``) trains level by level on the target's beams instead:
+``atspeed-s`` there is ``candidate_kl`` (the KL over the K x C candidate extensions a beam step
+ranks), ``atspeed-r`` is ``beam_tvd`` (``tvd`` after each of the target's beams), each with
+``feature_regression`` on the predicted hidden states.
 ``temperature`` divides both logits before the (masked) softmax in every distribution loss.
 """
 
@@ -88,15 +93,26 @@ def tvd(q_logits: Tensor, p_logits: Tensor, valid: Tensor, temperature: float = 
     return 0.5 * (q - p).abs().sum(-1)
 
 
-def candidate_kl(scores: Tensor, p_logp: Tensor, q_logp: Tensor, valid: Tensor) -> Tensor:
+def candidate_kl(scores: Tensor, p_logp: Tensor, q_logp: Tensor, valid: Tensor,
+                 temperature: float = 1.0) -> Tensor:
     """The sequence-level KL(p || q) over the candidate extensions of M beams, the space a beam
     step ranks: candidate (m, c) scores ``scores[m] + logp[m, c]`` under the target's (p) and the
     draft's (q) log-probs, the trie's invalid ones (``valid`` False) and dead beams (-inf score)
-    removed. scores [B, M], p_logp / q_logp / valid [B, M, C] -> the mean over B."""
+    removed (a feature draft's AtSpeed-S term). scores [B, M], p_logp / q_logp / valid [B, M, C]
+    -> the mean over B."""
     live = torch.isfinite(scores)
     s = torch.where(live, scores, 0.0)[..., None]
     ok = (valid & live[..., None]).flatten(1)
-    return forward_kl((s + q_logp).flatten(1), (s + p_logp).flatten(1), ok).mean()
+    return forward_kl((s + q_logp).flatten(1), (s + p_logp).flatten(1), ok, temperature).mean()
+
+
+def beam_tvd(scores: Tensor, p_logp: Tensor, q_logp: Tensor, valid: Tensor,
+             temperature: float = 1.0) -> Tensor:
+    """AtSpeed-R on one level of M beams (a feature draft's relaxed term): the total variation
+    (``tvd``) between the target's (p) and the draft's (q) next-code distributions after each
+    live beam, over the trie's valid codes; dead beams (-inf score) carry no weight.
+    scores [B, M], p_logp / q_logp / valid [B, M, C] -> the mean over the live beams."""
+    return weighted_mean(tvd(q_logp, p_logp, valid, temperature), torch.isfinite(scores))
 
 
 def feature_regression(pred: Tensor, target: Tensor, live: Tensor) -> Tensor:

@@ -8,14 +8,17 @@ constructs the model being trained; :func:`make_optimizer` its optimizer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from atspeed_ray.training.config import TrainConfig
-from atspeed_ray.training.core import Batch, Examples, Objective, collate
+from atspeed_ray.training.core import Batch, Examples, Loss, Objective, collate
 from atspeed_ray.training.sequences import SequenceBatch, Sequences, collate_sequences
+
+if TYPE_CHECKING:
+    from atspeed_ray.training.feature import TargetTree, TreeTeacher
 
 
 @dataclass
@@ -24,31 +27,43 @@ class Setup:
     prepared: Any
     train: Examples | Sequences  # per-prefix rows, or whole-sequence windows (train-target)
     val: Examples
-    objective: Objective
+    objective: Loss  # an ``Objective``, or a feature draft's ``FeatureObjective``
     teacher_k: int
     with_p: bool
     model: torch.nn.Module
-    target: torch.nn.Module | None  # for val_accept / online distributions
+    target: torch.nn.Module | None  # for val_accept / online distributions / a feature draft's trees
     device: torch.device
     log_prefix: str
     val_target_recall: float | None = None  # cached: the target's recall on ``val``
+    trees: TreeTeacher | None = None  # a feature draft: its batches are the target's trees
 
-    def batch(self, ex: Examples | Sequences, idx) -> Batch | SequenceBatch:
+    def batch(self, ex: Examples | Sequences, idx) -> Batch | SequenceBatch | TargetTree:
+        if self.trees is not None:
+            assert isinstance(ex, Examples)
+            return self.trees.batch([ex.prompts[i] for i in idx]).to(self.device)
         if isinstance(ex, Sequences):
             return collate_sequences(ex, idx, self.prepared.prompt_format.pad_id).to(self.device)
         return collate(ex, idx, self.prepared.index, self.prepared.prompt_format.pad_id,
                        self.teacher_k, self.with_p).to(self.device)
 
 
-def build_model(cfg: TrainConfig, prepared, device: torch.device) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, prepared, device: torch.device,
+                target: torch.nn.Module | None = None) -> torch.nn.Module:
     """The model to train, in train mode on ``device``: loaded from ``cfg.init``, the target's
     first ``cfg.init_layers`` layers (align), or a fresh ``cfg.preset`` model (its target size
     for ``train-target``, its draft size for ``align``) over the prepared tokenizer; with
     ``cfg.code_head`` the draft's config records its code head (``models.set_code_head``), with
-    ``cfg.compact_vocab`` its table is cut to ``models.compact_vocab_ids`` and tied to its head."""
+    ``cfg.compact_vocab`` its table is cut to ``models.compact_vocab_ids`` and tied to its head.
+    A feature draft (``cfg.draft_kind``) is a fresh head over the frozen ``target``."""
     from atspeed_ray.models import DeviceConfig, first_layers, load_weights, set_code_head
     from atspeed_ray.training.init_model import adapt_model
 
+    if cfg.draft_kind == "feature":
+        from atspeed_ray.training.feature import fresh_feature_draft
+
+        if target is None:
+            raise ValueError("a feature draft is built over its target: pass the frozen target")
+        return fresh_feature_draft(target, prepared.index, cfg.feature_layers).to(device).train()
     vocab = len(prepared.tokenizer)
     if cfg.task == "align":  # the target's vocabulary (an LLM may pad it past the tokenizer)
         vocab = max(vocab, vocab_rows(cfg.target))
@@ -133,7 +148,7 @@ def load_frozen_target(cfg: TrainConfig, device: torch.device) -> torch.nn.Modul
 
     target = load_decoder(cfg.target, DeviceConfig(device=str(device), dtype="float32"))
     target.requires_grad_(False)
-    return target
+    return target.eval()
 
 
 def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
@@ -142,6 +157,8 @@ def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     from atspeed_ray.training.teacher_data import load_examples, load_teacher, subsample
 
     prepared = load_prepared(cfg.data)
+    if cfg.draft_kind == "feature":
+        return feature_setup(cfg, prepared, device)
     spec = Objective(cfg.loss).spec if cfg.task == "align" else Objective("sft").spec
     teacher = load_teacher(cfg.teacher) if (cfg.task == "align" and cfg.teacher) else None
     # with teacher data, every loss (sft included) trains on the teacher's rows: same samples
@@ -149,8 +166,7 @@ def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     train = load_examples(prepared, "train", teacher) if train is None else train
     if cfg.max_samples:
         train = train.select(subsample(len(train), cfg.max_samples, cfg.seed))
-    val = load_examples(prepared, "valid", teacher)
-    val = val.select(np.arange(min(cfg.val_samples, len(val))))
+    val = val_examples(cfg, prepared, teacher)
 
     teacher_k = 0
     if teacher is not None and spec.on == "teacher":
@@ -173,6 +189,44 @@ def build_setup(cfg: TrainConfig, device: torch.device) -> Setup:
     prefix = f"[{cfg.task}{' ' + spec.name if cfg.task == 'align' else ''}]"
     return Setup(cfg, prepared, train, val, objective, teacher_k, with_p, model, target, device,
                  prefix)
+
+
+def val_examples(cfg: TrainConfig, prepared, teacher=None) -> Examples:
+    """The first ``cfg.val_samples`` validation rows (the teacher's, when given)."""
+    from atspeed_ray.training.teacher_data import load_examples
+
+    val = load_examples(prepared, "valid", teacher)
+    return val.select(np.arange(min(cfg.val_samples, len(val))))
+
+
+def feature_setup(cfg: TrainConfig, prepared, device: torch.device) -> Setup:
+    """A feature draft's run (``align --draft-kind feature``): the samples are prompts, a batch
+    is the frozen target's trees of its prompts (``feature.TreeTeacher``: the target, loaded in
+    eval mode on every worker, never trained), the objective ``feature.FeatureObjective``."""
+    from pathlib import Path
+
+    from atspeed_ray.training.feature import (
+        FEATURE_MAX_SAMPLES, FeatureObjective, TreeTeacher, tree_cache_key,
+    )
+    from atspeed_ray.training.teacher_data import load_examples, subsample
+
+    target = load_frozen_target(cfg, device)
+    train = load_examples(prepared, "train")
+    train = train.select(subsample(len(train), cfg.max_samples or FEATURE_MAX_SAMPLES, cfg.seed))
+    val = val_examples(cfg, prepared)
+    k = cfg.teacher_k or cfg.val_k
+    index = prepared.index.to(device)
+    trees = TreeTeacher(target, index, k)
+    prefix = f"[align feature {cfg.loss}]"
+    if cfg.tree_cache:
+        assert cfg.target is not None
+        loaded, computed, path = trees.use_cache(Path(cfg.tree_cache),
+                                                 tree_cache_key(cfg.target, prepared.index, k),
+                                                 train.prompts + val.prompts, cfg.micro_batch)
+        print(f"{prefix} teacher trees: {loaded} from {path}, {computed} computed", flush=True)
+    objective = FeatureObjective(index, cfg.loss, cfg.feature_weight, cfg.temperature)
+    return Setup(cfg, prepared, train, val, objective, k, False,
+                 build_model(cfg, prepared, device, target), target, device, prefix, trees=trees)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -54,7 +54,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
     config = cfg.model_copy(update={
         k: str(Path(v).resolve()) for k, v in
         {"data": cfg.data, "out": cfg.out, "target": cfg.target, "teacher": cfg.teacher,
-         "init": cfg.init, "storage_path": str(storage)}.items() if v is not None} | {"name": name})
+         "init": cfg.init, "tree_cache": cfg.tree_cache, "storage_path": str(storage)}.items()
+        if v is not None} | {"name": name})
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.model_dump(),

@@ -6,7 +6,8 @@
   sum of accepted steps / sum of rounds. 0 = the draft never helps; gamma = every round accepts
   all drafted steps. Higher is faster. ``val_target_calls`` = mean target forwards per request
   (plain beam search needs L). With ``val_mode`` relaxed also ``val_recall`` (relaxed SD) and
-  ``val_target_recall`` (the target's own beam search).
+  ``val_target_recall`` (the target's own beam search). A feature draft also reports the widths
+  its codes need (``val_code{d}_{first,unrolled}_width_median``, ``training.feature``).
 * target: ``val_recall@K`` and ``val_ndcg@K`` of the target's beam search on the same prompts.
 """
 
@@ -38,18 +39,37 @@ def _align_metrics(s: Setup, draft: torch.nn.Module) -> dict[str, float]:
     from atspeed_ray.decoding import speculative_beam_search
 
     cfg = s.cfg
-    res = speculative_beam_search(s.target, draft, s.val.prompts, s.prepared.index, cfg.val_k,
+    drafter = draft
+    if s.trees is not None:  # a feature draft
+        from atspeed_ray.drafts.feature import FeatureDrafter
+
+        drafter = FeatureDrafter(draft)  # type: ignore[arg-type]
+    res = speculative_beam_search(s.target, drafter, s.val.prompts, s.prepared.index, cfg.val_k,
                                   draft_beams=cfg.val_draft_beams, gamma=cfg.val_gamma,
                                   mode=cfg.val_mode, seed=cfg.seed)
     acc, rounds = sum(res.stats["accepted_steps"]), sum(res.stats["rounds"])
     out = {"val_accept": acc / max(rounds, 1),
            "val_target_calls": float(np.mean(res.stats["target_calls"]))}
+    if s.trees is not None:
+        out.update(feature_widths(s, draft))
     if cfg.val_mode == "relaxed":
         out["val_recall"] = val_recall(s, res.items)
         if s.val_target_recall is None:
             s.val_target_recall = val_recall(s, beam_search_items(s.target, s, cfg.val_k))
         out["val_target_recall"] = s.val_target_recall
     return out
+
+
+def feature_widths(s: Setup, draft: torch.nn.Module) -> dict[str, float]:
+    """A feature draft: ``val_code{d}_{first,unrolled}_width_median``, the draft width whose top
+    N hold the target's top K (of its trees, ``s.teacher_k``) on the validation prompts."""
+    from atspeed_ray.training.feature import width_medians
+
+    step, n = s.cfg.micro_batch, len(s.val)
+    trees = [s.batch(s.val, np.arange(i, min(i + step, n))) for i in range(0, n, step)]
+    widths = width_medians(draft, trees, s.prepared.index.to(s.device),  # type: ignore[arg-type]
+                           s.teacher_k)
+    return {f"val_{name}": v for name, v in widths.items()}
 
 
 def val_targets(s: Setup) -> list[list[int]]:
