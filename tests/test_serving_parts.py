@@ -195,3 +195,23 @@ def test_one_call_graph_answers_falls_back_and_survives_a_failed_call(small):
                              fallback, counts).decode(prompts[0], PARAMS))
     assert out.items == want and out.stats["fallback_reason"] == "target_error"
     assert out.stats["handle_calls"] == 2
+
+
+def test_deployments_use_only_names_defined_above_them():
+    """Serve serialises a deployment class when it is decorated: a module-level function or
+    class of ``deployments.py`` that one uses must be defined above it (else the replica fails
+    with a NameError when it starts)."""
+    import ast
+    from pathlib import Path
+
+    import atspeed_ray.serving.deployments as dep
+
+    tree = ast.parse(Path(dep.__file__).read_text())
+    defined = {n.name: n.lineno for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef,
+                                                                        ast.AsyncFunctionDef))}
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.decorator_list]
+    assert {c.name for c in classes} >= {"DraftModel", "TargetModel", "SpeculativeModel", "Recommender"}
+    for cls in classes:
+        used = {n.id for n in ast.walk(cls) if isinstance(n, ast.Name)}
+        late = sorted(u for u in used if u in defined and defined[u] > cls.lineno)
+        assert not late, f"{cls.name} uses {late}, defined below it"

@@ -21,3 +21,6 @@ class DraftKind:
     name: str  # the value of ``DRAFT_KIND_KEY``
     load: Callable[[Path, DeviceConfig], Drafter]  # checkpoint folder, device -> drafter
     about: str  # one line for --help and errors
+    # its drafter reads the target's hidden states (``Drafter.wants_features``): known from
+    # the checkpoint alone, for a caller that runs the loop without the drafter (serving)
+    features: bool = False

@@ -255,4 +255,4 @@ def load(path: Path, device) -> FeatureDrafter:
     return FeatureDrafter(FeatureDraft.load(path, device.torch_device()))
 
 
-FEATURE = DraftKind(KIND, load, "a head on the target's hidden states (EAGLE-style)")
+FEATURE = DraftKind(KIND, load, "a head on the target's hidden states (EAGLE-style)", features=True)

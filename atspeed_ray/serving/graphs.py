@@ -97,6 +97,7 @@ class SeparateGraph:
     draft_timeout_s: float
     cached: bool
     fallback: FallbackPolicy
+    features: bool = False  # the draft reads the target's hidden states
 
     async def decode(self, prompt: list[int], params: SearchParams, stats: Stats,
                      calls: dict[str, int], ticket: float) -> Answer | None:
@@ -105,7 +106,8 @@ class SeparateGraph:
                               draft_timeout_s=self.draft_timeout_s, calls=calls,
                               session=uuid.uuid4().hex if self.cached else None)
         try:
-            res = await remote_speculative(models, [prompt], self.index, params, self.dtype)
+            res = await remote_speculative(models, [prompt], self.index, params, self.dtype,
+                                           self.features)
             stats.update({k: round(v, 3) for k, v in models.times.items()})
             stats.update(path="speculative", rounds=res.stats["rounds"][0],
                          accepted_steps=res.stats["accepted_steps"][0],
@@ -139,6 +141,7 @@ class OneCallGraph:
     timeout_s: float  # the target's deadline
     L: int  # codes per item: the target forwards of a beam search
     fallback: FallbackPolicy
+    features: bool = False  # graph: chained: the draft reads the target's hidden states
 
     async def decode(self, prompt: list[int], params: SearchParams, stats: Stats,
                      calls: dict[str, int], ticket: float) -> Answer | None:
@@ -146,7 +149,7 @@ class OneCallGraph:
         t0 = time.perf_counter()
         try:
             reply = await asyncio.wait_for(
-                self.speculate(SpeculateRequest(prompt, params)), self.timeout_s)
+                self.speculate(SpeculateRequest(prompt, params, self.features)), self.timeout_s)
         except Exception as e:  # noqa: BLE001 - the replica failed: one more try, the target alone
             logger.exception("speculative call failed")
             self.fallback.note("target_error", f"{type(e).__name__}: {e}", stats)
