@@ -25,7 +25,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import FastAPI
@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Counter, Histogram
 
 from atspeed_ray.decoding.beam import score_dtype
+from atspeed_ray.decoding.drafting import Drafter
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.serving.batching import (
     BeamReply, BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch,
@@ -48,6 +49,7 @@ from atspeed_ray.serving.config import (
     MAX_BODY_BYTES, MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings,
     RecommendRequest, RecommendResponse, random_seed,
 )
+from atspeed_ray.drafts import draft_kind
 from atspeed_ray.serving.fallback import FallbackPolicy
 from atspeed_ray.serving.graphs import OneCallGraph, Runner, SeparateGraph, SpeculativeGraph, TargetAlone
 from atspeed_ray.serving.http import field_error, stopping
@@ -55,6 +57,9 @@ from atspeed_ray.serving.http import install as install_http_guards
 from atspeed_ray.serving.retry import DraftBreaker, Retries, start_errors
 from atspeed_ray.serving.routing import Arm, Router
 from atspeed_ray.serving.stopping import STOPPING_DETAIL, StopFlag
+
+if TYPE_CHECKING:
+    from atspeed_ray.models import DeviceConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -87,23 +92,26 @@ def fire_and_forget(work: Any, pending: set[asyncio.Future[Any]]) -> None:
     fut.add_done_callback(done)
 
 
+def device_config(s: ModelSettings) -> "DeviceConfig":
+    """Where and how a replica runs its model (``ModelSettings``)."""
+    from atspeed_ray.models import DeviceConfig
+
+    return DeviceConfig(device=s.device, dtype=s.dtype, forward=s.forward)
+
+
 class ModelReplica:
     """Shared by both model deployments: load model + item index, one compute thread."""
 
     kind = "model"
 
     def __init__(self, settings: dict[str, Any]):
-        from atspeed_ray.models import DeviceConfig, load_decoder
-
         s = ModelSettings.model_validate(settings)
         self.settings = s
         if s.torch_threads is not None:
             torch.set_num_threads(s.torch_threads)
         with start_errors(f"{self.kind} cannot load {s.model}"):
-            self.model = load_decoder(s.model, DeviceConfig(device=s.device, dtype=s.dtype,
-                                                            forward=s.forward))
+            self.device = self.load(s)
             catalog = load_catalog(s.data, s.catalog_model or s.model)
-        self.device = next(self.model.parameters()).device
         self.index = catalog.index.to(self.device)
         # forwards run in one worker thread: the event loop keeps queueing requests meanwhile,
         # so the next batch forms while the current one computes
@@ -115,6 +123,13 @@ class ModelReplica:
         self.store = (SessionStore(c.max_sessions, int(c.max_mb * 2**20), c.ttl_s)
                       if c is not None else None)  # cache: replica: per-request tree caches
         logger.info("%s: %s on %s, %d threads", self.kind, s.model, self.device, torch.get_num_threads())
+
+    def load(self, s: ModelSettings) -> torch.device:
+        """Load the replica's model (the target: a causal LM, ``self.model``); its device."""
+        from atspeed_ray.models import load_decoder
+
+        self.model = load_decoder(s.model, device_config(s))
+        return next(self.model.parameters()).device
 
     async def run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -166,6 +181,13 @@ class DraftModel(ModelReplica):
         self.apply_batch_settings(self.propose)
         self.fault = FaultConfig()
 
+    def load(self, s: ModelSettings) -> torch.device:
+        """Any draft kind (``drafts.load_drafter``): the replica runs its ``Drafter``."""
+        from atspeed_ray.drafts import load_drafter
+
+        self.drafter: Drafter = load_drafter(s.model, device_config(s))
+        return self.drafter.device
+
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``user_config`` = ``FaultConfig`` (chaos testing); applied without a restart."""
         self.fault = FaultConfig.model_validate(user_config or {})
@@ -178,7 +200,7 @@ class DraftModel(ModelReplica):
             raise RuntimeError("DraftModel fault injection: raise")
         if self.fault.fault == "delay":
             await asyncio.sleep(self.fault.fault_delay_s)
-        return await self.run(draft_batch, self.model, self.index, reqs, self.store)
+        return await self.run(draft_batch, self.drafter, self.index, reqs, self.store)
 
 
 @serve.deployment(name="TargetModel", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -227,11 +249,12 @@ class SpeculativeModel(ModelReplica):
     kind = "SpeculativeModel"
 
     def __init__(self, settings: dict[str, Any], draft_settings: dict[str, Any]):
-        from atspeed_ray.models import DeviceConfig, load_decoder
+        from atspeed_ray.drafts import load_drafter
 
         super().__init__(settings)  # the target, the item index, the compute thread
         d = ModelSettings.model_validate(draft_settings)
-        self.draft = load_decoder(d.model, DeviceConfig(device=d.device, dtype=d.dtype, forward=d.forward))
+        with start_errors(f"{self.kind} cannot load {d.model}"):
+            self.draft: Drafter = load_drafter(d.model, device_config(d))
         self.apply_batch_settings(self.speculate, self.beam_search)
 
     @batched
@@ -294,6 +317,9 @@ async def _ping(handle: DeploymentHandle) -> str:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+# Everything a deployment class uses from this module is defined above it: Serve serialises
+# the class when it is decorated, with the module's names as they are at that moment
+# (``tests/test_serving_parts.py`` checks the order).
 class IngressMetrics:
     """The ingress's Ray Serve metrics (Serve adds deployment, replica and application tags)."""
 
@@ -344,6 +370,8 @@ class Recommender:
         self.colocated = a.speculative and a.graph == "colocated"
         self.draft = draft if a.speculative and not self.colocated else None
         self.speculative = self.draft is not None or self.colocated
+        # the draft reads the target's hidden states: the loop asks the target for them
+        self.features = self.speculative and draft_kind(a.draft).features  # type: ignore[arg-type]
         self.router = (Router(probe_every=a.probe_every, max_backoff=a.probe_backoff)
                        if self.speculative and a.routing == "adaptive" else None)
         self.pending_releases: set[asyncio.Future[Any]] = set()
@@ -368,12 +396,12 @@ class Recommender:
             return None
         if self.draft is None or a.graph != "separate":  # colocated / chained: one call
             return OneCallGraph(lambda r: _result(self.target.speculate.remote(r)),
-                                a.target_timeout_s, L, self.fallback)
+                                a.target_timeout_s, L, self.fallback, self.features)
         draft = self.draft
         dtype = torch.float64 if a.dtype == "float64" else torch.float32
         return SeparateGraph(lambda r: _result(draft.propose.remote(r)), self._verify, self._release,
                              self.catalog.index, dtype, a.draft_timeout_s, a.cache == "replica",
-                             self.fallback)
+                             self.fallback, self.features)
 
     # ------------------------------------------------------------------ endpoints
     @api.get("/healthz")
