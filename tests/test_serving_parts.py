@@ -215,3 +215,25 @@ def test_deployments_use_only_names_defined_above_them():
         used = {n.id for n in ast.walk(cls) if isinstance(n, ast.Name)}
         late = sorted(u for u in used if u in defined and defined[u] > cls.lineno)
         assert not late, f"{cls.name} uses {late}, defined below it"
+
+
+def test_a_slow_probe_replaces_the_other_arms_stale_mean():
+    """The routing policy after a load change: the target alone goes from 50 to 300 ms, past
+    the speculative mean measured at the lighter load (100 ms), which triggers a probe at once.
+    Speculation now takes 900 ms: that one answer replaces the stale mean, so the probes go back
+    to their backed-off interval (clipped, the mean crept up by 20% a probe, and every target
+    answer above it sent the next probe at once: 7 probes here, 4 now)."""
+    from atspeed_ray.serving.routing import Router
+
+    r = Router(probe_every=10)
+    for _ in range(6):
+        arm = r.choose("strict", 10)
+        r.observe("strict", 10, arm, 100.0 if arm == "speculative" else 50.0)
+    assert r.best("strict", 10) == "target_only"
+    probes = 0
+    for _ in range(200):
+        arm = r.choose("strict", 10)
+        probes += arm == "speculative"
+        r.observe("strict", 10, arm, 900.0 if arm == "speculative" else 300.0)
+    assert r.best("strict", 10) == "target_only"
+    assert probes <= 4, probes
