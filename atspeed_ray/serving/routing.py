@@ -30,7 +30,7 @@ one per request without changing any answer. ``Router`` does that with two arms 
 * a probe answer slower than the other arm's mean replaces it: that mean may date from a
   lighter load, and clipped it took about 8 slow probes (each sent at once by the recheck above)
   to catch up on the served app (``jobs/serve_routing.py``: 12.5% of the requests down the
-  slower path at concurrency 8, 1% with the replacement).
+  slower path at concurrency 8, 1% with the replacement; ``results/serving-routing/RUN.md``).
 
 Relaxed requests are never routed: their answer is a sample, and plain beam search is not one.
 Pure Python, no Ray: the ingress owns one ``Router``; tests drive it directly.
