@@ -673,6 +673,71 @@ def test_replica_caches_with_affinity_chained_and_colocated_graphs(app):
             serve.delete(name)
 
 
+def feature_draft(ctx) -> Path:
+    """A tiny random feature draft (EAGLE-style head) on the served target, saved by its kind."""
+    from atspeed_ray.drafts.feature import FeatureConfig, FeatureDraft
+
+    out = ctx["root"] / "models" / "feature"
+    if not out.exists():
+        target = ctx["target"]
+        draft = FeatureDraft.from_target(target, ctx["catalog"].index,
+                                         FeatureConfig(hidden=target.config.hidden_size, layers=1, heads=4))
+        torch.manual_seed(5)  # a draft that disagrees with the target now and then
+        with torch.no_grad():
+            for p in draft.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        draft.float().save(out)
+    return out
+
+
+@pytest.mark.slow  # 10 more replicas beside the module's apps: minutes on a busy 2-core box
+def test_a_feature_draft_is_served_in_every_graph_with_the_strict_answer(app):
+    """A feature draft behind the endpoint: the target returns its hidden states, the draft
+    replica drafts from them, in the separate graph (stateless and with replica caches), the
+    chained one (replica caches) and the co-located one: the target's strict answers, the
+    rounds of the offline search with the same draft, and relaxed answers equal to offline."""
+    from atspeed_ray.decoding import SearchParams, speculative_search
+    from atspeed_ray.drafts import load_drafter
+    from atspeed_ray.serving.app import build
+
+    path = feature_draft(app)
+    drafter = load_drafter(path, F64)
+    base = {**app["base"]["applications"][0]["args"], "target": str(app["root"] / "models" / "target"),
+            "draft": str(path), "data": str(app["data"]), "dtype": "float64",
+            "routing": "speculative", "draft_beams_factor": 2.0}  # fixed N, as the references use
+    graphs = {"fsep": {}, "frep": {"cache": "replica"},
+              "fchain": {"cache": "replica", "graph": "chained"}, "fcol": {"graph": "colocated"}}
+    for name, over in graphs.items():
+        one = {n: {"num_replicas": 1, **TINY} for n in ("Recommender", "TargetModel", "DraftModel", "SpeculativeModel")}
+        serve.run(build(AppArgs.model_validate({**base, **over}), one), name=name, route_prefix=f"/{name}")
+    c = app["client"]
+    index = app["catalog"].index
+    histories = app["catalog"].examples[:6]
+    try:
+        k = 5
+        N = AppArgs.model_validate(base).draft_width(k)
+        want = beam_answers(app, histories, k)
+        for h in histories:
+            prompt = app["catalog"].prompt(h)
+            off = speculative_search(app["target"], drafter, [prompt], index, SearchParams(k, N, GAMMA))
+            got = {n: c.post(f"/{n}/recommend", json={"history": h, "k": k}).json() for n in graphs}
+            for n, r in got.items():
+                assert r["items"] == want[tuple(h)], (n, r)
+                assert r["stats"]["path"] == "speculative", (n, r["stats"])
+                assert r["stats"]["rounds"] == off.stats["rounds"][0], (n, r["stats"])
+            st = got["frep"]["stats"]
+            assert st["cache_hits"] == st["handle_calls"] - 2, st  # all but each model's first call
+        for seed, h in enumerate(histories[:2]):
+            off = speculative_search(app["target"], drafter, [app["catalog"].prompt(h)], index,
+                                     SearchParams(k, N, GAMMA, "relaxed", seed))
+            for n in graphs:
+                r = c.post(f"/{n}/recommend", json={"history": h, "k": k, "mode": "relaxed", "seed": seed}).json()
+                assert r["items"] == valid_items(off.items[0]), (n, r)
+    finally:
+        for name in graphs:
+            serve.delete(name)
+
+
 @pytest.mark.slow  # not yet seen passing: Ray could not start on the loaded machine it was written on
 @pytest.mark.parametrize("broken", ["missing", "corrupt"])
 def test_serve_run_marks_an_app_with_a_bad_model_path_failed_with_the_cause(app, tmp_path, broken):

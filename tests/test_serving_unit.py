@@ -510,11 +510,11 @@ def test_bad_paths_are_refused_in_one_line_before_any_replica(small, tmp_path, c
 
     root = small[0]
     (tmp_path / "config.json").write_text("{}")  # a model folder without the catalog files
-    (tmp_path / "feature").mkdir()
-    (tmp_path / "feature" / "config.json").write_text('{"draft_kind": "feature", "hidden": 8}')
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text('{"draft_kind": "nope"}')
     cases = [({"target": str(tmp_path), "draft": str(root / "models/draft")}, "index.json"),
-             ({"target": str(root / "models/target"), "draft": str(tmp_path / "feature")},
-              "'feature' draft is not served yet"),
+             ({"target": str(root / "models/target"), "draft": str(tmp_path / "unknown")},
+              "unknown draft_kind 'nope'"),
              ({"target": str(root / "models/target"), "draft": str(root / "data")}, "config.json"),
              ({"target": str(root / "models/target"), "draft": str(root / "models/draft"),
                "data": str(tmp_path)}, "not a prepared data folder")]

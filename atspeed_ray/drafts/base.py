@@ -25,3 +25,6 @@ class DraftKind:
     about: str  # one line for --help and errors
     # prepared data, checkpoint folder -> None, or a DataError naming the draft's file
     fits: Callable[[PreparedData, Path], None]
+    # its drafter reads the target's hidden states (``Drafter.wants_features``): known from
+    # the checkpoint alone, for a caller that runs the loop without the drafter (serving)
+    features: bool = False

@@ -286,4 +286,5 @@ def fits(prepared: PreparedData, path: Path) -> None:
                         path / WEIGHTS)
 
 
-FEATURE = DraftKind(KIND, load, "a head on the target's hidden states (EAGLE-style)", fits)
+FEATURE = DraftKind(KIND, load, "a head on the target's hidden states (EAGLE-style)", fits,
+                    features=True)

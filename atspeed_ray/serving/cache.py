@@ -26,9 +26,9 @@ from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.beam import Beams
-from atspeed_ray.decoding.drafting import DraftStep, draft_phase
-from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.cache import TreeCache
+from atspeed_ray.decoding.drafting import Drafter, DraftStep, ProposeCall
+from atspeed_ray.decoding.feed import Context
 from atspeed_ray.decoding.verification import Verified, verify_phase
 
 
@@ -45,18 +45,41 @@ class SessionRef:
         return self.key
 
 
+@dataclass(frozen=True)
+class DraftState:
+    """What a draft replica keeps of a request: the drafter's tree cache (None: a drafter
+    without one, or none yet) and the prompts' context it was sent (a drafter that reads the
+    target's hidden states: sent once, on the request's first draft call)."""
+
+    cache: TreeCache | None
+    context: Context | None = None
+
+    def select_rows(self, keep: Tensor) -> DraftState:
+        return DraftState(None if self.cache is None else self.cache.select_rows(keep),
+                          None if self.context is None else self.context.select_rows(keep))
+
+
+Held = TreeCache | DraftState  # a target replica keeps a tree cache, a draft replica a DraftState
+
+
 @dataclass
 class Session:
-    cache: TreeCache
+    cache: Held
     step: int  # the call number this cache is ready for
     nbytes: int
     used: float  # clock of the last put
 
 
-def cache_bytes(cache: TreeCache) -> int:
-    """Bytes held by a tree cache (its keys and values, plus the prompt mask)."""
-    n = cache.is_prompt.numel() * cache.is_prompt.element_size()
-    for layer in cache.kv.layers:
+def cache_bytes(held: Held) -> int:
+    """Bytes held for a request: a tree cache's keys and values and prompt mask, a context's
+    features."""
+    if isinstance(held, DraftState):
+        n = 0 if held.cache is None else cache_bytes(held.cache)
+        if held.context is not None:
+            n += sum(x.numel() * x.element_size() for x in (held.context.features, held.context.valid))
+        return n
+    n = held.is_prompt.numel() * held.is_prompt.element_size()
+    for layer in held.kv.layers:
         for x in (layer.keys, layer.values):
             if x is not None:
                 n += x.numel() * x.element_size()
@@ -93,7 +116,7 @@ class SessionStore:
                 break
             self._drop(key, "expired")
 
-    def take(self, ref: SessionRef) -> TreeCache | None:
+    def take(self, ref: SessionRef) -> Held | None:
         """The request's cache if this replica holds it, ready for call ``ref.step``; else None
         (a miss: the caller recomputes)."""
         self.expire()
@@ -106,7 +129,7 @@ class SessionStore:
         self.counts["hits"] += 1
         return s.cache
 
-    def put(self, ref: SessionRef, cache: TreeCache) -> None:
+    def put(self, ref: SessionRef, cache: Held) -> None:
         """Keep ``cache`` for the request's next call; evict least recently used sessions beyond
         the bounds (a cache larger than ``max_bytes`` alone is not kept)."""
         nbytes = cache_bytes(cache)
@@ -158,32 +181,42 @@ def resume(cache: TreeCache | None, ref: SessionRef, name: str, beams: Beams,
 
 
 @torch.no_grad()
-def draft_cached(model: torch.nn.Module, index: ItemIndex, store: SessionStore, ref: SessionRef,
-                 beams: Beams, t: Tensor, g: Tensor, prompts: list[list[int]], params: SearchParams,
-                 keys: Tensor | None = None) -> tuple[list[DraftStep], Beams, bool]:
-    """``draft_phase`` on the request's stored draft cache (or none: a miss); the cache is kept
-    for the next call (``keys``: relaxed sampling's, ``ProposeCall.keys``). Returns the steps,
-    the beams and whether the cache was a hit."""
-    cache = store.take(ref)
-    hit = cache is not None
-    cache, beams, _ = resume(cache, ref, "draft", beams)
-    steps, beams, cache = draft_phase(model, cache, beams, t, g, prompts, index, params, keys)
-    if cache is not None:  # None: a first call whose one step was a children step (no forward)
-        store.put(ref, cache)
+def draft_cached(drafter: Drafter, index: ItemIndex, store: SessionStore, ref: SessionRef,
+                 call: ProposeCall) -> tuple[list[DraftStep], Beams, bool] | None:
+    """``drafter.propose`` on the request's stored draft state (or none: a miss); the state is
+    kept for the next call. ``call.context``: the prompts' context if the call carries it, else
+    the stored one's. Returns the steps, the beams and whether the state was a hit; None when a
+    drafter that reads the context has none (a miss of a call sent without it: the caller sends
+    it again with the context, ``DraftReply.needs_context``)."""
+    held = store.take(ref)
+    assert held is None or isinstance(held, DraftState)
+    hit = held is not None
+    if held is not None and ref.keep is not None:
+        held = held.select_rows(ref.keep.to(call.t.device))
+    context = call.context if call.context is not None else None if held is None else held.context
+    if drafter.wants_features and context is None:
+        return None
+    # the rows have been kept above: resume compacts the tree cache only
+    cache, beams, _ = resume(None if held is None else held.cache, replace(ref, keep=None), "draft",
+                             call.beams)
+    steps, beams, cache = drafter.propose(replace(call, beams=beams, context=context), index, cache)
+    if cache is not None or context is not None:  # nothing to keep: a first call whose one
+        store.put(ref, DraftState(cache, context))  # step was a children step (no forward)
     return steps, beams, hit
 
 
 @torch.no_grad()
 def verify_cached(model: torch.nn.Module, index: ItemIndex, store: SessionStore, ref: SessionRef,
-                  beams: Beams, t: Tensor, steps: list[DraftStep], prompts: list[list[int]]
-                  ) -> tuple[Verified, bool]:
+                  beams: Beams, t: Tensor, steps: list[DraftStep], prompts: list[list[int]],
+                  features: bool = False) -> tuple[Verified, bool]:
     """``verify_phase`` (ONE target forward) on the request's stored target cache, kept for the
     next call. The drafted steps' target slots (copied from the beams the draft started from)
-    are renumbered with the beams'."""
-    cache = store.take(ref)
-    hit = cache is not None
-    cache, beams, steps = resume(cache, ref, "target", beams, steps)
-    verified, cache = verify_phase(model, cache, beams, t, steps, prompts, index)
+    are renumbered with the beams'. ``features``: the target's hidden states too."""
+    held = store.take(ref)
+    assert held is None or isinstance(held, TreeCache)
+    hit = held is not None
+    cache, beams, steps = resume(held, ref, "target", beams, steps)
+    verified, cache = verify_phase(model, cache, beams, t, steps, prompts, index, features)
     store.put(ref, cache)
     return verified, hit
 

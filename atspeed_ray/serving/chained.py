@@ -43,7 +43,7 @@ async def drive(req: SpeculateRequest, index: ItemIndex, propose: ProposeFn, ver
     models = RemoteModels(propose, verify, draft_timeout_s=draft_timeout_s,
                           session=uuid.uuid4().hex if cache else None)
     try:
-        res = await remote_speculative(models, [req.prompt], index, params, dtype)
+        res = await remote_speculative(models, [req.prompt], index, params, dtype, req.features)
     except DraftUnavailable as e:
         reply = await beam(BeamRequest([req.prompt], params.k))
         return SpeculateReply(reply.items[0], reply.scores[0], {},

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.drafting import Drafter
 from atspeed_ray.decoding.noise import row_streams
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.speculative import STAT_NAMES, speculative_search
@@ -33,6 +34,9 @@ from atspeed_ray.serving.batching import group_by
 class SpeculateRequest:
     prompt: list[int]
     params: SearchParams  # relaxed: its seed makes the request's random numbers
+    # graph: chained: the draft reads the target's hidden states (``Drafter.wants_features``);
+    # a co-located replica asks its own drafter
+    features: bool = False
 
 
 @dataclass
@@ -55,7 +59,7 @@ def _key(r: SpeculateRequest) -> Hashable:
 
 
 @torch.no_grad()
-def speculate_batch(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
+def speculate_batch(target: torch.nn.Module, draft: Drafter | torch.nn.Module, index: ItemIndex,
                     reqs: Sequence[SpeculateRequest]) -> list[SpeculateReply]:
     """``speculative_search`` over a batch of requests, one group per search setting. Seeded
     relaxed requests of different seeds share a group: each samples from its own stream, as row

@@ -23,10 +23,9 @@ import json
 import logging
 import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import FastAPI
@@ -36,6 +35,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Counter, Histogram
 
 from atspeed_ray.decoding.beam import score_dtype
+from atspeed_ray.decoding.drafting import Drafter
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.serving.batching import (
     BeamReply, BeamRequest, DraftReply, DraftRequest, VerifyReply, VerifyRequest, beam_batch,
@@ -49,12 +49,17 @@ from atspeed_ray.serving.config import (
     MAX_BODY_BYTES, MAX_HISTORY, MAX_K, AppArgs, BatchSettings, FaultConfig, ModelSettings,
     RecommendRequest, RecommendResponse, random_seed,
 )
-from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
+from atspeed_ray.drafts import draft_kind
+from atspeed_ray.serving.fallback import FallbackPolicy
+from atspeed_ray.serving.graphs import OneCallGraph, Runner, SeparateGraph, SpeculativeGraph, TargetAlone
 from atspeed_ray.serving.http import field_error, stopping
 from atspeed_ray.serving.http import install as install_http_guards
 from atspeed_ray.serving.retry import DraftBreaker, Retries, start_errors
 from atspeed_ray.serving.routing import Arm, Router
 from atspeed_ray.serving.stopping import STOPPING_DETAIL, StopFlag
+
+if TYPE_CHECKING:
+    from atspeed_ray.models import DeviceConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -87,23 +92,26 @@ def fire_and_forget(work: Any, pending: set[asyncio.Future[Any]]) -> None:
     fut.add_done_callback(done)
 
 
+def device_config(s: ModelSettings) -> "DeviceConfig":
+    """Where and how a replica runs its model (``ModelSettings``)."""
+    from atspeed_ray.models import DeviceConfig
+
+    return DeviceConfig(device=s.device, dtype=s.dtype, forward=s.forward)
+
+
 class ModelReplica:
     """Shared by both model deployments: load model + item index, one compute thread."""
 
     kind = "model"
 
     def __init__(self, settings: dict[str, Any]):
-        from atspeed_ray.models import DeviceConfig, load_decoder
-
         s = ModelSettings.model_validate(settings)
         self.settings = s
         if s.torch_threads is not None:
             torch.set_num_threads(s.torch_threads)
         with start_errors(f"{self.kind} cannot load {s.model}"):
-            self.model = load_decoder(s.model, DeviceConfig(device=s.device, dtype=s.dtype,
-                                                            forward=s.forward))
+            self.device = self.load(s)
             catalog = load_catalog(s.data, s.catalog_model or s.model)
-        self.device = next(self.model.parameters()).device
         self.index = catalog.index.to(self.device)
         # forwards run in one worker thread: the event loop keeps queueing requests meanwhile,
         # so the next batch forms while the current one computes
@@ -115,6 +123,13 @@ class ModelReplica:
         self.store = (SessionStore(c.max_sessions, int(c.max_mb * 2**20), c.ttl_s)
                       if c is not None else None)  # cache: replica: per-request tree caches
         logger.info("%s: %s on %s, %d threads", self.kind, s.model, self.device, torch.get_num_threads())
+
+    def load(self, s: ModelSettings) -> torch.device:
+        """Load the replica's model (the target: a causal LM, ``self.model``); its device."""
+        from atspeed_ray.models import load_decoder
+
+        self.model = load_decoder(s.model, device_config(s))
+        return next(self.model.parameters()).device
 
     async def run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -166,6 +181,13 @@ class DraftModel(ModelReplica):
         self.apply_batch_settings(self.propose)
         self.fault = FaultConfig()
 
+    def load(self, s: ModelSettings) -> torch.device:
+        """Any draft kind (``drafts.load_drafter``): the replica runs its ``Drafter``."""
+        from atspeed_ray.drafts import load_drafter
+
+        self.drafter: Drafter = load_drafter(s.model, device_config(s))
+        return self.drafter.device
+
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``user_config`` = ``FaultConfig`` (chaos testing); applied without a restart."""
         self.fault = FaultConfig.model_validate(user_config or {})
@@ -178,7 +200,7 @@ class DraftModel(ModelReplica):
             raise RuntimeError("DraftModel fault injection: raise")
         if self.fault.fault == "delay":
             await asyncio.sleep(self.fault.fault_delay_s)
-        return await self.run(draft_batch, self.model, self.index, reqs, self.store)
+        return await self.run(draft_batch, self.drafter, self.index, reqs, self.store)
 
 
 @serve.deployment(name="TargetModel", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -227,11 +249,12 @@ class SpeculativeModel(ModelReplica):
     kind = "SpeculativeModel"
 
     def __init__(self, settings: dict[str, Any], draft_settings: dict[str, Any]):
-        from atspeed_ray.models import DeviceConfig, load_decoder
+        from atspeed_ray.drafts import load_drafter
 
         super().__init__(settings)  # the target, the item index, the compute thread
         d = ModelSettings.model_validate(draft_settings)
-        self.draft = load_decoder(d.model, DeviceConfig(device=d.device, dtype=d.dtype, forward=d.forward))
+        with start_errors(f"{self.kind} cannot load {d.model}"):
+            self.draft: Drafter = load_drafter(d.model, device_config(d))
         self.apply_batch_settings(self.speculate, self.beam_search)
 
     @batched
@@ -294,28 +317,65 @@ async def _ping(handle: DeploymentHandle) -> str:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+# Everything a deployment class uses from this module is defined above it: Serve serialises
+# the class when it is decorated, with the module's names as they are at that moment
+# (``tests/test_serving_parts.py`` checks the order).
+class IngressMetrics:
+    """The ingress's Ray Serve metrics (Serve adds deployment, replica and application tags)."""
+
+    def __init__(self) -> None:
+        tags = ("app_path", "mode")
+        self.requests = Counter("atspeed_requests", description="recommend requests",
+                                tag_keys=("app_path", "mode", "status"))
+        self.latency = Histogram("atspeed_latency_ms", description="recommend latency (ms)",
+                                 boundaries=LATENCY_BOUNDS_MS, tag_keys=tags)
+        self.accepted = Histogram("atspeed_accepted_steps", description="accepted draft steps per request",
+                                  boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
+        self.target_calls = Histogram("atspeed_target_calls", description="target forwards per request",
+                                      boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
+        self.handle_calls = Histogram("atspeed_handle_calls", description="DeploymentHandle calls per request",
+                                      boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
+        self.fallbacks = Counter("atspeed_fallbacks", description="requests answered by the target alone "
+                                 "because the draft failed or missed its deadline", tag_keys=("reason",))
+        self.routed = Counter("atspeed_routed", description="strict requests sent by adaptive routing",
+                              tag_keys=("arm", "k"))
+
+    def status(self, app_path: str, mode: str, status: str) -> None:
+        self.requests.inc(tags={"app_path": app_path, "mode": mode, "status": status})
+
+    def answered(self, stats: dict[str, Any], mode: str, ms: float) -> None:
+        tags = {"app_path": str(stats["path"]), "mode": mode}
+        self.latency.observe(ms, tags=tags)
+        self.accepted.observe(float(stats["accepted_steps"] or 0), tags=tags)
+        self.target_calls.observe(float(stats["target_forwards"]), tags=tags)
+        self.handle_calls.observe(float(stats["handle_calls"]), tags=tags)
+        self.status(str(stats["path"]), mode, "ok")
+
+
 @serve.deployment(name="Recommender", num_replicas=2, ray_actor_options={"num_cpus": 0.125},
                   max_ongoing_requests=256)  # 2 replicas: losing one ingress is no outage
 @serve.ingress(api)
 class Recommender:
+    """The HTTP API over the parts: request checks and metrics here; the path of a request
+    (``graphs.Runner``), the route (``routing.Router``), the fallback (``fallback.FallbackPolicy``)."""
+
     def __init__(self, args: dict[str, Any], target: DeploymentHandle, draft: DeploymentHandle | None = None):
-        self.args = AppArgs.model_validate(args)
+        self.args = a = AppArgs.model_validate(args)
         torch.set_num_threads(1)  # acceptance is small tensor work; leave the cores to the models
-        with start_errors(f"Recommender cannot start on {self.args.target}"):
-            self.catalog: Catalog = load_catalog(self.args.data, self.args.target, self.args.history_window)
-            check_positions(self.args.target, self.catalog)
-        self.max_k = min(self.args.max_k, self.catalog.index.num_leaves)
-        self.dtype = torch.float64 if self.args.dtype == "float64" else torch.float32
+        with start_errors(f"Recommender cannot start on {a.target}"):
+            self.catalog: Catalog = load_catalog(a.data, a.target, a.history_window)
+            check_positions(a.target, self.catalog)
+        self.max_k = min(a.max_k, self.catalog.index.num_leaves)
         self.target = target  # TargetModel, or SpeculativeModel (graph: colocated)
-        self.colocated = self.args.speculative and self.args.graph == "colocated"
-        self.draft = draft if self.args.speculative and not self.colocated else None
+        self.colocated = a.speculative and a.graph == "colocated"
+        self.draft = draft if a.speculative and not self.colocated else None
         self.speculative = self.draft is not None or self.colocated
-        # colocated / chained: one call per request, the model side drives the loop
-        self.one_call = self.speculative and self.args.graph != "separate"
-        self.router = (Router(probe_every=self.args.probe_every, max_backoff=self.args.probe_backoff)
-                       if self.speculative and self.args.routing == "adaptive" else None)
+        # the draft reads the target's hidden states: the loop asks the target for them
+        self.features = self.speculative and draft_kind(a.draft).features  # type: ignore[arg-type]
+        self.router = (Router(probe_every=a.probe_every, max_backoff=a.probe_backoff)
+                       if self.speculative and a.routing == "adaptive" else None)
         self.pending_releases: set[asyncio.Future[Any]] = set()
-        self.breaker, self.retries = DraftBreaker(self.args.retry), Retries(self.args.retry, "TargetModel")
+        self.retries = Retries(a.retry, "TargetModel")
         self.ready: tuple[float, dict[str, str]] | None = None  # (when, model -> "ok" | why not)
         self.stop = StopFlag()  # set once `atspeed-ray serve` begins its orderly stop
         self.counts: dict[str, float] = {
@@ -324,21 +384,24 @@ class Recommender:
             "handle_calls": 0, "rounds": 0,
             "accepted_steps": 0, "target_forwards": 0, "latency_ms_sum": 0.0, "cache_hits": 0,
             "release_calls": 0}
-        tags = ("app_path", "mode")
-        self.m_requests = Counter("atspeed_requests", description="recommend requests",
-                                  tag_keys=("app_path", "mode", "status"))
-        self.m_latency = Histogram("atspeed_latency_ms", description="recommend latency (ms)",
-                                   boundaries=LATENCY_BOUNDS_MS, tag_keys=tags)
-        self.m_accepted = Histogram("atspeed_accepted_steps", description="accepted draft steps per request",
-                                    boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
-        self.m_target_calls = Histogram("atspeed_target_calls", description="target forwards per request",
-                                        boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
-        self.m_handle_calls = Histogram("atspeed_handle_calls", description="DeploymentHandle calls per request",
-                                        boundaries=SMALL_COUNT_BOUNDS, tag_keys=tags)
-        self.m_fallbacks = Counter("atspeed_fallbacks", description="requests answered by the target alone "
-                                   "because the draft failed or missed its deadline", tag_keys=("reason",))
-        self.m_routed = Counter("atspeed_routed", description="strict requests sent by adaptive routing",
-                                tag_keys=("arm", "k"))
+        self.metrics = IngressMetrics()
+        self.fallback = FallbackPolicy(DraftBreaker(a.retry), self.counts, self.metrics.fallbacks)
+        self.runner = Runner(self._graph(), TargetAlone(self._beam, self.catalog.index.L),
+                             self.fallback, self.counts)
+
+    def _graph(self) -> SpeculativeGraph | None:
+        """The speculative path of this app's graph (None: the target-only app)."""
+        a, L = self.args, self.catalog.index.L
+        if not self.speculative:
+            return None
+        if self.draft is None or a.graph != "separate":  # colocated / chained: one call
+            return OneCallGraph(lambda r: _result(self.target.speculate.remote(r)),
+                                a.target_timeout_s, L, self.fallback, self.features)
+        draft = self.draft
+        dtype = torch.float64 if a.dtype == "float64" else torch.float32
+        return SeparateGraph(lambda r: _result(draft.propose.remote(r)), self._verify, self._release,
+                             self.catalog.index, dtype, a.draft_timeout_s, a.cache == "replica",
+                             self.fallback, self.features)
 
     # ------------------------------------------------------------------ endpoints
     @api.get("/healthz")
@@ -377,7 +440,8 @@ class Recommender:
     async def stats(self) -> dict[str, Any]:
         """Counters of this ingress replica since it started, and the app's running replicas."""
         routing = self.router.snapshot() if self.router is not None else None
-        return {"pid": os.getpid(), **self.counts, "routing": routing, "draft_breaker": self.breaker.snapshot(),
+        return {"pid": os.getpid(), **self.counts, "routing": routing,
+                "draft_breaker": self.fallback.snapshot(),
                 "replicas": await asyncio.to_thread(running_replicas)}
 
     @api.post("/recommend", response_model=RecommendResponse)
@@ -387,12 +451,12 @@ class Recommender:
         self.counts["requests"] += 1
         app_path = "speculative" if self.speculative else "target_only"
         if req.k > self.max_k:
-            self._count_status(app_path, req.mode, "invalid")
+            self.metrics.status(app_path, req.mode, "invalid")
             raise field_error(["body", "k"], f"k must be <= {self.max_k} for this catalog and app",
                               req.k, "less_than_equal")
         unknown = self.catalog.unknown(req.history)
         if unknown:
-            self._count_status(app_path, req.mode, "invalid")
+            self.metrics.status(app_path, req.mode, "invalid")
             i = unknown[0]
             raise field_error(["body", "history", i],
                               f"unknown item id {req.history[i]} ({len(unknown)} unknown in history)",
@@ -400,34 +464,26 @@ class Recommender:
         arm: Arm = "speculative"
         if self.router is not None and req.mode == "strict":
             arm = self.router.choose(req.mode, req.k)
-            self.m_routed.inc(tags={"arm": arm, "k": str(req.k)})
+            self.metrics.routed.inc(tags={"arm": arm, "k": str(req.k)})
         start = time.perf_counter()
         try:
-            items, scores, stats = await self._decode(req, arm)
+            out = await self.runner.decode(self.catalog.prompt(req.history), self.search_params(req), arm)
         except Exception:
             self.counts["errors"] += 1
-            self._count_status(app_path, req.mode, "error")
+            self.metrics.status(app_path, req.mode, "error")
             raise
         ms = (time.perf_counter() - start) * 1000.0
+        stats = out.stats
         stats["latency_ms"] = round(ms, 3)
         if self.router is not None and req.mode == "strict" and stats["path"] != "fallback":
             self.router.observe(req.mode, req.k, arm, ms)
-        tags = {"app_path": str(stats["path"]), "mode": req.mode}
-        self.m_latency.observe(ms, tags=tags)
-        self.m_accepted.observe(float(stats["accepted_steps"] or 0), tags=tags)  # type: ignore[arg-type]
-        self.m_target_calls.observe(float(stats["target_forwards"]), tags=tags)  # type: ignore[arg-type]
-        self.m_handle_calls.observe(float(stats["handle_calls"]), tags=tags)  # type: ignore[arg-type]
-        self._count_status(str(stats["path"]), req.mode, "ok")
+        self.metrics.answered(stats, req.mode, ms)
         c = self.counts
         c["ok"] += 1
         c["latency_ms_sum"] += ms
         for key in ("handle_calls", "rounds", "accepted_steps", "target_forwards", "cache_hits"):
-            c[key] += float(stats[key] or 0)  # type: ignore[arg-type]
-        return RecommendResponse(items=items, scores=scores, stats=stats)
-
-    # ------------------------------------------------------------------ decoding
-    def _count_status(self, app_path: str, mode: str, status: str) -> None:
-        self.m_requests.inc(tags={"app_path": app_path, "mode": mode, "status": status})
+            c[key] += float(stats[key] or 0)
+        return RecommendResponse(items=out.items, scores=out.scores, stats=stats)
 
     def search_params(self, req: RecommendRequest) -> SearchParams:
         """The request's search: its k and mode, the app's gamma and draft width. A relaxed
@@ -439,131 +495,22 @@ class Recommender:
         return SearchParams(req.k, self.args.draft_width(req.k), self.args.gamma, req.mode, seed,
                             expand_last=self.args.expand_last if req.mode == "strict" else 0)
 
-    async def _decode(self, req: RecommendRequest, arm: Arm = "speculative"
-                      ) -> tuple[list[int], list[float], dict[str, Any]]:
-        prompt = self.catalog.prompt(req.history)
-        # cache_hits: 0 unless a speculative path reads replica caches (every answer reports it)
-        stats: dict[str, Any] = {"mode": req.mode, "k": req.k, "prompt_tokens": len(prompt), "cache_hits": 0}
-        calls = {"draft": 0, "target": 0}
-        speculate = self.speculative and arm == "speculative"
-        ticket = self.breaker.allow() if speculate else None  # None: the draft failed moments ago
-        if speculate and ticket is None:
-            self._fallback("draft_down", "a draft call failed moments ago", stats)
-        elif ticket is not None:
-            params = self.search_params(req)
-            if params.seed is not None:
-                stats["seed"] = params.seed
-            answer = await (self._one_call(prompt, params, stats, calls) if self.one_call
-                            else self._speculative(prompt, params, stats, calls, ticket))
-            if answer is not None:
-                return answer
-        elif self.speculative:  # adaptive routing chose the target alone: same strict answer
-            self.counts["routed_target_only"] += 1
-            stats.update(path="target_only", routed=True)
-        else:
-            stats["path"] = "target_only"
-        return await self._target_alone(prompt, req.k, stats, calls)
-
-    async def _speculative(self, prompt: list[int], params: SearchParams, stats: dict[str, Any],
-                           calls: dict[str, int], ticket: float
-                           ) -> tuple[list[int], list[float], dict[str, Any]] | None:
-        """The speculative path; None (with the fallback noted in ``stats``) if it failed."""
-        draft, target = self.draft, self.target
-        assert draft is not None
-        models = RemoteModels(
-            lambda r: _result(draft.propose.remote(r)),
-            lambda r: self._call_target(lambda: target.verify.remote(r), "verify", stats),
-            draft_timeout_s=self.args.draft_timeout_s, calls=calls,
-            session=uuid.uuid4().hex if self.args.cache == "replica" else None)
-        try:
-            res = await remote_speculative(models, [prompt], self.catalog.index, params, self.dtype)
-            stats.update({k: round(v, 3) for k, v in models.times.items()})
-            stats.update(path="speculative", rounds=res.stats["rounds"][0],
-                         accepted_steps=res.stats["accepted_steps"][0],
-                         target_forwards=res.stats["target_calls"][0],
-                         draft_forwards=res.stats["draft_calls"][0],
-                         handle_calls=calls["draft"] + calls["target"], draft_width=params.N,
-                         cache_hits=models.hits["draft"] + models.hits["target"])
-            self.breaker.succeeded()
-            return self._answer(res.items[0], res.scores[0].tolist(), stats)
-        except DraftUnavailable as e:
-            self.breaker.failed(ticket)
-            reason, detail = e.reason, str(e)
-        except Exception as e:  # noqa: BLE001 - a target call failed: one more try, alone
-            logger.exception("speculative path failed")
-            reason, detail = "target_error", f"{type(e).__name__}: {e}"
-        finally:
-            self._release(models)
-        return self._fallback(reason, detail, stats)
-
-    def _release(self, models: RemoteModels) -> None:
-        """Free the request's replica caches, off the request's path (fire and forget)."""
-        if models.session is None:
-            return
-        for handle, name in ((self.draft, "draft"), (self.target, "target")):
-            if handle is not None and models.calls[name]:
-                fire_and_forget(handle.release.remote(Release(models.session)), self.pending_releases)
-                self.counts["release_calls"] += 1
-
-    async def _one_call(self, prompt: list[int], params: SearchParams, stats: dict[str, Any],
-                        calls: dict[str, int]) -> tuple[list[int], list[float], dict[str, Any]] | None:
-        """graph: colocated / chained: one call; the SpeculativeModel (or the TargetModel, which
-        calls the draft itself) runs the whole loop."""
-        calls["target"] += 1
-        t0 = time.perf_counter()
-        try:
-            reply: SpeculateReply = await asyncio.wait_for(_result(self.target.speculate.remote(
-                SpeculateRequest(prompt, params))),
-                self.args.target_timeout_s)
-        except Exception as e:  # noqa: BLE001 - the replica failed: one more try, the target alone
-            logger.exception("speculative call failed")
-            return self._fallback("target_error", f"{type(e).__name__}: {e}", stats)
-        calls["draft"] += reply.calls  # made by the target (graph: chained)
-        rtt = {"speculate_rtt_ms": round((time.perf_counter() - t0) * 1000, 3),
-               "speculate_compute_ms": round(reply.compute_ms, 3),
-               "handle_calls": calls["draft"] + calls["target"]}
-        if reply.fallback is not None:  # the target answered alone: the strict answer
-            self._fallback(reply.fallback, reply.detail, stats)
-            stats.update(rounds=None, accepted_steps=None, target_forwards=self.catalog.index.L, **rtt)
-            return self._answer(reply.items, reply.scores.tolist(), stats)
-        st = reply.stats
-        stats.update(path="speculative", rounds=st["rounds"], accepted_steps=st["accepted_steps"],
-                     target_forwards=st["target_calls"], draft_forwards=st["draft_calls"],
-                     draft_width=params.N, cache_hits=reply.cache_hits, **rtt)
-        return self._answer(reply.items, reply.scores.tolist(), stats)
-
-    def _fallback(self, reason: str, detail: str, stats: dict[str, Any]) -> None:
-        """Count a fallback to the target alone and note it in ``stats``."""
-        self.counts["fallbacks"] += 1
-        self.counts[f"fallback_{reason}"] = self.counts.get(f"fallback_{reason}", 0) + 1
-        self.m_fallbacks.inc(tags={"reason": reason})
-        if reason != "draft_down":  # that one is logged once, when the breaker opened
-            logger.warning("target-only fallback (%s): %s", reason, detail)
-        stats.update(path="fallback", fallback_reason=reason, fallback_detail=detail[:200])
-        return None
-
+    # ------------------------------------------------------------------ model calls
     async def _call_target(self, call: Any, method: str, stats: dict[str, Any]) -> Any:
         """A TargetModel call under ``target_timeout_s``, sent again if its replica dies."""
         return await self.retries.call(
             lambda: asyncio.wait_for(_result(call()), self.args.target_timeout_s), method,
             [self.counts, stats])
 
-    async def _target_alone(self, prompt: list[int], k: int, stats: dict[str, Any],
-                            calls: dict[str, int]) -> tuple[list[int], list[float], dict[str, Any]]:
-        """Plain target beam search: the target-only app, routed requests and fallbacks."""
-        calls["target"] += 1
-        t0 = time.perf_counter()
-        request = BeamRequest([prompt], k)
-        reply: BeamReply = await self._call_target(lambda: self.target.beam_search.remote(request),
-                                                   "beam_search", stats)
-        stats.update(rounds=None, accepted_steps=None, target_forwards=self.catalog.index.L,
-                     handle_calls=calls["draft"] + calls["target"],
-                     beam_rtt_ms=round((time.perf_counter() - t0) * 1000, 3),
-                     beam_compute_ms=round(reply.compute_ms, 3))
-        return self._answer(reply.items[0], reply.scores[0].tolist(), stats)
+    async def _verify(self, req: VerifyRequest, stats: dict[str, Any]) -> VerifyReply:
+        return await self._call_target(lambda: self.target.verify.remote(req), "verify", stats)
 
-    @staticmethod
-    def _answer(items: list[int], scores: list[float], stats: dict[str, Any]
-                ) -> tuple[list[int], list[float], dict[str, Any]]:
-        keep = [i for i, item in enumerate(items) if item >= 0]  # fewer than k items can exist
-        return [items[i] for i in keep], [float(scores[i]) for i in keep], stats
+    async def _beam(self, req: BeamRequest, stats: dict[str, Any]) -> BeamReply:
+        return await self._call_target(lambda: self.target.beam_search.remote(req), "beam_search", stats)
+
+    def _release(self, model: str, key: str) -> None:
+        """Free a request's replica caches, off the request's path (fire and forget)."""
+        handle = self.draft if model == "draft" else self.target
+        assert handle is not None
+        fire_and_forget(handle.release.remote(Release(key)), self.pending_releases)
+        self.counts["release_calls"] += 1

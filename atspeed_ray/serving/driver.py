@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -75,13 +75,30 @@ class RemoteModels:
     hits: dict[str, int] = field(default_factory=lambda: {"draft": 0, "target": 0})
     # per model: rows kept since its last call (EndRoundCall's ``keep``, composed)
     _keep: dict[str, Tensor | None] = field(default_factory=lambda: {"draft": None, "target": None})
+    # per model: calls answered (a draft call sent again with the context is one answer)
+    _answered: dict[str, int] = field(default_factory=lambda: {"draft": 0, "target": 0})
+    _have_context: bool = False  # the loop holds the prompts' context (asked of the target once)
+    _draft_has_context: bool = False  # cache: replica: the draft replica was sent it
 
     def ref(self, name: str) -> SessionRef | None:
         """The session of the next call to ``name`` (its step = calls answered so far)."""
         if self.session is None:
             return None
         keep, self._keep[name] = self._keep[name], None
-        return SessionRef(self.session, self.calls[name] - 1, keep)
+        return SessionRef(self.session, self._answered[name], keep)
+
+    async def _propose(self, call: ProposeCall) -> DraftReply:
+        """The draft call; the prompts' context travels on every stateless call, with a session
+        only until the draft replica holds it (and again if it lost it)."""
+        sent = call.context if self.session is None or not self._draft_has_context else None
+        req = DraftRequest.of(call, self.ref("draft"), sent)
+        reply = await self.propose(req)
+        if reply.needs_context:  # the replica lost the request's state: the same call, with it
+            self.calls["draft"] += 1
+            reply = await self.propose(replace(req, context=call.context))
+        self._draft_has_context = call.context is not None
+        self._answered["draft"] += 1
+        return reply
 
     def end_round(self, call: EndRoundCall) -> object:
         """Nothing to compact here: the rows that stay travel with the next call to each model."""
@@ -95,7 +112,7 @@ class RemoteModels:
             self.calls["draft"] += 1
             t0 = time.perf_counter()
             try:
-                coro = self.propose(DraftRequest.of(call, self.ref("draft")))
+                coro = self._propose(call)
                 reply = await (asyncio.wait_for(coro, self.draft_timeout_s)
                                if self.draft_timeout_s is not None else coro)
             except (asyncio.TimeoutError, TimeoutError) as e:
@@ -111,7 +128,9 @@ class RemoteModels:
         if isinstance(call, VerifyCall):
             self.calls["target"] += 1
             t0 = time.perf_counter()
-            out = await self.verify(VerifyRequest.of(call, self.ref("target")))
+            out = await self.verify(VerifyRequest.of(call, self.ref("target"), not self._have_context))
+            self._answered["target"] += 1
+            self._have_context = self._have_context or out.context is not None
             self.times["verify_rtt_ms"] += (time.perf_counter() - t0) * 1000
             self.times["verify_compute_ms"] += out.compute_ms
             self.hits["target"] += int(bool(out.cache_hit))
@@ -121,12 +140,15 @@ class RemoteModels:
 
 
 async def remote_speculative(models: RemoteModels, prompts: list[list[int]], index: ItemIndex,
-                             params: SearchParams, dtype: torch.dtype = torch.float32) -> DecodeResult:
+                             params: SearchParams, dtype: torch.dtype = torch.float32,
+                             features: bool = False) -> DecodeResult:
     """Speculative beam search with the remote draft and target of ``models`` (whose ``calls``
-    and ``times`` are updated in place; ``dtype``: the beam score dtype).
+    and ``times`` are updated in place; ``dtype``: the beam score dtype; ``features``: the
+    draft reads the target's hidden states, ``Drafter.wants_features``).
 
     Raises ``DraftUnavailable`` when a draft call fails or misses ``models.draft_timeout_s``."""
-    loop = speculative_loop(prompts, index, params, keep_cache=models.session is not None, dtype=dtype)
+    loop = speculative_loop(prompts, index, params, keep_cache=models.session is not None, dtype=dtype,
+                            features=features)
     # no torch.no_grad() here: grad mode is per thread, and a `with` block held across an
     # `await` leaks its state into every coroutine interleaved with this one. The loop itself
     # only combines tensors that carry no graph (the models run under no_grad where they live).

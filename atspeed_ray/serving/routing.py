@@ -26,7 +26,11 @@ one per request without changing any answer. ``Router`` does that with two arms 
   model replica died and was replaced) come back seconds late, and would otherwise keep the
   arm's mean up for hundreds of requests; one answer that fast shows the arm is fast again (the
   other arm's samples count as at least ``1 / clip`` of its mean). A real slowdown still shows,
-  at up to ``1 + alpha * (clip - 1)`` times per sample. Failed requests are not samples.
+  at up to ``1 + alpha * (clip - 1)`` times per sample. Failed requests are not samples;
+* a probe answer slower than the other arm's mean replaces it: that mean may date from a
+  lighter load, and clipped it took about 8 slow probes (each sent at once by the recheck above)
+  to catch up on the served app (``jobs/serve_routing.py``: 12.5% of the requests down the
+  slower path at concurrency 8, 1% with the replacement; ``results/serving-routing/RUN.md``).
 
 Relaxed requests are never routed: their answer is a sample, and plain beam search is not one.
 Pure Python, no Ray: the ingress owns one ``Router``; tests drive it directly.
@@ -58,14 +62,15 @@ class ArmStats:
     n: int = 0  # observations
     sent: int = 0  # requests sent to it
 
-    def observe(self, ms: float, alpha: float, clip: float, replace: bool = True) -> None:
-        """EWMA of ``ms`` clipped to ``clip`` times the mean; a sample under ``1 / clip`` of it
-        replaces it (``replace``) or counts as ``mean / clip``."""
-        if self.mean_ms is None or replace and ms * clip < self.mean_ms:
+    def observe(self, ms: float, alpha: float, clip: float, reset: Literal["down", "up"]) -> None:
+        """EWMA of ``ms`` clipped to [1 / ``clip``, ``clip``] times the mean, except that a
+        sample replaces the mean when it is under ``1 / clip`` of it (``reset="down"``) or above
+        it (``"up"``)."""
+        m = self.mean_ms
+        if m is None or (ms * clip < m if reset == "down" else ms > m):
             self.mean_ms = ms
         else:
-            sample = min(max(ms, self.mean_ms / clip), clip * self.mean_ms)
-            self.mean_ms = (1 - alpha) * self.mean_ms + alpha * sample
+            self.mean_ms = (1 - alpha) * m + alpha * min(max(ms, m / clip), clip * m)
         self.n += 1
 
 
@@ -124,9 +129,12 @@ class Router:
     def observe(self, mode: str, k: int, arm: Arm, latency_ms: float) -> None:
         st = self._key(mode, k)
         warm = self._warm(st)
-        # a fast sample resets only the best arm's mean (it recovered from an outage); one lucky
-        # answer of the other arm must not make it look faster
-        st.arms[arm].observe(latency_ms, self.alpha, self.clip, replace=not warm or arm == st.best)
+        # a fast sample resets the best arm's mean (it recovered from an outage); one lucky
+        # answer of the other arm must not make it look faster, but a slow one is fresh news:
+        # it replaces a mean that may date from a lighter load (clipped, a stale mean took
+        # about 8 slow probes to catch up on the served app, each sent at once by the recheck)
+        st.arms[arm].observe(latency_ms, self.alpha, self.clip,
+                             "down" if not warm or arm == st.best else "up")
         if not warm:
             if self._warm(st):  # warm now: the faster arm takes the traffic
                 spec, plain = (st.arms[a].mean_ms for a in ARMS)
