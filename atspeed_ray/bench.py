@@ -21,6 +21,7 @@ from atspeed_ray.width_policy import Widths, WidthPolicy
 class BenchBeamFlags(SpeedFlags):
     """``bench-beam``'s own flags (the others: ``SpeedFlags``)."""
 
+    target: str | None = None  # type: ignore[assignment]  # bench-beam has no --target: --model
     model: str | None = Field(None, description="HF model dir (default: random model of --preset)")
     preset: str = Field("cpu", description="preset of the random target if no --model")
     num_prompts: int = Field(30, ge=1, description="prompts decoded")

@@ -77,9 +77,13 @@ def test_wheel_installs_with_the_serve_configs_and_serve_finds_its_default(tmp_p
     assert config.read_bytes() == (REPO / "serve_configs" / "local.yaml").read_bytes()
 
     # the console script, with the default --config
-    for name in ("target", "draft"):  # what serve checks before it prints: model folders, and
-        (elsewhere / name).mkdir()      # the target's item index (the contract form, no --data)
-        (elsewhere / name / "config.json").write_text("{}")
+    from safetensors.torch import save_file
+    import torch
+
+    for name in ("target", "draft"):  # what serve checks before it prints: model folders with a
+        (elsewhere / name).mkdir()      # readable weight file, and the target's item index (the
+        (elsewhere / name / "config.json").write_text("{}")  # contract form, no --data)
+        save_file({"w": torch.zeros(1)}, str(elsewhere / name / "model.safetensors"))
     (elsewhere / "target" / "index.json").write_text("{}")
     script = python.parent / "atspeed-ray"
     help_text = run([str(script), "serve", "--help"], cwd=elsewhere, env=env)

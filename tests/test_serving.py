@@ -125,9 +125,15 @@ def test_serve_exits_on_a_replica_that_cannot_start(exported, tmp_path):
     one line (not a wait for health forever)."""
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
     bad = tmp_path / "target"
     shutil.copytree(exported / "models" / "target", bad)
-    (bad / "model.safetensors").write_bytes(b"not a checkpoint")
+    # a whole, readable weight file (its header passes ``check_checkpoint``) whose tensors do
+    # not fit the config: only loading the model finds out, inside the replica
+    weights = load_file(str(bad / "model.safetensors"))
+    save_file({name: t[..., :1].contiguous() for name, t in weights.items()},
+              str(bad / "model.safetensors"))
     log = tmp_path / "serve.log"
     proc = start_cli(["--target", str(bad), "--draft", str(exported / "models" / "draft"),
                       "--port", str(free_port()), "--num-cpus", "2"], log)
