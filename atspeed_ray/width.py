@@ -37,6 +37,7 @@ from atspeed_ray.benchmarking import (
     batches, device_clock, draft_round, interleaved, oracle_pass, timing_threads,
 )
 from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.drafting import Drafter
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.settings import AUTO_WIDTH_FACTORS, EXPAND_LAST
 from atspeed_ray.width_policy import LevelWidth, WidthPolicy
@@ -112,7 +113,7 @@ def calibration_batch(prompts: list[list[int]], batch_size: int) -> list[list[in
 
 
 @torch.no_grad()
-def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemIndex,
+def choose_width(target: torch.nn.Module, draft: Drafter | torch.nn.Module, index: ItemIndex,
                  prompts: list[list[int]], k: int, gammas: tuple[int, ...], batch_size: int = 1,
                  repeat: int = 2, factors: tuple[float, ...] = AUTO_WIDTH_FACTORS,
                  expand_last: int = EXPAND_LAST) -> WidthChoice:
@@ -144,7 +145,7 @@ def choose_width(target: torch.nn.Module, draft: torch.nn.Module, index: ItemInd
 
 
 def row_params(params: SearchParams, width: WidthPolicy, target: torch.nn.Module,
-               draft: torch.nn.Module, index: ItemIndex, calibration: list[list[int]],
+               draft: Drafter | torch.nn.Module, index: ItemIndex, calibration: list[list[int]],
                batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
     """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and
     gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch

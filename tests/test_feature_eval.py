@@ -133,3 +133,19 @@ def test_a_feature_draft_of_other_data_is_refused(pair, tmp_path):
     check_draft(load_prepared(other), wrong)  # fits its own data
     with pytest.raises(DataError, match="code tokens are not"):
         check_draft(load_prepared(data), wrong)
+
+
+def test_serving_auto_measures_widths_for_a_feature_draft(pair):
+    """``draft_beams_factor: auto`` loads the draft by its kind, as the replicas do: a feature
+    draft gets a measured width table, not the N = k fallback."""
+    from atspeed_ray.serving.app import with_measured_widths
+    from atspeed_ray.serving.config import AppArgs
+    from atspeed_ray.width import candidate_widths
+
+    data, target, _, feature = pair
+    args = AppArgs(target=str(target), draft=str(feature), data=str(data), device="cpu",
+                   draft_beams_factor="auto", max_k=5)
+    measured = with_measured_widths(args)
+    assert sorted(measured.draft_widths) == [1, 5]
+    assert all(candidate_widths(k)[0] <= n <= candidate_widths(k)[-1]
+               for k, n in measured.draft_widths.items())

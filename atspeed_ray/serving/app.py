@@ -42,14 +42,15 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
     (as ``bench --draft-beams auto`` prints them) instead."""
     if not args.auto_width or not args.speculative:
         return args
-    from atspeed_ray.models import DeviceConfig, load_decoder
     from atspeed_ray.data.catalog import load_catalog
+    from atspeed_ray.drafts import load_drafter
+    from atspeed_ray.models import DeviceConfig, load_decoder
     from atspeed_ray.width import choose_width
 
     assert args.draft is not None
     dev = DeviceConfig(device=args.device, dtype=args.dtype, forward=args.forward)
-    try:
-        target, draft = load_decoder(args.target, dev), load_decoder(args.draft, dev)
+    try:  # any draft kind, as the replicas load it
+        target, draft = load_decoder(args.target, dev), load_drafter(args.draft, dev)
         catalog = load_catalog(args.data, args.target, args.history_window)
     except Exception as e:  # the replicas load the same files and report the cause themselves
         logger.warning("draft_beams_factor auto: cannot load the models here (%s); N = k", e)
