@@ -59,11 +59,18 @@ def test_the_teacher_tree_is_the_targets_beam_search_with_its_hidden_states(setu
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_candidate_kl_and_feature_regression():
+def three_beams() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Beam scores [1, 3] (the third beam dead), the target's log-probs over 4 codes per beam
+    [1, 3, 4], and which codes are trie children [1, 3, 4] (code 3 of beam 0 is not)."""
     scores = torch.tensor([[0.0, -1.0, float("-inf")]])
     p = torch.log_softmax(torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0)), -1)
     valid = torch.ones(1, 3, 4, dtype=torch.bool)
     valid[0, 0, 3] = False
+    return scores, p, valid
+
+
+def test_candidate_kl_and_feature_regression():
+    scores, p, valid = three_beams()
     assert float(candidate_kl(scores, p, p, valid)) == pytest.approx(0.0, abs=1e-6)
     q = p.clone()
     q[0, 0, 3] += 5.0  # an invalid candidate: ignored
@@ -81,10 +88,7 @@ def test_candidate_kl_and_feature_regression():
 
 
 def test_beam_tvd_is_atspeed_r_on_the_targets_beams():
-    scores = torch.tensor([[0.0, -1.0, float("-inf")]])
-    p = torch.log_softmax(torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0)), -1)
-    valid = torch.ones(1, 3, 4, dtype=torch.bool)
-    valid[0, 0, 3] = False
+    scores, p, valid = three_beams()
     assert float(beam_tvd(scores, p, p, valid)) == pytest.approx(0.0, abs=1e-7)
     q = p.clone()
     q[0, 0, 3] += 5.0  # an invalid code: ignored
