@@ -18,9 +18,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def ray_local():
     """A private local Ray instance for one test module (never an already running cluster)."""
     ray = pytest.importorskip("ray")
-    from atspeed_ray.training.ray_utils import private_token
+    from atspeed_ray.training.ray_utils import private_token, unniced_workers
 
     private_token()  # token auth, a token of the test process's own (nothing in ~/.ray)
+    unniced_workers()  # the product's own setting: workers at the test process's priority
     ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2,
              include_dashboard=True, log_to_driver=False)
     yield ray

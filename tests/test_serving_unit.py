@@ -619,6 +619,28 @@ def test_serve_child_and_init_ray_refuse_ray_without_auth(monkeypatch, capsys, t
     assert "--allow-no-auth" not in server_command(tmp_path, "u", 2.0, False)
 
 
+def test_a_private_instance_starts_its_workers_unniced(monkeypatch):
+    """``init_ray`` starts a private instance with ``RAY_worker_niceness=0`` unless the user set
+    a niceness; joining a cluster leaves the variable alone."""
+    import ray
+    from atspeed_ray.training import ray_utils
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(os.environ.get("RAY_worker_niceness")))
+    for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # restored after the test
+        monkeypatch.delenv(var, raising=False)
+    for user, expected in ((None, "0"), ("5", "5")):
+        monkeypatch.delenv("RAY_worker_niceness", raising=False)
+        if user is not None:
+            monkeypatch.setenv("RAY_worker_niceness", user)
+        ray_utils.init_ray()
+        assert seen[-1] == expected
+    monkeypatch.delenv("RAY_worker_niceness")
+    ray_utils.init_ray(address="127.0.0.1:1")
+    assert seen[-1] is None
+
+
 def test_private_token_is_fresh_unless_given(monkeypatch):
     """A private instance gets token auth and a random token of its own; a given one is kept."""
     from atspeed_ray.training.ray_utils import private_token

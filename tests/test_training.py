@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -238,6 +239,18 @@ def test_teacher_data_holds_beam_search_and_exact_distributions(prep, target_dir
         obj_online = Objective(name, alpha=0.7, topk=3, teacher_k=5, target=target, index=p.index)
         on, _ = obj_online(draft, replace(batch, p_cols=None))
         assert stored.item() == pytest.approx(on.item(), rel=1e-5)
+
+
+@pytest.mark.ray
+def test_private_ray_workers_run_at_the_drivers_priority(ray_local):
+    """Ray's default niceness 15 starved the demo's train workers beside a busy process."""
+    import ray
+
+    @ray.remote
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
 
 
 @pytest.mark.ray

@@ -70,6 +70,18 @@ def private_token() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+# Ray starts its worker processes at niceness 15 unless told otherwise (``RAY_worker_niceness``;
+# its job manager sets 0 for jobs). On a private instance the workers do the user's own command
+# (training, serving), so they run at the user's priority: at 15, a busy process beside them
+# (another job, a CPU hog) takes nearly all of a core and a demo beside one never finished.
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
+def unniced_workers() -> None:
+    """Workers of a private instance at the driver's niceness (unless the user set one)."""
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              include_dashboard: bool = True, namespace: str | None = None,
              object_store_memory: int | None = None) -> None:
@@ -79,8 +91,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     that cluster. Otherwise it starts a private local instance (``address="local"``) rather than
     attaching to whatever cluster happens to run on this machine. The dashboard stays on: Ray
     Train V2 logs a flood of warnings without it. The private instance listens on loopback only
-    (``loopback_only``) and with a token of its own (``private_token``). Auth switched off is
-    refused unless permitted (``check_auth``).
+    (``loopback_only``) and with a token of its own (``private_token``); its workers run at the
+    user's priority (``unniced_workers``). Auth switched off is refused unless permitted
+    (``check_auth``).
     """
     import ray
 
@@ -92,6 +105,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         ray.init(address=address, log_to_driver=True, namespace=namespace)
     else:
         private_token()
+        unniced_workers()
         with loopback_only():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                      log_to_driver=True, namespace=namespace,
