@@ -72,6 +72,10 @@ AUTO_WIDTH_PROMPTS = 8
 # that shares its core with another process makes every parallel op wait for its time slice,
 # which changes the two sides' relative cost (results/trust/RUN.md). 0: torch's own default.
 TIMING_THREADS = 1
+# ``loadtest --baseline-url``: the load in this many rounds, each sent to both apps back to back
+# with the first app alternating (``serving.loadtest.compare_load``); the same idea as the paired
+# timing above, for a server whose requests cannot be paired one by one.
+LOADTEST_ROUNDS = 3
 
 # strict: a round's last drafted step holds every trie child of the step before it when they
 # number at most this many per request (``SearchParams.expand_last``; 0 = always the draft's top N)

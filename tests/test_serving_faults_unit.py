@@ -201,3 +201,37 @@ def test_the_server_dies_with_a_killed_supervisor(tmp_path):
     while "stopped" not in out.read_text():  # PR_SET_PDEATHSIG: the child gets its SIGTERM
         assert time.monotonic() < deadline, out.read_text()
         time.sleep(0.05)
+
+
+def test_loadtest_comparison_alternates_so_a_moving_load_does_not_decide_the_ratio():
+    """Two equally fast fake apps; the machine is 3x slower while the first half of all the
+    requests are answered. Sent one app after the other (one round), the app looks 3x slower;
+    in alternating rounds both sides get the slow spell alike and the ratio is about 1, with
+    every round's own ratio and the pooled answers kept."""
+    from atspeed_ray.serving.loadtest import compare_load
+
+    def fake_machine() -> httpx.AsyncClient:
+        served = [0]
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            slow = served[0] < 24  # of 48 answers in all (24 requests x 2 apps)
+            served[0] += 1
+            await asyncio.sleep(0.06 if slow else 0.02)
+            h = json.loads(request.content)["history"][0]
+            return httpx.Response(200, json={"items": [h], "scores": [0.0],
+                                             "stats": {"path": request.url.host, "rounds": 2}})
+        return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+    bodies = make_bodies([[i] for i in range(24)], 24, 1, "strict", None)
+    one = asyncio.run(compare_load("http://127.0.0.1:1", "http://127.0.0.2:1", bodies, 1, rounds=1,
+                                   client=fake_machine())).ratios()
+    assert one["throughput_ratio"] < 0.5  # the slow spell fell on the app alone: it looks 3x slower
+    cmp = asyncio.run(compare_load("http://127.0.0.1:1", "http://127.0.0.2:1", bodies, 1, rounds=4,
+                                   client=fake_machine()))
+    r = cmp.ratios()
+    assert 0.7 < r["throughput_ratio"] < 1.4  # the true ratio is 1
+    assert [x["first"] for x in r["rounds"]] == ["app", "baseline", "app", "baseline"]
+    assert r["throughput_range"][0] <= r["throughput_ratio"] <= r["throughput_range"][1]
+    assert cmp.app.answers == [[i] for i in range(24)] and r["same_answers"] == 24
+    assert cmp.app.requests == cmp.app.ok == 24 and cmp.app.server == {"rounds": 2.0}
+    assert cmp.app.paths == {"127.0.0.1": 24} and cmp.baseline.paths == {"127.0.0.2": 24}

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from atspeed_ray.settings import DEFAULT_MODE, MODES
+from atspeed_ray.settings import DEFAULT_MODE, LOADTEST_ROUNDS, MODES
 from atspeed_ray.training.ray_utils import add_no_auth_flag
 
 
@@ -71,6 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--retries", type=int, default=0,
                    help="send a request again after a connection failure or a 5xx, at most this many "
                         "more times (counted and reported; default: never)")
+    q.add_argument("--rounds", type=int, default=LOADTEST_ROUNDS,
+                   help="with --baseline-url: alternating rounds, each a slice of the requests sent to "
+                        "both apps back to back, the first app alternating (ratios pooled, each "
+                        "round's beside them)")
     q.set_defaults(func=run_loadtest)
 
 
@@ -162,14 +166,15 @@ def run_loadtest(args: argparse.Namespace) -> int:
     )
 
     if (not 1 <= args.requests <= MAX_REQUESTS or not 1 <= args.concurrency <= MAX_CONCURRENCY
-            or not 0 <= args.retries <= MAX_RETRIES):
+            or not 0 <= args.retries <= MAX_RETRIES or not 1 <= args.rounds <= args.requests):
         print(f"atspeed-ray loadtest: error: need 1 <= requests <= {MAX_REQUESTS}, "
-              f"1 <= concurrency <= {MAX_CONCURRENCY} and 0 <= retries <= {MAX_RETRIES}", file=sys.stderr)
+              f"1 <= concurrency <= {MAX_CONCURRENCY}, 0 <= retries <= {MAX_RETRIES} "
+              f"and 1 <= rounds <= requests", file=sys.stderr)
         return 2
     try:
         return asyncio.run(main_async(args.url, args.requests, args.concurrency, args.k, args.mode,
                                       args.baseline_url, args.data, args.warmup, args.timeout,
-                                      args.seed, args.json, args.retries))
+                                      args.seed, args.json, args.retries, args.rounds))
     except NotLoopback as e:
         print(f"atspeed-ray loadtest: error: {e}", file=sys.stderr)
         return 2

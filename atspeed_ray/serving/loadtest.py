@@ -7,7 +7,11 @@
 * Histories: ``--data`` prepared folder (test split), else the server's ``GET /meta`` examples.
 * ``--baseline-url``: the same load (same histories, same order) against a second app, e.g. the
   target-only baseline; prints both and the ratios (latency: this / baseline; throughput:
-  this / baseline) and how many strict answers agree.
+  this / baseline) and how many strict answers agree. The load is sent in ``--rounds`` rounds
+  (``LOADTEST_ROUNDS``), each a slice of the requests sent to both apps back to back, the first
+  app alternating from round to round (``compare_load``): a change of the machine's background
+  load then falls on both sides instead of deciding the ratio. The ratios are those of the
+  pooled rounds, with each round's own ratios beside them (their range is the spread).
 * ``--retries N``: a request that gets no HTTP answer (connection failure) or a 5xx is sent
   again, at most N more times (backoff ``RETRY_BACKOFF_S``, doubling). Off by default. Every new
   try is counted (``retries``, with samples of what caused them); a request is an error only if
@@ -28,6 +32,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+from atspeed_ray.settings import LOADTEST_ROUNDS
 
 MAX_REQUESTS = 100_000
 MAX_CONCURRENCY = 256
@@ -79,6 +85,7 @@ class LoadResult:
     # per request, by index: the status of its first try (HTTP code, or 0 when no answer came)
     first_try: list[int | None] = field(default_factory=list)
     server_sums: dict[str, float] = field(default_factory=dict)  # sums of numeric response stats
+    server_counts: dict[str, int] = field(default_factory=dict)  # answers that carried each stat
 
     @property
     def errors_before_retries(self) -> int:
@@ -246,7 +253,7 @@ async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int, tim
             watcher.cancel()
         if own:
             await client.aclose()
-    res.server, res.server_sums = tally.means(), dict(tally.sums)
+    res.server, res.server_sums, res.server_counts = tally.means(), dict(tally.sums), dict(tally.counts)
     return res
 
 
@@ -299,32 +306,117 @@ def compare(spec: LoadResult, base: LoadResult) -> dict[str, Any]:
     }
 
 
+def merge_results(parts: list[LoadResult]) -> LoadResult:
+    """Consecutive runs over consecutive slices of one load as one result: counts and samples
+    added, latencies and per-request fields in request order, wall time summed (throughput =
+    answers per second of sending), server means over every answer. Each timeline entry stays
+    relative to the start of its own slice."""
+    if not parts:
+        raise ValueError("no results to merge")
+    out = LoadResult(parts[0].url, sum(p.requests for p in parts), parts[0].concurrency)
+    tally = Tally()
+    for p in parts:
+        out.ok += p.ok
+        out.errors += p.errors
+        out.wall_s += p.wall_s
+        out.retries += p.retries
+        out.latencies_ms += p.latencies_ms
+        out.error_samples += p.error_samples
+        out.retry_samples += p.retry_samples
+        out.answers += p.answers
+        out.timeline += p.timeline
+        out.first_try += p.first_try
+        for path, n in p.paths.items():
+            out.paths[path] = out.paths.get(path, 0) + n
+        for name, n in p.max_replicas.items():
+            out.max_replicas[name] = max(n, out.max_replicas.get(name, 0))
+        for key, total in p.server_sums.items():
+            tally.sums[key] = tally.sums.get(key, 0.0) + total
+            tally.counts[key] = tally.counts.get(key, 0) + p.server_counts[key]
+    out.server, out.server_sums, out.server_counts = tally.means(), dict(tally.sums), dict(tally.counts)
+    return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The same load against two apps in alternating rounds (module docstring)."""
+
+    app: LoadResult  # pooled over the rounds
+    baseline: LoadResult
+    rounds: list[dict[str, Any]]  # per round: its first app and its own ratios (``compare``)
+
+    def ratios(self) -> dict[str, Any]:
+        """Pooled ratios, the per-round ones, and their range (``*_range``: min, max)."""
+        out = compare(self.app, self.baseline)
+        out["rounds"] = self.rounds
+        for key in ("p50_ratio", "p99_ratio", "throughput_ratio"):
+            xs = [r[key] for r in self.rounds if r[key] is not None]
+            out[f"{key.removesuffix('_ratio')}_range"] = [round(min(xs), 3), round(max(xs), 3)] if xs else None
+        return out
+
+
+async def compare_load(app_url: str, baseline_url: str, bodies: list[dict[str, Any]], concurrency: int,
+                       rounds: int = LOADTEST_ROUNDS, timeout_s: float = 60.0, retries: int = 0,
+                       client: httpx.AsyncClient | None = None) -> Comparison:
+    """``bodies`` in ``rounds`` consecutive slices; each slice to both apps back to back, the
+    app first in even rounds and the baseline first in odd ones."""
+    if not 1 <= rounds <= len(bodies):
+        raise ValueError(f"rounds must be in [1, requests = {len(bodies)}], got {rounds}")
+    edges = [round(i * len(bodies) / rounds) for i in range(rounds + 1)]
+    parts: dict[str, list[LoadResult]] = {"app": [], "baseline": []}
+    per_round = []
+    for r in range(rounds):
+        chunk = bodies[edges[r]:edges[r + 1]]
+        order = ["app", "baseline"] if r % 2 == 0 else ["baseline", "app"]
+        got = {}
+        for side in order:
+            url = app_url if side == "app" else baseline_url
+            got[side] = await run_load(url, chunk, concurrency, timeout_s, client=client,
+                                       watch_s=None if client else 1.0, retries=retries)
+            parts[side].append(got[side])
+        ratios = compare(got["app"], got["baseline"])
+        per_round.append({"first": order[0], "requests": len(chunk),
+                          **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in ratios.items()}})
+    return Comparison(merge_results(parts["app"]), merge_results(parts["baseline"]), per_round)
+
+
 async def main_async(url: str, requests: int, concurrency: int, k: int, mode: str,
                      baseline_url: str | None, data: str | None, warmup: int, timeout_s: float,
-                     seed: int | None, json_out: str | None, retries: int = 0) -> int:
+                     seed: int | None, json_out: str | None, retries: int = 0,
+                     rounds: int = LOADTEST_ROUNDS) -> int:
     url = check_loopback(url)
     if baseline_url is not None:
         baseline_url = check_loopback(baseline_url)
     histories = data_histories(data) if data else await fetch_histories(url, timeout_s)
     bodies = make_bodies(histories, requests, k, mode, seed)
-    report: dict[str, Any] = {}
     targets = [("app", url)] + ([("baseline", baseline_url)] if baseline_url else [])
-    results: dict[str, LoadResult] = {}
-    for name, u in targets:
+    for _, u in targets:
         if warmup:
             await run_load(u, make_bodies(histories, warmup, k, mode, seed), min(concurrency, warmup), timeout_s)
-        results[name] = r = await run_load(u, bodies, concurrency, timeout_s, watch_s=1.0, retries=retries)
+    results: dict[str, LoadResult]
+    report: dict[str, Any] = {}
+    if baseline_url:
+        cmp = await compare_load(url, baseline_url, bodies, concurrency, min(rounds, requests),
+                                 timeout_s, retries)
+        results = {"app": cmp.app, "baseline": cmp.baseline}
+    else:
+        results = {"app": await run_load(url, bodies, concurrency, timeout_s, watch_s=1.0, retries=retries)}
+    for name, r in results.items():
         report[name] = r.summary()
         print(format_result(r), flush=True)
     if baseline_url:
-        cmp = compare(results["app"], results["baseline"])
-        report["ratios"] = cmp
-        print(f"ratios (app / baseline): p50 {cmp['p50_ratio']:.3f}  p99 {cmp['p99_ratio']:.3f}  "
-              f"throughput {cmp['throughput_ratio']:.3f}  same answers {cmp['same_answers']}/{cmp['compared']}")
+        report["ratios"] = ratios = cmp.ratios()
+        spread = "  ".join(f"{key} {ratios[key + '_ratio']:.3f} [{lo:.3f}-{hi:.3f}]"
+                           for key in ("p50", "p99", "throughput")
+                           for lo, hi in [ratios[key + "_range"]])
+        print(f"ratios (app / baseline), pooled over {len(cmp.rounds)} alternating rounds "
+              f"[range over the rounds]: {spread}  same answers "
+              f"{ratios['same_answers']}/{ratios['compared']}")
     if json_out:
         with open(json_out, "w") as f:
             json.dump(report, f, indent=2)
     return 0 if all(r.errors == 0 for r in results.values()) else 1
 
 
-__all__ = ["LoadResult", "NotLoopback", "check_loopback", "compare", "make_bodies", "run_load"]
+__all__ = ["Comparison", "LoadResult", "NotLoopback", "check_loopback", "compare", "compare_load", "make_bodies",
+           "merge_results", "run_load"]
