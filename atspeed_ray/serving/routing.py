@@ -76,10 +76,11 @@ class RouterConfig:
     alpha: float = 0.2  # EWMA weight of the latencies shown in ``snapshot`` (not used to route)
 
     def __post_init__(self) -> None:
-        if (self.probe_every < 2 or self.max_backoff < 1 or self.warmup < 1 or self.pair < 1
-                or self.confirm < 1 or self.trial < 1 or not 0.0 <= self.margin < 1.0 or not 0.0 < self.alpha <= 1.0):
-            raise ValueError("need probe_every >= 2, max_backoff >= 1, warmup, pair, confirm >= 1, "
-                             "0 <= margin < 1, 0 < alpha <= 1")
+        if (self.probe_every < 2 or min(self.max_backoff, self.warmup, self.pair, self.confirm,
+                                         self.trial) < 1
+                or not 0.0 <= self.margin < 1.0 or not 0.0 < self.alpha <= 1.0):
+            raise ValueError("need probe_every >= 2; max_backoff, warmup, pair, confirm, trial >= 1; "
+                             "0 <= margin < 1; 0 < alpha <= 1")
 
     @property
     def max_interval(self) -> int:
