@@ -471,8 +471,9 @@ def test_router_backs_off_probing_while_the_same_path_keeps_winning():
 def test_a_switch_that_is_slower_under_the_traffic_is_undone():
     """A lone speculative probe can be faster than the target's loaded answers (the draft
     replica idles while only probes use it) although speculation is slower once it carries the
-    traffic. The switch that the probes ask for is undone by its trial, and the next probe waits
-    ``probe_every * max_backoff`` requests."""
+    traffic. The switch that the probes ask for is undone by its trial, the next probe waits
+    ``probe_every * max_backoff`` requests, and twice that after each further trial undone in a
+    row (up to ``revert_backoff`` times): over 20,000 requests the trials cost under 1% of them."""
     c = RouterConfig()
     r = Router(c)
 
@@ -481,7 +482,7 @@ def test_a_switch_that_is_slower_under_the_traffic_is_undone():
             return 100.0
         return 60.0 if route.probe else 300.0  # a lone probe / the path under the traffic
 
-    routes = drive(r, lambda rt: 50.0 if rt.arm == "target_only" else 100.0, 2 * c.warmup)
+    drive(r, lambda rt: 50.0 if rt.arm == "target_only" else 100.0, 2 * c.warmup)
     assert r.best("strict", 10) == "target_only"
     routes = drive(r, latency, 400)
     snap = r.snapshot()["strict/k=10"]
@@ -490,6 +491,13 @@ def test_a_switch_that_is_slower_under_the_traffic_is_undone():
     assert len(spec) == c.trial  # the trial's sample, then back
     after = [rt.seq for rt in routes if rt.probe and rt.seq > spec[-1].seq]
     assert after[0] - spec[-1].seq >= c.max_interval  # the next probe waits for the cap
+    routes += drive(r, latency, 20_000)
+    trials = sum(rt.arm == "speculative" and not rt.probe for rt in routes)
+    probes = sum(rt.probe for rt in routes)
+    print(f"{r.snapshot()['strict/k=10']['reverts']} trials undone, {trials} requests in them, "
+          f"{probes} probes, in {len(routes)} requests")
+    assert trials + probes <= 0.01 * len(routes), (trials, probes)
+    assert r.best("strict", 10) == "target_only"
 
 
 def outage_recovery(router: Router, outage_requests: int = 48, stall_ms: float = 5000.0) -> int:

@@ -26,7 +26,8 @@ grows with load, so it never compares latencies measured under different loads:
   old arm's last ``trial`` answers. A lone probe can be faster than the same path carrying the
   traffic (speculation's draft replica idles while only probes use it): if the new arm is
   ``margin`` slower, the traffic goes back at once and the next probe waits ``probe_every *
-  max_backoff`` requests.
+  max_backoff`` requests, twice that after a second such trial in a row, and so on up to
+  ``revert_backoff`` times.
 
 A draft that becomes faster takes the traffic within about ``probe_every * max_backoff`` +
 ``confirm * (probe_every + pair + concurrency)`` requests
@@ -72,14 +73,16 @@ class RouterConfig:
     pair: int = 5  # best-arm requests, sent right after a probe, that it is compared with
     confirm: int = 5  # probes whose mean latency ratio to their references decides a switch
     trial: int = 10  # answers of each arm that check a switch (mean before against after)
+    revert_backoff: int = 8  # undone switches in a row double the wait after one, up to this many times
     margin: float = 0.05  # a probe wins when its latency ratio is under 1 - margin
     alpha: float = 0.2  # EWMA weight of the latencies shown in ``snapshot`` (not used to route)
 
     def __post_init__(self) -> None:
         if (self.probe_every < 2 or min(self.max_backoff, self.warmup, self.pair, self.confirm,
-                                         self.trial) < 1
+                                         self.trial, self.revert_backoff) < 1
                 or not 0.0 <= self.margin < 1.0 or not 0.0 < self.alpha <= 1.0):
-            raise ValueError("need probe_every >= 2; max_backoff, warmup, pair, confirm, trial >= 1; "
+            raise ValueError("need probe_every >= 2; max_backoff, warmup, pair, confirm, trial, "
+                             "revert_backoff >= 1; "
                              "0 <= margin < 1; 0 < alpha <= 1")
 
     @property
@@ -161,6 +164,7 @@ class KeyState:
     probes: int = 0
     switches: int = 0
     reverts: int = 0  # switches undone by their trial
+    reverts_in_row: int = 0  # since the last switch that held or probe that lost
 
     def __post_init__(self) -> None:
         self.warmup_left = 2 * self.config.warmup
@@ -270,6 +274,7 @@ class Router:
         elif ratio < 1 - c.margin:  # a winning probe: look again soon, but no sooner
             st.next_probe = p.seq + c.probe_every
         else:  # it confirmed the best arm: back off
+            st.reverts_in_row = 0
             st.interval = min(2 * st.interval, c.max_interval)
             st.next_probe = p.seq + st.interval
 
@@ -280,11 +285,14 @@ class Router:
         st.next_probe = st.seq + st.interval
         if t.before and t.after.ms and (statistics.fmean(t.after.ms)
                                         > statistics.fmean(t.before) * (1 + c.margin)):
-            st.best, st.reverts = t.old, st.reverts + 1
+            st.best, st.reverts, st.reverts_in_row = t.old, st.reverts + 1, st.reverts_in_row + 1
             st.recent.clear()
             st.recent.extend(t.before)
             st.interval = c.max_interval
-            st.next_probe = st.seq + st.interval
+            # the probes keep winning where the traffic loses: wait longer after each such trial
+            st.next_probe = st.seq + c.max_interval * min(2 ** (st.reverts_in_row - 1), c.revert_backoff)
+        else:
+            st.reverts_in_row = 0
 
     def snapshot(self) -> dict[str, dict[str, float | int | str | None]]:
         """``{"strict/k=10": {"speculative_ms": .., "target_only_ms": .., "best": ..}}`` for /stats."""
