@@ -1,7 +1,8 @@
 """The parts of the ingress, each without Ray: the fallback policy (``serving/fallback.py``) and
 the graph runner (``serving/graphs.py``: separate, one-call, target alone, and ``Runner``, which
-picks among them by route and draft breaker). The model calls are plain async functions over the
-batched replica work; the breaker runs on a fake clock."""
+picks among them by route and draft breaker) and adaptive routing (``serving/routing.py``, on a
+simulated processor-sharing server with fake latencies). The model calls are plain async
+functions over the batched replica work; the breaker runs on a fake clock."""
 
 from __future__ import annotations
 
