@@ -1,11 +1,16 @@
 """The parts of the ingress, each without Ray: the fallback policy (``serving/fallback.py``) and
 the graph runner (``serving/graphs.py``: separate, one-call, target alone, and ``Runner``, which
-picks among them by route and draft breaker). The model calls are plain async functions over the
-batched replica work; the breaker runs on a fake clock."""
+picks among them by route and draft breaker) and adaptive routing (``serving/routing.py``, on a
+simulated processor-sharing server with fake latencies). The model calls are plain async
+functions over the batched replica work; the breaker runs on a fake clock."""
 
 from __future__ import annotations
 
 import asyncio
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ from atspeed_ray.serving.config import RetryConfig
 from atspeed_ray.serving.fallback import DETAIL_CHARS, FallbackPolicy
 from atspeed_ray.serving.graphs import OneCallGraph, Runner, SeparateGraph, TargetAlone, answer
 from atspeed_ray.serving.retry import DraftBreaker
+from atspeed_ray.serving.routing import Arm, Route, Router, RouterConfig
 from tests.helpers import serving_random_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -217,23 +223,301 @@ def test_deployments_use_only_names_defined_above_them():
         assert not late, f"{cls.name} uses {late}, defined below it"
 
 
-def test_a_slow_probe_replaces_the_other_arms_stale_mean():
-    """The routing policy after a load change: the target alone goes from 50 to 300 ms, past
-    the speculative mean measured at the lighter load (100 ms), which triggers a probe at once.
-    Speculation now takes 900 ms: that one answer replaces the stale mean, so the probes go back
-    to their backed-off interval (clipped, the mean crept up by 20% a probe, and every target
-    answer above it sent the next probe at once: 7 probes here, 4 now)."""
-    from atspeed_ray.serving.routing import Router
+# ----------------------------------------------------------------------------- adaptive routing
+TARGET_MS = (8.0, 12.0)  # the target alone: uniform compute per request (ms)
+LOSING_MS, WINNING_MS = 30.0, 4.0  # speculation's mean compute per request: a draft that loses / wins
+EASY = 0.2  # share of speculative requests at a sixth of their arm's mean (easy histories: lucky probes)
+# (what the route of a request needs back: its arm, and a callback with its latency in ms)
+Send = Callable[[], tuple[Arm, Callable[[float], None]]]
 
-    r = Router(probe_every=10)
-    for _ in range(6):
-        arm = r.choose("strict", 10)
-        r.observe("strict", 10, arm, 100.0 if arm == "speculative" else 50.0)
+
+@dataclass(frozen=True)
+class Done:
+    seq: int  # the request's number (from 0), by send
+    stage: int  # the schedule stage that sent it
+    arm: Arm
+    ms: float  # latency (ms)
+    end: float  # when it ended (ms)
+
+
+@dataclass(frozen=True)
+class Run:
+    done: list[Done]  # by completion
+    sent_at: list[float]  # per stage, when it sent its first request (ms)
+    end: float  # when the last request ended (ms)
+
+    def stage(self, s: int) -> list[Done]:
+        return sorted((d for d in self.done if d.stage == s), key=lambda d: d.seq)
+
+    def until(self, s: int) -> float:
+        """When stage ``s`` ended: the next stage's first request (or the last answer)."""
+        return self.sent_at[s + 1] if s + 1 < len(self.sent_at) else self.end
+
+    def throughput(self, s: int) -> float:
+        """Requests per ms of stage ``s``, over the time its clients sent."""
+        return len(self.stage(s)) / (self.until(s) - self.sent_at[s])
+
+    def p99(self, s: int) -> float:
+        """The p99 latency (ms) of stage ``s``'s requests that ended before the next stage began
+        (the others finished under the next stage's load)."""
+        return statistics.quantiles([d.ms for d in self.stage(s) if d.end <= self.until(s)], n=100)[98]
+
+
+def processor_sharing(send: Send, work: Callable[[Arm], float], schedule: list[tuple[int, int]]) -> Run:
+    """Closed-loop clients against one server that shares its compute equally among the
+    requests in it (a compute-bound replica): a request of ``work(arm)`` ms alone takes that
+    times the number it shares with. ``schedule``: ``(concurrency, requests)`` stages, in order
+    and without a pause: once a stage has sent its requests, the next one's clients send as soon
+    as fewer than its concurrency are in the server (the load moves while the earlier requests
+    finish)."""
+    now, active, done, sent_at = 0.0, [], [], []  # active: [remaining work, start, arm, stage, seq, cb]
+    stage, sent, seq = 0, 0, 0
+
+    def fill() -> None:
+        nonlocal stage, sent, seq
+        while stage < len(schedule):
+            concurrency, n = schedule[stage]
+            if sent == n:
+                stage, sent = stage + 1, 0
+                continue
+            if len(active) >= concurrency:
+                return
+            if sent == 0:
+                sent_at.append(now)
+            arm, cb = send()
+            active.append([work(arm), now, arm, stage, seq, cb])
+            sent, seq = sent + 1, seq + 1
+
+    fill()
+    while active:
+        job = min(active, key=lambda j: j[0])
+        step = job[0]
+        now += step * len(active)
+        for j in active:
+            j[0] -= step
+        active.remove(job)
+        ms = now - job[1]
+        done.append(Done(job[4], job[3], job[2], ms, now))
+        job[5](ms)
+        fill()
+    return Run(done, sent_at, now)
+
+
+def fake_work(spec_ms: float, seed: int = 0) -> Callable[[Arm], float]:
+    rng = random.Random(seed)
+    easy = spec_ms / 6
+
+    def work(arm: Arm) -> float:
+        if arm == "target_only":
+            return rng.uniform(*TARGET_MS)
+        return easy if rng.random() < EASY else (spec_ms - EASY * easy) / (1 - EASY)
+
+    return work
+
+
+def routed(router: Router, probes: list[int] | None = None) -> Send:
+    """``processor_sharing``'s ``send`` through ``router`` (strict, k = 10); ``probes`` collects
+    the numbers of the requests sent as probes."""
+    sent = [0]
+
+    def send() -> tuple[Arm, Callable[[float], None]]:
+        route = router.choose("strict", 10)
+        if probes is not None and route.probe:
+            probes.append(sent[0])
+        sent[0] += 1
+        return route.arm, lambda ms: router.observe(route, ms)
+
+    return send
+
+
+def check_stages(spec_ms: float, run: Run, schedule: list[tuple[int, int]], first_max: list[float],
+                 label: str) -> None:
+    """Each stage of ``run`` against always taking the faster path (same schedule, latencies
+    drawn alike): throughput and p99 within 5%, at most 2% of its requests on the slower path
+    and ``first_max[stage]`` of its first 200."""
+    faster: Arm = "target_only" if spec_ms > sum(TARGET_MS) / 2 else "speculative"
+    ref = processor_sharing(lambda: (faster, lambda ms: None), fake_work(spec_ms, seed=1), schedule)
+    for s, (concurrency, _) in enumerate(schedule):
+        mine = run.stage(s)
+        first = sum(d.arm != faster for d in mine[:200]) / 200
+        share = sum(d.arm != faster for d in mine) / len(mine)
+        throughput = run.throughput(s) / ref.throughput(s)
+        tail = run.p99(s) / ref.p99(s)
+        print(f"{label}, spec {spec_ms} ms, stage {s} (concurrency {concurrency}): throughput "
+              f"{throughput:.3f}x, p99 {tail:.3f}x, slower path {share:.2%} (first 200: {first:.1%})")
+        assert throughput >= 0.95 and tail <= 1.05 and share <= 0.02 and first <= first_max[s], (
+            s, concurrency, throughput, tail, share, first)
+
+
+@pytest.mark.parametrize("spec_ms", [LOSING_MS, WINNING_MS], ids=["losing-draft", "winning-draft"])
+def test_adaptive_routing_holds_under_concurrency(spec_ms):
+    """One router sees concurrency 1, then 8, then 16 (2,000 requests each, each level a
+    separate load run, as ``jobs/serve_routing.py`` does): each level within 5% of always taking
+    the faster path in throughput and p99, at most 2% of its requests on the slower path, and of
+    its first 200: 4% at concurrency 1 (the warm-up's 3, then the first probes), 1% after. The
+    router of commit 82b358a sent 12.6% down the slower path at concurrency 16 (0.80x the
+    throughput)."""
+    router, work = Router(), fake_work(spec_ms)
+    for concurrency, first_max in ((1, 0.04), (8, 0.01), (16, 0.01)):
+        run = processor_sharing(routed(router), work, [(concurrency, 2000)])
+        check_stages(spec_ms, run, [(concurrency, 2000)], [first_max], "separate runs")
+
+
+MOVING = [(1, 2000), (8, 1000), (16, 1000), (8, 1000), (1, 1000)]  # (concurrency, requests)
+
+
+@pytest.mark.parametrize("spec_ms", [LOSING_MS, WINNING_MS], ids=["losing-draft", "winning-draft"])
+def test_routing_holds_while_the_load_moves(spec_ms):
+    """The load moves 1 -> 8 -> 16 -> 8 -> 1 without a pause (2,000 requests, then 1,000 at
+    each level): every level within 5% of the faster path in throughput and p99, at most 2% of
+    its requests on the slower path and, after each change, at most 2 of its first 200 (no
+    burst of probes, no switch); no two probes fewer than ``probe_every`` requests apart. The
+    previous router (an EWMA per arm; a probe "at once" when the best arm got slower than the
+    other arm's mean, and after each winning probe) fails here with the losing draft: 3 of the
+    first 200 after the move from 1 to 8 (a burst of probes; 2 with the winning draft)."""
+    router, probes = Router(), []
+    run = processor_sharing(routed(router, probes), fake_work(spec_ms), MOVING)
+    check_stages(spec_ms, run, MOVING, [0.04] + [0.01] * 4, "moving load")
+    assert min(b - a for a, b in zip(probes, probes[1:])) >= router.config.probe_every
+    assert router.best("strict", 10) == ("target_only" if spec_ms == LOSING_MS else "speculative")
+
+
+def test_a_close_losing_draft_never_takes_the_traffic_for_long():
+    """A draft that loses by 1.6x on average, but whose easy requests (one in 5) answer 6x
+    faster than its mean: lucky probes. Ten loads moving 1 -> 8 -> 16 -> 8 -> 1 (seeds 0-9):
+    no level after the first sends more than 3% of its requests down the slower path (a false
+    switch costs about ``trial`` + concurrency requests before its trial undoes it), the first
+    4% (a warm-up that picked the draft on 3 lucky answers takes ``confirm`` probes to undo).
+    The previous router switched to this draft and stayed: 196 of 1,000 requests at the last
+    level (seed 2), 212 at concurrency 8 (seed 7)."""
+    for seed in range(10):
+        run = processor_sharing(routed(Router()), fake_work(16.0, seed), MOVING)
+        for s in range(len(MOVING)):
+            stage = run.stage(s)
+            share = sum(d.arm == "speculative" for d in stage) / len(stage)
+            assert share <= (0.04 if s == 0 else 0.03), (seed, s, share)
+
+
+@pytest.mark.parametrize("concurrency", [1, 16])
+def test_a_draft_that_becomes_faster_takes_the_traffic_quickly(concurrency):
+    """The draft loses (30 ms) for 3,000 requests, long enough for the probe interval to reach
+    its cap, then wins (4 ms): the traffic is on it for good within ``probe_every *
+    max_backoff`` requests (the next probe) plus ``confirm`` probes, each at most ``probe_every``
+    apart or waiting for its verdict (its reference requests: ``pair`` + concurrency): 320 + 5 *
+    (10 + 5 + 16) = 475 requests at concurrency 16."""
+    c = RouterConfig()
+    router, losing, winning, served = Router(c), fake_work(LOSING_MS), fake_work(WINNING_MS), [0]
+    best: list[Arm] = []  # the router's best arm after each request sent
+
+    def send() -> tuple[Arm, Callable[[float], None]]:
+        route = router.choose("strict", 10)
+        best.append(router.best("strict", 10))
+        return route.arm, lambda ms: router.observe(route, ms)
+
+    def work(arm: Arm) -> float:
+        served[0] += 1
+        return (losing if served[0] <= 3000 else winning)(arm)
+
+    processor_sharing(send, work, [(concurrency, 4000)])
+    assert best[2999] == "target_only"
+    found = max(i for i, arm in enumerate(best) if arm == "target_only") + 1 - 3000
+    bound = c.max_interval + c.confirm * (c.probe_every + c.pair + concurrency)
+    print(f"concurrency {concurrency}: the winning draft takes the traffic after {found} requests "
+          f"(bound {bound})")
+    assert 0 < found <= bound, (found, bound)
+
+
+def drive(router: Router, latency: Callable[[Route], float], n: int) -> list[Route]:
+    """``n`` requests one at a time, each answered at once with ``latency(route)`` ms."""
+    routes = []
+    for _ in range(n):
+        route = router.choose("strict", 10)
+        router.observe(route, latency(route))
+        routes.append(route)
+    return routes
+
+
+def test_router_warms_up_both_arms_then_probes_one_at_a_time():
+    c = RouterConfig(probe_every=5, warmup=2)
+    r = Router(c)
+    routes = drive(r, lambda rt: 100.0 if rt.arm == "speculative" else 40.0, 4)
+    assert [rt.arm for rt in routes] == ["speculative", "target_only"] * 2  # warm-up, speculative first
     assert r.best("strict", 10) == "target_only"
-    probes = 0
-    for _ in range(200):
-        arm = r.choose("strict", 10)
-        probes += arm == "speculative"
-        r.observe("strict", 10, arm, 900.0 if arm == "speculative" else 300.0)
+    # 40 requests sent and none answered (concurrency): one probe among them, however many are due
+    pending = [r.choose("strict", 10) for _ in range(40)]
+    assert sum(rt.probe for rt in pending) == 1
+    assert all(rt.arm == "speculative" for rt in pending if rt.probe)
+    assert all(rt.arm == "target_only" for rt in pending if not rt.probe)
+    probe = next(rt for rt in pending if rt.probe)
+    r.forget(probe)  # the probe failed: no sample, its slot is free again
+    assert r.choose("strict", 10).probe
+    # keys are independent: another k starts from scratch
+    assert r.choose("strict", 5).arm == "speculative"
+    snap = r.snapshot()
+    assert snap["strict/k=10"]["best"] == "target_only" and snap["strict/k=5"]["speculative_n"] == 0
+    with pytest.raises(ValueError):
+        RouterConfig(probe_every=1)
+
+
+def test_router_backs_off_probing_while_the_same_path_keeps_winning():
+    c = RouterConfig(probe_every=4, warmup=1, pair=1, max_backoff=4)
+    r = Router(c)
+    routes = drive(r, lambda rt: 100.0 if rt.arm == "speculative" else 40.0, 60)
+    probes = [rt.seq for rt in routes if rt.probe]
+    assert probes[0] == 2 + c.probe_every  # warm-up (2 requests), then the first interval
+    assert [b - a for a, b in zip(probes, probes[1:])] == [8, 16, 16]  # 4 -> 8 -> 16 (cap 4 * 4)
+    assert r.snapshot()["strict/k=10"]["probe_interval"] == 16
+
+
+def test_a_switch_that_is_slower_under_the_traffic_is_undone():
+    """A lone speculative probe can be faster than the target's loaded answers (the draft
+    replica idles while only probes use it) although speculation is slower once it carries the
+    traffic. The switch that the probes ask for is undone by its trial, the next probe waits
+    ``probe_every * max_backoff`` requests, and twice that after each further trial undone in a
+    row (up to ``revert_backoff`` times): over 20,000 requests the trials cost under 1% of them."""
+    c = RouterConfig()
+    r = Router(c)
+
+    def latency(route: Route) -> float:
+        if route.arm == "target_only":
+            return 100.0
+        return 60.0 if route.probe else 300.0  # a lone probe / the path under the traffic
+
+    drive(r, lambda rt: 50.0 if rt.arm == "target_only" else 100.0, 2 * c.warmup)
     assert r.best("strict", 10) == "target_only"
-    assert probes <= 4, probes
+    routes = drive(r, latency, 400)
+    snap = r.snapshot()["strict/k=10"]
+    assert snap["switches"] == 1 and snap["reverts"] == 1 and r.best("strict", 10) == "target_only"
+    spec = [rt for rt in routes if rt.arm == "speculative" and not rt.probe]
+    assert len(spec) == c.trial  # the trial's sample, then back
+    after = [rt.seq for rt in routes if rt.probe and rt.seq > spec[-1].seq]
+    assert after[0] - spec[-1].seq >= c.max_interval  # the next probe waits for the cap
+    routes += drive(r, latency, 20_000)
+    trials = sum(rt.arm == "speculative" and not rt.probe for rt in routes)
+    probes = sum(rt.probe for rt in routes)
+    print(f"{r.snapshot()['strict/k=10']['reverts']} trials undone, {trials} requests in them, "
+          f"{probes} probes, in {len(routes)} requests")
+    assert trials + probes <= 0.01 * len(routes), (trials, probes)
+    assert r.best("strict", 10) == "target_only"
+
+
+def outage_recovery(router: Router, outage_requests: int = 48, stall_ms: float = 5000.0) -> int:
+    """Requests after a TargetModel outage until strict traffic is back on the faster arm for
+    good. Steady state: target alone 10 ms, speculative 60 ms; during the outage every request
+    (either arm) stalls and comes back ``stall_ms`` late, all together after the outage."""
+    normal = {"speculative": 60.0, "target_only": 10.0}
+    drive(router, lambda rt: normal[rt.arm], 300)  # steady state: the probe interval backs off
+    assert router.best("strict", 10) == "target_only"
+    stalled = [router.choose("strict", 10) for _ in range(outage_requests)]
+    for route in stalled:
+        router.observe(route, stall_ms)
+    routes = drive(router, lambda rt: normal[rt.arm], 3000)
+    slow = [i for i, rt in enumerate(routes) if rt.arm == "speculative" and not rt.probe]
+    return slow[-1] + 1 if slow else 0
+
+
+def test_router_recovers_quickly_after_an_outage():
+    """Requests stalled by a TargetModel outage come back seconds late: they move no traffic
+    (a stalled probe is compared with answers that stalled too)."""
+    assert outage_recovery(Router()) == 0
+    assert outage_recovery(Router(), outage_requests=200, stall_ms=30_000.0) == 0

@@ -172,7 +172,8 @@ class AppArgs(BaseModel):
         description="adaptive: strict requests go to whichever of speculative decoding and plain target "
                     "beam search has been faster lately (same answer either way; see serving/routing.py)")
     probe_every: int = Field(default=PROBE_EVERY, ge=2, le=10_000,
-                             description="adaptive routing: every n-th request tries the slower path")
+                             description="adaptive routing: at most every n-th request probes the other path "
+                                         "(serving/routing.py)")
     probe_backoff: int = Field(default=PROBE_BACKOFF, ge=1, le=1000,
                                description="adaptive routing: while probes keep confirming the faster "
                                            "path, the probe interval doubles up to probe_every * this "

@@ -55,7 +55,7 @@ from atspeed_ray.serving.graphs import OneCallGraph, Runner, SeparateGraph, Spec
 from atspeed_ray.serving.http import field_error, stopping
 from atspeed_ray.serving.http import install as install_http_guards
 from atspeed_ray.serving.retry import DraftBreaker, Retries, start_errors
-from atspeed_ray.serving.routing import Arm, Router
+from atspeed_ray.serving.routing import Route, Router, RouterConfig
 from atspeed_ray.serving.stopping import STOPPING_DETAIL, StopFlag
 
 if TYPE_CHECKING:
@@ -372,7 +372,7 @@ class Recommender:
         self.speculative = self.draft is not None or self.colocated
         # the draft reads the target's hidden states: the loop asks the target for them
         self.features = self.speculative and draft_kind(a.draft).features  # type: ignore[arg-type]
-        self.router = (Router(probe_every=a.probe_every, max_backoff=a.probe_backoff)
+        self.router = (Router(RouterConfig(probe_every=a.probe_every, max_backoff=a.probe_backoff))
                        if self.speculative and a.routing == "adaptive" else None)
         self.pending_releases: set[asyncio.Future[Any]] = set()
         self.retries = Retries(a.retry, "TargetModel")
@@ -461,22 +461,29 @@ class Recommender:
             raise field_error(["body", "history", i],
                               f"unknown item id {req.history[i]} ({len(unknown)} unknown in history)",
                               req.history[i], "unknown_item")
-        arm: Arm = "speculative"
-        if self.router is not None and req.mode == "strict":
-            arm = self.router.choose(req.mode, req.k)
-            self.metrics.routed.inc(tags={"arm": arm, "k": str(req.k)})
+        router = self.router if req.mode == "strict" else None  # adaptive routing: strict only
+        route: Route | None = None if router is None else router.choose(req.mode, req.k)
+        if route is not None:
+            self.metrics.routed.inc(tags={"arm": route.arm, "k": str(req.k)})
         start = time.perf_counter()
         try:
-            out = await self.runner.decode(self.catalog.prompt(req.history), self.search_params(req), arm)
-        except Exception:
-            self.counts["errors"] += 1
-            self.metrics.status(app_path, req.mode, "error")
+            out = await self.runner.decode(self.catalog.prompt(req.history), self.search_params(req),
+                                           "speculative" if route is None else route.arm)
+        except BaseException as e:  # failed, or cancelled (the client left)
+            if router is not None and route is not None:
+                router.forget(route)  # no sample; a probe frees its slot
+            if isinstance(e, Exception):
+                self.counts["errors"] += 1
+                self.metrics.status(app_path, req.mode, "error")
             raise
         ms = (time.perf_counter() - start) * 1000.0
         stats = out.stats
         stats["latency_ms"] = round(ms, 3)
-        if self.router is not None and req.mode == "strict" and stats["path"] != "fallback":
-            self.router.observe(req.mode, req.k, arm, ms)
+        if router is not None and route is not None:
+            if stats["path"] == "fallback":  # its latency is no sample of the speculative path
+                router.forget(route)
+            else:
+                router.observe(route, ms)
         self.metrics.answered(stats, req.mode, ms)
         c = self.counts
         c["ok"] += 1

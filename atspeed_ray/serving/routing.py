@@ -3,34 +3,44 @@
 Speculation pays only when the draft is accepted often enough: with a weak draft a speculative
 request costs more target work than plain beam search (every rejected round still verifies a
 whole tree). In strict mode both paths return the same top-k, so the ingress may pick the faster
-one per request without changing any answer. ``Router`` does that with two arms per ``(mode, k)``:
+one per request without changing any answer. ``Router`` does that per ``(mode, k)``. Latency
+grows with load, so it never compares latencies measured under different loads:
 
-* it keeps an exponentially weighted mean of the latency of each arm (``alpha``);
-* until each arm has ``warmup`` observations it alternates by requests sent (speculative first),
-  so that concurrent first requests do not all take one arm;
-* then it sends each request to the current best arm, except a probe to the other arm every
-  ``probe_every``-th request, so that a draft that got better (or a load change) is seen. At most
-  one probe is in flight per key: under concurrency the probes stay a bounded share of the
-  requests (a probe that never answers stops counting after ``probe_every * max_backoff``);
-* the best arm changes only after ``SWITCH_CONFIRM`` probes in a row answered faster than its
-  mean by ``SWITCH_MARGIN`` (after a winning probe the next one goes at once). Latency grows
-  with load, and the other arm's mean may date from a lighter load: when the best arm merely got
-  slower than that stale mean, the router probes the other arm at once instead of sending
-  traffic there; and one lucky answer (an easy history) proves little. Switching on any
-  observation that flipped the means sent 14.5-19% of strict requests down the slower path at
-  concurrency 16 (issue #32), 12.6% in ``test_adaptive_routing_holds_under_concurrency``;
-* a probe that leaves the same arm best doubles the probe interval, up to ``probe_every *
-  max_backoff`` requests; a switch resets it to ``probe_every``, so that it is re-checked soon;
-* once an arm has an estimate, a sample counts as at most ``clip`` times that estimate, and a
-  sample below ``1 / clip`` of the best arm's replaces it: requests stalled by an outage (a
-  model replica died and was replaced) come back seconds late, and would otherwise keep the
-  arm's mean up for hundreds of requests; one answer that fast shows the arm is fast again (the
-  other arm's samples count as at least ``1 / clip`` of its mean). A real slowdown still shows,
-  at up to ``1 + alpha * (clip - 1)`` times per sample. Failed requests are not samples;
-* a probe answer slower than the other arm's mean replaces it: that mean may date from a
-  lighter load, and clipped it took about 8 slow probes (each sent at once by the recheck above)
-  to catch up on the served app (``jobs/serve_routing.py``: 12.5% of the requests down the
-  slower path at concurrency 8, 1% with the replacement; ``results/serving-routing/RUN.md``).
+* **warm-up**: requests alternate between the two arms, speculative first; the first ``2 *
+  warmup`` are the sample, and once they are answered the arm with the lower mean takes the
+  traffic (the ``best`` arm);
+* **probes**: the other arm gets a probe at most every ``interval`` requests (``probe_every``
+  at first). At most one probe is in flight per key, the next one waits for its verdict, and two
+  probes are at least ``probe_every`` requests apart: probes are at most ``1 / probe_every`` of
+  the requests, whatever the concurrency or the load. Nothing sends a probe "at once";
+* **paired verdict**: a probe's latency is divided by the mean latency of the ``pair`` requests
+  sent right after it (all to the best arm): at any concurrency these ran under the load the
+  probe saw (alongside it, or just after it at concurrency 1). They are a block by request
+  number, not the first answers to come back: under concurrency the short requests come back
+  first. A probe whose ratio is under ``1 - margin`` wins, and the next probe follows
+  ``probe_every`` requests later; one that loses doubles the interval, up to ``probe_every *
+  max_backoff`` requests;
+* **switch and trial**: when the mean ratio of the last ``confirm`` probes is under ``1 -
+  margin`` (a mean: a draft can win through its easy requests alone), the other arm takes the
+  traffic, on trial: the mean of its ``trial`` requests sent right after the switch against the
+  old arm's last ``trial`` answers. A lone probe can be faster than the same path carrying the
+  traffic (speculation's draft replica idles while only probes use it): if the new arm is
+  ``margin`` slower, the traffic goes back at once and the next probe waits ``probe_every *
+  max_backoff`` requests, twice that after a second such trial in a row, and so on up to
+  ``revert_backoff`` times.
+
+A draft that becomes faster takes the traffic within about ``probe_every * max_backoff`` +
+``confirm * (probe_every + pair + concurrency)`` requests
+(``test_a_draft_that_becomes_faster_takes_the_traffic_quickly``). An outage that stalls every
+request (a model replica died) moves nothing: a stalled probe is compared with requests that
+stalled too. Failed, cancelled and fallback requests are no samples (``forget``; a failed
+probe frees its slot). The previous router compared answers with exponentially weighted means
+that could date from another load, and probed again "at once" when the best arm got slower
+than the other arm's mean and after each winning probe: moving from concurrency 8 to 16 on the
+served app it sent 31 of 200 requests down the slower path (``results/serving-routing/RUN.md``);
+in the simulations of ``tests/test_serving_parts.py`` it sent a burst of probes after a load
+rise (3 of the first 200 requests), and a draft that loses by 1.6x took 21-32% of the traffic
+of a load level for 2 seeds in 10.
 
 Relaxed requests are never routed: their answer is a sample, and plain beam search is not one.
 Pure Python, no Ray: the ingress owns one ``Router``; tests drive it directly.
@@ -38,133 +48,259 @@ Pure Python, no Ray: the ingress owns one ``Router``; tests drive it directly.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
 Arm = Literal["speculative", "target_only"]
 ARMS: tuple[Arm, Arm] = ("speculative", "target_only")
 
-# defaults of the app's ``probe_every`` / ``probe_backoff`` (``AppArgs``) and of ``Router``
-PROBE_EVERY = 10
-PROBE_BACKOFF = 16  # at most every 160th request probes while one arm keeps winning (< 1%: p99)
-OUTLIER_CLIP = 2.0  # a latency sample counts as at most this multiple of its arm's mean
-SWITCH_MARGIN = 0.05  # a probe answer this much faster than the best arm's mean is a win
-SWITCH_CONFIRM = 3  # consecutive winning probes that move the traffic to the other arm
+# defaults of the app's ``probe_every`` / ``probe_backoff`` (``AppArgs``) and of ``RouterConfig``
+PROBE_EVERY = 10  # requests between two probes, at least: probes <= 10% of the requests
+PROBE_BACKOFF = 32  # every 320th request probes while one arm keeps winning (0.3%: out of p99)
 
 
 def other(arm: Arm) -> Arm:
     return "target_only" if arm == "speculative" else "speculative"
 
 
+@dataclass(frozen=True)
+class RouterConfig:
+    probe_every: int = PROBE_EVERY  # requests between two probes, at least (the first interval)
+    max_backoff: int = PROBE_BACKOFF  # a losing probe doubles the interval, up to probe_every * this
+    warmup: int = 3  # requests of each arm in the warm-up sample
+    pair: int = 5  # best-arm requests, sent right after a probe, that it is compared with
+    confirm: int = 5  # probes whose mean latency ratio to their references decides a switch
+    trial: int = 10  # answers of each arm that check a switch (mean before against after)
+    revert_backoff: int = 8  # undone switches in a row double the wait after one, up to this many times
+    margin: float = 0.05  # a probe wins when its latency ratio is under 1 - margin
+    alpha: float = 0.2  # EWMA weight of the latencies shown in ``snapshot`` (not used to route)
+
+    def __post_init__(self) -> None:
+        if (self.probe_every < 2 or min(self.max_backoff, self.warmup, self.pair, self.confirm,
+                                         self.trial, self.revert_backoff) < 1
+                or not 0.0 <= self.margin < 1.0 or not 0.0 < self.alpha <= 1.0):
+            raise ValueError("need probe_every >= 2; max_backoff, warmup, pair, confirm, trial, "
+                             "revert_backoff >= 1; "
+                             "0 <= margin < 1; 0 < alpha <= 1")
+
+    @property
+    def max_interval(self) -> int:
+        return self.probe_every * self.max_backoff
+
+
+@dataclass(frozen=True)
+class Route:
+    """One request's route, handed back to ``Router.observe`` / ``forget`` with its answer."""
+
+    mode: str
+    k: int
+    arm: Arm
+    seq: int  # the request's number for its key, from 1
+    probe: bool  # sent to the other arm to measure it
+
+
 @dataclass
 class ArmStats:
-    mean_ms: float | None = None  # EWMA of latency
-    n: int = 0  # observations
+    mean_ms: float | None = None  # EWMA of its answers' latency (shown, not used to route)
+    n: int = 0  # answers
     sent: int = 0  # requests sent to it
+    warmup_ms: list[float] = field(default_factory=list)  # its answers in the warm-up sample
 
-    def observe(self, ms: float, alpha: float, clip: float, reset: Literal["down", "up"]) -> None:
-        """EWMA of ``ms`` clipped to [1 / ``clip``, ``clip``] times the mean, except that a
-        sample replaces the mean when it is under ``1 / clip`` of it (``reset="down"``) or above
-        it (``"up"``)."""
-        m = self.mean_ms
-        if m is None or (ms * clip < m if reset == "down" else ms > m):
-            self.mean_ms = ms
-        else:
-            self.mean_ms = (1 - alpha) * m + alpha * min(max(ms, m / clip), clip * m)
+    def record(self, ms: float, alpha: float) -> None:
+        self.mean_ms = ms if self.mean_ms is None else (1 - alpha) * self.mean_ms + alpha * ms
         self.n += 1
 
 
 @dataclass
+class Sample:
+    """The answers (ms) of the requests numbered ``first`` .. ``first + size - 1``: a block by
+    request number, not the first answers to come back (under concurrency the short requests come
+    back first, and would make the arm look faster than it is)."""
+
+    first: int
+    size: int
+    ms: list[float] = field(default_factory=list)
+    lost: int = 0  # requests of the block that failed
+
+    def holds(self, seq: int) -> bool:
+        return self.first <= seq < self.first + self.size
+
+    def done(self) -> bool:
+        return len(self.ms) + self.lost >= self.size
+
+
+@dataclass
+class Probe:
+    seq: int  # the probe's request number
+    refs: Sample  # the best arm's requests sent right after it (nothing else is sent meanwhile)
+    ms: float | None = None  # its latency, once answered
+
+
+@dataclass
+class Trial:
+    """The check of a switch: the new arm's answers once it carries the traffic."""
+
+    old: Arm  # the arm that carried the traffic before
+    before: list[float]  # the old arm's last answers (ms)
+    after: Sample  # the new arm's requests sent right after the switch (no probe meanwhile)
+
+
+@dataclass
 class KeyState:
-    arms: dict[str, ArmStats] = field(default_factory=lambda: {a: ArmStats() for a in ARMS})
+    config: RouterConfig
+    interval: int  # requests between probes (probe_every, doubled by each losing probe)
+    arms: dict[Arm, ArmStats] = field(default_factory=lambda: {a: ArmStats() for a in ARMS})
     best: Arm = "speculative"  # the arm that takes the traffic (once warm)
-    requests: int = 0
-    interval: int = 0  # requests between probes (probe_every, doubled while probes confirm)
-    last_probe: int = 0  # request number of the last probe
-    probing: bool = False  # a probe is in flight
-    recheck: bool = False  # probe the other arm now: the best one got slower than its stale mean
-    wins: int = 0  # consecutive probe answers faster than the best arm
+    warm: bool = False
+    warmup_left: int = 0  # requests of the warm-up sample not answered yet (set in __post_init__)
+    seq: int = 0  # requests routed
+    next_probe: int = 0  # the first request number that may probe
+    probe: Probe | None = None  # the probe in flight or waiting for its verdict
+    trial: Trial | None = None
+    recent: deque[float] = field(init=False)  # the best arm's last ``trial`` answers (ms)
+    ratios: deque[float] = field(init=False)  # the last ``confirm`` probes' latency / their refs' mean
+    probes: int = 0
+    switches: int = 0
+    reverts: int = 0  # switches undone by their trial
+    reverts_in_row: int = 0  # since the last switch that held or probe that lost
+
+    def __post_init__(self) -> None:
+        self.warmup_left = 2 * self.config.warmup
+        self.recent = deque(maxlen=self.config.trial)
+        self.ratios = deque(maxlen=self.config.confirm)
 
 
 class Router:
-    def __init__(self, probe_every: int = PROBE_EVERY, warmup: int = 3, alpha: float = 0.2,
-                 max_backoff: int = PROBE_BACKOFF, clip: float = OUTLIER_CLIP):
-        if (probe_every < 2 or warmup < 1 or not 0.0 < alpha <= 1.0 or max_backoff < 1
-                or clip <= 1.0):
-            raise ValueError("need probe_every >= 2, warmup >= 1, 0 < alpha <= 1, max_backoff >= 1, "
-                             "clip > 1")
-        self.probe_every, self.warmup, self.alpha = probe_every, warmup, alpha
-        self.max_backoff, self.clip = max_backoff, clip
+    def __init__(self, config: RouterConfig = RouterConfig()):
+        self.config = config
         self.state: dict[tuple[str, int], KeyState] = {}
 
     def _key(self, mode: str, k: int) -> KeyState:
-        return self.state.setdefault((mode, k), KeyState(interval=self.probe_every))
-
-    def _warm(self, st: KeyState) -> bool:
-        return min(a.n for a in st.arms.values()) >= self.warmup
+        c = self.config
+        return self.state.setdefault((mode, k), KeyState(c, interval=c.probe_every))
 
     def best(self, mode: str, k: int) -> Arm:
         """The arm that takes the traffic (speculative until both arms are warm)."""
         return self._key(mode, k).best
 
-    def choose(self, mode: str, k: int) -> Arm:
+    def choose(self, mode: str, k: int) -> Route:
         st = self._key(mode, k)
-        st.requests += 1
-        spec, plain = st.arms["speculative"], st.arms["target_only"]
-        if not self._warm(st):  # fill both arms, speculative first, by requests sent
-            st.last_probe = st.requests
-            arm: Arm = "speculative" if spec.sent <= plain.sent else "target_only"
+        st.seq += 1
+        probe = False
+        if not st.warm:  # both arms in turn, speculative first (the sample: the first 2 * warmup)
+            arm: Arm = "speculative" if st.seq % 2 else "target_only"
+        elif st.probe is None and st.trial is None and st.seq >= st.next_probe:
+            st.probe = Probe(st.seq, Sample(st.seq + 1, self.config.pair))
+            st.probes, probe = st.probes + 1, True
+            arm = other(st.best)
         else:
-            since = st.requests - st.last_probe
-            stuck = st.probing and since >= self.probe_every * self.max_backoff  # never answered
-            due = since >= st.interval or st.recheck
-            if (not st.probing or stuck) and due:
-                st.last_probe, st.probing, st.recheck = st.requests, True, False
-                arm = other(st.best)
-            else:
-                arm = st.best
+            arm = st.best
         st.arms[arm].sent += 1
-        return arm
+        return Route(mode, k, arm, st.seq, probe)
 
-    def observe(self, mode: str, k: int, arm: Arm, latency_ms: float) -> None:
-        st = self._key(mode, k)
-        warm = self._warm(st)
-        # a fast sample resets the best arm's mean (it recovered from an outage); one lucky
-        # answer of the other arm must not make it look faster, but a slow one is fresh news:
-        # it replaces a mean that may date from a lighter load (clipped, a stale mean took
-        # about 8 slow probes to catch up on the served app, each sent at once by the recheck)
-        st.arms[arm].observe(latency_ms, self.alpha, self.clip,
-                             "down" if not warm or arm == st.best else "up")
-        if not warm:
-            if self._warm(st):  # warm now: the faster arm takes the traffic
-                spec, plain = (st.arms[a].mean_ms for a in ARMS)
-                st.best = "speculative" if spec <= plain else "target_only"  # type: ignore[operator]
+    def observe(self, route: Route, latency_ms: float) -> None:
+        """A routed request's answer and its latency (ms, at the ingress)."""
+        self._answer(route, latency_ms)
+
+    def forget(self, route: Route) -> None:
+        """A routed request failed (or fell back): no sample. A failed probe frees its slot."""
+        self._answer(route, None)
+
+    def _answer(self, route: Route, ms: float | None) -> None:
+        c, st = self.config, self._key(route.mode, route.k)
+        if ms is not None:
+            st.arms[route.arm].record(ms, c.alpha)
+        if not st.warm:
+            if route.seq <= 2 * c.warmup:
+                if ms is not None:
+                    st.arms[route.arm].warmup_ms.append(ms)
+                st.warmup_left -= 1
+                if st.warmup_left == 0:
+                    self._end_warmup(st)
             return
-        probe = arm != st.best  # the other arm's answer: a probe (or a late one from before a switch)
-        best_ms = st.arms[st.best].mean_ms
-        assert best_ms is not None
-        if probe:
-            st.probing = False
-            faster = latency_ms < best_ms * (1 - SWITCH_MARGIN)
-            st.wins = st.wins + 1 if faster else 0
-            if st.wins >= SWITCH_CONFIRM:  # fresh samples say the other arm is faster: switch
-                st.best, st.wins, st.recheck = arm, 0, False
-                st.interval, st.last_probe = self.probe_every, st.requests  # re-check soon
-            elif faster:  # confirm it with the next probe, now
-                st.recheck = True
-            else:  # a probe that confirmed the best arm: back off
-                st.interval = min(2 * st.interval, self.probe_every * self.max_backoff)
-        other_ms = st.arms[other(st.best)].mean_ms
-        assert other_ms is not None
-        if not probe and other_ms < st.arms[st.best].mean_ms * (1 - SWITCH_MARGIN):  # type: ignore[operator]
-            st.recheck = True  # the best arm got slower than the other's (maybe stale) mean: look
+        p, t = st.probe, st.trial
+        if route.probe:
+            if p is not None and p.seq == route.seq:
+                if ms is None:
+                    st.probe, st.next_probe = None, route.seq + st.interval
+                else:
+                    p.ms = ms
+                    self._verdict(st, p)
+            return
+        if route.arm != st.best:  # sent before a switch (or in the warm-up): shown only
+            return
+        if ms is not None:
+            st.recent.append(ms)
+        for sample in (p.refs if p is not None else None, t.after if t is not None else None):
+            if sample is not None and sample.holds(route.seq):
+                if ms is None:
+                    sample.lost += 1
+                else:
+                    sample.ms.append(ms)
+        if p is not None:
+            self._verdict(st, p)
+        if t is not None and t.after.done():
+            self._end_trial(st, t)
+
+    def _end_warmup(self, st: KeyState) -> None:
+        """The faster arm on the warm-up sample (by mean) takes the traffic."""
+        spec, plain = (st.arms[a].warmup_ms for a in ARMS)
+        st.warm = True
+        st.best = ("speculative" if spec and (not plain or statistics.fmean(spec) <= statistics.fmean(plain))
+                   else "target_only")
+        st.recent.extend(st.arms[st.best].warmup_ms)
+        st.next_probe = st.seq + st.interval
+
+    def _verdict(self, st: KeyState, p: Probe) -> None:
+        """The probe against the best arm's requests sent right after it, once all are in."""
+        c = self.config
+        if p.ms is None or not p.refs.done():
+            return
+        st.probe = None
+        if not p.refs.ms:  # every reference request failed: no verdict
+            st.next_probe = p.seq + st.interval
+            return
+        ratio = p.ms / statistics.fmean(p.refs.ms)  # < 1: the other arm answered faster, same load
+        st.ratios.append(ratio)
+        if len(st.ratios) == c.confirm and statistics.fmean(st.ratios) < 1 - c.margin:
+            # the other arm is faster on average over the last probes: it takes the traffic, on trial
+            st.trial = Trial(st.best, list(st.recent), Sample(st.seq + 1, c.trial))
+            st.best, st.switches = other(st.best), st.switches + 1
+            st.ratios.clear()
+            st.recent.clear()
+            st.interval = c.probe_every
+        elif ratio < 1 - c.margin:  # a winning probe: look again soon, but no sooner
+            st.next_probe = p.seq + c.probe_every
+        else:  # it confirmed the best arm: back off
+            st.reverts_in_row = 0
+            st.interval = min(2 * st.interval, c.max_interval)
+            st.next_probe = p.seq + st.interval
+
+    def _end_trial(self, st: KeyState, t: Trial) -> None:
+        """Back to the old arm if the new one, carrying the traffic, is ``margin`` slower."""
+        c = self.config
+        st.trial = None
+        st.next_probe = st.seq + st.interval
+        if t.before and t.after.ms and (statistics.fmean(t.after.ms)
+                                        > statistics.fmean(t.before) * (1 + c.margin)):
+            st.best, st.reverts, st.reverts_in_row = t.old, st.reverts + 1, st.reverts_in_row + 1
+            st.recent.clear()
+            st.recent.extend(t.before)
+            st.interval = c.max_interval
+            # the probes keep winning where the traffic loses: wait longer after each such trial
+            st.next_probe = st.seq + c.max_interval * min(2 ** (st.reverts_in_row - 1), c.revert_backoff)
+        else:
+            st.reverts_in_row = 0
 
     def snapshot(self) -> dict[str, dict[str, float | int | str | None]]:
         """``{"strict/k=10": {"speculative_ms": .., "target_only_ms": .., "best": ..}}`` for /stats."""
         out: dict[str, dict[str, float | int | str | None]] = {}
         for (mode, k), st in sorted(self.state.items()):
             out[f"{mode}/k={k}"] = {
-                "requests": st.requests, "best": st.best, "probe_interval": st.interval,
+                "requests": st.seq, "best": st.best, "probe_interval": st.interval,
+                "probes": st.probes, "switches": st.switches, "reverts": st.reverts,
                 **{f"{a}_ms": None if s.mean_ms is None else round(s.mean_ms, 3) for a, s in st.arms.items()},
                 **{f"{a}_n": s.n for a, s in st.arms.items()},
                 **{f"{a}_sent": s.sent for a, s in st.arms.items()}}
