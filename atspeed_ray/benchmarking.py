@@ -377,19 +377,31 @@ def paired_speedup(plain: Callable[[int], X], spec: Callable[[int], Y], units: i
 def oracle_pass(target: torch.nn.Module, width: int, gamma: int) -> Callable[[Batch], None]:
     """ONE target forward over a batch's prompts + width*gamma tree tokens (width K: the oracle
     pass; width N: a verification pass over a full N-beam draft tree)."""
+    return tree_pass(target, (width,) * gamma)
+
+
+def tree_pass(target: torch.nn.Module, levels: tuple[int, ...]) -> Callable[[Batch], None]:
+    """ONE target forward over a batch's prompts + a draft tree of ``levels`` (N_l nodes at
+    its level l, each a child of a node of the level above): sum(levels) tree tokens per
+    prompt, the verification pass of a round drafted with per-level widths."""
     import torch
 
     from atspeed_ray.decoding.beam import prefill
     from atspeed_ray.decoding.tree import Nodes
 
     def one(batch: Batch) -> None:
-        B, T = len(batch), width * gamma
+        B, T = len(batch), sum(levels)
         dev = next(target.parameters()).device
         tok = torch.ones(B, T, dtype=torch.long, device=dev)
-        idx = torch.arange(T, device=dev)
-        depth = (idx // width).expand(B, T)  # gamma levels of width nodes below each other
-        parent = torch.where(idx >= width, idx - width, -1).expand(B, T)
-        nodes = Nodes(tok, depth, parent, torch.full((B, T, 1), -1, device=dev),
+        depth, parent, start = [], [], 0  # per tree token: its level, its parent (-1: the prefix)
+        for d, n in enumerate(levels):
+            above = levels[d - 1] if d else 0
+            depth += [d] * n
+            parent += [start - above + i % above for i in range(n)] if d else [-1] * n
+            start += n
+        depth_t = torch.tensor(depth, device=dev).expand(B, T)
+        parent_t = torch.tensor(parent, device=dev).expand(B, T)
+        nodes = Nodes(tok, depth_t, parent_t, torch.full((B, T, 1), -1, device=dev),
                       torch.ones(B, T, dtype=torch.bool, device=dev))
         prefill(target, batch, nodes)
 

@@ -140,12 +140,12 @@ def test_serving_auto_measures_widths_for_a_feature_draft(pair):
     draft gets a measured width table, not the N = k fallback."""
     from atspeed_ray.serving.app import with_measured_widths
     from atspeed_ray.serving.config import AppArgs
-    from atspeed_ray.width import candidate_widths
+    from atspeed_ray.width_policy import measured_widths_at
 
     data, target, _, feature = pair
     args = AppArgs(target=str(target), draft=str(feature), data=str(data), device="cpu",
                    draft_beams_factor="auto", max_k=5)
     measured = with_measured_widths(args)
     assert sorted(measured.draft_widths) == [1, 5]
-    assert all(candidate_widths(k)[0] <= n <= candidate_widths(k)[-1]
-               for k, n in measured.draft_widths.items())
+    assert all(k <= min(w) and max(w) <= 20 * k  # an N, or per drafted level (10/200/20)
+               for k, v in measured.draft_widths.items() for w in [measured_widths_at(v, k)])
