@@ -16,7 +16,7 @@
   rotating order, ``time_pairs`` does it per prompt (or batch) for beam search and speculation,
   ``Speedup`` turns the pairs into WS with its spread and the ``unstable`` flag, and
   ``paired_speedup`` measures again (at most ``EXTRA_PASSES`` times) while a row is unstable;
-* ``--draft-beams auto``: ``width.row_params`` picks N per K and batch size by measured cost
+* ``--draft-beams auto``: ``width.row_params`` picks N per drafted level, K and batch size by measured cost
   on a few validation prompts before the row is timed (``width`` imports this module, never
   the other way round).
 
@@ -95,8 +95,8 @@ class SpeedFlags(BaseModel):
     draft_beams: Width = Field(
         default_factory=lambda: WidthPolicy.parse(DEFAULT_DRAFT_BEAMS),
         description="draft width: N, a multiple of K such as 2k (raised to K where smaller), "
-                    "auto (chosen per K and batch size by measured cost on "
-                    "--calibration-prompts validation prompts), or one of those per code "
+                    "auto (one per drafted code, chosen per K and batch size by measured cost "
+                    "on --calibration-prompts validation prompts), or one of those per code "
                     "position, first code first, the last holding for later codes, such as "
                     "2k/8k/2k (the draft keeps that many beams at that code)")
     calibration_prompts: int = Field(AUTO_WIDTH_PROMPTS, ge=1, description="--draft-beams "
