@@ -28,8 +28,10 @@ top K at code 1 with N = K but need N = 20 K at code 2. So the width is chosen p
 
 The search (``settings.AUTO_*``): first one width for every level, N = f x K for the
 ``AUTO_WIDTH_FACTORS``; then, from the best of those, a coordinate search: for each drafted level
-in turn, the wider N = f x K of ``AUTO_LEVEL_FACTORS`` at that level with the others held, a
-change kept only where the expected time falls (at most ``AUTO_LEVEL_CANDIDATES`` of them). The
+in turn, the wider N = f x K of ``AUTO_LEVEL_FACTORS`` at that level with the others held (at
+most ``AUTO_LEVEL_CANDIDATES`` of them). At each stage a wider candidate replaces the best so far
+only where it takes fewer rounds and less expected time (``better``): at equal rounds a wider
+tree cannot cost less, so a lower time there is the clock's noise, not a reason to widen. The
 search's result is the same for every width (strict), so only time decides. Where a pass costs
 about the same for 10 or 200 tree tokens (a GPU) a level whose wider tree cuts rounds is widened;
 where the pass grows with the tree (a CPU) the widths stay narrow. ``cost`` may be given (a model
@@ -107,8 +109,20 @@ class WidthCandidate:
 
 
 def rank(c: WidthCandidate) -> tuple[float, int, int, int]:
-    """The order candidates are chosen in: least expected time, then the smaller tree."""
+    """The order candidates are compared in: least expected time, then the smaller tree."""
     return (c.expected_ms, c.tree_tokens, c.n, c.gamma)
+
+
+def better(best: WidthCandidate, wider: Sequence[WidthCandidate]) -> WidthCandidate:
+    """``best``, or the one of the ``wider`` candidates (the same search, some level wider) of
+    least expected time among those that take fewer rounds, where that time is less than
+    ``best``'s: at equal rounds a wider tree cannot cost less, a lower time there is the
+    clock's noise."""
+    fewer = [c for c in wider if c.rounds < best.rounds]
+    if not fewer:
+        return best
+    c = min(fewer, key=rank)
+    return c if c.expected_ms < best.expected_ms else best
 
 
 @dataclass(frozen=True)
@@ -120,10 +134,11 @@ class WidthChoice:
     batch_size: int
     prompts: int  # calibration prompts
     candidates: list[WidthCandidate]
+    pick: int  # the chosen one's place in candidates
 
     @property
     def best(self) -> WidthCandidate:
-        return min(self.candidates, key=rank)
+        return self.candidates[self.pick]
 
     @property
     def policy(self) -> WidthPolicy:
@@ -250,7 +265,8 @@ def choose_width(target: torch.nn.Module, draft: Drafter | torch.nn.Module, inde
         return SearchParams(k, widths, gamma, "strict", expand_last=expand_last)
 
     measured = measure([search(n, g) for g in gammas for n in candidate_widths(k, factors)])
-    best = min(measured, key=rank)
+    per_gamma = [[c for c in measured if c.gamma == g] for g in gammas]  # each: narrowest first
+    best = min((better(cs[0], cs[1:]) for cs in per_gamma), key=rank)
     left = level_candidates
     for level in range(start, index.L - 1):  # the drafted code positions, first code first
         tries = level_tries(best.widths, level, k, index.L, level_factors)[:left]
@@ -259,8 +275,9 @@ def choose_width(target: torch.nn.Module, draft: Drafter | torch.nn.Module, inde
         left -= len(tries)
         new = measure([search(w, best.gamma) for w in tries])
         measured += new
-        best = min([best, *new], key=rank)
-    return WidthChoice(k, batch_size, len(calib), measured)
+        best = better(best, new)
+    return WidthChoice(k, batch_size, len(calib), measured,
+                       next(i for i, c in enumerate(measured) if c is best))
 
 
 def row_params(params: SearchParams, width: WidthPolicy, target: torch.nn.Module,

@@ -12,8 +12,8 @@ from atspeed_ray.width_policy import WidthPolicy
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.settings import AUTO_LEVEL_CANDIDATES
 from atspeed_ray.width import (
-    RoundCost, WidthCandidate, WidthChoice, calibration_batch, candidate_widths, level_tries,
-    round_levels,
+    RoundCost, WidthCandidate, WidthChoice, better, calibration_batch, candidate_widths,
+    level_tries, round_levels,
 )
 from atspeed_ray.width_policy import measured_widths_at, one_or_levels
 
@@ -23,19 +23,24 @@ def test_candidates_and_the_cheapest_wins():
     assert candidate_widths(10) == [10, 15, 20, 30, 40]
     assert candidate_widths(3, (1.0, 1.1)) == [3, 4]
     # N=20 takes fewer rounds but each costs more; expected ms = rounds x (pass + draft)
-    choice = WidthChoice(10, 1, 8, [WidthCandidate((10,), 3, 3.0, 30, 100.0, 10.0),
-                                    WidthCandidate((20,), 3, 1.5, 60, 120.0, 15.0),
-                                    WidthCandidate((40,), 3, 1.2, 120, 200.0, 25.0)])
-    assert choice.best.n == 20 and choice.best.expected_ms == pytest.approx(202.5)
+    n10, n20, n40 = (WidthCandidate((10,), 3, 3.0, 30, 100.0, 10.0),
+                     WidthCandidate((20,), 3, 1.5, 60, 120.0, 15.0),
+                     WidthCandidate((40,), 3, 1.2, 120, 200.0, 25.0))
+    assert better(n10, [n20, n40]) is n20 and n20.expected_ms == pytest.approx(202.5)
+    assert better(n20, [n40]) is n20  # fewer rounds, but slower
+    noise = WidthCandidate((40,), 3, 1.5, 120, 100.0, 10.0)  # no fewer rounds: its time is noise
+    assert better(n20, [noise]) is n20
+    choice = WidthChoice(10, 1, 8, [n10, n20, n40], 1)
+    assert choice.best is n20
     params = choice.params(SearchParams(10, 10, 3, "strict"))
     assert (params.k, params.N, params.gamma) == (10, 20, 3)
     rec = choice.record()
     assert rec["chosen_n"] == 20 and [c["n"] for c in rec["candidates"]] == [10, 20, 40]
     assert "N=20" in choice.summary()
-    # a per-level candidate: code 2 wide, the others narrow; on a tie the smaller tree wins
+    # a per-level candidate: code 2 wide, the others narrow
     level = WidthCandidate((10, 200, 20), 3, 1.0, 230, 170.0, 20.0)
-    tie = WidthCandidate((10, 200, 40), 3, 1.0, 250, 170.0, 20.0)
-    choice = WidthChoice(10, 1, 8, [*choice.candidates, tie, level])
+    assert better(n20, [level, WidthCandidate((10, 200, 40), 3, 1.0, 250, 175.0, 20.0)]) is level
+    choice = WidthChoice(10, 1, 8, [n10, n20, n40, level], 3)
     assert choice.best is level and choice.best.expected_ms == pytest.approx(190.0)
     params = choice.params(SearchParams(10, 10, 3, "strict"))
     assert params.widths == (10, 200, 20) and params.N == 200
@@ -140,9 +145,10 @@ def test_bench_auto_beside_a_sweep_at_two_batch_sizes(tmp_path, capsys):
         assert [c["widths"] for c in cands[:singles]] == [[n] for n in candidate_widths(3)]
         assert all(len(c["widths"]) > 1 for c in cands[singles:])
         assert len(cands) - singles <= AUTO_LEVEL_CANDIDATES
-        best = min(cands, key=lambda c: (c["expected_ms"], c["tree_tokens"]))
+        best = next(c for c in cands if c["widths"] == choice["chosen_widths"])
+        assert best["rounds"] <= cands[0]["rounds"]  # wider only where it saves rounds
         assert r["draft_beams"] == choice["chosen_n"] == best["n"]
-        assert r["level_widths"] == choice["chosen_widths"] == best["widths"]
+        assert r["level_widths"] == choice["chosen_widths"]
         assert all(1.0 <= c["rounds"] <= 4.0 and c["pass_ms"] > 0 and c["draft_ms"] > 0 for c in cands)
     printed = capsys.readouterr().out
     assert printed.count("auto width K=3") == 2 and "(auto)" in printed
