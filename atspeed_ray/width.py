@@ -114,14 +114,17 @@ def rank(c: WidthCandidate) -> tuple[float, int, int, int]:
 
 
 def better(best: WidthCandidate, wider: Sequence[WidthCandidate]) -> WidthCandidate:
-    """``best``, or the one of the ``wider`` candidates (the same search, some level wider) of
-    least expected time among those that take fewer rounds, where that time is less than
-    ``best``'s: at equal rounds a wider tree cannot cost less, a lower time there is the
-    clock's noise."""
-    fewer = [c for c in wider if c.rounds < best.rounds]
+    """``best``, or one of the ``wider`` candidates (the same search, some level wider) that takes
+    fewer rounds and less expected time. Among those of equal rounds only the smallest tree
+    competes: at equal rounds a wider tree cannot cost less, a lower time there is the clock's
+    noise, not a reason to widen."""
+    fewer: dict[float, WidthCandidate] = {}  # rounds -> the smallest tree that takes them
+    for c in sorted(wider, key=lambda c: (c.tree_tokens, c.n)):
+        if c.rounds < best.rounds:
+            fewer.setdefault(c.rounds, c)
     if not fewer:
         return best
-    c = min(fewer, key=rank)
+    c = min(fewer.values(), key=rank)
     return c if c.expected_ms < best.expected_ms else best
 
 

@@ -30,6 +30,7 @@ def test_candidates_and_the_cheapest_wins():
     assert better(n20, [n40]) is n20  # fewer rounds, but slower
     noise = WidthCandidate((40,), 3, 1.5, 120, 100.0, 10.0)  # no fewer rounds: its time is noise
     assert better(n20, [noise]) is n20
+    assert better(n10, [n20, noise]) is n20  # equal rounds: the smaller tree competes
     choice = WidthChoice(10, 1, 8, [n10, n20, n40], 1)
     assert choice.best is n20
     params = choice.params(SearchParams(10, 10, 3, "strict"))
