@@ -245,9 +245,10 @@ def choose_width(target: torch.nn.Module, draft: Drafter | torch.nn.Module, inde
                  level_factors: tuple[float, ...] = AUTO_LEVEL_FACTORS,
                  level_candidates: int = AUTO_LEVEL_CANDIDATES, expand_last: int = EXPAND_LAST,
                  cost: Cost | None = None) -> WidthChoice:
-    """The widths per drafted level and gamma with the least expected time per request for
-    top-``k`` (module docstring), measured on ``prompts`` (a few validation prompts) at
-    ``batch_size``; ``cost``: the round costs (default: ``timed_cost`` on this machine)."""
+    """The widths per drafted level and the gamma for top-``k`` that the search of the module
+    docstring chooses by expected time per request, measured on ``prompts`` (a few validation
+    prompts) at ``batch_size``; ``cost``: the round costs (default: ``timed_cost`` on this
+    machine)."""
     from atspeed_ray.decoding import speculative_search
 
     calib = calibration_batch(prompts, batch_size)
@@ -259,7 +260,8 @@ def choose_width(target: torch.nn.Module, draft: Drafter | torch.nn.Module, inde
         costs = round_cost(grid)
         out = []
         for p, c in zip(grid, costs):  # counters: exact in one run
-            r = [x for b in groups for x in speculative_search(target, draft, b, index, p).stats["rounds"]]
+            r = [x for b in groups
+                 for x in speculative_search(target, draft, b, index, p).stats["rounds"]]
             out.append(WidthCandidate(p.widths, p.gamma, sum(r) / len(r),
                                       sum(round_levels(p, index.L, start)), c.pass_ms, c.draft_ms))
         return out
@@ -287,9 +289,9 @@ def row_params(params: SearchParams, width: WidthPolicy, target: torch.nn.Module
                draft: Drafter | torch.nn.Module, index: ItemIndex, calibration: list[list[int]],
                batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
     """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the widths per
-    drafted level (and gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch
-    size, each cost the least of ``repeat`` (at least 2) interleaved timings (printed); the
-    choice is returned to be recorded with the row."""
+    drafted level (and gamma) that ``choose_width`` chooses on the ``calibration`` prompts at
+    this batch size, each cost the least of ``repeat`` (at least 2) interleaved timings
+    (printed); the choice is returned to be recorded with the row."""
     if not width.auto:
         return params, None
     choice = choose_width(target, draft, index, calibration, params.k, (params.gamma,), batch_size,

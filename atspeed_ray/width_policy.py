@@ -88,7 +88,8 @@ class WidthPolicy:
         """This ``auto`` policy with the widths measured per k: ``{k: N}`` or ``{k: (N_1, N_2,
         ...)}`` (one per code position, the last holding for later codes)."""
         assert self.auto, "only an auto width is measured"
-        table = tuple(sorted((k, (w,) if isinstance(w, int) else tuple(w)) for k, w in widths.items()))
+        table = tuple(sorted((k, (w,) if isinstance(w, int) else tuple(w))
+                             for k, w in widths.items()))
         return WidthPolicy((), table)
 
     def resolve(self, k: int) -> int | tuple[int, ...]:
