@@ -16,7 +16,7 @@
   rotating order, ``time_pairs`` does it per prompt (or batch) for beam search and speculation,
   ``Speedup`` turns the pairs into WS with its spread and the ``unstable`` flag, and
   ``paired_speedup`` measures again (at most ``EXTRA_PASSES`` times) while a row is unstable;
-* ``--draft-beams auto``: ``width.row_params`` picks N per K and batch size by measured cost
+* ``--draft-beams auto``: ``width.row_params`` picks N per drafted level, K and batch size by measured cost
   on a few validation prompts before the row is timed (``width`` imports this module, never
   the other way round).
 
@@ -95,8 +95,8 @@ class SpeedFlags(BaseModel):
     draft_beams: Width = Field(
         default_factory=lambda: WidthPolicy.parse(DEFAULT_DRAFT_BEAMS),
         description="draft width: N, a multiple of K such as 2k (raised to K where smaller), "
-                    "auto (chosen per K and batch size by measured cost on "
-                    "--calibration-prompts validation prompts), or one of those per code "
+                    "auto (one per drafted code, chosen per K and batch size by measured cost "
+                    "on --calibration-prompts validation prompts), or one of those per code "
                     "position, first code first, the last holding for later codes, such as "
                     "2k/8k/2k (the draft keeps that many beams at that code)")
     calibration_prompts: int = Field(AUTO_WIDTH_PROMPTS, ge=1, description="--draft-beams "
@@ -377,19 +377,31 @@ def paired_speedup(plain: Callable[[int], X], spec: Callable[[int], Y], units: i
 def oracle_pass(target: torch.nn.Module, width: int, gamma: int) -> Callable[[Batch], None]:
     """ONE target forward over a batch's prompts + width*gamma tree tokens (width K: the oracle
     pass; width N: a verification pass over a full N-beam draft tree)."""
+    return tree_pass(target, (width,) * gamma)
+
+
+def tree_pass(target: torch.nn.Module, levels: tuple[int, ...]) -> Callable[[Batch], None]:
+    """ONE target forward over a batch's prompts + a draft tree of ``levels`` (N_l nodes at
+    its level l, each a child of a node of the level above): sum(levels) tree tokens per
+    prompt, the verification pass of a round drafted with per-level widths."""
     import torch
 
     from atspeed_ray.decoding.beam import prefill
     from atspeed_ray.decoding.tree import Nodes
 
     def one(batch: Batch) -> None:
-        B, T = len(batch), width * gamma
+        B, T = len(batch), sum(levels)
         dev = next(target.parameters()).device
         tok = torch.ones(B, T, dtype=torch.long, device=dev)
-        idx = torch.arange(T, device=dev)
-        depth = (idx // width).expand(B, T)  # gamma levels of width nodes below each other
-        parent = torch.where(idx >= width, idx - width, -1).expand(B, T)
-        nodes = Nodes(tok, depth, parent, torch.full((B, T, 1), -1, device=dev),
+        depth, parent, start = [], [], 0  # per tree token: its level, its parent (-1: the prefix)
+        for d, n in enumerate(levels):
+            above = levels[d - 1] if d else 0
+            depth += [d] * n
+            parent += [start - above + i % above for i in range(n)] if d else [-1] * n
+            start += n
+        depth_t = torch.tensor(depth, device=dev).expand(B, T)
+        parent_t = torch.tensor(parent, device=dev).expand(B, T)
+        nodes = Nodes(tok, depth_t, parent_t, torch.full((B, T, 1), -1, device=dev),
                       torch.ones(B, T, dtype=torch.bool, device=dev))
         prefill(target, batch, nodes)
 

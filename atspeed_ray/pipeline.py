@@ -452,14 +452,21 @@ def reply_text(text: str) -> str:
     return f"items {items}, scores {scores}"
 
 
-def measured_widths(evaluation: Path, draft: str) -> dict[int, int]:
-    """k -> the draft width ``evaluate --draft-beams auto`` chose for ``draft`` (strict, at its
-    first timing batch size); empty when evaluate ran with a fixed width."""
+def measured_widths(evaluation: Path, draft: str) -> dict[int, int | str]:
+    """k -> the draft widths ``evaluate --draft-beams auto`` chose for ``draft`` (strict, at its
+    first timing batch size): an N, or one per drafted level as text (``10/200/20``, as the serve
+    config's ``draft_widths`` reads it); empty when evaluate ran with a fixed width."""
+    from atspeed_ray.width_policy import one_or_levels, widths_text
+
     path = evaluation / "speed.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
-    return {r["k"]: r["draft_beams"] for r in rows
-            if (r["method"], r["mode"]) == (draft, "strict") and "width_choice" in r
-            and r["batch_size"] == rows[0]["batch_size"]}
+    out: dict[int, int | str] = {}
+    for r in rows:
+        if (r["method"], r["mode"]) == (draft, "strict") and "width_choice" in r \
+                and r["batch_size"] == rows[0]["batch_size"]:
+            w = one_or_levels(tuple(r["level_widths"]))
+            out[r["k"]] = w if isinstance(w, int) else widths_text(w)
+    return out
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, output: StageOutput, argv: list[str],

@@ -60,10 +60,16 @@ DEFAULT_GAMMA = 3
 
 # the draft width policy (``width_policy.WidthPolicy``) where none is given: N = K
 DEFAULT_DRAFT_BEAMS = "1k"
-# ``--draft-beams auto`` / ``draft_beams_factor: auto``: the draft width chosen per K by measured
-# cost (``atspeed_ray.width``) among N = ceil(f * K) for these factors f.
+# ``--draft-beams auto`` / ``draft_beams_factor: auto``: the draft widths chosen per K by measured
+# cost (``atspeed_ray.width``): first one width for every level, N = ceil(f * K) for these
+# factors f; then per drafted level (code position), holding the others, the wider N = ceil(f * K)
+# for the level factors, a change kept only where the expected time falls; at most
+# AUTO_LEVEL_CANDIDATES such per-level candidates are measured (each: one strict search of the
+# calibration prompts and its timed round)
 AUTO = "auto"
 AUTO_WIDTH_FACTORS: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+AUTO_LEVEL_FACTORS: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0, 20.0)
+AUTO_LEVEL_CANDIDATES = 15
 # validation prompts the choice is measured on
 AUTO_WIDTH_PROMPTS = 8
 

@@ -1,106 +1,208 @@
-"""Choosing the draft width by cost: ``--draft-beams auto`` (``bench``, ``evaluate``, the
+"""Choosing the draft widths by cost: ``--draft-beams auto`` (``bench``, ``evaluate``, the
 pipeline) and ``draft_beams_factor: auto`` (the serve configs).
 
-A wider draft tree (N > K) gets more of the target's top-K drafted, so fewer rounds (target
-calls) per request; but every verification pass then carries N x gamma tree tokens and every
-draft step is a width-N beam step. Which N is cheapest depends on the models, the machine and
-the batch: on a CPU the target's pass is compute-bound, so a wide tree costs almost as much as
-it saves; on a GPU it costs little more than the oracle pass.
+A wider draft tree gets more of the target's top-K drafted, so fewer rounds (target calls) per
+request; but every verification pass then carries more tree tokens and every draft step is a
+wider beam step. Which widths are cheapest depends on the models, the machine and the batch: on a
+CPU the target's pass is compute-bound, so a wide tree costs almost as much as it saves; on a GPU
+it costs little more than the oracle pass. And the levels differ: the draft may hold the target's
+top K at code 1 with N = K but need N = 20 K at code 2. So the width is chosen per drafted level
+(code position): ``SearchParams.draft_beams`` as a tuple, N_l at code position l.
 
-``choose_width`` measures it on a few calibration prompts (the validation split) for every
-candidate (N, gamma):
+``choose_width`` measures it on a few calibration prompts (the validation split):
 
-* acceptance: one strict speculative search over the prompts gives the mean rounds (= target
-  calls) per request; the counters do not depend on timing, so one run is exact;
-* cost of a round: one target pass over prefix + N x gamma tree tokens (``oracle_pass`` with
-  width N) plus the draft's first round (``draft_round``), per request at the batch size that
-  will be used. Every candidate's two calls are timed in each of ``repeat`` rounds, all of a
-  round back to back in an order that rotates from one round to the next
-  (``benchmarking.interleaved``), and each cost is the least over the rounds (noise only adds
-  time): a slow spell of the machine falls on every candidate alike instead of deciding which
-  one wins, and each candidate keeps its quietest round;
+* acceptance: one strict speculative search over the prompts with the candidate's widths gives
+  the mean rounds (= target calls) per request; the counters do not depend on timing, so one run
+  is exact;
+* cost of a round (``Cost``; by default ``timed_cost``): one target pass over prefix + the first
+  round's draft tree (``tree_pass``: sum over its drafted levels of N_l tokens, ``round_levels``)
+  plus the draft's first round (``draft_round``), per request at the batch size that will be
+  used. The candidates of one stage are timed together: each candidate's two calls in each of
+  ``repeat`` rounds, all of a round back to back in an order that rotates from one round to the
+  next (``benchmarking.interleaved``), and each cost is the least over the rounds (noise only
+  adds time): a slow spell of the machine falls on every candidate alike instead of deciding
+  which one wins;
 * expected time per request = rounds x (pass + draft round). Later rounds re-use the cached
   prefix and draft fewer steps, so this over-counts them a little; it ranks candidates, the
   chosen one is then measured like any other.
 
-The candidate with the least expected time wins. The search's result is the same for every N
-(strict), so only time decides. Pure torch: the serving driver uses it too.
+The search (``settings.AUTO_*``): first one width for every level, N = f x K for the
+``AUTO_WIDTH_FACTORS``; then, from the best of those, a coordinate search: for each drafted level
+in turn, the wider N = f x K of ``AUTO_LEVEL_FACTORS`` at that level with the others held (at
+most ``AUTO_LEVEL_CANDIDATES`` of them). At each stage a wider candidate replaces the best so far
+only where it takes fewer rounds and less expected time (``better``): at equal rounds a wider
+tree cannot cost less, so a lower time there is the clock's noise, not a reason to widen. The
+search's result is the same for every width (strict), so only time decides. Where a pass costs
+about the same for 10 or 200 tree tokens (a GPU) a level whose wider tree cuts rounds is widened;
+where the pass grows with the tree (a CPU) the widths stay narrow. ``cost`` may be given (a model
+of the machine, as the tests do). Pure torch: the serving driver uses it too.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from atspeed_ray.benchmarking import (
-    batches, device_clock, draft_round, interleaved, oracle_pass, timing_threads,
+    batches, device_clock, draft_round, interleaved, timing_threads, tree_pass,
 )
 from atspeed_ray.data.index import ItemIndex
-from atspeed_ray.decoding.drafting import Drafter
+from atspeed_ray.decoding.drafting import Drafter, as_drafter
 from atspeed_ray.decoding.search import SearchParams
-from atspeed_ray.settings import AUTO_WIDTH_FACTORS, EXPAND_LAST
-from atspeed_ray.width_policy import LevelWidth, WidthPolicy
+from atspeed_ray.settings import (
+    AUTO_LEVEL_CANDIDATES, AUTO_LEVEL_FACTORS, AUTO_WIDTH_FACTORS, EXPAND_LAST,
+)
+from atspeed_ray.width_policy import LevelWidth, WidthPolicy, one_or_levels, widths_text
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """What one round of a candidate costs, per request (ms)."""
+
+    pass_ms: float  # one target pass over prefix + the first round's draft tree
+    draft_ms: float  # the draft's first round (0 when gamma = 0)
+
+
+# A cost model: the round cost of each candidate search of one stage, measured together
+# (``timed_cost``; the tests give a model of a machine instead).
+Cost = Callable[[Sequence[SearchParams]], list[RoundCost]]
 
 
 @dataclass(frozen=True)
 class WidthCandidate:
-    """The measurements of one candidate (N, gamma), per request (ms)."""
+    """The measurements of one candidate (widths, gamma), per request (ms)."""
 
-    n: int  # draft width N
+    widths: tuple[int, ...]  # draft width N_l per code position, the last holding for later codes
     gamma: int  # draft steps per round
     rounds: float  # mean rounds (= target calls) per request, strict
-    pass_ms: float  # one target pass over prefix + N x gamma tree tokens
-    draft_ms: float  # the draft's first round (prefill + min(gamma, L-1) width-N steps)
+    tree_tokens: int  # tokens of the first round's draft tree: sum over its drafted levels of N_l
+    pass_ms: float  # one target pass over prefix + that tree
+    draft_ms: float  # the draft's first round (prefill + its drafted steps at their widths)
+
+    @property
+    def n(self) -> int:
+        """The widest level's N."""
+        return max(self.widths)
+
+    @property
+    def draft_beams(self) -> int | tuple[int, ...]:
+        """As ``SearchParams.draft_beams`` and a measured table hold it: one N, or per level."""
+        return one_or_levels(self.widths)
+
+    @property
+    def table_value(self) -> int | str:
+        """As the serve config's ``draft_widths`` holds it: N, or per level ``10/200/20``."""
+        w = self.draft_beams
+        return w if isinstance(w, int) else widths_text(w)
 
     @property
     def expected_ms(self) -> float:
         return self.rounds * (self.pass_ms + self.draft_ms)
 
+    def label(self, k: int) -> str:
+        """``20``, or per level ``10/200/20 (1k/20k/2k)``."""
+        w = self.draft_beams
+        return str(w) if isinstance(w, int) else f"{widths_text(w)} ({widths_text(w, k)})"
+
+
+def rank(c: WidthCandidate) -> tuple[float, int, int, int]:
+    """The order candidates are compared in: least expected time, then the smaller tree."""
+    return (c.expected_ms, c.tree_tokens, c.n, c.gamma)
+
+
+def better(best: WidthCandidate, wider: Sequence[WidthCandidate]) -> WidthCandidate:
+    """``best``, or one of the ``wider`` candidates (the same search, some level wider) that takes
+    fewer rounds and less expected time. Among those of equal rounds only the smallest tree
+    competes: at equal rounds a wider tree cannot cost less, a lower time there is the clock's
+    noise, not a reason to widen."""
+    fewer: dict[float, WidthCandidate] = {}  # rounds -> the smallest tree that takes them
+    for c in sorted(wider, key=lambda c: (c.tree_tokens, c.n)):
+        if c.rounds < best.rounds:
+            fewer.setdefault(c.rounds, c)
+    if not fewer:
+        return best
+    c = min(fewer.values(), key=rank)
+    return c if c.expected_ms < best.expected_ms else best
+
 
 @dataclass(frozen=True)
 class WidthChoice:
-    """The chosen (N, gamma) for top-``k`` at ``batch_size``, and every candidate measured."""
+    """The chosen widths and gamma for top-``k`` at ``batch_size``, and every candidate measured
+    (in the order the search measured them)."""
 
     k: int
     batch_size: int
     prompts: int  # calibration prompts
     candidates: list[WidthCandidate]
+    pick: int  # the chosen one's place in candidates
 
     @property
     def best(self) -> WidthCandidate:
-        return min(self.candidates, key=lambda c: (c.expected_ms, c.n, c.gamma))
+        return self.candidates[self.pick]
 
     @property
     def policy(self) -> WidthPolicy:
-        """``auto`` with the chosen width measured at this k."""
-        return WidthPolicy().with_measured({self.k: self.best.n})
+        """``auto`` with the chosen widths measured at this k."""
+        return WidthPolicy().with_measured({self.k: self.best.widths})
 
     def params(self, base: SearchParams) -> SearchParams:
-        """``base`` with the chosen width (resolved by ``policy``) and gamma."""
-        import dataclasses
-
+        """``base`` with the chosen widths (resolved by ``policy``) and gamma."""
         return dataclasses.replace(base, draft_beams=self.policy.resolve(base.k),
                                    gamma=self.best.gamma)
 
     def record(self) -> dict:
         """JSON-able: the choice and the table it was chosen from."""
+        best = self.best
         return {"k": self.k, "batch_size": self.batch_size, "prompts": self.prompts,
-                "chosen_n": self.best.n, "chosen_gamma": self.best.gamma,
-                "candidates": [{**asdict(c), "expected_ms": c.expected_ms} for c in self.candidates]}
+                "chosen_n": best.n, "chosen_widths": list(best.widths),
+                "chosen": best.table_value, "chosen_gamma": best.gamma,
+                "candidates": [{**dataclasses.asdict(c), "widths": list(c.widths), "n": c.n,
+                                "expected_ms": c.expected_ms} for c in self.candidates]}
 
     def summary(self) -> str:
         """One line: the choice and each candidate's expected ms per request."""
-        parts = ", ".join(f"N={c.n}{'' if c.gamma == self.best.gamma else f'/g{c.gamma}'}: "
+        best = self.best
+        parts = ", ".join(f"N={c.label(self.k)}{'' if c.gamma == best.gamma else f'/g{c.gamma}'}: "
                           f"{c.rounds:.2f} calls x ({c.pass_ms:.1f} + {c.draft_ms:.1f}) = "
                           f"{c.expected_ms:.1f}" for c in self.candidates)
-        return (f"auto width K={self.k} batch {self.batch_size}: N={self.best.n} gamma={self.best.gamma} "
-                f"(expected ms/request on {self.prompts} calibration prompts: {parts})")
+        return (f"auto width K={self.k} batch {self.batch_size}: N={best.label(self.k)} "
+                f"gamma={best.gamma} (expected ms/request on {self.prompts} calibration prompts: "
+                f"{parts})")
 
 
 def candidate_widths(k: int, factors: tuple[float, ...] = AUTO_WIDTH_FACTORS) -> list[int]:
     """The distinct widths N = ceil(f * k) tried for top-``k``, smallest first."""
     return sorted({LevelWidth(f, per_k=True).of(k) for f in factors})
+
+
+def first_drafted(draft: Drafter | torch.nn.Module) -> int:
+    """The first code position (0-based) a round from the root drafts: 0 for a draft that
+    reads tokens, 1 for one that reads the target's features (code 1 comes from the target's
+    prefill)."""
+    return 1 if as_drafter(draft).wants_features else 0
+
+
+def round_levels(params: SearchParams, L: int, start: int) -> tuple[int, ...]:
+    """The level widths of the first round's draft tree: the g = min(gamma, L - 1 - start) code
+    positions start, start + 1, ... it drafts (``speculative``: ``g``), each at its width."""
+    w = params.widths
+    g = max(0, min(params.gamma, L - 1 - start))
+    return tuple(w[min(start + j, len(w) - 1)] for j in range(g))
+
+
+def level_tries(widths: tuple[int, ...], level: int, k: int, L: int,
+                factors: tuple[float, ...] = AUTO_LEVEL_FACTORS) -> list[tuple[int, ...]]:
+    """``widths`` with code position ``level`` widened to each N = ceil(f * k) of ``factors``
+    that is wider than it now, the other drafted levels (0 .. L - 2) held."""
+    full = [widths[min(i, len(widths) - 1)] for i in range(max(L - 1, 1))]
+    out: list[tuple[int, ...]] = []
+    for n in candidate_widths(k, factors):
+        if n > full[level]:
+            out.append(tuple(full[:level] + [n] + full[level + 1:]))
+    return out
 
 
 def calibration_batch(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -112,45 +214,84 @@ def calibration_batch(prompts: list[list[int]], batch_size: int) -> list[list[in
     return (prompts * reps)[:max(batch_size, len(prompts))]
 
 
+def timed_cost(target: torch.nn.Module, draft: Drafter | torch.nn.Module, index: ItemIndex,
+               head: list[list[int]], repeat: int, start: int) -> Cost:
+    """The measured cost model on this machine: per candidate, its first round's tree pass
+    (``tree_pass`` over ``round_levels``) and draft round on the batch ``head``, warmed up, then
+    all timed interleaved ``repeat`` times (module docstring), each the least, per request."""
+
+    def measure(grid: Sequence[SearchParams]) -> list[RoundCost]:
+        calls = []  # per candidate: its target pass, then its draft round (none when gamma = 0)
+        for p in grid:
+            calls.append(tree_pass(target, round_levels(p, index.L, start)))
+            calls.append(draft_round(target, draft, index, p, [head]) if p.gamma > 0
+                         else (lambda _: None))
+        with timing_threads(index.device):
+            for call in calls:  # warm-up: the first call at a new shape pays one-off costs
+                call(head)
+            seconds, _ = interleaved([lambda f=f: f(head) for f in calls], repeat,
+                                     device_clock(index.device))  # [2 * candidates][repeat]
+        ms = [1e3 * min(s) / len(head) for s in seconds]
+        return [RoundCost(ms[2 * i], ms[2 * i + 1] if p.gamma > 0 else 0.0)
+                for i, p in enumerate(grid)]
+
+    return measure
+
+
 @torch.no_grad()
 def choose_width(target: torch.nn.Module, draft: Drafter | torch.nn.Module, index: ItemIndex,
                  prompts: list[list[int]], k: int, gammas: tuple[int, ...], batch_size: int = 1,
                  repeat: int = 2, factors: tuple[float, ...] = AUTO_WIDTH_FACTORS,
-                 expand_last: int = EXPAND_LAST) -> WidthChoice:
-    """The (N, gamma) with the least expected time per request for top-``k`` (module
-    docstring), measured on ``prompts`` (a few validation prompts) at ``batch_size``."""
+                 level_factors: tuple[float, ...] = AUTO_LEVEL_FACTORS,
+                 level_candidates: int = AUTO_LEVEL_CANDIDATES, expand_last: int = EXPAND_LAST,
+                 cost: Cost | None = None) -> WidthChoice:
+    """The widths per drafted level and the gamma for top-``k`` that the search of the module
+    docstring chooses by expected time per request, measured on ``prompts`` (a few validation
+    prompts) at ``batch_size``; ``cost``: the round costs (default: ``timed_cost`` on this
+    machine)."""
     from atspeed_ray.decoding import speculative_search
 
     calib = calibration_batch(prompts, batch_size)
     groups = batches(calib, batch_size)
-    head = groups[0]  # the cost of a round is timed on the first full batch
-    rows = len(head)
-    grid = [SearchParams(k, n, gamma, "strict", expand_last=expand_last)
-            for gamma in gammas for n in candidate_widths(k, factors)]
-    rounds = [[r for b in groups for r in speculative_search(target, draft, b, index, p).stats["rounds"]]
-              for p in grid]  # counters: exact in one run (the first run warms up too)
-    calls = []  # per candidate: its target pass, then its draft round (none when gamma = 0)
-    for p in grid:
-        calls.append(oracle_pass(target, p.N, p.gamma))
-        calls.append(draft_round(target, draft, index, p, [head]) if p.gamma > 0 else (lambda _: None))
-    with timing_threads(index.device):
-        for call in calls:  # warm-up: the first call at a new shape pays one-off costs
-            call(head)
-        seconds, _ = interleaved([lambda f=f: f(head) for f in calls], repeat,
-                                 device_clock(index.device))  # [2 * candidates][repeat]
-    ms = [1e3 * min(s) / rows for s in seconds]
-    out = [WidthCandidate(p.N, p.gamma, sum(r) / len(r), ms[2 * i], ms[2 * i + 1] if p.gamma > 0 else 0.0)
-           for i, (p, r) in enumerate(zip(grid, rounds))]
-    return WidthChoice(k, batch_size, len(calib), out)
+    start = first_drafted(draft)
+    round_cost = cost or timed_cost(target, draft, index, groups[0], repeat, start)
+
+    def measure(grid: list[SearchParams]) -> list[WidthCandidate]:
+        costs = round_cost(grid)
+        out = []
+        for p, c in zip(grid, costs):  # counters: exact in one run
+            r = [x for b in groups
+                 for x in speculative_search(target, draft, b, index, p).stats["rounds"]]
+            out.append(WidthCandidate(p.widths, p.gamma, sum(r) / len(r),
+                                      sum(round_levels(p, index.L, start)), c.pass_ms, c.draft_ms))
+        return out
+
+    def search(widths: int | tuple[int, ...], gamma: int) -> SearchParams:
+        return SearchParams(k, widths, gamma, "strict", expand_last=expand_last)
+
+    measured = measure([search(n, g) for g in gammas for n in candidate_widths(k, factors)])
+    per_gamma = [[c for c in measured if c.gamma == g] for g in gammas]  # each: narrowest first
+    best = min((better(cs[0], cs[1:]) for cs in per_gamma), key=rank)
+    left = level_candidates
+    for level in range(start, index.L - 1):  # the drafted code positions, first code first
+        tries = level_tries(best.widths, level, k, index.L, level_factors)[:left]
+        if not tries:
+            continue
+        left -= len(tries)
+        new = measure([search(w, best.gamma) for w in tries])
+        measured += new
+        best = better(best, new)
+    return WidthChoice(k, batch_size, len(calib), measured,
+                       next(i for i, c in enumerate(measured) if c is best))
 
 
 def row_params(params: SearchParams, width: WidthPolicy, target: torch.nn.Module,
                draft: Drafter | torch.nn.Module, index: ItemIndex, calibration: list[list[int]],
                batch_size: int, repeat: int = 2) -> tuple[SearchParams, WidthChoice | None]:
-    """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the width (and
-    gamma) that ``choose_width`` finds cheapest on the ``calibration`` prompts at this batch
-    size, each cost the least of ``repeat`` (at least 2) interleaved timings (printed); the
-    choice is returned to be recorded with the row."""
+    """The search of a row: ``params`` as given, or with ``--draft-beams auto`` the widths per
+    drafted level (and gamma) that ``choose_width`` chooses on the ``calibration`` prompts at
+    this batch size, each cost the least of ``repeat`` (at least 2) interleaved timings
+    (printed); the choice is returned to be recorded with the row."""
     if not width.auto:
         return params, None
     choice = choose_width(target, draft, index, calibration, params.k, (params.gamma,), batch_size,

@@ -7,8 +7,9 @@ search. The text:
 
 * ``20``: a fixed width N = 20 (raised to K where K is larger);
 * ``2k``: a multiple of K, N = ceil(2 K) (never below K);
-* ``auto``: chosen per K by measured cost (``atspeed_ray.width``); N = K until measured, then
-  the measured N of the nearest K measured, scaled to K (``with_measured``);
+* ``auto``: chosen per K by measured cost (``atspeed_ray.width``), one width per drafted level;
+  N = K until measured, then the measured widths of the nearest K measured, each scaled to K
+  (``with_measured``);
 * ``2k/8k/2k``: one width per code position (the drafted level), first code first, the last
   entry holding for every later code; each entry is a fixed N or a multiple of K. The draft then
   keeps N_l beams at level l (``SearchParams.draft_beams`` as a tuple).
@@ -48,10 +49,11 @@ class LevelWidth:
 @dataclass(frozen=True)
 class WidthPolicy:
     """A draft width policy (module docstring). ``levels``: per code position, the last entry
-    holding for later codes; empty = ``auto``. ``measured``: auto's measured (k, N) pairs."""
+    holding for later codes; empty = ``auto``. ``measured``: auto's measured (k, widths) pairs,
+    widths = N per code position measured at that k (the last holding for later codes)."""
 
     levels: tuple[LevelWidth, ...] = ()
-    measured: tuple[tuple[int, int], ...] = ()
+    measured: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     @classmethod
     def parse(cls, text: str, flag: str = "--draft-beams") -> WidthPolicy:
@@ -82,25 +84,62 @@ class WidthPolicy:
     def auto(self) -> bool:
         return not self.levels
 
-    def with_measured(self, widths: Mapping[int, int]) -> WidthPolicy:
-        """This ``auto`` policy with the widths N measured per k (``{k: N}``)."""
+    def with_measured(self, widths: Mapping[int, int | tuple[int, ...]]) -> WidthPolicy:
+        """This ``auto`` policy with the widths measured per k: ``{k: N}`` or ``{k: (N_1, N_2,
+        ...)}`` (one per code position, the last holding for later codes)."""
         assert self.auto, "only an auto width is measured"
-        return WidthPolicy((), tuple(sorted(widths.items())))
+        table = tuple(sorted((k, (w,) if isinstance(w, int) else tuple(w))
+                             for k, w in widths.items()))
+        return WidthPolicy((), table)
 
     def resolve(self, k: int) -> int | tuple[int, ...]:
         """The draft width of a top-``k`` search (``SearchParams.draft_beams``): one N, or one
-        per code position when the levels differ. Auto: the N/k of the nearest k measured (the
-        smaller on a tie), else N = k."""
+        per code position when the levels differ. Auto: each level's N/k of the nearest k
+        measured (the smaller on a tie), else N = k."""
         if self.auto:
             if not self.measured:
                 return k
-            near, n = min(self.measured, key=lambda m: (abs(m[0] - k), m[0]))
-            return LevelWidth(n / near, True).of(k)
-        widths = tuple(level.of(k) for level in self.levels)
-        return widths[0] if len(set(widths)) == 1 else widths
+            near, ns = min(self.measured, key=lambda m: (abs(m[0] - k), m[0]))
+            return one_or_levels(tuple(LevelWidth(n / near, True).of(k) for n in ns))
+        return one_or_levels(tuple(level.of(k) for level in self.levels))
 
     def __str__(self) -> str:
         return AUTO if self.auto else LEVEL_SEP.join(map(str, self.levels))
+
+
+def one_or_levels(widths: tuple[int, ...]) -> int | tuple[int, ...]:
+    """``widths`` (per code position, the last holding for later codes) as
+    ``SearchParams.draft_beams`` holds them: the one N when every level has it."""
+    return widths[0] if len(set(widths)) == 1 else widths
+
+
+def trimmed(widths: tuple[int, ...]) -> tuple[int, ...]:
+    """``widths`` without the trailing repeats of its last entry (they hold anyway)."""
+    out = tuple(widths)
+    while len(out) > 1 and out[-1] == out[-2]:
+        out = out[:-1]
+    return out
+
+
+def widths_text(widths: tuple[int, ...], k: int | None = None) -> str:
+    """Per-level widths in the policy's text: ``10/200/20``, or with ``k`` as multiples of it
+    (``1k/20k/2k``, to 3 significant digits: for reading; the exact table is the first form)."""
+    if k is None:
+        return LEVEL_SEP.join(map(str, trimmed(widths)))
+    return LEVEL_SEP.join(f"{n / k:.3g}k" for n in trimmed(widths))
+
+
+def measured_widths_at(value: int | str, k: int) -> tuple[int, ...]:
+    """One entry of a measured width table (the serve config's ``draft_widths``) as widths per
+    code position at its ``k``: an N, or a policy text (``10/200/20``, ``1k/20k/2k``) resolved
+    at k; a ValueError names ``draft_widths`` when it is neither."""
+    if isinstance(value, int):
+        return (value,)
+    policy = WidthPolicy.parse(value, "draft_widths")
+    if policy.auto:
+        raise ValueError(f"draft_widths: a measured width, not auto; got {value!r} at k={k}")
+    w = policy.resolve(k)
+    return (w,) if isinstance(w, int) else w
 
 
 def _policy(value: Any) -> Any:

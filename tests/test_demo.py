@@ -27,19 +27,23 @@ def test_a_bundled_base_model_is_written_by_a_first_stage(tmp_path):
 
 
 def test_serve_demo_gets_the_widths_evaluate_measured(tmp_path):
+    from atspeed_ray.serving.config import AppArgs
+
     choice = {"chosen_n": 20}
-    rows = [{"method": "atspeed-s", "mode": "strict", "batch_size": 1, "k": 10, "draft_beams": 20,
-             "width_choice": choice},
+    rows = [{"method": "atspeed-s", "mode": "strict", "batch_size": 1, "k": 10, "draft_beams": 200,
+             "level_widths": [10, 200, 20], "width_choice": choice},
             {"method": "atspeed-s", "mode": "strict", "batch_size": 1, "k": 1, "draft_beams": 2,
-             "width_choice": choice},
+             "level_widths": [2], "width_choice": choice},
             {"method": "atspeed-s", "mode": "relaxed", "batch_size": 1, "k": 5, "draft_beams": 5,
-             "width_choice": choice},
+             "level_widths": [5], "width_choice": choice},
             {"method": "sft", "mode": "strict", "batch_size": 1, "k": 5, "draft_beams": 15,
-             "width_choice": choice},
+             "level_widths": [15], "width_choice": choice},
             {"method": "atspeed-s", "mode": "strict", "batch_size": 8, "k": 5, "draft_beams": 10,
-             "width_choice": choice}]
+             "level_widths": [10], "width_choice": choice}]
     (tmp_path / "speed.json").write_text(json.dumps(rows))
-    assert measured_widths(tmp_path, "atspeed-s") == {10: 20, 1: 2}
+    measured = measured_widths(tmp_path, "atspeed-s")  # per level: as draft_widths reads it
+    assert measured == {10: "10/200/20", 1: 2}
+    assert AppArgs(target="t", draft="d", draft_widths=measured).draft_width(10) == (10, 200, 20)
     rows = [{**r, "width_choice": None} for r in rows]
     for r in rows:
         del r["width_choice"]  # a fixed --draft-beams: nothing measured

@@ -140,12 +140,35 @@ def test_serving_auto_measures_widths_for_a_feature_draft(pair):
     draft gets a measured width table, not the N = k fallback."""
     from atspeed_ray.serving.app import with_measured_widths
     from atspeed_ray.serving.config import AppArgs
-    from atspeed_ray.width import candidate_widths
+    from atspeed_ray.width_policy import measured_widths_at
 
     data, target, _, feature = pair
     args = AppArgs(target=str(target), draft=str(feature), data=str(data), device="cpu",
                    draft_beams_factor="auto", max_k=5)
     measured = with_measured_widths(args)
     assert sorted(measured.draft_widths) == [1, 5]
-    assert all(candidate_widths(k)[0] <= n <= candidate_widths(k)[-1]
-               for k, n in measured.draft_widths.items())
+    assert all(k <= min(w) and max(w) <= 20 * k  # an N, or per drafted level (10/200/20)
+               for k, v in measured.draft_widths.items() for w in [measured_widths_at(v, k)])
+
+
+def test_auto_widths_of_a_feature_draft_start_at_code_2(pair):
+    """A feature draft never drafts code 1 (the target's prefill gives it): ``auto``'s
+    per-level candidates widen code 2 and later only, each costed for the tree its first round
+    drafts (codes 2 to L - 1), and the chosen widths' strict search is the target's beam search."""
+    from atspeed_ray.decoding.beam import beam_search
+    from atspeed_ray.decoding.speculative import speculative_search
+    from atspeed_ray.width import RoundCost, choose_width
+
+    data, target_path, _, feature = pair
+    target, drafter = load_decoder(target_path, CPU), load_drafter(feature, CPU)
+    prepared = load_prepared(data)
+    index, prompts = prepared.index, prepared.prompts("valid", limit=4)
+    choice = choose_width(target, drafter, index, prompts, 2, (3,),
+                          cost=lambda grid: [RoundCost(10.0, 1.0) for _ in grid])  # flat
+    levels = [c for c in choice.candidates if len(c.widths) > 1]
+    assert levels and len({c.widths[0] for c in levels}) == 1  # code 1 is never widened
+    for c in choice.candidates:  # the first round drafts codes 2 .. L - 1
+        assert c.tree_tokens == sum(c.widths[min(d, len(c.widths) - 1)] for d in range(1, index.L - 1))
+    params = choice.params(SearchParams(2, 2, 3))
+    assert speculative_search(target, drafter, prompts, index, params).items == \
+        beam_search(target, prompts, index, 2).items

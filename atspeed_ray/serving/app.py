@@ -37,7 +37,8 @@ AUTO_WIDTH_KS = (1, 5, 10, 20)  # k the builder measures a width for (others: th
 def with_measured_widths(args: AppArgs) -> AppArgs:
     """``args`` with ``draft_widths`` measured when ``draft_beams_factor`` is auto and none are
     given: the served models loaded here, ``choose_width`` at one request per call on the
-    catalog's example histories, for each k of ``AUTO_WIDTH_KS`` the app allows. On a GPU
+    catalog's example histories, for each k of ``AUTO_WIDTH_KS`` the app allows (an N, or the
+    widths per drafted level as text, ``10/200/20``). On a GPU
     cluster, where the builder may run without the replicas' device, give ``draft_widths``
     (as ``bench --draft-beams auto`` prints them) instead."""
     if not args.auto_width or not args.speculative:
@@ -57,11 +58,11 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
         return args
     index = catalog.index.to(next(target.parameters()).device)
     prompts = [catalog.prompt(h) for h in catalog.examples[:AUTO_WIDTH_PROMPTS]]
-    widths = {}
+    widths: dict[int, int | str] = {}
     for k in (k for k in AUTO_WIDTH_KS if k <= min(args.max_k, index.num_items)):
         choice = choose_width(target, draft, index, prompts, k, (args.gamma,))
         logger.warning("draft_beams_factor auto: %s", choice.summary())
-        widths[k] = choice.best.n
+        widths[k] = choice.best.table_value  # N, or per level: 10/200/20
     return args.model_copy(update={"draft_widths": widths})
 
 

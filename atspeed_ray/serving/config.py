@@ -25,7 +25,7 @@ from atspeed_ray.serving.routing import PROBE_BACKOFF, PROBE_EVERY
 from atspeed_ray.settings import (
     DEFAULT_DRAFT_BEAMS, DEFAULT_GAMMA, DEFAULT_MODE, EXPAND_LAST, Dtype, Forward, Mode,
 )
-from atspeed_ray.width_policy import WidthPolicy
+from atspeed_ray.width_policy import WidthPolicy, measured_widths_at
 
 MAX_HISTORY = 50
 MAX_K = 50
@@ -155,11 +155,13 @@ class AppArgs(BaseModel):
         default=DEFAULT_DRAFT_BEAMS, description="draft width N = ceil(factor * k); auto: N per k measured when the "
                                  "app is built (draft_widths); or any width policy as bench's "
                                  "--draft-beams writes it (20, 2k, or per code position 2k/8k/2k)")
-    draft_widths: dict[int, int] = Field(
+    draft_widths: dict[int, int | str] = Field(
         default_factory=dict,
-        description="measured draft width N per k (draft_beams_factor auto fills it when the app is "
-                    "built; bench/evaluate --draft-beams auto print it); a k not listed takes the N/k "
-                    "of the nearest k listed. Given, it overrides draft_beams_factor")
+        description="measured draft width per k: an N, or one per drafted level as a width policy "
+                    "text at that k (10/200/20 or 1k/20k/2k; draft_beams_factor auto fills it when "
+                    "the app is built; bench/evaluate --draft-beams auto print it); a k not listed "
+                    "takes each level's N/k of the nearest k listed. Given, it overrides "
+                    "draft_beams_factor")
     max_k: int = Field(default=MAX_K, ge=1, le=MAX_K)
     history_window: int | None = Field(default=None, ge=1, le=MAX_HISTORY,
                                        description="items of the history used (default: the data's history_len)")
@@ -204,6 +206,13 @@ class AppArgs(BaseModel):
             WidthPolicy.parse(value, "draft_beams_factor")  # a ValueError names the field
         return value
 
+    @field_validator("draft_widths")
+    @classmethod
+    def _widths_text(cls, value: dict[int, int | str]) -> dict[int, int | str]:
+        for k, w in value.items():
+            measured_widths_at(w, k)  # a ValueError names the field
+        return value
+
     @model_validator(mode="after")
     def _draft_needed(self) -> "AppArgs":
         if self.draft is None and not self.target_only:
@@ -242,7 +251,8 @@ class AppArgs(BaseModel):
         """The draft width policy: ``draft_widths`` when given (measured: auto with them), else
         ``draft_beams_factor``."""
         if self.draft_widths:
-            return WidthPolicy().with_measured(self.draft_widths)
+            return WidthPolicy().with_measured({k: measured_widths_at(w, k)
+                                                for k, w in self.draft_widths.items()})
         if isinstance(self.draft_beams_factor, str):
             return WidthPolicy.parse(self.draft_beams_factor, "draft_beams_factor")
         return WidthPolicy.factor(self.draft_beams_factor)
