@@ -29,7 +29,10 @@ top K at code 1 with N = K but need N = 20 K at code 2. So the width is chosen p
 The search (``settings.AUTO_*``): first one width for every level, N = f x K for the
 ``AUTO_WIDTH_FACTORS``; then, from the best of those, a coordinate search: for each drafted level
 in turn, the wider N = f x K of ``AUTO_LEVEL_FACTORS`` at that level with the others held (at
-most ``AUTO_LEVEL_CANDIDATES`` of them). At each stage a wider candidate replaces the best so far
+most ``AUTO_LEVEL_CANDIDATES`` of them), narrowest first, each priced before it is searched: a
+level stops widening at the first width whose one round costs more than a whole request of the
+best so far (wider ones cost more still), so on a CPU the wide trees cost one timed pass each
+and no strict search, which keeps ``serve``'s start-up short. At each stage a wider candidate replaces the best so far
 only where it takes fewer rounds and less expected time (``better``): at equal rounds a wider
 tree cannot cost less, so a lower time there is the clock's noise, not a reason to widen. The
 search's result is the same for every width (strict), so only time decides. Where a pass costs
@@ -256,15 +259,14 @@ def choose_width(target: torch.nn.Module, draft: Drafter | torch.nn.Module, inde
     start = first_drafted(draft)
     round_cost = cost or timed_cost(target, draft, index, groups[0], repeat, start)
 
+    def counted(p: SearchParams, c: RoundCost) -> WidthCandidate:
+        r = [x for b in groups  # counters: exact in one run
+             for x in speculative_search(target, draft, b, index, p).stats["rounds"]]
+        return WidthCandidate(p.widths, p.gamma, sum(r) / len(r),
+                              sum(round_levels(p, index.L, start)), c.pass_ms, c.draft_ms)
+
     def measure(grid: list[SearchParams]) -> list[WidthCandidate]:
-        costs = round_cost(grid)
-        out = []
-        for p, c in zip(grid, costs):  # counters: exact in one run
-            r = [x for b in groups
-                 for x in speculative_search(target, draft, b, index, p).stats["rounds"]]
-            out.append(WidthCandidate(p.widths, p.gamma, sum(r) / len(r),
-                                      sum(round_levels(p, index.L, start)), c.pass_ms, c.draft_ms))
-        return out
+        return [counted(p, c) for p, c in zip(grid, round_cost(grid))]
 
     def search(widths: int | tuple[int, ...], gamma: int) -> SearchParams:
         return SearchParams(k, widths, gamma, "strict", expand_last=expand_last)
@@ -274,13 +276,17 @@ def choose_width(target: torch.nn.Module, draft: Drafter | torch.nn.Module, inde
     best = min((better(cs[0], cs[1:]) for cs in per_gamma), key=rank)
     left = level_candidates
     for level in range(start, index.L - 1):  # the drafted code positions, first code first
-        tries = level_tries(best.widths, level, k, index.L, level_factors)[:left]
-        if not tries:
-            continue
-        left -= len(tries)
-        new = measure([search(w, best.gamma) for w in tries])
-        measured += new
-        best = better(best, new)
+        for w in level_tries(best.widths, level, k, index.L, level_factors)[:left]:
+            left -= 1
+            p = search(w, best.gamma)
+            c = round_cost([p])[0]
+            if c.pass_ms + c.draft_ms >= best.expected_ms:
+                # priced out: one round of it costs more than a whole request of the best, and a
+                # wider tree at this level costs more still (no strict search run for them)
+                break
+            new = counted(p, c)
+            measured.append(new)
+            best = better(best, [new])
     return WidthChoice(k, batch_size, len(calib), measured,
                        next(i for i, c in enumerate(measured) if c is best))
 

@@ -277,3 +277,28 @@ def test_auto_keeps_narrow_widths_where_the_pass_grows_with_the_tree(calibration
     assert any(len(c.widths) > 1 and c.rounds < choice.best.rounds  # fewer calls, but dearer
                for c in choice.candidates)
     assert chosen_exactly(calibration, choice, 1).draft_beams == 1
+
+
+def test_a_width_whose_one_round_costs_more_than_the_best_request_is_never_searched(calibration):
+    """Pricing out: each per-level try is priced first; the first one whose single round costs
+    more than a whole request of the best so far ends its level without a strict search, so the
+    wide trees of a CPU cost one timed pass each at start-up."""
+    from atspeed_ray.width import choose_width
+
+    target, draft, index, prompts = calibration
+    priced: list[tuple[int, ...]] = []
+    steep = model_cost(index, 5.0, 3.0)
+
+    def cost(grid):
+        priced.extend(p.widths for p in grid)
+        return steep(grid)
+
+    choice = choose_width(target, draft, index, prompts, 1, (3,), cost=cost)
+    searched = [c.widths for c in choice.candidates]
+    skipped = [w for w in priced if w not in searched]
+    assert skipped, "a steep machine prices some wide tree out"
+    worst = max(c.expected_ms for c in choice.candidates)
+    one_round = [steep([SearchParams(1, w, 3, "strict")])[0] for w in skipped]
+    assert all(r.pass_ms + r.draft_ms >= choice.best.expected_ms for r in one_round)
+    assert all(c.pass_ms + c.draft_ms < worst for c in choice.candidates if len(c.widths) > 1)
+    assert choice.best.widths == (1,)
