@@ -1,10 +1,15 @@
 """Acceptance: walk the drafted steps with the target's distributions (``verification``).
 
 Strict mode accepts step j when the target's own top-K at step j are all among the drafted
-beams; relaxed mode accepts each drafted beam with probability min(1, p/q) and needs K of them.
-At the first rejection the target's own choice at that step is taken (strict: its top-K;
-relaxed: the accepted ones plus draws from norm(max(p - q, 0))). If all drafted steps pass, the
-target's distribution after the last one gives a bonus step.
+beams. Relaxed mode makes the target's K beams at step j K draws without replacement from p
+(the softmax of the target's cumulative scores over the children of its current beams: the
+target's own sampled beam search, what a bonus step draws) by recursive rejection sampling over
+the drafted beams in the order the draft sampled them (``recursive_accept``); the step is
+accepted when K drafted beams are taken. At the first rejection the target's own choice at that
+step is taken (strict: its top-K; relaxed: the drafted beams taken plus the remaining draws, the
+current one from its residual). If all drafted steps pass, the target's distribution after the
+last one gives a bonus step. So relaxed output follows the target's sampled beam search whatever
+the draft; the draft only changes how many steps a round accepts (results/relaxed/RUN.md).
 
 Relaxed mode's draws at step j are numbered (``accept_draw``) so that a row draws the same numbers
 whatever rows it is stacked with: the draws of its bonus step are those of a step where it
