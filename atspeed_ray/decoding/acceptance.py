@@ -161,6 +161,28 @@ def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: 
     return choose(cands, key, K), enough, chosen
 
 
+def accept_relaxed_top(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: Tensor,
+                       K: int, drafted: Tensor, keys: Tensor | None, j: int
+                       ) -> tuple[Step, Tensor, Tensor]:
+    """``relaxed_keep="top"``: each valid drafted beam y is accepted with probability
+    min(1, p(y) / q(y)) (q renormalised to the children of the target's current beams); with K
+    accepted, the K with the best target scores are kept; where the round stops, the target's
+    own top-K (a beam step). Same arguments and returns as ``accept_relaxed``."""
+    B, F = cands.scores.shape
+    C = cands.num_columns
+    p = torch.softmax(cands.scores, dim=1)  # [B, F]
+    n_prev = step.q.shape[1] // C
+    q = take(step.q.view(B, n_prev, C), cur_idx).reshape(B, F)
+    q = _normalise(q * drafted[:, None], torch.zeros_like(q))
+    y = d_flat.clamp(min=0)  # [B, N]
+    u = uniform(keys, accept_draw(j, "accept"), tuple(y.shape), p.device, p.dtype)
+    accepted = (d_flat >= 0) & (u * q.gather(1, y) < p.gather(1, y))  # [B, N]
+    enough = accepted.sum(1) >= K
+    best = torch.where(accepted, cands.scores.gather(1, y), float("-inf"))
+    chosen = best.topk(K, dim=1).indices  # [B, K] the accepted ones the target scores best
+    return beam_step(cands, K), enough, chosen
+
+
 def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, params: SearchParams,
                  keys: Tensor | None = None) -> tuple[Beams, Tensor]:
     """Walk the drafted steps with the target's column log-probs; return the K new beams per
@@ -183,12 +205,14 @@ def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, par
             s = steps[j - 1]
             d_flat = drafted_flat(s, cur_idx, n_prev, depth, index, C)
             if params.sample:
-                stop_step, ok, nxt = accept_relaxed(cands, d_flat, s, cur_idx, K, j <= g, keys, j)
+                accept = accept_relaxed_top if params.relaxed_keep == "top" else accept_relaxed
+                stop_step, ok, nxt = accept(cands, d_flat, s, cur_idx, K, j <= g, keys, j)
             else:
                 stop_step, ok, nxt = accept_strict(cands, d_flat, K)
             ok = ok & (j <= g)
         else:  # bonus step (or the last step of a request with nothing drafted)
-            noise = gumbel(keys, accept_draw(j, "resample"), cands.scores) if params.sample else None
+            sampled = params.sample and params.relaxed_keep == "sample"
+            noise = gumbel(keys, accept_draw(j, "resample"), cands.scores) if sampled else None
             stop_step = beam_step(cands, K, noise)
             ok = torch.zeros_like(stopped)
         stop = ~stopped & ~ok
