@@ -68,3 +68,18 @@ def test_relaxed_perfect_draft_accepts_every_drafted_first_code(tiny):
                              SearchParams(2, 4, 1, "relaxed", seed=3))
     assert out.stats["accepted_steps"] == [1] * 200
     assert out.stats["rounds"] == [2] * 200
+
+
+def test_relaxed_keep_top_is_an_option_of_relaxed_mode_only(tiny):
+    """``relaxed_keep="top"`` (experimental: not a sample of a fixed distribution) is refused in
+    strict mode; in relaxed mode it returns distinct existing items, best first."""
+    index, target, poor, prompt = tiny
+    with pytest.raises(ValueError, match="relaxed_keep"):
+        SearchParams(2, relaxed_keep="top")
+    with pytest.raises(ValueError, match="relaxed_keep"):
+        SearchParams(2, mode="relaxed", relaxed_keep="best")  # type: ignore[arg-type]
+    out = speculative_search(target, poor, [prompt] * 50, index,
+                             SearchParams(3, 5, 2, "relaxed", seed=1, relaxed_keep="top"))
+    for items in out.items:
+        assert len(set(items)) == 3 and bool(index.contains(items).all())
+    assert bool((out.scores[:, :-1] >= out.scores[:, 1:]).all())
