@@ -3,7 +3,7 @@ own draft (a perfect draft) and with the atspeed-r draft; also the target's own 
 search (relaxed with gamma = 0: every step is the target's, no draft) with --sbs.
 
     python results/relaxed/relaxed_check.py RUN_FOLDER [--n 300] [--seeds 0 1] [--keep sample|top]
-        [--sbs]
+        [--sbs] [--width 20]
 
 RUN_FOLDER: a demo output folder (make demo OUT=...). One torch thread. Prints, per line:
 the search, the seed, Recall@10, mean target calls and accepted steps per prompt.
@@ -25,6 +25,7 @@ ap.add_argument("--n", type=int, default=300)
 ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
 ap.add_argument("--keep", choices=["sample", "top"], default="sample")
 ap.add_argument("--sbs", action="store_true", help="the target's sampled beam search too")
+ap.add_argument("--width", type=int, default=20, help="draft width N (default 2K)")
 args = ap.parse_args()
 root, n, k = args.root, args.n, 10
 data = load_prepared(f"{root}/data")
@@ -60,5 +61,5 @@ if args.sbs:
         show("target sampled beam search", seed, run(lambda b: speculative_search(target, target, b, index, p)))
 for name, draft in drafts:
     for seed in args.seeds:
-        p = SearchParams(k, 2 * k, 3, "relaxed", seed=seed, relaxed_keep=args.keep)
+        p = SearchParams(k, args.width, 3, "relaxed", seed=seed, relaxed_keep=args.keep)
         show(f"{name} ({args.keep})", seed, run(lambda b: speculative_search(target, draft, b, index, p)))
