@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 # Verification mode of speculative beam search: strict top-K (lossless: equals the target's
-# beam search) or relaxed sampling (accepts by min(1, p/q), judged by recall).
+# beam search) or relaxed sampling (the target's sampled beam search by recursive rejection sampling,
+# judged by recall).
 Mode = Literal["strict", "relaxed"]
 MODES: tuple[str, ...] = get_args(Mode)
 DEFAULT_MODE: Mode = "strict"

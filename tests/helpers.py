@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,35 +127,51 @@ def plackett_luce(w: dict[int, float], draws: int) -> dict[tuple[int, ...], floa
     return out
 
 
-def relaxed_first_step(p: dict[int, float], q: dict[int, float], K: int, N: int,
-                       residual: bool = True) -> dict[frozenset, float]:
-    """The distribution of the K beams relaxed verification keeps after one drafted step from a
-    single root beam (derived from the scheme, not from the code): the draft proposes N codes
-    sampled without replacement from q; each proposal y is accepted with probability
-    min(1, p(y)/q(y)); with >= K accepted, K of them uniformly at random; else all accepted ones
-    plus draws without replacement from norm(max(p - q, 0)) over the rest (p over the rest if
-    that is all zero). ``residual=False``: a wrong scheme that refills from p instead."""
-    acc = {y: min(1.0, p[y] / q[y]) for y in q}
+def sampled_beam_search(target: torch.nn.Module, prompt: list[int], index: ItemIndex, K: int
+                        ) -> dict[frozenset, float]:
+    """The exact distribution of the item set the target's sampled beam search returns
+    (enumerated, not sampled): at every code position, K draws without replacement (fewer if
+    there are fewer candidates) from the softmax of the cumulative log-probs (full-vocabulary
+    log-softmax, no renormalisation over the trie) of every trie child of the current beams.
+    {frozenset(item ids): probability}. For tiny catalogs only."""
+    codes = {tuple(index.codes[r].tolist()): int(index.items_of(index.codes[r][None])[0])
+             for r in range(index.codes.shape[0])}
+    logp: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def after(prefix: tuple[int, ...]) -> torch.Tensor:
+        if prefix not in logp:
+            with torch.no_grad():
+                logits = target(torch.tensor([prompt + list(prefix)])).logits[0, -1]
+            logp[prefix] = torch.log_softmax(logits.double(), -1)
+        return logp[prefix]
+
+    Beam = tuple[tuple[int, ...], float]  # (code prefix, cumulative log-prob)
+    states: dict[frozenset[Beam], float] = {frozenset({((), 0.0)}): 1.0}
+    for d in range(index.L):
+        nxt: dict[frozenset[Beam], float] = {}
+        for beams, prob in states.items():
+            cands = sorted({(pre + (c[d],), s + float(after(pre)[c[d]]))
+                            for pre, s in beams for c in codes if c[:d] == pre})
+            w = {i: math.exp(s) for i, (_, s) in enumerate(cands)}
+            for seq, p_seq in plackett_luce(w, min(K, len(cands))).items():
+                key = frozenset(cands[i] for i in seq)
+                nxt[key] = nxt.get(key, 0.0) + prob * p_seq
+        states = nxt
     out: dict[frozenset, float] = {}
+    for beams, prob in states.items():
+        items = frozenset(codes[pre] for pre, _ in beams)
+        out[items] = out.get(items, 0.0) + prob
+    return out
 
-    def add(s: frozenset, prob: float) -> None:
-        out[s] = out.get(s, 0.0) + prob
 
-    for drafted, p_draft in plackett_luce(q, N).items():
-        for mask in itertools.product([False, True], repeat=N):
-            A = [y for y, m in zip(drafted, mask) if m]
-            prob = p_draft
-            for y, m in zip(drafted, mask):
-                prob *= acc[y] if m else 1.0 - acc[y]
-            if len(A) >= K:
-                subsets = list(itertools.combinations(A, K))
-                for s in subsets:
-                    add(frozenset(s), prob / len(subsets))
-                continue
-            resid = {y: 0.0 if y in A else max(p[y] - q[y], 0.0) for y in p}
-            if sum(resid.values()) <= 0 or not residual:
-                resid = {y: 0.0 if y in A else p[y] for y in p}
-            assert sum(v > 0 for v in resid.values()) >= K - len(A), "degenerate case: pick other seeds"
-            for fill, p_fill in plackett_luce(resid, K - len(A)).items():
-                add(frozenset(A) | frozenset(fill), prob * p_fill)
+def set_tvd(a: dict[frozenset, float], b: dict[frozenset, float]) -> float:
+    """Total variation distance between two distributions over sets."""
+    return 0.5 * sum(abs(a.get(x, 0.0) - b.get(x, 0.0)) for x in set(a) | set(b))
+
+
+def item_set_frequencies(items: list[list[int]]) -> dict[frozenset, float]:
+    """The empirical distribution of the returned item sets."""
+    out: dict[frozenset, float] = {}
+    for row in items:
+        out[frozenset(row)] = out.get(frozenset(row), 0.0) + 1 / len(items)
     return out

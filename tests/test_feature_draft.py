@@ -15,7 +15,7 @@ from atspeed_ray.drafts.feature import FEATURE, FeatureConfig, FeatureDraft, Fea
 from atspeed_ray.models import DeviceConfig
 from tests.helpers import (
     STRICT_GRID, assert_same_as_beam_search, random_catalog, random_model, random_prompts,
-    relaxed_first_step, strict_runs, vocab_size,
+    plackett_luce, strict_runs, vocab_size,
 )
 
 
@@ -84,9 +84,10 @@ def test_a_fresh_draft_starts_from_the_targets_own_scores(setup):
 def test_relaxed_k2_through_a_feature_draft(N):
     """K = 2 on a trie of one first code, 4 second codes and one third code below each, gamma =
     1: the first round is the target's prefill (its one first code), the second drafts the second
-    code from the feature draft's q and accepts or resamples it, its bonus step takes the one
-    third code; the returned item set is the kept set of second codes. Its empirical
-    distribution over 4000 seeded runs matches the one the scheme defines."""
+    code from the feature draft's q and takes two by recursive rejection sampling, its bonus step
+    takes the one third code; the returned item set is the kept set of second codes. Its
+    empirical distribution over 4000 seeded runs matches two draws without replacement from the
+    target's p (relaxed mode's distribution, whatever the draft)."""
     codebook = [1, 4, 1]
     index = random_catalog(4, codebook, seed=0)
     V = vocab_size(codebook)
@@ -110,7 +111,7 @@ def test_relaxed_k2_through_a_feature_draft(N):
     third = int(index.level_tokens[2, 0])
     item = {b: int(index.items_of(torch.tensor([[first, b, third]]))[0]) for b in second}
     exact: dict[frozenset, float] = {}
-    for s, prob in relaxed_first_step(p, q, 2, N).items():
+    for s, prob in plackett_luce(p, 2).items():  # two draws from the target's p, any draft
         key = frozenset(item[b] for b in s)
         exact[key] = exact.get(key, 0.0) + prob
     n = 4000

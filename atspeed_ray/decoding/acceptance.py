@@ -1,10 +1,15 @@
 """Acceptance: walk the drafted steps with the target's distributions (``verification``).
 
 Strict mode accepts step j when the target's own top-K at step j are all among the drafted
-beams; relaxed mode accepts each drafted beam with probability min(1, p/q) and needs K of them.
-At the first rejection the target's own choice at that step is taken (strict: its top-K;
-relaxed: the accepted ones plus draws from norm(max(p - q, 0))). If all drafted steps pass, the
-target's distribution after the last one gives a bonus step.
+beams. Relaxed mode makes the target's K beams at step j K draws without replacement from p
+(the softmax of the target's cumulative scores over the children of its current beams: the
+target's own sampled beam search, what a bonus step draws) by recursive rejection sampling over
+the drafted beams in the order the draft sampled them (``recursive_accept``); the step is
+accepted when K drafted beams are taken. At the first rejection the target's own choice at that
+step is taken (strict: its top-K; relaxed: the drafted beams taken plus the remaining draws, the
+current one from its residual). If all drafted steps pass, the target's distribution after the
+last one gives a bonus step. So relaxed output follows the target's sampled beam search whatever
+the draft; the draft only changes how many steps a round accepts (results/relaxed/RUN.md).
 
 Relaxed mode's draws at step j are numbered (``accept_draw``) so that a row draws the same numbers
 whatever rows it is stacked with: the draws of its bonus step are those of a step where it
@@ -13,7 +18,7 @@ drafted nothing (which it has when stacked with rows that drafted more).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -52,8 +57,8 @@ def accept_strict(cands: Candidates, d_flat: Tensor, K: int) -> tuple[Step, Tens
     return step, found.all(-1), torch.where(live, match.int().argmax(-1), -1)
 
 
-Draw = Literal["accept", "pick", "resample"]
-_DRAWS: tuple[Draw, ...] = ("accept", "pick", "resample")
+Draw = Literal["accept", "fill", "resample"]
+_DRAWS: tuple[Draw, ...] = ("accept", "fill", "resample")
 
 
 def accept_draw(j: int, what: Draw) -> int:
@@ -61,38 +66,121 @@ def accept_draw(j: int, what: Draw) -> int:
     return len(_DRAWS) * j + _DRAWS.index(what)
 
 
+def _normalise(w: Tensor, fallback: Tensor) -> Tensor:
+    """``w`` [B, F] scaled to sum 1 per row; rows whose sum is not positive: ``fallback``'s."""
+    total = w.sum(1, keepdim=True)
+    ok = total > 0
+    return torch.where(ok, w / torch.where(ok, total, 1.0), fallback)
+
+
+@dataclass
+class Recursion:
+    """The state of recursive rejection sampling over one step's drafts, per request.
+
+    The target's beams at a step are K draws without replacement from p; each draw is made
+    from the drafts in their sampling order: draft y, drawn from what is left of q (``q_left``),
+    is taken with probability min(1, r(y) / q_c(y)), where r is the current draw's distribution
+    (p without the beams already taken, minus what earlier rejected drafts covered).
+    """
+
+    taken: Tensor  # [B, F] bool: drafted beams taken as target beams
+    r: Tensor  # [B, F] the distribution the current draw follows (sums to 1)
+    seen: Tensor  # [B, F] bool: drafts already read (q_c excludes them)
+    q_left: Tensor  # [B] q's mass not yet drafted
+
+    def p_left(self, p: Tensor) -> Tensor:
+        """p without the beams taken, renormalised: where a new draw starts [B, F]."""
+        return _normalise(p.masked_fill(self.taken, 0.0), p)
+
+
+def recursive_accept(p: Tensor, q: Tensor, d_flat: Tensor, u: Tensor, K: int
+                     ) -> tuple[Recursion, Tensor]:
+    """Recursive rejection sampling of K draws without replacement from ``p`` [B, F] with the
+    drafts ``d_flat`` [B, N] (in the order the draft sampled them without replacement from ``q``
+    [B, F]; -1: not a proposal here) and uniforms ``u`` [B, N]. Returns the state after the
+    drafts and which drafts were taken [B, N] (at most K per request)."""
+    B, N = d_flat.shape
+    st = Recursion(torch.zeros_like(p, dtype=torch.bool), p.clone(),
+                   torch.zeros_like(p, dtype=torch.bool), q.sum(1))
+    took = torch.zeros(B, N, dtype=torch.bool, device=p.device)
+    rows = torch.arange(B, device=p.device)
+    for n in range(N):
+        y = d_flat[:, n]  # [B]
+        live = (y >= 0) & (st.taken.sum(1) < K)
+        y_c = y.clamp(min=0)
+        q_c = q.masked_fill(st.seen, 0.0) / st.q_left.clamp(min=1e-30)[:, None]  # [B, F]
+        q_y, r_y = q_c[rows, y_c], st.r[rows, y_c]
+        ok = live & (u[:, n] * q_y < r_y)
+        took[:, n] = ok
+        taken = st.taken.clone()
+        taken[rows, y_c] |= ok
+        p_next = Recursion(taken, st.r, st.seen, st.q_left).p_left(p)
+        rejected = _normalise((st.r - q_c).clamp(min=0.0), st.r)
+        r = torch.where(ok[:, None], p_next, torch.where(live[:, None], rejected, st.r))
+        seen = st.seen.clone()
+        seen[rows, y_c] |= live
+        st = Recursion(taken, r, seen, torch.where(live, st.q_left - q[rows, y_c], st.q_left))
+    return st, took
+
+
 def accept_relaxed(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: Tensor, K: int,
                    drafted: Tensor, keys: Tensor | None, j: int) -> tuple[Step, Tensor, Tensor]:
-    """Accept drafted beam y with probability min(1, p(y)/q(y)) (step ``j``: draws
-    ``accept_draw(j, ...)`` of the rows' acceptance keys ``keys`` [B], None: torch's generator).
+    """The target's K beams at step ``j`` as K draws without replacement from p (the softmax of
+    the candidates' cumulative scores), made by recursive rejection sampling from the drafted
+    beams (``recursive_accept``; draws ``accept_draw(j, ...)`` of the rows' acceptance keys
+    ``keys`` [B], None: torch's generator). The draft's q is its sampling distribution restricted
+    to the children of the target's current beams and renormalised: the valid drafts, in their
+    order, are draws without replacement from it.
 
     ``drafted`` [B] is False for requests with nothing drafted at this step: they sample from p
     exactly as a bonus step does (the same draw, the same keys).
-    Returns (the step taken if this is where the round stops: the accepted beams plus draws from
-    norm(max(p - q, 0)); whether >= K were accepted [B]; K accepted drafted beams [B, K])."""
+    Returns (the step taken if this is where the round stops: the drafted beams taken, then the
+    current draw from its residual and the rest from p; whether K were taken [B]; the K taken
+    drafted beams [B, K], in draft order)."""
     B, F = cands.scores.shape
     C = cands.num_columns
     p = torch.softmax(cands.scores, dim=1)  # [B, K * C] target's beam-sampling distribution
     n_prev = step.q.shape[1] // C
     q = take(step.q.view(B, n_prev, C), cur_idx).reshape(B, F)  # draft's, in target space
-    q = q * drafted[:, None]
-    p_y = torch.where(d_flat >= 0, p.gather(1, d_flat.clamp(min=0)), 0.0)
-    u = uniform(keys, accept_draw(j, "accept"), tuple(p_y.shape), p_y.device, p_y.dtype)
-    accepted = (d_flat >= 0) & (u * step.q_sel < p_y)  # [B, N]
-    enough = accepted.sum(1) >= K
-    pick = uniform(keys, accept_draw(j, "pick"), tuple(p_y.shape), p_y.device, p_y.dtype)
-    chosen = torch.where(accepted, pick, -1.0).topk(K, dim=1).indices  # K random accepted ones
-    # where the round stops: keep every accepted beam, fill up from the residual distribution
-    is_acc = torch.zeros(B, F + 1, dtype=torch.bool, device=p.device)
-    is_acc.scatter_(1, torch.where(accepted, d_flat, F), True)
-    is_acc = is_acc[:, :F]
-    resid = (p - q).clamp(min=0).masked_fill(is_acc, 0.0)
-    empty = resid.sum(1, keepdim=True) <= 0
-    resid = torch.where(empty, p.masked_fill(is_acc, 0.0), resid)
+    q = _normalise(q * drafted[:, None], torch.zeros_like(q))  # given the target's beams
+    N = d_flat.shape[1]
+    u = uniform(keys, accept_draw(j, "accept"), (B, N), p.device, p.dtype)
+    st, took = recursive_accept(p, q, d_flat, u, K)
+    enough = took.sum(1) >= K
+    order = torch.arange(N, 0, -1, device=p.device, dtype=p.dtype)  # earlier drafts first
+    chosen = torch.where(took, order, 0.0).topk(K, dim=1).indices  # [B, K]
+    # where the round stops: the taken beams, the current draw from r, the others from p
+    first = torch.log(st.r) + gumbel(keys, accept_draw(j, "resample"), cands.scores)
+    first = first.masked_fill(st.taken, float("-inf"))
+    x = first.argmax(1, keepdim=True)  # [B, 1]
+    rest = torch.log(p) + gumbel(keys, accept_draw(j, "fill"), cands.scores)
+    key = rest.masked_fill(st.taken, float("inf")).scatter(1, x, float("inf"))
     # nothing drafted: sample from p as the bonus step does (its key: the scores themselves)
-    key = torch.where(drafted[:, None], torch.log(resid), cands.scores)
-    key = (key + gumbel(keys, accept_draw(j, "resample"), key)).masked_fill(is_acc, float("inf"))
+    plain = cands.scores + gumbel(keys, accept_draw(j, "resample"), cands.scores)
+    key = torch.where(drafted[:, None], key, plain)
     return choose(cands, key, K), enough, chosen
+
+
+def accept_relaxed_top(cands: Candidates, d_flat: Tensor, step: DraftStep, cur_idx: Tensor,
+                       K: int, drafted: Tensor, keys: Tensor | None, j: int
+                       ) -> tuple[Step, Tensor, Tensor]:
+    """``relaxed_keep="top"``: each valid drafted beam y is accepted with probability
+    min(1, p(y) / q(y)) (q renormalised to the children of the target's current beams); with K
+    accepted, the K with the best target scores are kept; where the round stops, the target's
+    own top-K (a beam step). Same arguments and returns as ``accept_relaxed``."""
+    B, F = cands.scores.shape
+    C = cands.num_columns
+    p = torch.softmax(cands.scores, dim=1)  # [B, F]
+    n_prev = step.q.shape[1] // C
+    q = take(step.q.view(B, n_prev, C), cur_idx).reshape(B, F)
+    q = _normalise(q * drafted[:, None], torch.zeros_like(q))
+    y = d_flat.clamp(min=0)  # [B, N]
+    u = uniform(keys, accept_draw(j, "accept"), tuple(y.shape), p.device, p.dtype)
+    accepted = (d_flat >= 0) & (u * q.gather(1, y) < p.gather(1, y))  # [B, N]
+    enough = accepted.sum(1) >= K
+    best = torch.where(accepted, cands.scores.gather(1, y), float("-inf"))
+    chosen = best.topk(K, dim=1).indices  # [B, K] the accepted ones the target scores best
+    return beam_step(cands, K), enough, chosen
 
 
 def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, params: SearchParams,
@@ -117,12 +205,14 @@ def accept_round(verified: Verified, t: Tensor, g: Tensor, index: ItemIndex, par
             s = steps[j - 1]
             d_flat = drafted_flat(s, cur_idx, n_prev, depth, index, C)
             if params.sample:
-                stop_step, ok, nxt = accept_relaxed(cands, d_flat, s, cur_idx, K, j <= g, keys, j)
+                accept = accept_relaxed_top if params.relaxed_keep == "top" else accept_relaxed
+                stop_step, ok, nxt = accept(cands, d_flat, s, cur_idx, K, j <= g, keys, j)
             else:
                 stop_step, ok, nxt = accept_strict(cands, d_flat, K)
             ok = ok & (j <= g)
         else:  # bonus step (or the last step of a request with nothing drafted)
-            noise = gumbel(keys, accept_draw(j, "resample"), cands.scores) if params.sample else None
+            sampled = params.sample and params.relaxed_keep == "sample"
+            noise = gumbel(keys, accept_draw(j, "resample"), cands.scores) if sampled else None
             stop_step = beam_step(cands, K, noise)
             ok = torch.zeros_like(stopped)
         stop = ~stopped & ~ok

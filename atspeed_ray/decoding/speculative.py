@@ -9,7 +9,8 @@ One round, for every active request at once (each accepts and rejects on its own
    tokens and all drafted tokens of all steps are packed after the cached prefix as a tree; tree
    attention gives the target's distribution after every drafted beam.
 3. **Accept** (``acceptance``) step by step, strict (the target's top-K must all be drafted) or
-   relaxed (min(1, p/q)); at the first rejection the target's own choice at that step is taken;
+   relaxed (recursive rejection sampling: K draws without replacement from the target's
+   p); at the first rejection the target's own choice at that step is taken;
    if all drafted steps pass, a bonus step.
 4. Both caches drop rejected branches; finished requests leave the batch.
 
