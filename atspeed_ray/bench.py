@@ -45,7 +45,7 @@ BENCH_BEAM_FIELDS = ("data", "model", "preset", "k", "num_prompts", "split", "de
                      "out")
 BENCH_FIELDS = ("data", "target", "draft", "k", "mode", "draft_beams", "calibration_prompts",
                 "gamma", "num_prompts", "batch_size", "split", "seed", "repeat", "device",
-                "forward", "compile", "pack", "precision", "expand_last", "out")
+                "forward", "compile", "pack", "precision", "expand_last", "relaxed_keep", "out")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -176,7 +176,7 @@ def bench_row(args: argparse.Namespace, target, draft, index, prompts: list[list
     from atspeed_ray.width import row_params
 
     params = search_params(k, width, args.gamma, args.mode, args.seed, index.device,
-                           args.expand_last)
+                           args.expand_last, args.relaxed_keep)
     params, choice = row_params(params, width, target, draft, index, calibration, batch_size,
                                 args.repeat)
     row, ref_items, out_items = measure_speculative(target, draft, index, prompts, params,

@@ -39,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atspeed_ray.settings import (
     AUTO_WIDTH_PROMPTS, DEFAULT_COMPILE, DEFAULT_DRAFT_BEAMS, DEFAULT_FORWARD, DEFAULT_GAMMA,
-    DEFAULT_KS, DEFAULT_MODE, DEFAULT_PACK, EXPAND_LAST, TIMING_THREADS, Forward, Mode,
-    Precision,
+    DEFAULT_KS, DEFAULT_MODE, DEFAULT_PACK, DEFAULT_RELAXED_KEEP, EXPAND_LAST, TIMING_THREADS,
+    Forward, Mode, Precision, RelaxedKeep,
 )
 from atspeed_ray.width_policy import Width, WidthPolicy
 
@@ -121,6 +121,10 @@ class SpeedFlags(BaseModel):
         "strict: a round's last drafted step holds every trie child of the step before it when "
         "there are at most this many per request (no draft forward for it; accepted whenever "
         "the step before is); 0 = the draft's top N"))
+    relaxed_keep: RelaxedKeep = Field(DEFAULT_RELAXED_KEEP, description=(
+        "relaxed rows: sample = the target's sampled beam search, exact for any draft; top = "
+        "experimental, keeps the accepted beams with the best target scores (closer to beam "
+        "search, depends on the draft; results/relaxed/RUN.md)"))
     out: str | None = Field(None, description="write the results as JSON here")
 
 
@@ -472,15 +476,13 @@ def first_proposal(target: torch.nn.Module | None, drafter: Drafter, index: Item
     the root for a drafter that reads tokens only (no target call comes before it; ``target``
     may be None); after the target's prefill (the loop's first round, answered here) for one
     that reads the target's features. None when the loop never drafts (too few codes)."""
-    import dataclasses
-
     import torch
 
     from atspeed_ray.decoding.beam import root_beams, score_dtype
     from atspeed_ray.decoding.drafting import ProposeCall
     from atspeed_ray.decoding.speculative import LocalModels, speculative_loop
 
-    top_n = dataclasses.replace(params, mode="strict", seed=None)
+    top_n = params.strict()
     if not drafter.wants_features:
         B, G, dev = len(batch), min(params.gamma, index.L - 1), index.device
         if G < 1:
@@ -666,6 +668,7 @@ def speed_row(params: SearchParams, batch_size: int, speedup: Speedup, times: Pa
         "k": params.k, "draft_beams": params.N, "gamma": params.gamma, "mode": params.mode,
         "level_widths": list(params.widths),  # per code position, the last holding for later codes
         "expand_last": params.expand_last,
+        "relaxed_keep": params.relaxed_keep,
         "batch_size": batch_size, "beam_search_s": t_plain, "speculative_s": t_spec,
         **speedup.fields(),
         "walltime_speedup": speedup.ws,  # = ws, the name the tables and scripts read
@@ -700,11 +703,14 @@ def position_acceptance(stats: dict[str, list]) -> dict[str, Any]:
 
 
 def search_params(k: int, width: WidthPolicy, gamma: int, mode: str, seed: int,
-                  device: torch.device, expand_last: int = EXPAND_LAST) -> SearchParams:
+                  device: torch.device, expand_last: int = EXPAND_LAST,
+                  relaxed_keep: RelaxedKeep = DEFAULT_RELAXED_KEEP) -> SearchParams:
     """The search of one table row: width ``width.resolve(k)``; relaxed sampling seeded with
     ``seed`` (``device`` is unused: the numbers are made where sampling happens); children steps
-    (``expand_last``) in strict rows only."""
+    (``expand_last``) in strict rows only, ``relaxed_keep`` in relaxed rows only."""
     from atspeed_ray.decoding.search import SearchParams
 
+    strict = mode == "strict"
     return SearchParams(k, width.resolve(k), gamma, mode, seed,  # type: ignore[arg-type]
-                        expand_last=expand_last if mode == "strict" else 0)
+                        expand_last=expand_last if strict else 0,
+                        relaxed_keep=DEFAULT_RELAXED_KEEP if strict else relaxed_keep)

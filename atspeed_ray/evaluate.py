@@ -55,7 +55,7 @@ class EvaluateFlags(SpeedFlags):
 EVALUATE_FIELDS = ("data", "target", "draft", "k", "out", "draft_beams", "calibration_prompts",
                    "gamma", "num_prompts", "timing_prompts", "timing_batch", "repeat",
                    "batch_size", "modes", "seed", "device", "forward", "compile", "pack",
-                   "precision", "expand_last")
+                   "precision", "expand_last", "relaxed_keep")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -158,7 +158,7 @@ class Setup:
 
         a = self.args
         params = search_params(k, a.draft_beams, a.gamma, mode, a.seed, self.index.device,
-                               a.expand_last)
+                               a.expand_last, a.relaxed_keep)
         key = (name, k, batch_size)
         if key not in self.choices:
             self.choices[key] = row_params(params, a.draft_beams, self.target, self.drafts[name],

@@ -15,6 +15,14 @@ from typing import Literal, get_args
 # judged by recall).
 Mode = Literal["strict", "relaxed"]
 MODES: tuple[str, ...] = get_args(Mode)
+# relaxed mode's choice of the K beams at each step: "sample" = K draws without replacement from
+# the target's p (the target's sampled beam search, exact for any draft); "top" = an
+# experimental variant closer to beam search: drafts accepted by min(1, p/q), the K accepted ones
+# with the best target scores kept, the target's own top-K where a round stops and at its bonus
+# step (not a sample of any fixed distribution: it depends on the draft; results/relaxed/RUN.md)
+RelaxedKeep = Literal["sample", "top"]
+RELAXED_KEEPS: tuple[str, ...] = get_args(RelaxedKeep)
+DEFAULT_RELAXED_KEEP: RelaxedKeep = "sample"
 DEFAULT_MODE: Mode = "strict"
 
 # Forward implementation for decoding: ``fast`` = FastLlama (Llama-family checkpoints; other

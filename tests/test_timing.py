@@ -165,3 +165,21 @@ class Negated(torch.nn.Module):
         out = self.model(cache=cache, **kw)
         out.logits = -out.logits
         return out
+
+
+def test_relaxed_keep_reaches_relaxed_rows_only(setup):
+    """``--relaxed-keep`` (bench, evaluate): a relaxed row's search keeps what it says, a strict
+    row of the same run stays the exact strict search; the row records it."""
+    from atspeed_ray.benchmarking import SpeedFlags, search_params
+    from atspeed_ray.width_policy import WidthPolicy
+
+    index, target, draft, prompts = setup
+    assert SpeedFlags(data="d", target="t").relaxed_keep == "sample"
+    with pytest.raises(ValueError, match="relaxed_keep"):
+        SpeedFlags(data="d", target="t", relaxed_keep="best")
+    w = WidthPolicy.parse("2k")
+    strict = search_params(3, w, 2, "strict", 0, index.device, relaxed_keep="top")
+    relaxed = search_params(3, w, 2, "relaxed", 0, index.device, relaxed_keep="top")
+    assert strict.relaxed_keep == "sample" and relaxed.relaxed_keep == "top"
+    row, _, _ = measure_speculative(target, draft, index, prompts[:2], relaxed, batch_size=2, repeat=1)
+    assert row["relaxed_keep"] == "top" and row["mode"] == "relaxed"

@@ -9,21 +9,14 @@ sampling happens, from ``seed`` and counters (``decoding/noise.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, get_args
-
 from atspeed_ray.settings import (
-    DEFAULT_GAMMA, DEFAULT_MODE, EXPAND_LAST, MODES, Mode, check_choice,
+    DEFAULT_GAMMA, DEFAULT_MODE, DEFAULT_RELAXED_KEEP, EXPAND_LAST, MODES, RELAXED_KEEPS, Mode,
+    RelaxedKeep, check_choice,
 )
 
 SEED_LIMIT = 2**63  # a seed is an int64 value in [0, SEED_LIMIT)
-# relaxed mode's choice of the K beams at each step: "sample" = K draws without replacement from
-# the target's p (the target's sampled beam search, exact for any draft); "top" = an
-# experimental variant closer to beam search: drafts accepted by min(1, p/q), the K accepted ones
-# with the best target scores kept, the target's own top-K where a round stops and at its bonus
-# step (not a sample of any fixed distribution: it depends on the draft; results/relaxed/RUN.md)
-RelaxedKeep = Literal["sample", "top"]
-RELAXED_KEEPS: tuple[str, ...] = get_args(RelaxedKeep)
 
 
 @dataclass(frozen=True)
@@ -46,7 +39,7 @@ class SearchParams:
     # strict: the last drafted step of a round holds every trie child of the step before it
     # when they number at most this many per request (``drafting``); 0 = always the top N
     expand_last: int = EXPAND_LAST
-    relaxed_keep: RelaxedKeep = "sample"  # relaxed: which K beams a step keeps (see above)
+    relaxed_keep: RelaxedKeep = DEFAULT_RELAXED_KEEP  # relaxed: which K beams a step keeps (settings)
 
     def __post_init__(self) -> None:
         if self.draft_beams is None:
@@ -69,11 +62,15 @@ class SearchParams:
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         check_choice(self.relaxed_keep, RELAXED_KEEPS, "relaxed_keep")
-        if self.relaxed_keep != "sample" and self.mode != "relaxed":
+        if self.relaxed_keep != DEFAULT_RELAXED_KEEP and self.mode != "relaxed":
             raise ValueError("relaxed_keep is for relaxed mode")
         if self.expand_last and self.mode == "relaxed":
             raise ValueError("expand_last is for strict mode: relaxed acceptance needs every "
                              "drafted step sampled from the draft")
+
+    def strict(self) -> SearchParams:
+        """The same search in strict mode (the relaxed-only fields back to their defaults)."""
+        return dataclasses.replace(self, mode="strict", seed=None, relaxed_keep=DEFAULT_RELAXED_KEEP)
 
     @property
     def widths(self) -> tuple[int, ...]:
