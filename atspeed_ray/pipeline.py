@@ -193,13 +193,14 @@ def relayed(argv: list[str], err: IO[str] | None, **kw) -> subprocess.Popen:
 
 
 def relay(proc: subprocess.Popen, err: IO[str] | None) -> None:
-    """Print a child's stdout as ``screen_line`` shows it; Ray's notices go to ``err`` (its
-    log; the terminal's stderr when None) until the child closes its stdout."""
+    """Print a child's stdout as ``screen_line`` shows it, a line longer than the screen wrapped
+    at its spaces (``wrap_line``: an epoch's metrics, a data summary); Ray's notices go to
+    ``err`` (its log; the terminal's stderr when None) until the child closes its stdout."""
     assert proc.stdout is not None
     for line in proc.stdout:
         shown = screen_line(line)
         if shown is not None:
-            print(shown, flush=True)
+            print(wrap_line(shown), flush=True)
         else:
             print(strip_ansi(line.rstrip("\n")), file=err or sys.stderr, flush=True)
 

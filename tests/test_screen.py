@@ -119,3 +119,24 @@ def test_commands_and_the_serving_example_fit_100_columns_and_stay_one_command()
     assert line == ("reply (200): items [107, 580, 454, 554, 211], "
                     "scores [-1.64, -2.47, -2.95, -3.01, -3.14]") and len(line) <= SCREEN_WIDTH
     assert reply_text('{"detail": "k: must be >= 1"}') == '{"detail": "k: must be >= 1"}'
+
+
+def test_a_stage_line_wider_than_the_screen_is_wrapped_and_a_table_row_is_not(capsys):
+    """``relay``: an epoch's metrics (300+ columns in the demo) wrap at the screen's width at
+    their spaces, every word kept; a table row that fits passes as it is, its spacing intact."""
+    import io
+
+    from atspeed_ray.pipeline import relay
+
+    metrics = "[align feature atspeed-s] epoch 4/4 done: " + " ".join(
+        f"val_code{i}_width_median {i * 7}" for i in range(20))
+    row = "feature        1   2  0.67x [0.59-0.71]              20%      2.53  100.0%"
+
+    class Child:
+        stdout = io.StringIO(metrics + "\n" + row + "\n")
+
+    relay(Child(), None)
+    shown = capsys.readouterr().out.splitlines()
+    assert max(map(len, shown)) <= SCREEN_WIDTH < len(metrics)
+    assert " ".join(x.strip() for x in shown[:-1]).split() == metrics.split()
+    assert shown[-1] == row
