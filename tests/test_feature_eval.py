@@ -137,16 +137,20 @@ def test_a_feature_draft_of_other_data_is_refused(pair, tmp_path):
 
 def test_serving_auto_measures_widths_for_a_feature_draft(pair):
     """``draft_beams_factor: auto`` loads the draft by its kind, as the replicas do: a feature
-    draft gets a measured width table, not the N = k fallback."""
+    draft gets a measured width table, not the N = k fallback (and, with adaptive routing, the
+    calibrated start of each k, ``start_arms``)."""
     from atspeed_ray.serving.app import with_measured_widths
     from atspeed_ray.serving.config import AppArgs
     from atspeed_ray.width_policy import measured_widths_at
 
     data, target, _, feature = pair
     args = AppArgs(target=str(target), draft=str(feature), data=str(data), device="cpu",
-                   draft_beams_factor="auto", max_k=5)
+                   draft_beams_factor="auto", max_k=5, routing="adaptive")
     measured = with_measured_widths(args)
     assert sorted(measured.draft_widths) == [1, 5]
+    # adaptive routing: the k whose timed calibration had a clear winner start on it
+    assert set(measured.route_start) <= {1, 5}
+    assert set(measured.route_start.values()) <= {"speculative", "target_only"}
     assert all(k <= min(w) and max(w) <= 20 * k  # an N, or per drafted level (10/200/20)
                for k, v in measured.draft_widths.items() for w in [measured_widths_at(v, k)])
 

@@ -23,7 +23,7 @@ from atspeed_ray.serving.config import RetryConfig
 from atspeed_ray.serving.fallback import DETAIL_CHARS, FallbackPolicy
 from atspeed_ray.serving.graphs import OneCallGraph, Runner, SeparateGraph, TargetAlone, answer
 from atspeed_ray.serving.retry import DraftBreaker
-from atspeed_ray.serving.routing import Arm, Route, Router, RouterConfig
+from atspeed_ray.serving.routing import Arm, Route, Router, RouterConfig, calibrated_start
 from tests.helpers import serving_random_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -521,3 +521,41 @@ def test_router_recovers_quickly_after_an_outage():
     (a stalled probe is compared with answers that stalled too)."""
     assert outage_recovery(Router()) == 0
     assert outage_recovery(Router(), outage_requests=200, stall_ms=30_000.0) == 0
+
+
+def test_calibrated_start_needs_the_whole_spread_beyond_the_margin():
+    """The builder's calibration gives the quartiles of speculation's speedup per example
+    history: a k starts on a path only when the whole interquartile range says so."""
+    assert calibrated_start(0.60, 0.80, 0.05) == "target_only"
+    assert calibrated_start(1.20, 1.60, 0.05) == "speculative"
+    assert calibrated_start(0.80, 0.97, 0.05) is None  # the upper quartile is inside the margin
+    assert calibrated_start(0.90, 1.30, 0.05) is None  # straddles 1
+    assert calibrated_start(1.04, 1.30, 0.05) is None
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_a_calibrated_start_sends_no_warm_up_down_the_slower_path(concurrency):
+    """A k whose calibration says the draft loses starts on the target alone: of the first 200
+    requests only probes take the draft (the first after ``probe_every`` requests), where the
+    uncalibrated router sends its warm-up's 3 first; and the probes still work: a calibration
+    that was wrong (the draft wins) hands the traffic to the draft within ``confirm`` probes."""
+    c = RouterConfig()
+    for spec_ms, right in ((LOSING_MS, True), (WINNING_MS, False)):
+        router, probes = Router(c, start={10: "target_only"}), []
+        run = processor_sharing(routed(router, probes), fake_work(spec_ms), [(concurrency, 2000)])
+        first = run.stage(0)[:200]
+        assert all(d.arm == "target_only" for d in sorted(run.stage(0), key=lambda d: d.seq)[:c.probe_every])
+        if right:
+            assert sum(d.arm == "speculative" for d in first) == len([p for p in probes if p < 200])
+            assert Router(c).choose("strict", 10).arm == "speculative"  # uncalibrated: warm-up first
+            assert router.best("strict", 10) == "target_only"
+        else:
+            assert router.best("strict", 10) == "speculative"
+            slower = [d.seq for d in run.stage(0) if d.arm == "target_only"]
+            later = sum(s >= 200 for s in slower) / 1800  # after the switch: probes only
+            print(f"wrong start, concurrency {concurrency}: {len(slower)} on the slower path, "
+                  f"{later:.1%} after the first 200")
+            assert len(slower) <= 120 and later <= 0.02
+    # only strict requests of the calibrated k start warm
+    r = Router(c, start={10: "target_only"})
+    assert r.choose("strict", 5).arm == "speculative" and r.choose("relaxed", 10).arm == "speculative"

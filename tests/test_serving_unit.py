@@ -202,6 +202,44 @@ def test_app_args():
 
 
 # ----------------------------------------------------------------------------- configs, CLI
+def test_start_arms_from_a_paired_calibration(monkeypatch):
+    """The builder's calibration (``app.start_arms``): per k, beam search and speculation timed
+    back to back on each example history; a k starts on the target alone when speculation's
+    whole interquartile range loses by the router's margin, on speculation when it wins by it,
+    and is left to the warm-up otherwise. Faked pair times: the decision, not the clock."""
+    from atspeed_ray import benchmarking
+    from atspeed_ray.benchmarking import PairTimes
+    from atspeed_ray.serving.app import start_arms
+    from tests.helpers import random_catalog
+
+    spec_s = {1: [0.5] * 8, 5: [3.0] * 8, 10: [0.8, 0.9, 1.0, 1.1, 1.2, 0.95, 1.05, 1.0]}
+    seen: list[int] = []
+
+    def fake_pairs(plain, spec, units, repeat, clock, beside=()):
+        k = list(spec_s)[len(seen)]
+        seen.append(units)
+        return PairTimes(tuple((1.0,) for _ in range(units)),
+                         tuple((s,) for s in spec_s[k])), [], []
+
+    monkeypatch.setattr(benchmarking, "time_pairs", fake_pairs)
+    index = random_catalog(10, [3, 3, 2], seed=0)
+    params = {k: SearchParams(k, 2 * k, 3, "strict") for k in spec_s}
+    starts = start_arms(None, None, index, [[1, 2]] * 8, params)  # type: ignore[arg-type]
+    assert seen == [8, 8, 8]
+    assert starts == {1: "speculative", 5: "target_only"}
+
+
+def test_route_start_is_checked_and_reaches_the_router():
+    from atspeed_ray.serving.routing import Router
+
+    a = AppArgs(target="t", draft="d", data="x", routing="adaptive", route_start={10: "target_only"})
+    r = Router(start=a.route_start)
+    assert r.choose("strict", 10).arm == "target_only" and r.choose("strict", 5).arm == "speculative"
+    for bad in ({10: "draft"}, {0: "target_only"}):
+        with pytest.raises(ValueError, match="route_start"):
+            AppArgs(target="t", draft="d", data="x", route_start=bad)
+
+
 @pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
 def test_configs_parse(name):
     from ray.serve.config import AutoscalingConfig

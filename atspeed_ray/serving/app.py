@@ -11,7 +11,9 @@
 Deployment sizes and autoscaling are in the YAML ``deployments:`` overrides.
 
 ``draft_beams_factor: auto`` without a ``draft_widths`` table: the builder measures one
-(``with_measured_widths``), in its own process, before the deployments start.
+(``with_measured_widths``), in its own process, before the deployments start; with adaptive
+routing it also times speculation against beam search per k (``start_arms``), so a k whose
+draft clearly loses starts on the target alone (``route_start``).
 
 ``graph: colocated`` deploys one ``SpeculativeModel`` (draft and target in one replica) instead
 of ``DraftModel`` + ``TargetModel``; ``graph: chained`` gives the TargetModel the DraftModel's
@@ -22,12 +24,16 @@ handle (it drives each request's loop, ``chained.py``); ``cache: replica`` route
 import logging
 from typing import Any
 
+import torch
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from atspeed_ray.serving.affinity import AffinityRouter
+from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.serving.config import AppArgs
 from atspeed_ray.serving.deployments import DraftModel, Recommender, SpeculativeModel, TargetModel
+from atspeed_ray.serving.routing import Arm, RouterConfig, calibrated_start
 from atspeed_ray.settings import AUTO_WIDTH_PROMPTS
 
 logger = logging.getLogger(__name__)
@@ -38,9 +44,12 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
     """``args`` with ``draft_widths`` measured when ``draft_beams_factor`` is auto and none are
     given: the served models loaded here, ``choose_width`` at one request per call on the
     catalog's example histories, for each k of ``AUTO_WIDTH_KS`` the app allows (an N, or the
-    widths per drafted level as text, ``10/200/20``). On a GPU
-    cluster, where the builder may run without the replicas' device, give ``draft_widths``
-    (as ``bench --draft-beams auto`` prints them) instead."""
+    widths per drafted level as text, ``10/200/20``). With adaptive routing (and no
+    ``route_start`` given) the same histories then time speculation at the chosen widths against
+    beam search, paired per history (``start_arms``): a k whose speculation clearly loses (or
+    wins) starts on the faster path, no warm-up. On a GPU cluster, where the builder may run
+    without the replicas' device, give ``draft_widths`` (as ``bench --draft-beams auto`` prints
+    them) instead."""
     if not args.auto_width or not args.speculative:
         return args
     from atspeed_ray.data.catalog import load_catalog
@@ -59,11 +68,46 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
     index = catalog.index.to(next(target.parameters()).device)
     prompts = [catalog.prompt(h) for h in catalog.examples[:AUTO_WIDTH_PROMPTS]]
     widths: dict[int, int | str] = {}
+    chosen: dict[int, SearchParams] = {}
     for k in (k for k in AUTO_WIDTH_KS if k <= min(args.max_k, index.num_items)):
-        choice = choose_width(target, draft, index, prompts, k, (args.gamma,))
+        choice = choose_width(target, draft, index, prompts, k, (args.gamma,),
+                              expand_last=args.expand_last)
         logger.warning("draft_beams_factor auto: %s", choice.summary())
         widths[k] = choice.best.table_value  # N, or per level: 10/200/20
-    return args.model_copy(update={"draft_widths": widths})
+        chosen[k] = SearchParams(k, choice.best.widths, choice.best.gamma, "strict",
+                                 expand_last=args.expand_last)
+    update: dict[str, Any] = {"draft_widths": widths}
+    if args.routing == "adaptive" and not args.route_start:
+        update["route_start"] = start_arms(target, draft, index, prompts, chosen)
+    return args.model_copy(update=update)
+
+
+def start_arms(target: torch.nn.Module, draft: Any, index: ItemIndex, prompts: list[list[int]],
+               chosen: dict[int, SearchParams]) -> dict[int, Arm]:
+    """k -> the path strict requests start on (``routing.calibrated_start``): speculation at
+    ``chosen[k]`` and beam search timed back to back on each of ``prompts``, the order
+    alternating (``benchmarking.time_pairs``), one request per call; a k without a clear winner
+    is left out."""
+    from atspeed_ray.benchmarking import Speedup, device_clock, time_pairs, timing_threads
+    from atspeed_ray.decoding.beam import beam_search
+    from atspeed_ray.decoding.speculative import speculative_search
+
+    starts: dict[int, Arm] = {}
+    for k, params in chosen.items():
+        with timing_threads(index.device), torch.no_grad():
+            times, _, _ = time_pairs(lambda u: beam_search(target, [prompts[u]], index, k),
+                                     lambda u: speculative_search(target, draft, [prompts[u]], index,
+                                                                  params),
+                                     len(prompts), 1, device_clock(index.device))
+        ws = Speedup.of(times, len(prompts))
+        arm = calibrated_start(ws.q1, ws.q3, RouterConfig().margin)
+        logger.warning("adaptive routing: k=%d speculation %s of beam search on %d example "
+                       "histories: strict requests start on %s", k, ws.text(), len(prompts),
+                       {"speculative": "speculation", "target_only": "the target alone"}.get(
+                           arm or "", "both paths in turn (warm-up)"))
+        if arm is not None:
+            starts[k] = arm
+    return starts
 
 
 def build(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> Application:

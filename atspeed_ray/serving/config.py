@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from atspeed_ray.serving.routing import PROBE_BACKOFF, PROBE_EVERY
+from atspeed_ray.serving.routing import PROBE_BACKOFF, PROBE_EVERY, Arm
 from atspeed_ray.settings import (
     DEFAULT_DRAFT_BEAMS, DEFAULT_GAMMA, DEFAULT_MODE, EXPAND_LAST, Dtype, Forward, Mode,
 )
@@ -180,6 +180,12 @@ class AppArgs(BaseModel):
                                description="adaptive routing: while probes keep confirming the faster "
                                            "path, the probe interval doubles up to probe_every * this "
                                            "(1 = always every probe_every-th request)")
+    route_start: dict[int, Arm] = Field(
+        default_factory=dict,
+        description="adaptive routing: k -> the path its strict requests start on, with no warm-up "
+                    "(the other is probed as usual); draft_beams_factor auto fills it when the app "
+                    "is built, from speculation's measured speedup over beam search on the "
+                    "example histories (a k with no clear winner is left out: the warm-up decides)")
     cache: Literal["stateless", "replica"] = Field(
         default="stateless",
         description="stateless: every round resends and recomputes prompt + beams on any replica; "
@@ -204,6 +210,13 @@ class AppArgs(BaseModel):
     def _width_text(cls, value: float | str) -> float | str:
         if isinstance(value, str):
             WidthPolicy.parse(value, "draft_beams_factor")  # a ValueError names the field
+        return value
+
+    @field_validator("route_start")
+    @classmethod
+    def _route_keys(cls, value: dict[int, str]) -> dict[int, str]:
+        if any(k < 1 for k in value):
+            raise ValueError(f"route_start: k must be >= 1, got {sorted(value)}")
         return value
 
     @field_validator("draft_widths")

@@ -372,7 +372,8 @@ class Recommender:
         self.speculative = self.draft is not None or self.colocated
         # the draft reads the target's hidden states: the loop asks the target for them
         self.features = self.speculative and draft_kind(a.draft).features  # type: ignore[arg-type]
-        self.router = (Router(RouterConfig(probe_every=a.probe_every, max_backoff=a.probe_backoff))
+        self.router = (Router(RouterConfig(probe_every=a.probe_every, max_backoff=a.probe_backoff),
+                              start=a.route_start)
                        if self.speculative and a.routing == "adaptive" else None)
         self.pending_releases: set[asyncio.Future[Any]] = set()
         self.retries = Retries(a.retry, "TargetModel")

@@ -8,7 +8,10 @@ grows with load, so it never compares latencies measured under different loads:
 
 * **warm-up**: requests alternate between the two arms, speculative first; the first ``2 *
   warmup`` are the sample, and once they are answered the arm with the lower mean takes the
-  traffic (the ``best`` arm);
+  traffic (the ``best`` arm). A k with a **calibrated start** (``start``, what the app's builder
+  measured on example histories, ``calibrated_start``) skips it: its measured faster arm takes
+  the traffic from the first request and the other is probed as below, so a draft known to lose
+  sends no warm-up requests down the slower path;
 * **probes**: the other arm gets a probe at most every ``interval`` requests (``probe_every``
   at first). At most one probe is in flight per key, the next one waits for its verdict, and two
   probes are at least ``probe_every`` requests apart: probes are at most ``1 / probe_every`` of
@@ -51,7 +54,7 @@ from __future__ import annotations
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Mapping
 
 Arm = Literal["speculative", "target_only"]
 ARMS: tuple[Arm, Arm] = ("speculative", "target_only")
@@ -59,6 +62,18 @@ ARMS: tuple[Arm, Arm] = ("speculative", "target_only")
 # defaults of the app's ``probe_every`` / ``probe_backoff`` (``AppArgs``) and of ``RouterConfig``
 PROBE_EVERY = 10  # requests between two probes, at least: probes <= 10% of the requests
 PROBE_BACKOFF = 32  # every 320th request probes while one arm keeps winning (0.3%: out of p99)
+
+
+def calibrated_start(q1: float, q3: float, margin: float) -> Arm | None:
+    """The arm a k starts on from a paired calibration (speculation's speedup over beam search
+    per example history: its quartiles ``q1``, ``q3``): the target alone when even the upper
+    quartile loses by ``margin``, speculation when even the lower one wins by it, else None
+    (no clear winner: the warm-up decides)."""
+    if q3 < 1 - margin:
+        return "target_only"
+    if q1 > 1 + margin:
+        return "speculative"
+    return None
 
 
 def other(arm: Arm) -> Arm:
@@ -173,13 +188,21 @@ class KeyState:
 
 
 class Router:
-    def __init__(self, config: RouterConfig = RouterConfig()):
+    def __init__(self, config: RouterConfig = RouterConfig(), start: Mapping[int, Arm] | None = None):
+        """``start``: k -> the arm its strict requests start on (a calibrated start, no warm-up)."""
         self.config = config
+        self.start = dict(start or {})
         self.state: dict[tuple[str, int], KeyState] = {}
 
     def _key(self, mode: str, k: int) -> KeyState:
         c = self.config
-        return self.state.setdefault((mode, k), KeyState(c, interval=c.probe_every))
+        st = self.state.get((mode, k))
+        if st is None:
+            st = self.state[(mode, k)] = KeyState(c, interval=c.probe_every)
+            if mode == "strict" and k in self.start:  # calibrated: warm, the first probe waits
+                st.warm, st.warmup_left, st.best = True, 0, self.start[k]
+                st.next_probe = c.probe_every + 1
+        return st
 
     def best(self, mode: str, k: int) -> Arm:
         """The arm that takes the traffic (speculative until both arms are warm)."""
