@@ -27,9 +27,14 @@ top K at code 1 with N = K but need N = 20 K at code 2. So the width is chosen p
   chosen one is then measured like any other.
 
 The search (``settings.AUTO_*``): first one width for every level, N = f x K for the
-``AUTO_WIDTH_FACTORS``; then, from the best of those, a coordinate search: for each drafted level
-in turn, the wider N = f x K of ``AUTO_LEVEL_FACTORS`` at that level with the others held (at
-most ``AUTO_LEVEL_CANDIDATES`` of them), narrowest first, each priced before it is searched: a
+``AUTO_WIDTH_FACTORS``; then, from the best of those, a coordinate search. First narrower: for
+each drafted level in turn, the narrower N = f x K of ``AUTO_WIDTH_FACTORS`` at that level with
+the others held, widest first, while each is cheaper than the best so far (a draft that needs
+2 K at code 2 may hold codes 3 and 4 at K, and their share of the tree is then wasted on a CPU:
+the 4-block feature draft of the shared Beauty target, ``results/beauty-smollm2/RUN.md``). Then
+wider: for each drafted level in turn, the wider N = f x K of ``AUTO_LEVEL_FACTORS`` at that level
+with the others held (at most ``AUTO_LEVEL_CANDIDATES`` tries in all, narrower ones included),
+narrowest first, each priced before it is searched: a
 level stops widening at the first width whose one round costs more than a whole request of the
 best so far (wider ones cost more still), so on a CPU the wide trees cost one timed pass each
 and no strict search, which keeps ``serve``'s start-up short. At each stage a wider candidate replaces the best so far
@@ -197,15 +202,15 @@ def round_levels(params: SearchParams, L: int, start: int) -> tuple[int, ...]:
 
 
 def level_tries(widths: tuple[int, ...], level: int, k: int, L: int,
-                factors: tuple[float, ...] = AUTO_LEVEL_FACTORS) -> list[tuple[int, ...]]:
+                factors: tuple[float, ...] = AUTO_LEVEL_FACTORS, narrower: bool = False
+                ) -> list[tuple[int, ...]]:
     """``widths`` with code position ``level`` widened to each N = ceil(f * k) of ``factors``
-    that is wider than it now, the other drafted levels (0 .. L - 2) held."""
+    that is wider than it now, narrowest first (``narrower``: narrowed to each that is narrower,
+    widest first), the other drafted levels (0 .. L - 2) held."""
     full = [widths[min(i, len(widths) - 1)] for i in range(max(L - 1, 1))]
-    out: list[tuple[int, ...]] = []
-    for n in candidate_widths(k, factors):
-        if n > full[level]:
-            out.append(tuple(full[:level] + [n] + full[level + 1:]))
-    return out
+    ns = candidate_widths(k, factors)
+    ns = [n for n in reversed(ns) if n < full[level]] if narrower else [n for n in ns if n > full[level]]
+    return [tuple(full[:level] + [n] + full[level + 1:]) for n in ns]
 
 
 def calibration_batch(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -275,8 +280,21 @@ def choose_width(target: torch.nn.Module, draft: Drafter | torch.nn.Module, inde
     per_gamma = [[c for c in measured if c.gamma == g] for g in gammas]  # each: narrowest first
     best = min((better(cs[0], cs[1:]) for cs in per_gamma), key=rank)
     left = level_candidates
+
+    def untried(ws: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        seen = {search(c.widths, c.gamma).widths for c in measured if c.gamma == best.gamma}
+        return [w for w in ws if search(w, best.gamma).widths not in seen]
+
+    for level in range(start, index.L - 1):  # narrower first: a level held at K needs no more
+        for w in untried(level_tries(best.widths, level, k, index.L, factors, narrower=True))[:left]:
+            left -= 1
+            new = measure([search(w, best.gamma)])[0]
+            measured.append(new)
+            if new.expected_ms >= best.expected_ms:
+                break  # narrower still would take as many rounds or more, for less saved
+            best = new
     for level in range(start, index.L - 1):  # the drafted code positions, first code first
-        for w in level_tries(best.widths, level, k, index.L, level_factors)[:left]:
+        for w in untried(level_tries(best.widths, level, k, index.L, level_factors))[:left]:
             left -= 1
             p = search(w, best.gamma)
             c = round_cost([p])[0]

@@ -62,6 +62,10 @@ def test_the_first_round_tree_and_the_level_tries():
     assert level_tries((4,), 1, 2, 4, (2.0, 4.0, 8.0)) == [(4, 8, 4), (4, 16, 4)]  # 2k = 4 is not wider
     assert level_tries((4, 16), 0, 2, 4, (4.0, 8.0)) == [(8, 16, 16), (16, 16, 16)]
     assert level_tries((40,), 2, 2, 4, (2.0, 20.0)) == []
+    # narrower: widest first, never below K
+    assert level_tries((8,), 1, 2, 4, (1.0, 2.0, 4.0), narrower=True) == [(8, 4, 8), (8, 2, 8)]
+    assert level_tries((8, 8, 4), 2, 2, 4, (1.0, 2.0, 4.0), narrower=True) == [(8, 8, 2)]
+    assert level_tries((2,), 1, 2, 4, (1.0, 2.0), narrower=True) == []
 
 
 def test_tree_pass_carries_the_per_level_tree(monkeypatch):
@@ -277,6 +281,27 @@ def test_auto_keeps_narrow_widths_where_the_pass_grows_with_the_tree(calibration
     assert any(len(c.widths) > 1 and c.rounds < choice.best.rounds  # fewer calls, but dearer
                for c in choice.candidates)
     assert chosen_exactly(calibration, choice, 1).draft_beams == 1
+
+
+def test_auto_narrows_the_levels_the_draft_holds_at_k(calibration):
+    """A CPU-like machine (the pass grows with the tree): at K = 2 the best single width is N = 4
+    (2 rounds where N = 2, 3 take 3), but the draft holds the target's top 2 at the later codes
+    with N = 2: the narrowing step keeps code 1 at 4 and narrows the rest, the same rounds for a
+    smaller tree. The search before it (widening only) kept N = 4 everywhere."""
+    from atspeed_ray.width import choose_width
+
+    target, draft, index, prompts = calibration
+    choice = choose_width(target, draft, index, prompts[:4], 2, (3,), level_factors=(),
+                          cost=model_cost(index, 0.5))
+    singles = choice.candidates[:len(candidate_widths(2))]
+    single = min(singles, key=lambda c: (c.expected_ms, c.tree_tokens))
+    best = choice.best
+    assert single.n == 4 and best.rounds == single.rounds
+    assert best.widths[0] == 4 and max(best.widths[1:]) < 4
+    assert best.expected_ms < single.expected_ms and best.tree_tokens < single.tree_tokens
+    widths = [SearchParams(2, c.widths, 3, "strict").widths for c in choice.candidates]
+    assert len(widths) == len(set(widths))  # no candidate measured twice
+    chosen_exactly(calibration, choice, 2)
 
 
 def test_a_width_whose_one_round_costs_more_than_the_best_request_is_never_searched(calibration):
