@@ -1,17 +1,19 @@
 #!/bin/bash
-# issue #32 item 6: the endpoint on the shared Beauty target with the best draft, strict k=10
+# issue #32: the endpoint on the shared Beauty target, calibrated-start router, strict k=10
 cd /work/main
 A=/work/main/.venv/bin/atspeed-ray
 R=/work/runs
-DRAFT=${DRAFT:-$R/feat3}
-OUT=${OUT:-$R/serve6}
+DRAFT=${DRAFT:-$R/feat4b/draft}
+OUT=${OUT:-$R/serve7}
 PORT=8123
+date +"start %T"
 $A serve --target $R/target --draft $DRAFT --data $R/data --with-baseline --port $PORT > $OUT/serve.log 2>&1 &
 SP=$!
-for i in $(seq 1 300); do curl -sf http://127.0.0.1:$PORT/readyz >/dev/null 2>&1 && curl -sf http://127.0.0.1:$PORT/baseline/readyz >/dev/null 2>&1 && break; sleep 2; done
+for i in $(seq 1 400); do curl -sf http://127.0.0.1:$PORT/readyz >/dev/null 2>&1 && curl -sf http://127.0.0.1:$PORT/baseline/readyz >/dev/null 2>&1 && break; sleep 2; done
 date +"up %T"
-$A loadtest --url http://127.0.0.1:$PORT --baseline-url http://127.0.0.1:$PORT/baseline --requests 32 --concurrency 1 --k 10 --data $R/data --warmup 4 --timeout 120 --rounds 4 --json $OUT/c1.json > $OUT/c1.log 2>&1
+$A loadtest --url http://127.0.0.1:$PORT --baseline-url http://127.0.0.1:$PORT/baseline --requests 64 --concurrency 1 --k 10 --data $R/data --warmup 4 --timeout 120 --rounds 4 --json $OUT/c1.json > $OUT/c1.log 2>&1
 date +"c1 %T"
-$A loadtest --url http://127.0.0.1:$PORT --baseline-url http://127.0.0.1:$PORT/baseline --requests 64 --concurrency 8 --k 10 --data $R/data --warmup 8 --timeout 300 --rounds 4 --json $OUT/c8.json > $OUT/c8.log 2>&1
+$A loadtest --url http://127.0.0.1:$PORT --baseline-url http://127.0.0.1:$PORT/baseline --requests 192 --concurrency 8 --k 10 --data $R/data --warmup 8 --timeout 300 --rounds 4 --json $OUT/c8.json > $OUT/c8.log 2>&1
 date +"c8 %T"
+curl -s http://127.0.0.1:$PORT/stats > $OUT/stats.json
 kill -TERM $SP; wait $SP; echo "serve rc $?"
