@@ -74,8 +74,8 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
                               expand_last=args.expand_last)
         logger.warning("draft_beams_factor auto: %s", choice.summary())
         widths[k] = choice.best.table_value  # N, or per level: 10/200/20
-        chosen[k] = SearchParams(k, choice.best.widths, choice.best.gamma, "strict",
-                                 expand_last=args.expand_last)
+        chosen[k] = choice.params(SearchParams(k, k, args.gamma, "strict",
+                                               expand_last=args.expand_last))
     update: dict[str, Any] = {"draft_widths": widths}
     if args.routing == "adaptive" and not args.route_start:
         update["route_start"] = start_arms(target, draft, index, prompts, chosen)
@@ -86,27 +86,26 @@ def start_arms(target: torch.nn.Module, draft: Any, index: ItemIndex, prompts: l
                chosen: dict[int, SearchParams]) -> dict[int, Arm]:
     """k -> the path strict requests start on (``routing.calibrated_start``): speculation at
     ``chosen[k]`` and beam search timed back to back on each of ``prompts``, the order
-    alternating (``benchmarking.time_pairs``), one request per call; a k without a clear winner
-    is left out."""
-    from atspeed_ray.benchmarking import Speedup, device_clock, time_pairs, timing_threads
+    alternating (``benchmarking.paired_speedup``, one pass), one request per call; a k without a
+    clear winner is left out."""
+    from atspeed_ray.benchmarking import device_clock, paired_speedup, timing_threads
     from atspeed_ray.decoding.beam import beam_search
     from atspeed_ray.decoding.speculative import speculative_search
 
     starts: dict[int, Arm] = {}
-    for k, params in chosen.items():
-        with timing_threads(index.device), torch.no_grad():
-            times, _, _ = time_pairs(lambda u: beam_search(target, [prompts[u]], index, k),
-                                     lambda u: speculative_search(target, draft, [prompts[u]], index,
-                                                                  params),
-                                     len(prompts), 1, device_clock(index.device))
-        ws = Speedup.of(times, len(prompts))
-        arm = calibrated_start(ws.q1, ws.q3, RouterConfig().margin)
-        logger.warning("adaptive routing: k=%d speculation %s of beam search on %d example "
-                       "histories: strict requests start on %s", k, ws.text(), len(prompts),
-                       {"speculative": "speculation", "target_only": "the target alone"}.get(
-                           arm or "", "both paths in turn (warm-up)"))
-        if arm is not None:
-            starts[k] = arm
+    with timing_threads(index.device), torch.no_grad():
+        for k, params in chosen.items():
+            ws = paired_speedup(lambda u: beam_search(target, [prompts[u]], index, k),
+                                lambda u: speculative_search(target, draft, [prompts[u]], index, params),
+                                len(prompts), len(prompts), 1, device_clock(index.device),
+                                extra_passes=0).speedup
+            arm = calibrated_start(ws.q1, ws.q3, RouterConfig().margin)
+            logger.warning("adaptive routing: k=%d speculation %s of beam search on %d example "
+                           "histories: strict requests start on %s", k, ws.text(), len(prompts),
+                           {"speculative": "speculation", "target_only": "the target alone"}.get(
+                               arm or "", "both paths in turn (warm-up)"))
+            if arm is not None:
+                starts[k] = arm
     return starts
 
 

@@ -214,7 +214,7 @@ class AppArgs(BaseModel):
 
     @field_validator("route_start")
     @classmethod
-    def _route_keys(cls, value: dict[int, str]) -> dict[int, str]:
+    def _route_keys(cls, value: dict[int, Arm]) -> dict[int, Arm]:
         if any(k < 1 for k in value):
             raise ValueError(f"route_start: k must be >= 1, got {sorted(value)}")
         return value

@@ -205,7 +205,8 @@ class Router:
         return st
 
     def best(self, mode: str, k: int) -> Arm:
-        """The arm that takes the traffic (speculative until both arms are warm)."""
+        """The arm that takes the traffic (speculative until both arms are warm, unless the k
+        has a calibrated start)."""
         return self._key(mode, k).best
 
     def choose(self, mode: str, k: int) -> Route:
