@@ -149,8 +149,9 @@ def test_serving_auto_measures_widths_for_a_feature_draft(pair):
     measured = with_measured_widths(args)
     assert sorted(measured.draft_widths) == [1, 5]
     # adaptive routing: the k whose timed calibration had a clear winner start on it
-    assert set(measured.route_start) <= {1, 5}
-    assert set(measured.route_start.values()) <= {"speculative", "target_only"}
+    assert set(measured.route_start) <= {"alone", "batched"}
+    assert all(set(ks) <= {1, 5} and set(ks.values()) <= {"speculative", "target_only"}
+               for ks in measured.route_start.values())
     assert all(k <= min(w) and max(w) <= 20 * k  # an N, or per drafted level (10/200/20)
                for k, v in measured.draft_widths.items() for w in [measured_widths_at(v, k)])
 

@@ -212,30 +212,43 @@ def test_start_arms_from_a_paired_calibration(monkeypatch):
     from atspeed_ray.serving.app import start_arms
     from tests.helpers import random_catalog
 
-    spec_s = {1: [0.5] * 8, 5: [3.0] * 8, 10: [0.8, 0.9, 1.0, 1.1, 1.2, 0.95, 1.05, 1.0]}
+    # per k: one per call (8 histories), then batched (4 calls); k = 1 wins alone, loses batched
+    spec_s = {1: ([0.5] * 8, [1.5] * 4), 5: ([3.0] * 8, [3.0] * 4),
+              10: ([0.8, 0.9, 1.0, 1.1, 1.2, 0.95, 1.05, 1.0], [0.9, 1.0, 1.1, 1.0])}
     seen: list[int] = []
 
     def fake_pairs(plain, spec, units, repeat, clock, beside=()):
-        k = list(spec_s)[len(seen)]
+        alone = units == 8  # 8 calls of one history; 4 of 8 (each k's batched pass follows its alone one)
+        k = list(spec_s)[seen.count(8) - (not alone)]
+        times = spec_s[k][0 if alone else 1]
         seen.append(units)
-        return PairTimes(tuple((1.0,) for _ in range(units)),
-                         tuple((s,) for s in spec_s[k])), [], []
+        return PairTimes(tuple((1.0,) for _ in range(units)), tuple((s,) for s in times)), [], []
 
     monkeypatch.setattr(benchmarking, "time_pairs", fake_pairs)
     index = random_catalog(10, [3, 3, 2], seed=0)
     params = {k: SearchParams(k, 2 * k, 3, "strict") for k in spec_s}
-    starts = start_arms(None, None, index, [[1, 2]] * 8, params)  # type: ignore[arg-type]
-    assert seen == [8, 8, 8]
-    assert starts == {1: "speculative", 5: "target_only"}
+    starts = start_arms(None, None, index, [[1, 2]] * 8, params, batch=8)  # type: ignore[arg-type]
+    assert seen == [8, 4] * 3
+    assert starts == {"alone": {1: "speculative", 5: "target_only"},
+                      "batched": {1: "target_only", 5: "target_only"}}
+    # batch 1 (the target batches nothing): no batched load to calibrate
+    seen.clear()
+    assert start_arms(None, None, index, [[1, 2]] * 8, params, batch=1) == {  # type: ignore[arg-type]
+        "alone": {1: "speculative", 5: "target_only"}}
 
 
 def test_route_start_is_checked_and_reaches_the_router():
     from atspeed_ray.serving.routing import Router
 
     a = AppArgs(target="t", draft="d", data="x", routing="adaptive", route_start={10: "target_only"})
+    assert a.route_start == {"alone": {10: "target_only"}, "batched": {10: "target_only"}}  # both loads
     r = Router(start=a.route_start)
     assert r.choose("strict", 10).arm == "target_only" and r.choose("strict", 5).arm == "speculative"
-    for bad in ({10: "draft"}, {0: "target_only"}):
+    assert r.choose("strict", 10).load == "batched" and r.choose("strict", 10).arm == "target_only"
+    b = AppArgs(target="t", draft="d", data="x", route_start={"batched": {10: "target_only"}})
+    assert b.route_start == {"batched": {10: "target_only"}}
+    assert Router(start=b.route_start).choose("strict", 10).arm == "speculative"  # alone: warm-up
+    for bad in ({10: "draft"}, {0: "target_only"}, {"busy": {10: "target_only"}}):
         with pytest.raises(ValueError, match="route_start"):
             AppArgs(target="t", draft="d", data="x", route_start=bad)
 

@@ -15,7 +15,8 @@ Deployment sizes and autoscaling are in the YAML ``deployments:`` overrides.
 routing it also times speculation against beam search per k (``start_arms``), so a k whose
 draft clearly loses starts on the target alone (``route_start``).
 
-``graph: colocated`` deploys one ``SpeculativeModel`` (draft and target in one replica) instead
+``routing: adaptive`` adds the ``Routing`` deployment: the app's one router, asked by every
+ingress replica. ``graph: colocated`` deploys one ``SpeculativeModel`` (draft and target in one replica) instead
 of ``DraftModel`` + ``TargetModel``; ``graph: chained`` gives the TargetModel the DraftModel's
 handle (it drives each request's loop, ``chained.py``); ``cache: replica`` routes the model deployments with
 ``affinity.AffinityRouter`` (the rounds of a request reach the replicas holding its caches).
@@ -32,12 +33,14 @@ from atspeed_ray.serving.affinity import AffinityRouter
 from atspeed_ray.data.index import ItemIndex
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.serving.config import AppArgs
-from atspeed_ray.serving.deployments import DraftModel, Recommender, SpeculativeModel, TargetModel
-from atspeed_ray.serving.routing import Arm, RouterConfig, calibrated_start
+from atspeed_ray.serving.deployments import DraftModel, Recommender, Routing, SpeculativeModel, TargetModel
+from atspeed_ray.serving.routing import Arm, Load, RouterConfig, calibrated_start
 from atspeed_ray.settings import AUTO_WIDTH_PROMPTS
 
 logger = logging.getLogger(__name__)
 AUTO_WIDTH_KS = (1, 5, 10, 20)  # k the builder measures a width for (others: the nearest's N/k)
+CALIBRATION_BATCH = 8  # requests per call of the routing calibration's batched load (at most the target's max_batch_size)
+CALIBRATION_BATCHES = 4  # calls (pairs) it times per k
 
 
 def with_measured_widths(args: AppArgs) -> AppArgs:
@@ -46,8 +49,8 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
     catalog's example histories, for each k of ``AUTO_WIDTH_KS`` the app allows (an N, or the
     widths per drafted level as text, ``10/200/20``). With adaptive routing (and no
     ``route_start`` given) the same histories then time speculation at the chosen widths against
-    beam search, paired per history (``start_arms``): a k whose speculation clearly loses (or
-    wins) starts on the faster path, no warm-up. On a GPU cluster, where the builder may run
+    beam search, paired, one per call and in batches (``start_arms``): a k whose speculation
+    clearly loses (or wins) at a load starts on the faster path there, no warm-up. On a GPU cluster, where the builder may run
     without the replicas' device, give ``draft_widths`` (as ``bench --draft-beams auto`` prints
     them) instead."""
     if not args.auto_width or not args.speculative:
@@ -78,34 +81,47 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
                                                expand_last=args.expand_last))
     update: dict[str, Any] = {"draft_widths": widths}
     if args.routing == "adaptive" and not args.route_start:
-        update["route_start"] = start_arms(target, draft, index, prompts, chosen)
+        update["route_start"] = start_arms(target, draft, index, prompts, chosen,
+                                           min(CALIBRATION_BATCH, args.target_batch.max_batch_size))
     return args.model_copy(update=update)
 
 
 def start_arms(target: torch.nn.Module, draft: Any, index: ItemIndex, prompts: list[list[int]],
-               chosen: dict[int, SearchParams]) -> dict[int, Arm]:
-    """k -> the path strict requests start on (``routing.calibrated_start``): speculation at
-    ``chosen[k]`` and beam search timed back to back on each of ``prompts``, the order
-    alternating (``benchmarking.paired_speedup``, one pass), one request per call; a k without a
-    clear winner is left out."""
+               chosen: dict[int, SearchParams], batch: int = CALIBRATION_BATCH,
+               ) -> dict[Load, dict[int, Arm]]:
+    """load -> k -> the path strict requests start on (``routing.calibrated_start``): speculation
+    at ``chosen[k]`` and beam search timed back to back, the order alternating
+    (``benchmarking.paired_speedup``, one pass). ``alone``: one request per call, each of
+    ``prompts``; ``batched``: ``batch`` requests per call (the prompts in turn), on
+    ``CALIBRATION_BATCHES`` calls (a batch of verification trees costs far more on a
+    compute-bound device than a batch of beam-search steps: the two loads may differ). A k
+    without a clear winner at a load is left out there."""
     from atspeed_ray.benchmarking import device_clock, paired_speedup, timing_threads
     from atspeed_ray.decoding.beam import beam_search
     from atspeed_ray.decoding.speculative import speculative_search
 
-    starts: dict[int, Arm] = {}
+    n = len(prompts)
+    calls: dict[Load, tuple[int, int]] = {"alone": (1, n)}  # requests per call, calls
+    if batch > 1:
+        calls["batched"] = (batch, CALIBRATION_BATCHES)
+    starts: dict[Load, dict[int, Arm]] = {load: {} for load in calls}
     with timing_threads(index.device), torch.no_grad():
         for k, params in chosen.items():
-            ws = paired_speedup(lambda u: beam_search(target, [prompts[u]], index, k),
-                                lambda u: speculative_search(target, draft, [prompts[u]], index, params),
-                                len(prompts), len(prompts), 1, device_clock(index.device),
-                                extra_passes=0).speedup
-            arm = calibrated_start(ws.q1, ws.q3, RouterConfig().margin)
-            logger.warning("adaptive routing: k=%d speculation %s of beam search on %d example "
-                           "histories: strict requests start on %s", k, ws.text(), len(prompts),
-                           {"speculative": "speculation", "target_only": "the target alone"}.get(
-                               arm or "", "both paths in turn (warm-up)"))
-            if arm is not None:
-                starts[k] = arm
+            for load, (b, units) in calls.items():
+                def unit(u: int, b: int = b) -> list[list[int]]:
+                    return [prompts[(u * b + j) % n] for j in range(b)]
+                ws = paired_speedup(lambda u: beam_search(target, unit(u), index, k),
+                                    lambda u: speculative_search(target, draft, unit(u), index, params),
+                                    units, units * b, 1, device_clock(index.device),
+                                    extra_passes=0).speedup
+                arm = calibrated_start(ws.q1, ws.q3, RouterConfig().margin)
+                logger.warning("adaptive routing: k=%d, %d per call: speculation %s of beam search "
+                               "on %d example histories: strict requests %s start on %s", k, b,
+                               ws.text(), min(n, units * b), load,
+                               {"speculative": "speculation", "target_only": "the target alone"}.get(
+                                   arm or "", "both paths in turn (warm-up)"))
+                if arm is not None:
+                    starts[load][k] = arm
     return starts
 
 
@@ -122,17 +138,20 @@ def build(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> Ap
         return d.options(**{**(affinity if routed else {}), **opts.get(d.name, {})})
 
     target_settings = args.model_settings("target").model_dump()
+    # adaptive routing: one router for the app, asked by every ingress replica
+    routing = (dep(Routing).bind(args.model_dump())
+               if args.speculative and args.routing == "adaptive" else None)
     if args.speculative and args.graph == "colocated":
         target_settings["cache"] = None  # both caches live in the replica's own loop
         both = dep(SpeculativeModel).bind(target_settings, args.model_settings("draft").model_dump())
-        return dep(Recommender).bind(args.model_dump(), both, None)
+        return dep(Recommender).bind(args.model_dump(), both, None, routing)
     draft = (dep(DraftModel, routed=True).bind(args.model_settings("draft").model_dump())
              if args.speculative else None)
     if args.speculative and args.graph == "chained":  # the target calls the draft itself
         target = dep(TargetModel, routed=True).bind(target_settings, draft, args.draft_timeout_s)
     else:
         target = dep(TargetModel, routed=True).bind(target_settings)
-    return dep(Recommender).bind(args.model_dump(), target, draft)
+    return dep(Recommender).bind(args.model_dump(), target, draft, routing)
 
 
 def build_app(args: dict[str, Any]) -> Application:

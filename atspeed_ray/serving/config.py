@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from atspeed_ray.serving.routing import PROBE_BACKOFF, PROBE_EVERY, Arm
+from atspeed_ray.serving.routing import LOADS, PROBE_BACKOFF, PROBE_EVERY, Arm, Load, RouterConfig
 from atspeed_ray.settings import (
     DEFAULT_DRAFT_BEAMS, DEFAULT_GAMMA, DEFAULT_MODE, EXPAND_LAST, Dtype, Forward, Mode,
 )
@@ -180,12 +180,14 @@ class AppArgs(BaseModel):
                                description="adaptive routing: while probes keep confirming the faster "
                                            "path, the probe interval doubles up to probe_every * this "
                                            "(1 = always every probe_every-th request)")
-    route_start: dict[int, Arm] = Field(
+    route_start: dict[Load, dict[int, Arm]] = Field(
         default_factory=dict,
-        description="adaptive routing: k -> the path its strict requests start on, with no warm-up "
-                    "(the other is probed as usual); draft_beams_factor auto fills it when the app "
-                    "is built, from speculation's measured speedup over beam search on the "
-                    "example histories (a k with no clear winner is left out: the warm-up decides)")
+        description="adaptive routing: load (alone: no other request in flight; batched) -> k -> "
+                    "the path its strict requests start on, with no warm-up (the other is probed "
+                    "as usual); a plain {k: path} holds for both loads. draft_beams_factor auto "
+                    "fills it when the app is built, from speculation's measured speedup over beam "
+                    "search on the example histories, one per call and in batches (a k with no "
+                    "clear winner is left out: the warm-up decides)")
     cache: Literal["stateless", "replica"] = Field(
         default="stateless",
         description="stateless: every round resends and recomputes prompt + beams on any replica; "
@@ -205,6 +207,10 @@ class AppArgs(BaseModel):
     draft_batch: BatchSettings = BatchSettings()
     target_batch: BatchSettings = BatchSettings()
 
+    def router_config(self) -> RouterConfig:
+        """The adaptive router's settings (the app's ``Routing`` and each ingress replica's own)."""
+        return RouterConfig(probe_every=self.probe_every, max_backoff=self.probe_backoff)
+
     @field_validator("draft_beams_factor")
     @classmethod
     def _width_text(cls, value: float | str) -> float | str:
@@ -212,11 +218,20 @@ class AppArgs(BaseModel):
             WidthPolicy.parse(value, "draft_beams_factor")  # a ValueError names the field
         return value
 
+    @field_validator("route_start", mode="before")
+    @classmethod
+    def _route_loads(cls, value: object) -> object:
+        """A plain ``{k: path}`` (no load named) holds for both loads."""
+        if isinstance(value, dict) and value and not set(map(str, value)) & set(LOADS):
+            return {load: value for load in LOADS}
+        return value
+
     @field_validator("route_start")
     @classmethod
-    def _route_keys(cls, value: dict[int, Arm]) -> dict[int, Arm]:
-        if any(k < 1 for k in value):
-            raise ValueError(f"route_start: k must be >= 1, got {sorted(value)}")
+    def _route_keys(cls, value: dict[Load, dict[int, Arm]]) -> dict[Load, dict[int, Arm]]:
+        for load, starts in value.items():
+            if any(k < 1 for k in starts):
+                raise ValueError(f"route_start: k must be >= 1, got {sorted(starts)} ({load})")
         return value
 
     @field_validator("draft_widths")

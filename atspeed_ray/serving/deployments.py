@@ -1,4 +1,4 @@
-"""Ray Serve deployments: ``DraftModel``, ``TargetModel`` and the FastAPI ingress ``Recommender``.
+"""Ray Serve deployments: ``DraftModel``, ``TargetModel``, ``Routing`` and the FastAPI ingress ``Recommender``.
 
     HTTP -> Recommender --(1 handle call per round)--> DraftModel.propose   (@serve.batch)
                         --(1 handle call per round)--> TargetModel.verify   (@serve.batch)
@@ -8,7 +8,8 @@ The ingress runs the decoding core's loop per request (``driver.remote_speculati
 proposes, the target verifies the tree in one forward, the ingress accepts. Each round costs two
 handle calls; a request whose draft fails or misses ``draft_timeout_s`` is answered by the target
 alone (plain beam search: the strict answer), and counted as a fallback. With ``routing:
-adaptive`` strict requests go to whichever path has been faster lately (``routing.Router``).
+adaptive`` strict requests go to whichever path has been faster lately at the app's load
+(``routing.Router``, one for the app in the ``Routing`` deployment).
 
 ``cache: replica``: the replicas keep each request's tree caches between its rounds
 (``cache.py``), reached through ``affinity.AffinityRouter``. ``graph: chained``: the ingress makes
@@ -55,7 +56,8 @@ from atspeed_ray.serving.graphs import OneCallGraph, Runner, SeparateGraph, Spec
 from atspeed_ray.serving.http import field_error, stopping
 from atspeed_ray.serving.http import install as install_http_guards
 from atspeed_ray.serving.retry import DraftBreaker, Retries, start_errors
-from atspeed_ray.serving.routing import Route, Router, RouterConfig
+from atspeed_ray.serving.router_client import RouterClient, Snapshot, Ticket
+from atspeed_ray.serving.routing import Route, Router
 from atspeed_ray.serving.stopping import STOPPING_DETAIL, StopFlag
 
 if TYPE_CHECKING:
@@ -317,6 +319,25 @@ async def _ping(handle: DeploymentHandle) -> str:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+class HandleRouter:
+    """``router_client.RouterService`` over the ``Routing`` deployment's handle."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    def choose(self, mode: str, k: int) -> Any:
+        return _result(self.handle.choose.remote(mode, k))
+
+    def observe(self, route: Route, ms: float) -> Any:
+        return _result(self.handle.observe.remote(route, ms))
+
+    def forget(self, route: Route) -> Any:
+        return _result(self.handle.forget.remote(route))
+
+    def snapshot(self) -> Any:
+        return _result(self.handle.snapshot.remote())
+
+
 # Everything a deployment class uses from this module is defined above it: Serve serialises
 # the class when it is decorated, with the module's names as they are at that moment
 # (``tests/test_serving_parts.py`` checks the order).
@@ -352,6 +373,36 @@ class IngressMetrics:
         self.status(str(stats["path"]), mode, "ok")
 
 
+@serve.deployment(name="Routing", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                  max_ongoing_requests=4096)
+class Routing:
+    """The app's one adaptive router (``routing.Router``), asked by every ingress replica
+    (``router_client.RouterClient``): one probe schedule, one warm-up and one in-flight count
+    (the load) for the whole app. Every method is a coroutine, so they run one at a time on the
+    replica's event loop (the router is plain Python state). One replica by design: Serve
+    restarts it if it dies, with the start the app was built with; meanwhile each ingress
+    replica routes with its own router."""
+
+    def __init__(self, args: dict[str, Any]):
+        a = AppArgs.model_validate(args)
+        self.router = Router(a.router_config(), start=a.route_start)
+
+    async def choose(self, mode: str, k: int) -> Route:
+        return self.router.choose(mode, k)
+
+    async def observe(self, route: Route, ms: float) -> None:
+        self.router.observe(route, ms)
+
+    async def forget(self, route: Route) -> None:
+        self.router.forget(route)
+
+    async def snapshot(self) -> Snapshot:
+        return self.router.snapshot()
+
+    async def ping(self) -> str:
+        return "ok"
+
+
 @serve.deployment(name="Recommender", num_replicas=2, ray_actor_options={"num_cpus": 0.125},
                   max_ongoing_requests=256)  # 2 replicas: losing one ingress is no outage
 @serve.ingress(api)
@@ -359,7 +410,8 @@ class Recommender:
     """The HTTP API over the parts: request checks and metrics here; the path of a request
     (``graphs.Runner``), the route (``routing.Router``), the fallback (``fallback.FallbackPolicy``)."""
 
-    def __init__(self, args: dict[str, Any], target: DeploymentHandle, draft: DeploymentHandle | None = None):
+    def __init__(self, args: dict[str, Any], target: DeploymentHandle, draft: DeploymentHandle | None = None,
+                 routing: DeploymentHandle | None = None):
         self.args = a = AppArgs.model_validate(args)
         torch.set_num_threads(1)  # acceptance is small tensor work; leave the cores to the models
         with start_errors(f"Recommender cannot start on {a.target}"):
@@ -372,10 +424,13 @@ class Recommender:
         self.speculative = self.draft is not None or self.colocated
         # the draft reads the target's hidden states: the loop asks the target for them
         self.features = self.speculative and draft_kind(a.draft).features  # type: ignore[arg-type]
-        self.router = (Router(RouterConfig(probe_every=a.probe_every, max_backoff=a.probe_backoff),
-                              start=a.route_start)
-                       if self.speculative and a.routing == "adaptive" else None)
         self.pending_releases: set[asyncio.Future[Any]] = set()
+        # adaptive routing: the app's Routing deployment, and this replica's own router for when
+        # it does not answer (router_client.py)
+        self.router = (RouterClient(Router(a.router_config(), start=a.route_start),
+                                    None if routing is None else HandleRouter(routing),
+                                    lambda call: fire_and_forget(call, self.pending_releases))
+                       if self.speculative and a.routing == "adaptive" else None)
         self.retries = Retries(a.retry, "TargetModel")
         self.ready: tuple[float, dict[str, str]] | None = None  # (when, model -> "ok" | why not)
         self.stop = StopFlag()  # set once `atspeed-ray serve` begins its orderly stop
@@ -440,8 +495,9 @@ class Recommender:
     @api.get("/stats")
     async def stats(self) -> dict[str, Any]:
         """Counters of this ingress replica since it started, and the app's running replicas."""
-        routing = self.router.snapshot() if self.router is not None else None
-        return {"pid": os.getpid(), **self.counts, "routing": routing,
+        source, routing = (await self.router.snapshot()) if self.router is not None else (None, None)
+        return {"pid": os.getpid(), **self.counts, "routing": routing, "routing_source": source,
+                "routing_misses": 0 if self.router is None else self.router.misses,
                 "draft_breaker": self.fallback.snapshot(),
                 "replicas": await asyncio.to_thread(running_replicas)}
 
@@ -463,13 +519,13 @@ class Recommender:
                               f"unknown item id {req.history[i]} ({len(unknown)} unknown in history)",
                               req.history[i], "unknown_item")
         router = self.router if req.mode == "strict" else None  # adaptive routing: strict only
-        route: Route | None = None if router is None else router.choose(req.mode, req.k)
+        route: Ticket | None = None if router is None else await router.choose(req.mode, req.k)
         if route is not None:
-            self.metrics.routed.inc(tags={"arm": route.arm, "k": str(req.k)})
+            self.metrics.routed.inc(tags={"arm": route.route.arm, "k": str(req.k)})
         start = time.perf_counter()
         try:
             out = await self.runner.decode(self.catalog.prompt(req.history), self.search_params(req),
-                                           "speculative" if route is None else route.arm)
+                                           "speculative" if route is None else route.route.arm)
         except BaseException as e:  # failed, or cancelled (the client left)
             if router is not None and route is not None:
                 router.forget(route)  # no sample; a probe frees its slot

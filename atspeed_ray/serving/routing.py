@@ -3,15 +3,25 @@
 Speculation pays only when the draft is accepted often enough: with a weak draft a speculative
 request costs more target work than plain beam search (every rejected round still verifies a
 whole tree). In strict mode both paths return the same top-k, so the ingress may pick the faster
-one per request without changing any answer. ``Router`` does that per ``(mode, k)``. Latency
-grows with load, so it never compares latencies measured under different loads:
+one per request without changing any answer. ``Router`` does that per ``(mode, k, load)``:
+the **load** of a request is ``alone`` when no other routed request is in flight as it is sent,
+``batched`` otherwise. The two differ on purpose: a model replica batches concurrent requests,
+and on a compute-bound device a batch of verification trees costs far more than a batch of
+beam-search steps, so a draft that wins alone can lose under load (the Beauty target on 2 CPU
+cores: a toss-up alone, 1.6x slower at concurrency 8). Each load keeps what it learned while the
+other carries the traffic. One ``Router`` serves the whole app (the ``Routing`` deployment: every
+ingress replica asks it), so its in-flight count is the app's. Latency grows with load, so it
+never compares latencies measured under different loads:
 
 * **warm-up**: requests alternate between the two arms, speculative first; the first ``2 *
   warmup`` are the sample, and once they are answered the arm with the lower mean takes the
-  traffic (the ``best`` arm). A k with a **calibrated start** (``start``, what the app's builder
-  measured on example histories, ``calibrated_start``) skips it: its measured faster arm takes
-  the traffic from the first request and the other is probed as below, so a draft known to lose
-  sends no warm-up requests down the slower path;
+  traffic (the ``best`` arm). A ``(k, load)`` with a **calibrated start** (``start``, what the
+  app's builder measured on example histories one at a time and in batches, ``calibrated_start``)
+  skips it: its measured faster arm takes the traffic from the first request and the other is
+  probed as below, so a draft known to lose sends no warm-up requests down the slower path. A
+  load without one has its own warm-up the first time it is seen (the other load's arm is no
+  guide: the two differ where it matters, and a wrong start costs the ``confirm`` probes and
+  more on the slower path, where a warm-up costs 3 requests);
 * **probes**: the other arm gets a probe at most every ``interval`` requests (``probe_every``
   at first). At most one probe is in flight per key, the next one waits for its verdict, and two
   probes are at least ``probe_every`` requests apart: probes are at most ``1 / probe_every`` of
@@ -46,18 +56,23 @@ rise (3 of the first 200 requests), and a draft that loses by 1.6x took 21-32% o
 of a load level for 2 seeds in 10.
 
 Relaxed requests are never routed: their answer is a sample, and plain beam search is not one.
-Pure Python, no Ray: the ingress owns one ``Router``; tests drive it directly.
+Pure Python, no Ray: the ``Routing`` deployment (and each ingress replica, for when it does not
+answer) owns one ``Router``; tests drive it directly.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 Arm = Literal["speculative", "target_only"]
 ARMS: tuple[Arm, Arm] = ("speculative", "target_only")
+Load = Literal["alone", "batched"]  # no other routed request in flight as it is sent / some
+LOADS: tuple[Load, Load] = ("alone", "batched")
+Starts = Mapping[Load, Mapping[int, Arm]]  # load -> k -> the arm its strict requests start on
 
 # defaults of the app's ``probe_every`` / ``probe_backoff`` (``AppArgs``) and of ``RouterConfig``
 PROBE_EVERY = 10  # requests between two probes, at least: probes <= 10% of the requests
@@ -91,14 +106,16 @@ class RouterConfig:
     revert_backoff: int = 8  # undone switches in a row double the wait after one, up to this many times
     margin: float = 0.05  # a probe wins when its latency ratio is under 1 - margin
     alpha: float = 0.2  # EWMA weight of the latencies shown in ``snapshot`` (not used to route)
+    stale_s: float = 900.0  # a route unanswered this long no longer counts as in flight (its ingress died)
 
     def __post_init__(self) -> None:
         if (self.probe_every < 2 or min(self.max_backoff, self.warmup, self.pair, self.confirm,
                                          self.trial, self.revert_backoff) < 1
-                or not 0.0 <= self.margin < 1.0 or not 0.0 < self.alpha <= 1.0):
+                or not 0.0 <= self.margin < 1.0 or not 0.0 < self.alpha <= 1.0
+                or not self.stale_s > 0):
             raise ValueError("need probe_every >= 2; max_backoff, warmup, pair, confirm, trial, "
                              "revert_backoff >= 1; "
-                             "0 <= margin < 1; 0 < alpha <= 1")
+                             "0 <= margin < 1; 0 < alpha <= 1; stale_s > 0")
 
     @property
     def max_interval(self) -> int:
@@ -114,6 +131,11 @@ class Route:
     arm: Arm
     seq: int  # the request's number for its key, from 1
     probe: bool  # sent to the other arm to measure it
+    load: Load = "alone"  # other routed requests in flight when it was sent, or not
+
+    @property
+    def key(self) -> tuple[str, int, Load]:
+        return self.mode, self.k, self.load
 
 
 @dataclass
@@ -188,29 +210,46 @@ class KeyState:
 
 
 class Router:
-    def __init__(self, config: RouterConfig = RouterConfig(), start: Mapping[int, Arm] | None = None):
-        """``start``: k -> the arm its strict requests start on (a calibrated start, no warm-up)."""
+    def __init__(self, config: RouterConfig = RouterConfig(), start: Starts | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        """``start``: load -> k -> the arm its strict requests start on (a calibrated start, no
+        warm-up); ``clock`` (s) ages the routes in flight (``RouterConfig.stale_s``)."""
         self.config = config
-        self.start = dict(start or {})
-        self.state: dict[tuple[str, int], KeyState] = {}
+        self.start = {load: dict(ks) for load, ks in (start or {}).items()}
+        self.clock = clock
+        self.state: dict[tuple[str, int, Load], KeyState] = {}
+        self.in_flight: dict[tuple[str, int, Load, int], float] = {}  # route -> when it was sent (s)
 
-    def _key(self, mode: str, k: int) -> KeyState:
+    def _key(self, mode: str, k: int, load: Load) -> KeyState:
         c = self.config
-        st = self.state.get((mode, k))
+        st = self.state.get((mode, k, load))
         if st is None:
-            st = self.state[(mode, k)] = KeyState(c, interval=c.probe_every)
-            if mode == "strict" and k in self.start:  # calibrated: warm, the first probe waits
-                st.warm, st.warmup_left, st.best = True, 0, self.start[k]
+            st = self.state[(mode, k, load)] = KeyState(c, interval=c.probe_every)
+            start = self.start.get(load, {}).get(k) if mode == "strict" else None
+            learned = [s.best for (m, kk, _), s in self.state.items() if (m, kk) == (mode, k) and s.warm]
+            if start is not None or learned:  # warm, on that arm; the first probe waits
+                st.warm, st.warmup_left = True, 0
+                st.best = start if start is not None else learned[0]
                 st.next_probe = c.probe_every + 1
         return st
 
-    def best(self, mode: str, k: int) -> Arm:
-        """The arm that takes the traffic (speculative until both arms are warm, unless the k
-        has a calibrated start)."""
-        return self._key(mode, k).best
+    def load(self) -> Load:
+        """``batched`` while any routed request is in flight (one unanswered for ``stale_s``
+        no longer counts: its ingress died), else ``alone``."""
+        now = self.clock()
+        for key, sent in list(self.in_flight.items()):
+            if now - sent > self.config.stale_s:
+                del self.in_flight[key]
+        return "batched" if self.in_flight else "alone"
+
+    def best(self, mode: str, k: int, load: Load = "alone") -> Arm:
+        """The arm that takes the traffic (speculative until both arms are warm, unless the
+        key has a calibrated or learned start)."""
+        return self._key(mode, k, load).best
 
     def choose(self, mode: str, k: int) -> Route:
-        st = self._key(mode, k)
+        load = self.load()
+        st = self._key(mode, k, load)
         st.seq += 1
         probe = False
         if not st.warm:  # both arms in turn, speculative first (the sample: the first 2 * warmup)
@@ -222,7 +261,8 @@ class Router:
         else:
             arm = st.best
         st.arms[arm].sent += 1
-        return Route(mode, k, arm, st.seq, probe)
+        self.in_flight[(mode, k, load, st.seq)] = self.clock()
+        return Route(mode, k, arm, st.seq, probe, load)
 
     def observe(self, route: Route, latency_ms: float) -> None:
         """A routed request's answer and its latency (ms, at the ingress)."""
@@ -233,7 +273,8 @@ class Router:
         self._answer(route, None)
 
     def _answer(self, route: Route, ms: float | None) -> None:
-        c, st = self.config, self._key(route.mode, route.k)
+        c, st = self.config, self._key(*route.key)
+        self.in_flight.pop((*route.key, route.seq), None)
         if ms is not None:
             st.arms[route.arm].record(ms, c.alpha)
         if not st.warm:
@@ -319,10 +360,11 @@ class Router:
             st.reverts_in_row = 0
 
     def snapshot(self) -> dict[str, dict[str, float | int | str | None]]:
-        """``{"strict/k=10": {"speculative_ms": .., "target_only_ms": .., "best": ..}}`` for /stats."""
+        """``{"strict/k=10/alone": {"speculative_ms": .., "target_only_ms": .., "best": ..}}`` for
+        /stats."""
         out: dict[str, dict[str, float | int | str | None]] = {}
-        for (mode, k), st in sorted(self.state.items()):
-            out[f"{mode}/k={k}"] = {
+        for (mode, k, load), st in sorted(self.state.items()):
+            out[f"{mode}/k={k}/{load}"] = {
                 "requests": st.seq, "best": st.best, "probe_interval": st.interval,
                 "probes": st.probes, "switches": st.switches, "reverts": st.reverts,
                 **{f"{a}_ms": None if s.mean_ms is None else round(s.mean_ms, 3) for a, s in st.arms.items()},
