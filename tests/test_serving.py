@@ -606,7 +606,9 @@ def test_adaptive_routing_sends_strict_requests_around_a_slow_draft(app):
             r = c.post("/recommend", json={"history": h, "k": 5}).json()
             assert r["items"] == want[tuple(h)]
             paths.append(r["stats"]["path"])
-        routing = c.get("/stats").json()["routing"]["strict/k=5/alone"]  # one at a time: alone
+        stats = c.get("/stats").json()
+        assert stats["routing_source"] == "app" and stats["routing_misses"] == 0  # the Routing deployment
+        routing = stats["routing"]["strict/k=5/alone"]  # one at a time: alone
         assert routing["best"] == "target_only", routing
         assert routing["speculative_ms"] > routing["target_only_ms"]
         # 3 + 3 warm-up requests alternate; then the target, with a probe of the draft at most
