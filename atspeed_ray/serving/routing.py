@@ -19,9 +19,15 @@ never compares latencies measured under different loads:
   app's builder measured on example histories one at a time and in batches, ``calibrated_start``)
   skips it: its measured faster arm takes the traffic from the first request and the other is
   probed as below, so a draft known to lose sends no warm-up requests down the slower path. A
-  load without one has its own warm-up the first time it is seen (the other load's arm is no
-  guide: the two differ where it matters, and a wrong start costs the ``confirm`` probes and
-  more on the slower path, where a warm-up costs 3 requests);
+  start on the target alone also starts the probe interval at its cap (``max_interval``): the
+  builder times speculation offline, without the served graph's handle calls per round, so
+  served speculation is at best as fast as calibrated and a "target alone" verdict only gets
+  truer; and under a batched load a lone speculative probe rides on the batches of beam-search
+  steps around it and looks faster than speculation carrying the traffic (on the Beauty target
+  at concurrency 8: 5 probes won, the trial that followed lost, 22 of 192 requests on the
+  slower path). A start on speculation is probed from ``probe_every`` on. A load without a
+  calibrated start, when its k has warmed up at the other load, starts on that arm (no second
+  warm-up; its probes move it: in the simulation about 80 requests where the two loads differ);
 * **probes**: the other arm gets a probe at most every ``interval`` requests (``probe_every``
   at first). At most one probe is in flight per key, the next one waits for its verdict, and two
   probes are at least ``probe_every`` requests apart: probes are at most ``1 / probe_every`` of
@@ -230,7 +236,9 @@ class Router:
             if start is not None or learned:  # warm, on that arm; the first probe waits
                 st.warm, st.warmup_left = True, 0
                 st.best = start if start is not None else learned[0]
-                st.next_probe = c.probe_every + 1
+                if start == "target_only":  # measured: served speculation is no faster
+                    st.interval = c.max_interval
+                st.next_probe = st.interval + 1
         return st
 
     def load(self) -> Load:
