@@ -706,3 +706,24 @@ def test_ingress_replicas_share_the_apps_router(monkeypatch):
         assert (await replicas[0].choose("strict", 10)).shared  # asked again
 
     asyncio.run(scenario())
+
+
+def test_the_routing_calibration_times_speculation_as_served(tmp_path, monkeypatch):
+    """``app.served_speculation``: with ``cache: stateless`` the builder's calibration runs the
+    served loop in process (every round's calls carry and recompute the prompt, through the
+    replicas' ``verify_batch``), otherwise the cached offline loop; both return the target's own
+    beam search top-k, alone and batched."""
+    import atspeed_ray.serving.batching as batching
+    from atspeed_ray.serving.app import served_speculation
+
+    catalog, target, draft, prompts = serving_random_pair(tmp_path, n_prompts=4)
+    index, params, verified = catalog.index, SearchParams(5, 10, 3, "strict"), []
+    real = batching.verify_batch
+    monkeypatch.setattr(batching, "verify_batch", lambda *a, **kw: verified.append(1) or real(*a, **kw))
+    for batch in ([prompts[0]], prompts):
+        ref = beam_search(target, batch, index, 5)
+        for stateless in (False, True):
+            before = len(verified)
+            out = served_speculation(target, draft, index, params, stateless)(batch)
+            assert out.items == ref.items, (stateless, len(batch))
+            assert (len(verified) > before) == stateless

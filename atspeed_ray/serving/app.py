@@ -22,8 +22,10 @@ handle (it drives each request's loop, ``chained.py``); ``cache: replica`` route
 ``affinity.AffinityRouter`` (the rounds of a request reach the replicas holding its caches).
 """
 
+import asyncio
 import logging
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 from ray.serve import Application
@@ -31,6 +33,7 @@ from ray.serve.config import RequestRouterConfig
 
 from atspeed_ray.serving.affinity import AffinityRouter
 from atspeed_ray.data.index import ItemIndex
+from atspeed_ray.decoding.beam import DecodeResult
 from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.serving.config import AppArgs
 from atspeed_ray.serving.deployments import DraftModel, Recommender, Routing, SpeculativeModel, TargetModel
@@ -81,24 +84,60 @@ def with_measured_widths(args: AppArgs) -> AppArgs:
                                                expand_last=args.expand_last))
     update: dict[str, Any] = {"draft_widths": widths}
     if args.routing == "adaptive" and not args.route_start:
-        update["route_start"] = start_arms(target, draft, index, prompts, chosen,
-                                           min(CALIBRATION_BATCH, args.target_batch.max_batch_size))
+        update["route_start"] = start_arms(
+            target, draft, index, prompts, chosen, min(CALIBRATION_BATCH, args.target_batch.max_batch_size),
+            stateless=args.cache == "stateless" and args.graph == "separate")
     return args.model_copy(update=update)
+
+
+def served_speculation(target: torch.nn.Module, draft: Any, index: ItemIndex, params: SearchParams,
+                       stateless: bool) -> Callable[[list[list[int]]], DecodeResult]:
+    """Speculation on a batch of prompts as the app serves it, for timing. ``stateless``
+    (``cache: stateless``, separate graph): every round's calls carry and recompute the prompt,
+    as the replicas do (``draft_batch`` / ``verify_batch`` without a session store, driven by
+    ``driver.remote_speculative``, in process, no Ray: on 2 CPU cores this costs about twice
+    the cached loop on the Beauty target). Otherwise the offline loop, which keeps its caches
+    between rounds as the replicas then do."""
+    from atspeed_ray.decoding.drafting import as_drafter
+    from atspeed_ray.decoding.speculative import speculative_search
+    from atspeed_ray.serving.batching import draft_batch, verify_batch
+    from atspeed_ray.serving.driver import RemoteModels, remote_speculative
+
+    if not stateless:
+        return lambda batch: speculative_search(target, draft, batch, index, params)
+
+    async def propose(req: Any) -> Any:
+        return draft_batch(draft, index, [req])[0]
+
+    async def verify(req: Any) -> Any:
+        return verify_batch(target, index, [req])[0]
+
+    def run(batch: list[list[int]]) -> DecodeResult:
+        loop = remote_speculative(RemoteModels(propose, verify), batch, index, params,
+                                  features=as_drafter(draft).wants_features)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no event loop in this thread (the builder's): run one
+            return asyncio.run(loop)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # called from a coroutine: a thread of its own
+            return pool.submit(asyncio.run, loop).result()
+
+    return run
 
 
 def start_arms(target: torch.nn.Module, draft: Any, index: ItemIndex, prompts: list[list[int]],
                chosen: dict[int, SearchParams], batch: int = CALIBRATION_BATCH,
-               ) -> dict[Load, dict[int, Arm]]:
+               stateless: bool = False) -> dict[Load, dict[int, Arm]]:
     """load -> k -> the path strict requests start on (``routing.calibrated_start``): speculation
     at ``chosen[k]`` and beam search timed back to back, the order alternating
     (``benchmarking.paired_speedup``, one pass). ``alone``: one request per call, each of
     ``prompts``; ``batched``: ``batch`` requests per call (the prompts in turn), on
     ``CALIBRATION_BATCHES`` calls (a batch of verification trees costs far more on a
-    compute-bound device than a batch of beam-search steps: the two loads may differ). A k
-    without a clear winner at a load is left out there."""
+    compute-bound device than a batch of beam-search steps: the two loads may differ).
+    Speculation runs as served (``served_speculation``: ``stateless``, the rounds recompute the
+    prompt). A k without a clear winner at a load is left out there."""
     from atspeed_ray.benchmarking import device_clock, paired_speedup, timing_threads
     from atspeed_ray.decoding.beam import beam_search
-    from atspeed_ray.decoding.speculative import speculative_search
 
     n = len(prompts)
     calls: dict[Load, tuple[int, int]] = {"alone": (1, n)}  # requests per call, calls
@@ -107,11 +146,12 @@ def start_arms(target: torch.nn.Module, draft: Any, index: ItemIndex, prompts: l
     starts: dict[Load, dict[int, Arm]] = {load: {} for load in calls}
     with timing_threads(index.device), torch.no_grad():
         for k, params in chosen.items():
+            speculate = served_speculation(target, draft, index, params, stateless)
             for load, (b, units) in calls.items():
                 def unit(u: int, b: int = b) -> list[list[int]]:
                     return [prompts[(u * b + j) % n] for j in range(b)]
                 ws = paired_speedup(lambda u: beam_search(target, unit(u), index, k),
-                                    lambda u: speculative_search(target, draft, unit(u), index, params),
+                                    lambda u: speculate(unit(u)),
                                     units, units * b, 1, device_clock(index.device),
                                     extra_passes=0).speedup
                 arm = calibrated_start(ws.q1, ws.q3, RouterConfig().margin)
