@@ -20,8 +20,8 @@ never compares latencies measured under different loads:
   skips it: its measured faster arm takes the traffic from the first request and the other is
   probed as below, so a draft known to lose sends no warm-up requests down the slower path. A
   start on the target alone also starts the probe interval at its cap (``max_interval``): the
-  builder times speculation offline, without the served graph's handle calls per round, so
-  served speculation is at best as fast as calibrated and a "target alone" verdict only gets
+  builder times speculation in process, without the served graph's handle calls per round,
+  so served speculation is at best as fast as calibrated and a "target alone" verdict only gets
   truer; and under a batched load a lone speculative probe rides on the batches of beam-search
   steps around it and looks faster than speculation carrying the traffic (on the Beauty target
   at concurrency 8: 5 probes won, the trial that followed lost, 22 of 192 requests on the
