@@ -399,9 +399,6 @@ class Routing:
     async def snapshot(self) -> Snapshot:
         return self.router.snapshot()
 
-    async def ping(self) -> str:
-        return "ok"
-
 
 @serve.deployment(name="Recommender", num_replicas=2, ray_actor_options={"num_cpus": 0.125},
                   max_ongoing_requests=256)  # 2 replicas: losing one ingress is no outage
@@ -424,12 +421,12 @@ class Recommender:
         self.speculative = self.draft is not None or self.colocated
         # the draft reads the target's hidden states: the loop asks the target for them
         self.features = self.speculative and draft_kind(a.draft).features  # type: ignore[arg-type]
-        self.pending_releases: set[asyncio.Future[Any]] = set()
+        self.background_calls: set[asyncio.Future[Any]] = set()  # off the requests' paths: cache releases, routing answers
         # adaptive routing: the app's Routing deployment, and this replica's own router for when
         # it does not answer (router_client.py)
         self.router = (RouterClient(Router(a.router_config(), start=a.route_start),
                                     None if routing is None else HandleRouter(routing),
-                                    lambda call: fire_and_forget(call, self.pending_releases))
+                                    lambda call: fire_and_forget(call, self.background_calls))
                        if self.speculative and a.routing == "adaptive" else None)
         self.retries = Retries(a.retry, "TargetModel")
         self.ready: tuple[float, dict[str, str]] | None = None  # (when, model -> "ok" | why not)
@@ -576,5 +573,5 @@ class Recommender:
         """Free a request's replica caches, off the request's path (fire and forget)."""
         handle = self.draft if model == "draft" else self.target
         assert handle is not None
-        fire_and_forget(handle.release.remote(Release(key)), self.pending_releases)
+        fire_and_forget(handle.release.remote(Release(key)), self.background_calls)
         self.counts["release_calls"] += 1
