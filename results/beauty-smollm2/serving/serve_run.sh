@@ -4,7 +4,7 @@ cd /work/main
 A=/work/main/.venv/bin/atspeed-ray
 R=/work/runs
 DRAFT=${DRAFT:-$R/feat4b/draft}
-OUT=${OUT:-$R/serve9}
+OUT=${OUT:-$R/serve10}
 PORT=8123
 date +"start %T"
 $A serve --target $R/target --draft $DRAFT --data $R/data --with-baseline --port $PORT > $OUT/serve.log 2>&1 &
