@@ -644,38 +644,27 @@ def test_a_calibrated_start_sends_no_warm_up_down_the_slower_path(concurrency):
     assert r.choose("strict", 5).arm == "speculative" and r.choose("relaxed", 10).arm == "speculative"
 
 
-class AppRouter:
-    """``RouterService`` over a local ``Router``; ``hang``: never answers (a dead replica)."""
-
-    def __init__(self, router: Router, hang: bool = False):
-        self.router, self.hang, self.calls = router, hang, 0
-
-    async def choose(self, mode: str, k: int) -> Route:
-        self.calls += 1
-        if self.hang:
-            await asyncio.sleep(3600)
-        return self.router.choose(mode, k)
-
-    async def observe(self, route: Route, ms: float) -> None:
-        self.router.observe(route, ms)
-
-    async def forget(self, route: Route) -> None:
-        self.router.forget(route)
-
-    async def snapshot(self) -> dict:
-        return self.router.snapshot()
-
-
 def test_ingress_replicas_share_the_apps_router(monkeypatch):
     """Two ingress replicas ask one router: its request numbers, its in-flight count (the load)
     and its probes are the app's. When it does not answer in time a replica routes with its
     own router (answers go back to whichever chose) and asks again after ``SHARED_RETRY_S``."""
     from atspeed_ray.serving import router_client
+    from atspeed_ray.serving.config import AppArgs
+    from atspeed_ray.serving.deployments import Routing
     from atspeed_ray.serving.router_client import RouterClient
+
+    class AppRouter(Routing.func_or_class):  # the deployment's class, run in process
+        hang, calls = False, 0  # hang: never answers (a dead replica)
+
+        async def choose(self, mode: str, k: int) -> Route:
+            self.calls += 1
+            if self.hang:
+                await asyncio.sleep(3600)
+            return await super().choose(mode, k)
 
     monkeypatch.setattr(router_client, "SHARED_TIMEOUT_S", 0.05)
     now = [0.0]
-    app = AppRouter(Router(RouterConfig(probe_every=4, warmup=1)))
+    app = AppRouter(AppArgs(target="t", draft="d", data="x", routing="adaptive", probe_every=4).model_dump())
 
     async def scenario() -> None:
         sent: list = []
@@ -727,3 +716,21 @@ def test_the_routing_calibration_times_speculation_as_served(tmp_path, monkeypat
             out = served_speculation(target, draft, index, params, stateless)(batch)
             assert out.items == ref.items, (stateless, len(batch))
             assert (len(verified) > before) == stateless
+
+
+def test_a_route_never_answered_stops_counting_as_in_flight():
+    """The load is the app's routed requests in flight; one whose answer never comes (its
+    ingress replica died) counts until ``stale_s`` has passed, oldest first."""
+    now = [0.0]
+    r = Router(RouterConfig(stale_s=60.0), clock=lambda: now[0])
+    lost = r.choose("strict", 10)
+    now[0] = 30.0
+    later = r.choose("strict", 10)
+    assert (lost.load, later.load) == ("alone", "batched")
+    now[0] = 61.0  # the first is stale, the second is not
+    assert r.choose("strict", 10).load == "batched"
+    now[0] = 100.0
+    r.observe(later, 5.0)
+    assert r.load() == "batched"  # the third, sent at 61 s, is stale only after 121 s
+    now[0] = 500.0
+    assert r.load() == "alone" and not r.in_flight

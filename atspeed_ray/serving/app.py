@@ -24,7 +24,6 @@ handle (it drives each request's loop, ``chained.py``); ``cache: replica`` route
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -112,17 +111,10 @@ def served_speculation(target: torch.nn.Module, draft: Any, index: ItemIndex, pa
     async def verify(req: Any) -> Any:
         return verify_batch(target, index, [req])[0]
 
-    def run(batch: list[list[int]]) -> DecodeResult:
-        loop = remote_speculative(RemoteModels(propose, verify), batch, index, params,
-                                  features=as_drafter(draft).wants_features)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # no event loop in this thread (the builder's): run one
-            return asyncio.run(loop)
-        with ThreadPoolExecutor(max_workers=1) as pool:  # called from a coroutine: a thread of its own
-            return pool.submit(asyncio.run, loop).result()
-
-    return run
+    features = as_drafter(draft).wants_features
+    # the builder (Serve's build task) runs no event loop: one per timed call
+    return lambda batch: asyncio.run(remote_speculative(RemoteModels(propose, verify), batch, index,
+                                                        params, features=features))
 
 
 def start_arms(target: torch.nn.Module, draft: Any, index: ItemIndex, prompts: list[list[int]],

@@ -224,7 +224,8 @@ class Router:
         self.start = {load: dict(ks) for load, ks in (start or {}).items()}
         self.clock = clock
         self.state: dict[tuple[str, int, Load], KeyState] = {}
-        self.in_flight: dict[tuple[str, int, Load, int], float] = {}  # route -> when it was sent (s)
+        # route -> when it was sent (s), in the order sent
+        self.in_flight: dict[tuple[str, int, Load, int], float] = {}
 
     def _key(self, mode: str, k: int, load: Load) -> KeyState:
         c = self.config
@@ -245,9 +246,11 @@ class Router:
         """``batched`` while any routed request is in flight (one unanswered for ``stale_s``
         no longer counts: its ingress died), else ``alone``."""
         now = self.clock()
-        for key, sent in list(self.in_flight.items()):
-            if now - sent > self.config.stale_s:
-                del self.in_flight[key]
+        while self.in_flight:  # oldest first (insertion order): stop at the first one still fresh
+            key, sent = next(iter(self.in_flight.items()))
+            if now - sent <= self.config.stale_s:
+                break
+            del self.in_flight[key]
         return "batched" if self.in_flight else "alone"
 
     def best(self, mode: str, k: int, load: Load = "alone") -> Arm:
