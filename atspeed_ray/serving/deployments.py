@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +57,7 @@ from atspeed_ray.serving.graphs import OneCallGraph, Runner, SeparateGraph, Spec
 from atspeed_ray.serving.http import field_error, stopping
 from atspeed_ray.serving.http import install as install_http_guards
 from atspeed_ray.serving.retry import DraftBreaker, Retries, start_errors
-from atspeed_ray.serving.router_client import RouterClient, Snapshot, Ticket
+from atspeed_ray.serving.router_client import AppRouter, Plan, Report, RouterClient, Snapshot, Ticket
 from atspeed_ray.serving.routing import Route, Router
 from atspeed_ray.serving.stopping import STOPPING_DETAIL, StopFlag
 
@@ -325,14 +326,12 @@ class HandleRouter:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
-    def choose(self, mode: str, k: int) -> Any:
-        return _result(self.handle.choose.remote(mode, k))
+    def choose(self, replica: str, mode: str, k: int, reports: list[Report], ordered: int,
+               in_flight: int) -> Any:
+        return _result(self.handle.choose.remote(replica, mode, k, reports, ordered, in_flight))
 
-    def observe(self, route: Route, ms: float) -> Any:
-        return _result(self.handle.observe.remote(route, ms))
-
-    def forget(self, route: Route) -> Any:
-        return _result(self.handle.forget.remote(route))
+    def sync(self, replica: str, reports: list[Report], ordered: int, in_flight: int) -> Any:
+        return _result(self.handle.sync.remote(replica, reports, ordered, in_flight))
 
     def snapshot(self) -> Any:
         return _result(self.handle.snapshot.remote())
@@ -376,28 +375,26 @@ class IngressMetrics:
 @serve.deployment(name="Routing", num_replicas=1, ray_actor_options={"num_cpus": 0},
                   max_ongoing_requests=4096)
 class Routing:
-    """The app's one adaptive router (``routing.Router``), asked by every ingress replica
-    (``router_client.RouterClient``): one probe schedule, one warm-up and one in-flight count
-    (the load) for the whole app. Every method is a coroutine, so they run one at a time on the
-    replica's event loop (the router is plain Python state). One replica by design: Serve
-    restarts it if it dies, with the start the app was built with; meanwhile each ingress
+    """The app's one adaptive router (``router_client.AppRouter``), whose plans every ingress
+    replica routes from (``router_client.RouterClient``): one probe schedule, one warm-up and one
+    in-flight count (the load) for the whole app. Every method is a coroutine, so they run one at
+    a time on the replica's event loop (the router is plain Python state). One replica by design:
+    Serve restarts it if it dies, with the start the app was built with; meanwhile each ingress
     replica routes with its own router."""
 
     def __init__(self, args: dict[str, Any]):
         a = AppArgs.model_validate(args)
-        self.router = Router(a.router_config(), start=a.route_start)
+        self.app = AppRouter(Router(a.router_config(), start=a.route_start))
 
-    async def choose(self, mode: str, k: int) -> Route:
-        return self.router.choose(mode, k)
+    async def choose(self, replica: str, mode: str, k: int, reports: list[Report], ordered: int,
+                     in_flight: int) -> tuple[Route, Plan]:
+        return self.app.choose(replica, mode, k, reports, ordered, in_flight)
 
-    async def observe(self, route: Route, ms: float) -> None:
-        self.router.observe(route, ms)
-
-    async def forget(self, route: Route) -> None:
-        self.router.forget(route)
+    async def sync(self, replica: str, reports: list[Report], ordered: int, in_flight: int) -> Plan:
+        return self.app.sync(replica, reports, ordered, in_flight)
 
     async def snapshot(self) -> Snapshot:
-        return self.router.snapshot()
+        return self.app.router.snapshot()
 
 
 @serve.deployment(name="Recommender", num_replicas=2, ray_actor_options={"num_cpus": 0.125},
@@ -426,7 +423,8 @@ class Recommender:
         # it does not answer (router_client.py)
         self.router = (RouterClient(Router(a.router_config(), start=a.route_start),
                                     None if routing is None else HandleRouter(routing),
-                                    lambda call: fire_and_forget(call, self.background_calls))
+                                    lambda call: fire_and_forget(call, self.background_calls),
+                                    name=f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
                        if self.speculative and a.routing == "adaptive" else None)
         self.retries = Retries(a.retry, "TargetModel")
         self.ready: tuple[float, dict[str, str]] | None = None  # (when, model -> "ok" | why not)
@@ -495,6 +493,7 @@ class Recommender:
         source, routing = (await self.router.snapshot()) if self.router is not None else (None, None)
         return {"pid": os.getpid(), **self.counts, "routing": routing, "routing_source": source,
                 "routing_misses": 0 if self.router is None else self.router.misses,
+                "routing_calls": None if self.router is None else self.router.counts(),
                 "draft_breaker": self.fallback.snapshot(),
                 "replicas": await asyncio.to_thread(running_replicas)}
 

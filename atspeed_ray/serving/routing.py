@@ -135,13 +135,27 @@ class Route:
     mode: str
     k: int
     arm: Arm
-    seq: int  # the request's number for its key, from 1
+    seq: int  # the request's number for its key, from 1; ORDERED: routed from a standing order
     probe: bool  # sent to the other arm to measure it
     load: Load = "alone"  # other routed requests in flight when it was sent, or not
 
     @property
     def key(self) -> tuple[str, int, Load]:
         return self.mode, self.k, self.load
+
+
+ORDERED = 0  # ``Route.seq`` of a request an ingress replica routed from a standing ``Order``
+
+
+@dataclass(frozen=True)
+class Order:
+    """What an ingress replica may route without asking the app's router: up to ``budget``
+    requests of a key to its best ``arm``. The router gives one only while nothing needs it
+    (the key is warm, no probe or trial pending), the budget its requests left before the next
+    probe, shared out among the replicas (``Router.orders``)."""
+
+    arm: Arm
+    budget: int
 
 
 @dataclass
@@ -177,6 +191,7 @@ class Sample:
 @dataclass
 class Probe:
     seq: int  # the probe's request number
+    n: int  # the key's requests routed when it was sent (``KeyState.n``)
     refs: Sample  # the best arm's requests sent right after it (nothing else is sent meanwhile)
     ms: float | None = None  # its latency, once answered
 
@@ -187,7 +202,9 @@ class Trial:
 
     old: Arm  # the arm that carried the traffic before
     before: list[float]  # the old arm's last answers (ms)
-    after: Sample  # the new arm's requests sent right after the switch (no probe meanwhile)
+    after: Sample | None  # the new arm's requests sent right after the switch (no probe meanwhile);
+    # None until every ingress replica routes from a plan made after it (``Router.settle``)
+    at: float = 0.0  # when the switch was made (the router's clock)
 
 
 @dataclass
@@ -198,8 +215,9 @@ class KeyState:
     best: Arm = "speculative"  # the arm that takes the traffic (once warm)
     warm: bool = False
     warmup_left: int = 0  # requests of the warm-up sample not answered yet (set in __post_init__)
-    seq: int = 0  # requests routed
-    next_probe: int = 0  # the first request number that may probe
+    seq: int = 0  # requests routed by this router (numbered)
+    ordered: int = 0  # requests routed by ingress replicas from its standing orders (answered)
+    next_probe: int = 0  # the first ``n`` at which a request may probe
     probe: Probe | None = None  # the probe in flight or waiting for its verdict
     trial: Trial | None = None
     recent: deque[float] = field(init=False)  # the best arm's last ``trial`` answers (ms)
@@ -214,6 +232,22 @@ class KeyState:
         self.recent = deque(maxlen=self.config.trial)
         self.ratios = deque(maxlen=self.config.confirm)
 
+    @property
+    def n(self) -> int:
+        """Requests of the key so far, routed here or from an order (the probe schedule's count)."""
+        return self.seq + self.ordered
+
+    def quiet(self) -> bool:
+        """Nothing but the best arm to send: warm, no probe or trial pending."""
+        return self.warm and self.probe is None and self.trial is None
+
+    def sampling(self) -> bool:
+        """A probe's or a trial's sample still needs request numbers (or the warm-up does)."""
+        if not self.warm:
+            return True
+        return any(s is not None and self.seq < s.first + s.size - 1
+                   for s in (self.probe and self.probe.refs, self.trial and self.trial.after))
+
 
 class Router:
     def __init__(self, config: RouterConfig = RouterConfig(), start: Starts | None = None,
@@ -223,6 +257,9 @@ class Router:
         self.config = config
         self.start = {load: dict(ks) for load, ks in (start or {}).items()}
         self.clock = clock
+        # ingress replicas also route from standing orders (``router_client.AppRouter``): a
+        # switch's trial waits until none holds an order made before it (``settle``)
+        self.replicated = False
         self.state: dict[tuple[str, int, Load], KeyState] = {}
         # route -> when it was sent (s), in the order sent
         self.in_flight: dict[tuple[str, int, Load, int], float] = {}
@@ -242,31 +279,34 @@ class Router:
                 st.next_probe = st.interval + 1
         return st
 
-    def load(self) -> Load:
+    def load(self, others: int = 0) -> Load:
         """``batched`` while any routed request is in flight (one unanswered for ``stale_s``
-        no longer counts: its ingress died), else ``alone``."""
+        no longer counts: its ingress died) or ``others`` are (requests the ingress replicas
+        routed from standing orders), else ``alone``."""
         now = self.clock()
         while self.in_flight:  # oldest first (insertion order): stop at the first one still fresh
             key, sent = next(iter(self.in_flight.items()))
             if now - sent <= self.config.stale_s:
                 break
             del self.in_flight[key]
-        return "batched" if self.in_flight else "alone"
+        return "batched" if self.in_flight or others > 0 else "alone"
 
     def best(self, mode: str, k: int, load: Load = "alone") -> Arm:
         """The arm that takes the traffic (speculative until both arms are warm, unless the
         key has a calibrated or learned start)."""
         return self._key(mode, k, load).best
 
-    def choose(self, mode: str, k: int) -> Route:
-        load = self.load()
+    def choose(self, mode: str, k: int, others: int = 0) -> Route:
+        """A request's route; ``others``: requests in flight that ingress replicas routed from
+        standing orders (they count for the load)."""
+        load = self.load(others)
         st = self._key(mode, k, load)
         st.seq += 1
         probe = False
         if not st.warm:  # both arms in turn, speculative first (the sample: the first 2 * warmup)
             arm: Arm = "speculative" if st.seq % 2 else "target_only"
-        elif st.probe is None and st.trial is None and st.seq >= st.next_probe:
-            st.probe = Probe(st.seq, Sample(st.seq + 1, self.config.pair))
+        elif st.quiet() and st.n >= st.next_probe:
+            st.probe = Probe(st.seq, st.n, Sample(st.seq + 1, self.config.pair))
             st.probes, probe = st.probes + 1, True
             arm = other(st.best)
         else:
@@ -274,6 +314,31 @@ class Router:
         st.arms[arm].sent += 1
         self.in_flight[(mode, k, load, st.seq)] = self.clock()
         return Route(mode, k, arm, st.seq, probe, load)
+
+    def orders(self, share: int = 1) -> dict[tuple[str, int, Load], Order]:
+        """The standing orders for one of ``share`` ingress replicas: the best arm of each key
+        whose samples need no request numbers, for its share of the requests left before the next
+        probe (``probe_every`` while a probe or trial waits for its answers; none where the share
+        is 0)."""
+        for load, ks in self.start.items():  # calibrated keys have orders before their first request
+            for k in ks:
+                self._key("strict", k, load)
+        out = {}
+        for key, st in self.state.items():
+            if st.sampling():
+                continue
+            left = st.next_probe - st.n if st.quiet() else self.config.probe_every
+            if left // max(1, share) > 0:
+                out[key] = Order(st.best, left // max(1, share))
+        return out
+
+    def settle(self, planned_at: float) -> None:
+        """Every ingress replica routes from a plan made at ``planned_at`` or later: the trials
+        of switches made before then start their sample (the old arm's orders are gone, so the
+        new arm carries the traffic)."""
+        for st in self.state.values():
+            if st.trial is not None and st.trial.after is None and st.trial.at <= planned_at:
+                st.trial.after = Sample(st.seq + 1, self.config.trial)
 
     def observe(self, route: Route, latency_ms: float) -> None:
         """A routed request's answer and its latency (ms, at the ingress)."""
@@ -285,6 +350,14 @@ class Router:
 
     def _answer(self, route: Route, ms: float | None) -> None:
         c, st = self.config, self._key(*route.key)
+        if route.seq == ORDERED:  # routed by an ingress replica: counted, never a sample
+            st.ordered += 1
+            st.arms[route.arm].sent += 1
+            if ms is not None:
+                st.arms[route.arm].record(ms, c.alpha)
+                if route.arm == st.best and st.trial is None:
+                    st.recent.append(ms)
+            return
         self.in_flight.pop((*route.key, route.seq), None)
         if ms is not None:
             st.arms[route.arm].record(ms, c.alpha)
@@ -300,7 +373,7 @@ class Router:
         if route.probe:
             if p is not None and p.seq == route.seq:
                 if ms is None:
-                    st.probe, st.next_probe = None, route.seq + st.interval
+                    st.probe, st.next_probe = None, p.n + st.interval
                 else:
                     p.ms = ms
                     self._verdict(st, p)
@@ -317,7 +390,7 @@ class Router:
                     sample.ms.append(ms)
         if p is not None:
             self._verdict(st, p)
-        if t is not None and t.after.done():
+        if t is not None and t.after is not None and t.after.done():
             self._end_trial(st, t)
 
     def _end_warmup(self, st: KeyState) -> None:
@@ -327,7 +400,7 @@ class Router:
         st.best = ("speculative" if spec and (not plain or statistics.fmean(spec) <= statistics.fmean(plain))
                    else "target_only")
         st.recent.extend(st.arms[st.best].warmup_ms)
-        st.next_probe = st.seq + st.interval
+        st.next_probe = st.n + st.interval
 
     def _verdict(self, st: KeyState, p: Probe) -> None:
         """The probe against the best arm's requests sent right after it, once all are in."""
@@ -336,29 +409,30 @@ class Router:
             return
         st.probe = None
         if not p.refs.ms:  # every reference request failed: no verdict
-            st.next_probe = p.seq + st.interval
+            st.next_probe = p.n + st.interval
             return
         ratio = p.ms / statistics.fmean(p.refs.ms)  # < 1: the other arm answered faster, same load
         st.ratios.append(ratio)
         if len(st.ratios) == c.confirm and statistics.fmean(st.ratios) < 1 - c.margin:
             # the other arm is faster on average over the last probes: it takes the traffic, on trial
-            st.trial = Trial(st.best, list(st.recent), Sample(st.seq + 1, c.trial))
+            st.trial = Trial(st.best, list(st.recent),
+                             None if self.replicated else Sample(st.seq + 1, c.trial), self.clock())
             st.best, st.switches = other(st.best), st.switches + 1
             st.ratios.clear()
             st.recent.clear()
             st.interval = c.probe_every
         elif ratio < 1 - c.margin:  # a winning probe: look again soon, but no sooner
-            st.next_probe = p.seq + c.probe_every
+            st.next_probe = p.n + c.probe_every
         else:  # it confirmed the best arm: back off
             st.reverts_in_row = 0
             st.interval = min(2 * st.interval, c.max_interval)
-            st.next_probe = p.seq + st.interval
+            st.next_probe = p.n + st.interval
 
     def _end_trial(self, st: KeyState, t: Trial) -> None:
         """Back to the old arm if the new one, carrying the traffic, is ``margin`` slower."""
         c = self.config
         st.trial = None
-        st.next_probe = st.seq + st.interval
+        st.next_probe = st.n + st.interval
         if t.before and t.after.ms and (statistics.fmean(t.after.ms)
                                         > statistics.fmean(t.before) * (1 + c.margin)):
             st.best, st.reverts, st.reverts_in_row = t.old, st.reverts + 1, st.reverts_in_row + 1
@@ -366,7 +440,7 @@ class Router:
             st.recent.extend(t.before)
             st.interval = c.max_interval
             # the probes keep winning where the traffic loses: wait longer after each such trial
-            st.next_probe = st.seq + c.max_interval * min(2 ** (st.reverts_in_row - 1), c.revert_backoff)
+            st.next_probe = st.n + c.max_interval * min(2 ** (st.reverts_in_row - 1), c.revert_backoff)
         else:
             st.reverts_in_row = 0
 
@@ -376,7 +450,7 @@ class Router:
         out: dict[str, dict[str, float | int | str | None]] = {}
         for (mode, k, load), st in sorted(self.state.items()):
             out[f"{mode}/k={k}/{load}"] = {
-                "requests": st.seq, "best": st.best, "probe_interval": st.interval,
+                "requests": st.n, "ordered": st.ordered, "best": st.best, "probe_interval": st.interval,
                 "probes": st.probes, "switches": st.switches, "reverts": st.reverts,
                 **{f"{a}_ms": None if s.mean_ms is None else round(s.mean_ms, 3) for a, s in st.arms.items()},
                 **{f"{a}_n": s.n for a, s in st.arms.items()},
