@@ -4,7 +4,8 @@
     python jobs/serve_routing.py --target T --draft D [--data P] --json FILE  # trained exports
 
 Deploys, on one private local Ray (loopback, token auth), three apps on the same models and
-graph (``--graph``, default separate), each with one replica per deployment: ``target_only``
+graph (``--graph``, default separate), each with one replica per deployment (``--ingress``:
+Recommender replicas): ``target_only``
 (the baseline), ``speculative`` (``routing: speculative``: every strict request speculates) and
 ``adaptive`` (``routing: adaptive``, the shipped setting). ``--draft-delay-s`` adds the
 DraftModel's ``delay`` fault (a slower draft). Then for each ``--concurrency``, ``--repeat``
@@ -40,7 +41,7 @@ APPS: dict[str, dict[str, Any]] = {
 }
 
 
-def deploy(base: dict[str, Any], draft_delay_s: float) -> None:
+def deploy(base: dict[str, Any], draft_delay_s: float, ingress: int = 1) -> None:
     from ray import serve
 
     from atspeed_ray.serving.app import build
@@ -50,6 +51,7 @@ def deploy(base: dict[str, Any], draft_delay_s: float) -> None:
     names = ("Recommender", "TargetModel", "DraftModel", "SpeculativeModel")
     for name, over in APPS.items():
         opts = {n: dict(small) for n in names}
+        opts["Recommender"]["num_replicas"] = ingress
         if draft_delay_s > 0:
             opts["DraftModel"]["user_config"] = {"fault": "delay", "fault_delay_s": draft_delay_s}
         serve.run(build(AppArgs.model_validate({**base, **over}), opts), name=name, route_prefix=f"/{name}")
@@ -107,6 +109,7 @@ def main() -> None:
                    help="tiny models: the draft is a copy of the target (every drafted step accepted)")
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--num-cpus", type=float, default=2)
+    p.add_argument("--ingress", type=int, default=1, help="Recommender replicas per app")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     from atspeed_ray.serving.loadtest import MAX_REQUESTS, fetch_histories, make_bodies
@@ -130,7 +133,7 @@ def main() -> None:
         try:
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            deploy(base, args.draft_delay_s)
+            deploy(base, args.draft_delay_s, args.ingress)
             url = f"http://127.0.0.1:{port}"
             histories = asyncio.run(fetch_histories(f"{url}/target_only"))
             bodies = make_bodies(histories, args.requests, args.k, "strict", None)
@@ -144,12 +147,16 @@ def main() -> None:
                       flush=True)
             import httpx
 
-            routing = httpx.get(f"{url}/adaptive/stats", timeout=30).json()["routing"]
+            stats = httpx.get(f"{url}/adaptive/stats", timeout=30).json()
+            routing = stats["routing"]
         finally:
             serve.shutdown()
             ray.shutdown()
     out = {"args": vars(args), "load_avg_1m_end": round(os.getloadavg()[0], 2), "table": table,
-           "adaptive_routing_state": routing}
+           "adaptive_routing_state": routing,
+           # calls of the ingress replica that answered /stats: routes it asked of the app's
+           # router, routes it took from the app router's standing orders
+           "adaptive_routing_calls": stats.get("routing_calls")}
     print(f"strict, k={args.k}, {args.requests} requests x {args.repeat} (best throughput), "
           f"graph {args.graph}, load {os.getloadavg()[0]:.1f}")
     print(f"{'conc':>5} {'app':<12}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}  paths")

@@ -655,7 +655,8 @@ def test_a_calibrated_start_sends_no_warm_up_down_the_slower_path(concurrency):
 def test_ingress_replicas_route_from_the_apps_plan(monkeypatch):
     """Two ingress replicas, one app router (the ``Routing`` deployment's class, in process).
     A replica without a plan asks; the answer brings one, and its next requests go from the
-    standing orders without a call; answers go back in one sync ``SYNC_S`` later. The load is
+    standing orders without a call; answers go back in one sync (``SOON_S`` after an asked
+    request's answer or once idle, else ``SYNC_S``). The load is
     the app's: a request asked while the other replica's is in flight is ``batched``, and so is
     one routed from an order then. When the app's router does not answer in time a replica
     drops its plan, routes with its own router (answers go back to whichever chose) and asks
@@ -696,10 +697,10 @@ def test_ingress_replicas_route_from_the_apps_plan(monkeypatch):
         assert (first.route.load, second.route.load) == ("alone", "batched")
         third = await replicas[0].choose("strict", 10)  # from its order: no call, and batched
         assert third.source == "order" and third.route.load == "batched" and app.calls == 2
-        for rep, t, ms in ((replicas[0], first, 50.0), (replicas[1], second, 20.0), (replicas[0], third, 40.0)):
+        for rep, t, ms in ((replicas[1], second, 20.0), (replicas[0], first, 50.0), (replicas[0], third, 40.0)):
             rep.observe(t, ms)
         await asyncio.gather(*sent)
-        assert app.calls == 5  # a sync for each asked request's answer, and for r0 once idle
+        assert app.calls == 4  # one sync per replica: each answer is due soon (asked, or idle)
         assert not app.app.router.in_flight and sum(v[0] for v in app.app.replicas.values()) == 0
         snap = app.app.router.snapshot()
         assert snap["strict/k=10/alone"]["requests"] == 1 and snap["strict/k=10/batched"]["requests"] == 2

@@ -15,10 +15,11 @@ the requests left before the next probe, and the count of routed requests in fli
 (the load). A request whose key has an order goes at once, no call; one that has none (warm-up,
 a probe due, a trial, a plan older than ``PLAN_TTL_S``) asks, and the answer brings a fresh
 plan. Answers go back in batches (``sync``, off the requests' paths): ``SYNC_S`` after the
-first one waiting, or with the next ask; at once for an asked request (it may be a sample a
-verdict waits for) and when the replica has nothing left in flight (so the others do not take
-a finished request for load: at concurrency 1 one call per request, off its path). Each sync
-returns a fresh plan. A replica's requests in flight on orders
+first one waiting, or with the next ask; at once (``SOON_S``: once the answer's response has
+left, as a call costs the event loop a few ms of CPU) for an asked request (it may be a sample
+a verdict waits for) and, where the app has several ingress replicas, when the replica has
+nothing left in flight (so the others do not take a finished request for load: at
+concurrency 1 one call per request, off its path). Each sync returns a fresh plan. A replica's requests in flight on orders
 count for the app's load through what it last reported.
 
 When the ``Routing`` replica does not answer within ``SHARED_TIMEOUT_S`` (it died and Serve is
@@ -36,19 +37,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Literal, Protocol
 
-from atspeed_ray.serving.routing import ORDERED, Load, Order, Route, Router
+from atspeed_ray.serving.routing import ORDERED, Key, Load, Order, Route, Router
 
 logger = logging.getLogger("ray.serve")
 
 SHARED_TIMEOUT_S = 1.0  # the app's router answers within this, or this replica routes alone
 SHARED_RETRY_S = 5.0  # after a miss, this replica routes alone for this long before asking again
 SYNC_S = 0.2  # answers wait at most this long before they go to the app's router (one call)
+SOON_S = 0.01  # "at once": after the answer's response has left (the call costs the event loop CPU)
 PLAN_TTL_S = 1.0  # a plan older than this is not used (its load is stale): the request asks
 REPLICA_TTL_S = 60.0  # a replica not heard from for this long gets no share of the orders
 MAX_REPORTS = 10_000  # answers kept while the app's router does not answer (the oldest go)
 
 Snapshot = dict[str, dict[str, Any]]
-Key = tuple[str, int, Load]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Plan:
 
     orders: dict[Key, Order]
     others: int
+    replicas: int = 1  # ingress replicas routing from the app's plans (heard from lately)
 
 
 class AppRouter:
@@ -97,7 +99,7 @@ class AppRouter:
         self.router.settle(min(active, default=now))
         total = len(self.router.in_flight) + sum(v[0] for v in fresh.values())
         mine = fresh.get(replica, (0, 0, 0.0))[1]
-        return Plan(self.router.orders(max(1, len(active))), max(0, total - mine))
+        return Plan(self.router.orders(max(1, len(active))), max(0, total - mine), max(1, len(active)))
 
     def choose(self, replica: str, mode: str, k: int, reports: list[Report], ordered: int,
                in_flight: int) -> tuple[Route, Plan]:
@@ -126,7 +128,7 @@ class RouterService(Protocol):
 
 
 Source = Literal["app", "order", "replica"]  # who routed: the app's router, its order, this replica's router
-Send = Literal["now", "later", "never"]  # when an answer goes to the app's router (``SYNC_S``)
+Send = Literal["now", "later", "never"]  # when an answer goes to the app's router (``SOON_S``, ``SYNC_S``)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class Replica:
         self.clock = clock
         self.orders: dict[Key, Order] = {}
         self.others = 0
+        self.replicas = 1  # the app's ingress replicas, as the last plan counted them
         self.plan_at = float("-inf")
         self.in_flight = 0  # routed requests in flight here (asked and ordered)
         self.ordered = 0  # of which routed from orders
@@ -161,6 +164,7 @@ class Replica:
 
     def apply(self, plan: Plan) -> None:
         self.orders, self.others, self.plan_at = dict(plan.orders), plan.others, self.clock()
+        self.replicas = plan.replicas
 
     def clear(self) -> None:
         """No plan (the app's router does not answer)."""
@@ -191,8 +195,9 @@ class Replica:
             self.dropped += len(self.reports) - MAX_REPORTS
             del self.reports[:-MAX_REPORTS]
         # an asked request may be a sample (warm-up, probe, its references, trial): its verdict
-        # waits for it; an idle replica tells the app's load it has nothing in flight
-        return "now" if ticket.source == "app" or self.in_flight == 0 else "later"
+        # waits for it; an idle replica tells the other replicas' load it has nothing in flight
+        idle = self.in_flight == 0 and self.replicas > 1
+        return "now" if ticket.source == "app" or idle else "later"
 
     def drain(self) -> list[Report]:
         out, self.reports = self.reports, []
@@ -216,7 +221,7 @@ class RouterClient:
         self.replica = Replica(clock)
         self.down_until = float("-inf")  # while the app's router is skipped (it missed a call)
         self.misses = 0  # calls the app's router did not answer in time
-        self.flushing = False
+        self.flush_at: float | None = None  # when the next sync is due (a task waits for it)
 
     def _shared_up(self) -> bool:
         return self.shared is not None and self.clock() >= self.down_until
@@ -265,18 +270,17 @@ class RouterClient:
                 self.local.observe(ticket.route, ms)
         elif self.shared is None:
             return
-        elif when == "now":
-            self.send(self.flush())
-        elif not self.flushing:
-            self.flushing = True
-            self.send(self._flush_later())
+        else:
+            at = time.monotonic() + (SOON_S if when == "now" else SYNC_S)
+            if self.flush_at is None or at < self.flush_at:  # else the sync due sooner takes it
+                self.flush_at = at
+                self.send(self._flush_at(at))
 
-    async def _flush_later(self) -> None:
-        try:
-            await asyncio.sleep(SYNC_S)
-        finally:
-            self.flushing = False
-        if self.replica.reports:  # else an idle flush took them
+    async def _flush_at(self, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        if self.flush_at == at:
+            self.flush_at = None
+        if self.replica.reports:  # else a sync due sooner took them
             await self.flush()
 
     async def flush(self) -> None:

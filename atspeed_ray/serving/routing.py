@@ -79,6 +79,7 @@ ARMS: tuple[Arm, Arm] = ("speculative", "target_only")
 Load = Literal["alone", "batched"]  # no other routed request in flight as it is sent / some
 LOADS: tuple[Load, Load] = ("alone", "batched")
 Starts = Mapping[Load, Mapping[int, Arm]]  # load -> k -> the arm its strict requests start on
+Key = tuple[str, int, Load]  # (mode, k, load): what the router keeps one state for
 
 # defaults of the app's ``probe_every`` / ``probe_backoff`` (``AppArgs``) and of ``RouterConfig``
 PROBE_EVERY = 10  # requests between two probes, at least: probes <= 10% of the requests
@@ -140,7 +141,7 @@ class Route:
     load: Load = "alone"  # other routed requests in flight when it was sent, or not
 
     @property
-    def key(self) -> tuple[str, int, Load]:
+    def key(self) -> Key:
         return self.mode, self.k, self.load
 
 
@@ -260,7 +261,7 @@ class Router:
         # ingress replicas also route from standing orders (``router_client.AppRouter``): a
         # switch's trial waits until none holds an order made before it (``settle``)
         self.replicated = False
-        self.state: dict[tuple[str, int, Load], KeyState] = {}
+        self.state: dict[Key, KeyState] = {}
         # route -> when it was sent (s), in the order sent
         self.in_flight: dict[tuple[str, int, Load, int], float] = {}
 
@@ -315,7 +316,7 @@ class Router:
         self.in_flight[(mode, k, load, st.seq)] = self.clock()
         return Route(mode, k, arm, st.seq, probe, load)
 
-    def orders(self, share: int = 1) -> dict[tuple[str, int, Load], Order]:
+    def orders(self, share: int = 1) -> dict[Key, Order]:
         """The standing orders for one of ``share`` ingress replicas: the best arm of each key
         whose samples need no request numbers, for its share of the requests left before the next
         probe (``probe_every`` while a probe or trial waits for its answers; none where the share
