@@ -66,7 +66,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def method_name(path: str) -> str:
-    return Path(path).resolve().name
+    """A draft's name in the tables: its folder's name as given (a link keeps its own name)."""
+    p = Path(path)
+    return p.name if p.name not in ("", ".", "..") else p.resolve().name
+
+
+def draft_names(paths: list[str]) -> list[str]:
+    """The tables' name of each ``--draft``; two with one name would share a row: refused."""
+    names = [method_name(d) for d in paths]
+    for n in names:
+        same = [d for d, m in zip(paths, names) if m == n]
+        if len(same) > 1:
+            raise SystemExit(f"--draft: {len(same)} drafts are named {n!r} ({', '.join(same)}): the "
+                             "tables name each draft by its folder; give them distinct folder names "
+                             "(a symlink with a distinct name will do)")
+    return names
 
 
 def _per_mode_figure(modes: list[str], draw, xlabel: str, ylabel: str, path: Path) -> None:
@@ -176,6 +190,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"--modes: unknown mode {m!r} ({', '.join(MODES)})")
+    names = draft_names(args.draft)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = open_data(args.data, models=(args.target,))
@@ -187,7 +202,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
     dev = dev.model_copy(update={"dtype": dtype})
     print(f"precision: {why}")
     target = load_decoder(args.target, dev)
-    drafts = {method_name(d): load_drafter(d, dev) for d in args.draft}
+    drafts = {name: load_drafter(d, dev) for name, d in zip(names, args.draft)}
     index = data.index.to(dev.torch_device())
     prompts = data.prompts("test", limit=args.num_prompts)
     targets = data.targets("test", limit=args.num_prompts)

@@ -177,3 +177,18 @@ def test_auto_widths_of_a_feature_draft_start_at_code_2(pair):
     params = choice.params(SearchParams(2, 2, 3))
     assert speculative_search(target, drafter, prompts, index, params).items == \
         beam_search(target, prompts, index, 2).items
+
+
+def test_evaluate_refuses_two_drafts_of_one_name(tmp_path):
+    """The tables name each draft by its folder: two folders of one name (``a/draft`` and
+    ``b/draft``, as `align --out` makes them) would share a row, one draft silently dropped.
+    A symlink keeps its own name."""
+    from atspeed_ray.evaluate import draft_names
+
+    for d in ("a/draft", "b/draft", "c"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "named").symlink_to(tmp_path / "a/draft")
+    with pytest.raises(SystemExit, match="2 drafts are named 'draft'"):
+        draft_names([str(tmp_path / "a/draft"), str(tmp_path / "b/draft/")])
+    assert draft_names([str(tmp_path / "named"), str(tmp_path / "b/draft"), str(tmp_path / "c")]) == [
+        "named", "draft", "c"]
