@@ -337,6 +337,9 @@ def load_weights(path: str | Path, device: DeviceConfig | None = None) -> PreTra
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
     device = device or DeviceConfig()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a local folder loads in a second: no bar in our output
     model = AutoModelForCausalLM.from_pretrained(path, dtype=device.torch_dtype())
     if getattr(model.config, COMPACT_VOCAB_KEY, None) is not None:
         try:
