@@ -701,7 +701,7 @@ def test_ingress_replicas_route_from_the_apps_plan(monkeypatch):
             rep.observe(t, ms)
         await asyncio.gather(*sent)
         assert app.calls == 4  # one sync per replica: each answer is due soon (asked, or idle)
-        assert not app.app.router.in_flight and sum(v[0] for v in app.app.replicas.values()) == 0
+        assert not app.app.router.in_flight and sum(h.ordered for h in app.app.replicas.values()) == 0
         snap = app.app.router.snapshot()
         assert snap["strict/k=10/alone"]["requests"] == 1 and snap["strict/k=10/batched"]["requests"] == 2
         assert snap["strict/k=10/batched"]["ordered"] == 1

@@ -70,6 +70,15 @@ class Plan:
     replicas: int = 1  # ingress replicas routing from the app's plans (heard from lately)
 
 
+@dataclass(frozen=True)
+class Heard:
+    """What the app's router last heard from an ingress replica."""
+
+    ordered: int  # its requests in flight on standing orders
+    in_flight: int  # its routed requests in flight (asked and ordered)
+    at: float  # when it got its last plan (the app router's clock)
+
+
 class AppRouter:
     """The app's router as the ``Routing`` deployment holds it: a ``Router`` plus what each
     ingress replica has in flight on standing orders."""
@@ -77,9 +86,7 @@ class AppRouter:
     def __init__(self, router: Router, clock: Callable[[], float] = time.monotonic):
         self.router, self.clock = router, clock
         router.replicated = True
-        # replica -> (its requests in flight on orders, its routed requests in flight, when it
-        # got its last plan)
-        self.replicas: dict[str, tuple[int, int, float]] = {}
+        self.replicas: dict[str, Heard] = {}
 
     def _take(self, replica: str, reports: list[Report], ordered: int, in_flight: int) -> None:
         for r in reports:
@@ -87,18 +94,19 @@ class AppRouter:
                 self.router.forget(r.route)
             else:
                 self.router.observe(r.route, r.ms)
-        self.replicas[replica] = (ordered, in_flight, self.clock())
+        self.replicas[replica] = Heard(ordered, in_flight, self.clock())
 
-    def _fresh(self) -> dict[str, tuple[int, int, float]]:
+    def _fresh(self) -> dict[str, Heard]:
+        """The replicas heard from within ``stale_s`` (an ingress that died counts no longer)."""
         now = self.clock()
-        return {r: v for r, v in self.replicas.items() if now - v[2] <= self.router.config.stale_s}
+        return {r: h for r, h in self.replicas.items() if now - h.at <= self.router.config.stale_s}
 
     def _plan(self, replica: str) -> Plan:
         fresh, now = self._fresh(), self.clock()
-        active = [v[2] for v in fresh.values() if now - v[2] <= REPLICA_TTL_S]  # replicas sharing the orders
+        active = [h.at for h in fresh.values() if now - h.at <= REPLICA_TTL_S]  # sharing the orders
         self.router.settle(min(active, default=now))
-        total = len(self.router.in_flight) + sum(v[0] for v in fresh.values())
-        mine = fresh.get(replica, (0, 0, 0.0))[1]
+        total = len(self.router.in_flight) + sum(h.ordered for h in fresh.values())
+        mine = fresh[replica].in_flight if replica in fresh else 0
         return Plan(self.router.orders(max(1, len(active))), max(0, total - mine), max(1, len(active)))
 
     def choose(self, replica: str, mode: str, k: int, reports: list[Report], ordered: int,
@@ -106,7 +114,7 @@ class AppRouter:
         """A route for ``replica``'s request, after its answers so far; ``ordered`` /
         ``in_flight``: its requests in flight on orders / in all (before this one)."""
         self._take(replica, reports, ordered, in_flight + 1)
-        others = sum(v[0] for v in self._fresh().values())
+        others = sum(h.ordered for h in self._fresh().values())
         route = self.router.choose(mode, k, others)
         return route, self._plan(replica)
 
