@@ -612,9 +612,10 @@ def test_adaptive_routing_sends_strict_requests_around_a_slow_draft(app):
         assert routing["best"] == "target_only", routing
         assert routing["speculative_ms"] > routing["target_only_ms"]
         # 3 + 3 warm-up requests alternate; then the target, with a probe of the draft at most
-        # every 4th request (each waits for its verdict: the 5 requests sent after it)
+        # every 4th request (each waits for its verdict: the 5 requests asked after it; the other
+        # ingress replica may route a request or two from its standing order meanwhile)
         assert paths[:6] == ["speculative", "target_only"] * 3
-        assert paths[6:].count("target_only") >= 12 and paths[6:].count("speculative") >= 3
+        assert paths[6:].count("target_only") >= 12 and paths[6:].count("speculative") >= 2
         # relaxed requests are never routed: their answer is a sample
         r = c.post("/recommend", json={"history": histories[0], "k": 5, "mode": "relaxed"}).json()
         assert r["stats"]["path"] == "speculative"
