@@ -15,8 +15,8 @@ Deployment sizes and autoscaling are in the YAML ``deployments:`` overrides.
 routing it also times speculation against beam search per k (``start_arms``), so a k whose
 draft clearly loses starts on the target alone (``route_start``).
 
-``routing: adaptive`` adds the ``Routing`` deployment: the app's one router, asked by every
-ingress replica. ``graph: colocated`` deploys one ``SpeculativeModel`` (draft and target in one replica) instead
+``routing: adaptive`` adds the ``Routing`` deployment: the app's one router, whose plans every
+ingress replica routes from. ``graph: colocated`` deploys one ``SpeculativeModel`` (draft and target in one replica) instead
 of ``DraftModel`` + ``TargetModel``; ``graph: chained`` gives the TargetModel the DraftModel's
 handle (it drives each request's loop, ``chained.py``); ``cache: replica`` routes the model deployments with
 ``affinity.AffinityRouter`` (the rounds of a request reach the replicas holding its caches).
@@ -170,7 +170,7 @@ def build(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> Ap
         return d.options(**{**(affinity if routed else {}), **opts.get(d.name, {})})
 
     target_settings = args.model_settings("target").model_dump()
-    # adaptive routing: one router for the app, asked by every ingress replica
+    # adaptive routing: one router for the app, whose plans every ingress replica routes from
     routing = (dep(Routing).bind(args.model_dump())
                if args.speculative and args.routing == "adaptive" else None)
     if args.speculative and args.graph == "colocated":
