@@ -19,8 +19,8 @@ first one waiting, or with the next ask; at once (``SOON_S``: once the answer's 
 left, as a call costs the event loop a few ms of CPU) for an asked request (it may be a sample
 a verdict waits for) and, where the app has several ingress replicas, when the replica has
 nothing left in flight (so the others do not take a finished request for load: at
-concurrency 1 one call per request, off its path). Each sync returns a fresh plan. A replica's requests in flight on orders
-count for the app's load through what it last reported.
+concurrency 1 one call per request, off its path). Each sync returns a fresh plan. A
+replica's requests in flight on orders count for the app's load through what it last reported.
 
 When the ``Routing`` replica does not answer within ``SHARED_TIMEOUT_S`` (it died and Serve is
 replacing it, or it is overloaded), the replica drops its plan and routes with its own ``Router``

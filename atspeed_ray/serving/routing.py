@@ -10,8 +10,8 @@ and on a compute-bound device a batch of verification trees costs far more than 
 beam-search steps, so a draft that wins alone can lose under load (the Beauty target on 2 CPU
 cores: a toss-up alone, 1.6x slower at concurrency 8). Each load keeps what it learned while the
 other carries the traffic. One ``Router`` serves the whole app (the ``Routing`` deployment: every
-ingress replica routes from its plans, ``router_client.py``), so its in-flight count is the app's. Latency grows with load, so it
-never compares latencies measured under different loads:
+ingress replica routes from its plans, ``router_client.py``), so its in-flight count is the
+app's. Latency grows with load, so it never compares latencies measured under different loads:
 
 * **warm-up**: requests alternate between the two arms, speculative first; the first ``2 *
   warmup`` are the sample, and once they are answered the arm with the lower mean takes the
