@@ -85,7 +85,6 @@ class AppRouter:
 
     def __init__(self, router: Router, clock: Callable[[], float] = time.monotonic):
         self.router, self.clock = router, clock
-        router.replicated = True
         self.replicas: dict[str, Heard] = {}
 
     def _take(self, replica: str, reports: list[Report], ordered: int, in_flight: int) -> None:
@@ -146,10 +145,6 @@ class Ticket:
     route: Route
     source: Source
 
-    @property
-    def shared(self) -> bool:
-        return self.source != "replica"
-
 
 class Replica:
     """One ingress replica's side, without I/O: its plan, its requests in flight, the answers
@@ -185,12 +180,13 @@ class Replica:
         if order is None or order.budget < 1 or self.clock() - self.plan_at > PLAN_TTL_S:
             return None
         self.orders[(mode, k, load)] = Order(order.arm, order.budget - 1)
-        self.from_orders += 1
         return Ticket(Route(mode, k, order.arm, ORDERED, False, load), "order")
 
     def sent(self, ticket: Ticket) -> None:
         self.in_flight += 1
         self.ordered += ticket.source == "order"
+        self.from_orders += ticket.source == "order"
+        self.asked += ticket.source == "app"
 
     def done(self, ticket: Ticket, ms: float | None) -> Send:
         """A request's answer, and when it goes to the app's router."""
@@ -199,9 +195,7 @@ class Replica:
         if ticket.source == "replica":
             return "never"
         self.reports.append(Report(ticket.route, ms))
-        if len(self.reports) > MAX_REPORTS:
-            self.dropped += len(self.reports) - MAX_REPORTS
-            del self.reports[:-MAX_REPORTS]
+        self._trim()
         # an asked request may be a sample (warm-up, probe, its references, trial): its verdict
         # waits for it; an idle replica tells the other replicas' load it has nothing in flight
         idle = self.in_flight == 0 and self.replicas > 1
@@ -214,6 +208,10 @@ class Replica:
     def restore(self, reports: list[Report]) -> None:
         """Answers whose call failed go back in the queue (the oldest first)."""
         self.reports[:0] = reports
+        self._trim()
+
+    def _trim(self) -> None:
+        """At most ``MAX_REPORTS`` answers wait; the oldest go first."""
         if len(self.reports) > MAX_REPORTS:
             self.dropped += len(self.reports) - MAX_REPORTS
             del self.reports[:-MAX_REPORTS]
@@ -242,16 +240,15 @@ class RouterClient:
                        "replica routes alone for %.0f s", type(e).__name__, SHARED_RETRY_S)
 
     async def choose(self, mode: str, k: int) -> Ticket:
-        rep = self.replica
-        ticket = rep.decide(mode, k) if self._shared_up() else None
-        if ticket is None and self.shared is not None and self._shared_up():
+        rep, up = self.replica, self._shared_up()
+        ticket = rep.decide(mode, k) if up else None
+        if ticket is None and up:
             reports = rep.drain()
             try:
                 route, plan = await asyncio.wait_for(
                     self.shared.choose(self.name, mode, k, reports, rep.ordered, rep.in_flight),
                     SHARED_TIMEOUT_S)
                 rep.apply(plan)
-                rep.asked += 1
                 ticket = Ticket(route, "app")
             except Exception as e:  # noqa: BLE001 - a timeout or a dead replica: route here
                 rep.restore(reports)
@@ -294,7 +291,7 @@ class RouterClient:
     async def flush(self) -> None:
         """Send the waiting answers now; take the fresh plan."""
         rep = self.replica
-        if self.shared is None or not self._shared_up():
+        if not self._shared_up():
             return
         reports = rep.drain()
         try:
@@ -307,7 +304,7 @@ class RouterClient:
     async def snapshot(self) -> tuple[str, Snapshot]:
         """``("app", the app's router's state)`` after this replica's waiting answers, or
         ``("replica", this replica's)`` while the app's does not answer."""
-        if self.shared is not None and self._shared_up():
+        if self._shared_up():
             await self.flush()
             try:
                 if self._shared_up():

@@ -258,9 +258,9 @@ class Router:
         self.config = config
         self.start = {load: dict(ks) for load, ks in (start or {}).items()}
         self.clock = clock
-        # ingress replicas also route from standing orders (``router_client.AppRouter``): a
-        # switch's trial waits until none holds an order made before it (``settle``)
-        self.replicated = False
+        # standing orders were handed out (``orders``): a switch's trial then waits until no
+        # ingress replica holds one made before it (``settle``)
+        self.ordering = False
         self.state: dict[Key, KeyState] = {}
         # route -> when it was sent (s), in the order sent
         self.in_flight: dict[tuple[str, int, Load, int], float] = {}
@@ -321,6 +321,7 @@ class Router:
         whose samples need no request numbers, for its share of the requests left before the next
         probe (``probe_every`` while a probe or trial waits for its answers; none where the share
         is 0)."""
+        self.ordering = True
         for load, ks in self.start.items():  # calibrated keys have orders before their first request
             for k in ks:
                 self._key("strict", k, load)
@@ -417,7 +418,7 @@ class Router:
         if len(st.ratios) == c.confirm and statistics.fmean(st.ratios) < 1 - c.margin:
             # the other arm is faster on average over the last probes: it takes the traffic, on trial
             st.trial = Trial(st.best, list(st.recent),
-                             None if self.replicated else Sample(st.seq + 1, c.trial), self.clock())
+                             None if self.ordering else Sample(st.seq + 1, c.trial), self.clock())
             st.best, st.switches = other(st.best), st.switches + 1
             st.ratios.clear()
             st.recent.clear()

@@ -81,11 +81,8 @@ class TeacherWorker:
     def __init__(self, data: str, target: str, k: int, batch_size: int, threads: int | None = None,
                  with_dist: bool = True, use_gpu: bool = False):
         from atspeed_ray.data.prepare import load_prepared
-        from transformers.utils import logging as hf_logging
-
         from atspeed_ray.models import DeviceConfig, load_decoder
 
-        hf_logging.disable_progress_bar()
         if threads:
             torch.set_num_threads(threads)
         self.prepared = load_prepared(data)
