@@ -137,11 +137,7 @@ def decoding_dtype(precision: Precision, device: torch.device,
     if precision == "bf16":
         flags = cpu_bf16_flags(cpuinfo)
         if flags:
-            why = f"bf16 (the CPU has {', '.join(flags)})"
-            if "amx_bf16" in flags:  # measured: results/beauty-llm/RUN.md
-                why += ("; its AMX GEMMs are not batch-invariant past 32 rows, so strict results "
-                        "can differ from beam search in near-ties")
-            return "bfloat16", why
+            return "bfloat16", f"bf16 (the CPU has {', '.join(flags)})"
         return "float32", "fp32 (bf16 asked, but the CPU has neither AMX nor AVX512-BF16)"
     return "float32", "fp32 (fp16 asked, which needs a GPU)"
 

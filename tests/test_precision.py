@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from atspeed_ray.decoding import beam_search, speculative_beam_search
-from atspeed_ray.decoding.fast_llama import fast_forward, invariant_attention, tree_key_slots
+from atspeed_ray.decoding.fast_llama import (AMX_CALL_ROWS, PackedWeight, amx_calls, cpu_has_amx,
+                                             fast_forward, invariant_attention, linear,
+                                             tree_key_slots)
 from atspeed_ray.decoding.tree import additive_mask
 from atspeed_ray.models import cpu_bf16_flags, decoding_dtype
 from tests.helpers import random_catalog, random_model, random_prompts, vocab_size
@@ -32,7 +34,6 @@ def test_bf16_on_a_cpu_only_with_native_bf16(tmp_path, flags, expected):
     dtype, why = decoding_dtype("bf16", CPU, info)
     assert dtype == expected
     assert ("avx512_bf16" in why or "amx_bf16" in why) if expected == "bfloat16" else "neither" in why
-    assert ("not batch-invariant" in why) == ("amx_bf16" in flags)
 
 
 def test_other_precisions_on_a_cpu(tmp_path):
@@ -61,10 +62,33 @@ def test_bench_prints_and_records_the_precision_it_used(tmp_path, capsys):
     assert row["verify_ms"] > 0 and row["draft_ms"] > 0
 
 
-# where bf16 strict search was measured bit-exact: AVX512-BF16 without AMX (RUN.md)
+# where bf16 strict search was measured bit-exact: native bf16 matmuls (AMX or AVX512-BF16)
 INVARIANT_BF16 = pytest.mark.skipif(
-    cpu_bf16_flags() != ["avx512_bf16"],
-    reason="bf16 batch invariance is measured on AVX512-BF16 CPUs without AMX only")
+    not cpu_bf16_flags(), reason="bf16 batch invariance needs a CPU with AMX or AVX512-BF16")
+
+
+def test_amx_calls_cut_any_row_count_into_calls_of_the_agreeing_sizes():
+    for m in range(1, 700):
+        sizes = amx_calls(m)
+        assert all(s in AMX_CALL_ROWS for s in sizes), m
+        assert sum(sizes) == max(64, -(-m // 32) * 32), m  # no more padding than rounding up
+        assert len(sizes) == max(1, -(-sum(sizes) // 128)), m
+
+
+@pytest.mark.skipif(not cpu_has_amx(), reason="the AMX GEMM path runs on AMX CPUs only")
+@pytest.mark.parametrize("shape", [(960, 576), (3072, 576), (576, 1536), (576, 576)])
+def test_bf16_linear_gives_a_row_the_same_bits_in_calls_of_any_size_on_amx(shape):
+    """The fast path beside its reference: oneDNN's AMX GEMMs sum a row differently by the
+    call's row count; ``linear`` cuts every call into calls of the agreeing sizes, so each row
+    gets the bits of a one-row call wherever and among however many rows it sits."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g).mul(0.05).bfloat16()
+    x = torch.randn(300, shape[1], generator=g).bfloat16()
+    for weight in (w, PackedWeight(w)):
+        alone = torch.cat([linear(x[i:i + 1], weight) for i in range(0, 300, 7)])
+        for m in (2, 10, 33, 46, 130, 300):
+            rows = torch.cat([linear(x[o:o + m], weight) for o in range(0, 300, m)])
+            assert torch.equal(rows[::7], alone), m
 
 
 @pytest.mark.parametrize("prompt_cols", [None, 6])
@@ -114,11 +138,11 @@ def test_invariant_attention_is_sdpa_and_gives_a_row_the_same_bits_in_any_call(p
 
 @INVARIANT_BF16
 @pytest.mark.parametrize("pack", [False, True])
-def test_bf16_strict_search_is_exact_on_an_avx512_bf16_cpu(pack):
+def test_bf16_strict_search_is_exact_on_a_cpu_with_native_bf16(pack):
     """Strict speculative search in bf16 returns beam search's items and scores bit for bit: a
     token's logits do not depend on how many tokens share its forward (``invariant_attention``,
-    ``PackedWeight``), on the kind of CPU where that was measured (``results/beauty-llm/RUN.md``;
-    on AMX, oneDNN's GEMMs of more than 32 rows are not batch-invariant)."""
+    ``linear``), on the CPUs where that was measured (AVX512-BF16 without AMX:
+    ``results/beauty-llm/RUN.md``; AMX: ``results/beauty-smollm2/RUN.md``)."""
     codebook = [24, 24, 24, 24]
     index = random_catalog(2500, codebook, seed=0)
     V = vocab_size(codebook)

@@ -111,19 +111,57 @@ def linear(x: Tensor, w: Weight) -> Tensor:
 
     Batch invariance (what strict decoding in bf16 needs: a token's logits must not depend on
     how many tokens share its forward). Measured with torch 2.13's oneDNN, plain and packed
-    (``results/beauty-llm/RUN.md``): on an AVX512-BF16 CPU without AMX every call of 2 or more
-    rows gives each row the bits of any other such call, while a single row takes another path
-    whose sums differ in the last bit for some rows of the 1536-wide down projection. On the
-    CPU in bf16 a single row is therefore fed as two. (On an AMX CPU calls of more than 32 rows
-    differ as well, and no padding helps there.)
+    (``results/beauty-llm/RUN.md``, ``results/beauty-smollm2/amx_invariance.py``):
+    - on an AVX512-BF16 CPU without AMX every call of 2 or more rows gives each row the bits of
+      any other such call, while a single row takes another path whose sums differ in the last
+      bit for some rows of the 1536-wide down projection: there a single row is fed as two;
+    - on an AMX CPU the kernel (and, with 2 threads, the split of the work) follows the call's
+      row count: calls of up to 32 rows, of 48 and of 256 each sum differently from one
+      another, while calls of exactly 64, 96 or 128 rows give every row the same bits, wherever
+      it sits among them. There every call is cut into such calls (``amx_calls``), the last
+      one padded with zero rows.
     """
     def project(rows: Tensor) -> Tensor:
         return w(rows) if isinstance(w, PackedWeight) else F.linear(rows, w)
 
-    if x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        two = x.reshape(1, -1).expand(2, -1).contiguous()  # the GEMM path of every larger call
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return project(x)
+    rows = x.reshape(-1, x.shape[-1])  # [M, I]
+    if cpu_has_amx():
+        sizes = amx_calls(rows.shape[0])
+        padded = torch.cat([rows, rows.new_zeros(sum(sizes) - rows.shape[0], rows.shape[1])])
+        out = torch.cat([project(part) for part in padded.split(sizes)])[:rows.shape[0]]
+        return out.view(*x.shape[:-1], -1)
+    if rows.shape[0] == 1:
+        two = rows.expand(2, -1).contiguous()  # the GEMM path of every larger call
         return project(two)[:1].view(*x.shape[:-1], -1)
     return project(x)
+
+
+AMX_CALL_ROWS = (64, 96, 128)  # row counts whose AMX bf16 GEMMs agree bit for bit (see linear)
+
+
+def amx_calls(m: int) -> list[int]:
+    """The row counts (each in ``AMX_CALL_ROWS``) of the calls that ``linear`` cuts m rows into
+    on an AMX CPU: the fewest padded rows (m rounded up to 32, at least 64), then the fewest
+    calls."""
+    total = max(AMX_CALL_ROWS[0], -(-m // 32) * 32)
+    sizes = []
+    while total > AMX_CALL_ROWS[-1]:
+        take = AMX_CALL_ROWS[-1] if total - AMX_CALL_ROWS[-1] >= AMX_CALL_ROWS[0] else total - AMX_CALL_ROWS[0]
+        sizes.append(take)
+        total -= take
+    return sizes + [total]
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (/proc/cpuinfo's ``amx_bf16``; False where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(ln.startswith("flags") and "amx_bf16" in ln.split() for ln in f)
+    except OSError:
+        return False
 
 
 def table_rows(rows: Tensor, ids: Tensor) -> Tensor:
