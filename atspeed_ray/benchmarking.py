@@ -118,9 +118,10 @@ class SpeedFlags(BaseModel):
         "decoding dtype: auto = bf16 on a GPU, fp32 on a CPU; bf16 on a CPU with AMX or "
         "AVX512-BF16 (fp32 on other CPUs); the one used is printed"))
     expand_last: int = Field(EXPAND_LAST, ge=0, description=(
-        "strict: a round's last drafted step holds every trie child of the step before it when "
-        "there are at most this many per request (no draft forward for it; accepted whenever "
-        "the step before is); 0 = the draft's top N"))
+        "strict: a round ends with children steps, each holding every trie child of the step "
+        "before it, from the first step after which every step left has at most this many per "
+        "request (no draft forward for them; each accepted whenever the step before is); 0 = the "
+        "draft's top N"))
     relaxed_keep: RelaxedKeep = Field(DEFAULT_RELAXED_KEEP, description=(
         "relaxed rows: sample = the target's sampled beam search, exact for any draft; top = "
         "experimental, keeps the accepted beams with the best target scores (closer to beam "

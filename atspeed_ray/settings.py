@@ -92,8 +92,9 @@ TIMING_THREADS = 1
 # timing above, for a server whose requests cannot be paired one by one.
 LOADTEST_ROUNDS = 3
 
-# strict: a round's last drafted step holds every trie child of the step before it when they
-# number at most this many per request (``SearchParams.expand_last``; 0 = always the draft's top N)
+# strict: a round ends with children steps (every trie child of the step before) from the first
+# step after which every step left has at most this many per request (``SearchParams.expand_last``;
+# 0 = always the draft's top N)
 EXPAND_LAST = 0
 
 

@@ -92,7 +92,10 @@ def serving_random_pair(tmp: Path, n_prompts: int, seed: int = 3):
 # The strict grid every draft kind runs: K x (N / K) x gamma, each without children steps (cap 0)
 # and with them capped where the trie is narrow (16) and always (10,000).
 STRICT_GRID = list(itertools.product([1, 3, 5, 10, 20], [1, 2], [1, 2, 3]))
-CHILDREN_CAPS = (0, 16, 10_000)
+# children caps: off, narrow levels only, and wide (every level past a round's first drafted step
+# of these tests' catalogs, the last one always)
+WIDE_CHILDREN = 512
+CHILDREN_CAPS = (0, 16, WIDE_CHILDREN)
 
 
 def assert_same_as_beam_search(out, ref) -> None:

@@ -18,7 +18,7 @@ from atspeed_ray.serving.batching import DraftRequest, draft_batch, verify_batch
 from atspeed_ray.serving.cache import Release, SessionRef, SessionStore
 from atspeed_ray.serving.colocated import SpeculateRequest, speculate_batch
 from atspeed_ray.serving.driver import RemoteModels, remote_speculative
-from tests.helpers import serving_random_pair
+from tests.helpers import WIDE_CHILDREN, serving_random_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,7 +54,7 @@ def run(models, prompt, index, params):
 
 
 @pytest.mark.parametrize("k,n,gamma,expand", [(5, 10, 3, 0), (3, 3, 2, 0), (10, 20, 1, 0),
-                                              (5, 10, 3, 10_000), (10, 20, 2, 10_000)])
+                                              (5, 10, 3, WIDE_CHILDREN), (10, 20, 2, WIDE_CHILDREN)])
 def test_replica_caches_equal_offline_and_every_later_call_hits(small, k, n, gamma, expand):
     """Also with children steps (``expand_last``): a round that skips the draft forward leaves
     its tokens pending in the draft's cache for the next call."""

@@ -26,7 +26,7 @@ from atspeed_ray.data.catalog import load_catalog
 from atspeed_ray.serving.config import AppArgs, RecommendRequest
 from atspeed_ray.serving.driver import DraftUnavailable, RemoteModels, remote_speculative
 from atspeed_ray.serving.loadtest import NotLoopback, check_loopback, make_bodies, run_load
-from tests.helpers import serving_random_pair
+from tests.helpers import WIDE_CHILDREN, serving_random_pair
 
 CONFIGS = Path(__file__).resolve().parents[1] / "serve_configs"
 
@@ -82,7 +82,7 @@ def test_remote_loop_equals_offline_speculative_and_beam_search(small):
             for p, c in zip(prompts, calls)))
         return outs, calls, prop.sizes + ver.sizes
 
-    for k, n, gamma, expand in [(5, 10, 3, 0), (3, 3, 2, 0), (5, 10, 3, 10_000), (3, 3, 1, 10_000)]:
+    for k, n, gamma, expand in [(5, 10, 3, 0), (3, 3, 2, 0), (5, 10, 3, WIDE_CHILDREN), (3, 3, 1, WIDE_CHILDREN)]:
         params = SearchParams(k, n, gamma, "strict", expand_last=expand)
         outs, calls, sizes = asyncio.run(run(params))
         assert max(sizes) > 1, "concurrent requests must share batched calls"

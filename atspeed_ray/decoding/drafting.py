@@ -3,12 +3,14 @@ replacement from the softmax over cumulative scores) from the K current beams, `
 request (``G = max(g)`` draft forwards). Every step's beams and parent pointers are kept: they are
 the tree the target verifies in one forward.
 
-Strict mode may end a round with a *children step* (``SearchParams.expand_last``): instead of the
-draft's top N, the last drafted step holds every trie child of the step before it, when there are
-at most ``expand_last`` of them per request. It needs no draft scores, so the draft forward that
-would score it is skipped, and verification accepts it whenever the step before is accepted:
-the target's own top-K at that step can only be children of its top-K before it. It pays where
-the trie is narrow (Beauty: 1.7 children per prefix at the third code, 72 at the second).
+Strict mode may end a round with *children steps* (``SearchParams.expand_last``): instead of
+the draft's top N, a drafted step holds every trie child of the step before it. From the first
+step after which every step left holds at most ``expand_last`` children per request, the round
+ends with such steps (the last alone where only it is narrow; on Beauty codes 3 and 4 below a
+drafted code 2; a round's first step is drafted unless it is its only one). They need no draft scores, so no draft forward scores them, and verification
+accepts each whenever the step before is accepted: the target's own top-K at that step can only
+be children of its top-K before it. They pay where the trie is narrow (Beauty: 1.7 children per
+prefix at the third code, 72 at the second).
 """
 
 from __future__ import annotations
@@ -127,53 +129,72 @@ def narrow(step: Step, own: Tensor) -> Step:
 Scorer = Callable[[Beams, Tensor, Tensor | None], tuple[Tensor, Beams]]
 
 
+def children_steps(parents: Beams, t: Tensor, g: Tensor, first: int, index: ItemIndex,
+                   params: SearchParams) -> list[tuple[Step, Beams]] | None:
+    """Steps ``first`` .. max(g) as children steps below ``parents`` [B, M] at ``t`` [B] tokens:
+    each step's (Step, beams), when every one of them holds at most ``params.expand_last``
+    trie children per request (counted where ``g`` [B] reaches it); None otherwise, or when
+    children steps are off. One host sync per step tried."""
+    if not params.expand_last:
+        return None
+    out = []
+    for j in range(first, int(g.max()) + 1):
+        width = children_width(parents, g >= j, index, params.expand_last)
+        if width is None:
+            return None
+        depth = (t + j - 1).clamp(max=index.L - 1)
+        step = children_step(parents, depth, index, width)
+        parents = parents.extend(step, depth)
+        out.append((step, parents))
+    return out
+
+
 def draft_tree(score: Scorer, beams: Beams, t: Tensor, g: Tensor, index: ItemIndex,
                params: SearchParams, head: Tensor | None, keys: Tensor | None = None
                ) -> tuple[list[DraftStep], Beams]:
     """``max(g)`` drafted steps from the K current ``beams`` [B, K, L] at ``t`` [B] tokens: a
     width-N beam search (or sampling) over the drafter's log-probs (``score``; ``head``: its
     head's token id -> column map, None for a full vocabulary). ``g`` [B]: drafted steps usable
-    per request (later steps of a request are drafted but not valid). A last children step
-    (``SearchParams.expand_last``) needs no scores: ``score`` is not called for it. Returns the
-    steps and the current beams as ``score`` recorded them. Relaxed: step j samples with draw j
-    of each row's drafting key ``keys`` [B] (``ProposeCall.keys``; None: torch's generator)."""
+    per request (later steps of a request are drafted but not valid). Strict, with
+    ``SearchParams.expand_last``: once every step left can be a children step (each holding at
+    most that many trie children per request), the round ends with them, and ``score`` is not
+    called for any of them. The first step is drafted unless it is the round's only one (a
+    round of children steps alone is the draft-free design: gamma 1). Returns the steps and
+    the current beams as ``score`` recorded them. Relaxed: step j samples with draw j of each
+    row's drafting key ``keys`` [B] (``ProposeCall.keys``; None: torch's generator)."""
     G = int(g.max())
     L = index.L
-
-    def last_width(parents: Beams) -> int | None:  # step G as a children step, if it may be one
-        return (children_width(parents, g >= G, index, params.expand_last)
-                if params.expand_last else None)
-
-    width = last_width(beams) if G == 1 else None
+    tail = children_steps(beams, t, g, 1, index, params) if G == 1 else None
     logp = None
-    if width is None:  # a children step at j = 1 needs no scores: its pending tokens wait
+    if tail is None:  # children steps from the first need no scores: pending tokens wait
         logp, beams = score(beams, t - 1, None)
     steps: list[DraftStep] = []
     parents = beams
     for j in range(1, G + 1):
+        if tail is not None:
+            break
         depth = (t + j - 1).clamp(max=L - 1)  # requests with g < j draft nothing valid here
         q = q_sel = None
-        if j == G and width is not None:
-            step = children_step(parents, depth, index, width)
-        else:
-            assert logp is not None
-            cands = expand(logp, parents.scores, parents.node, depth, index, head)
-            width_j, own = level_widths(params, depth, j <= g)
-            step = beam_step(cands, width_j,
-                             gumbel(keys, j, cands.scores) if params.sample else None)
-            if own is not None:
-                step = narrow(step, own)
-            if params.sample:
-                q = torch.softmax(cands.scores, dim=1)
-                q_sel = q.gather(1, step.flat)
+        assert logp is not None
+        cands = expand(logp, parents.scores, parents.node, depth, index, head)
+        width_j, own = level_widths(params, depth, j <= g)
+        step = beam_step(cands, width_j, gumbel(keys, j, cands.scores) if params.sample else None)
+        if own is not None:
+            step = narrow(step, own)
+        if params.sample:
+            q = torch.softmax(cands.scores, dim=1)
+            q_sel = q.gather(1, step.flat)
         child = parents.extend(step, depth)
         valid = torch.isfinite(step.score) & (j <= g)[:, None]
-        if j == G - 1:
-            width = last_width(child)
-        if j < G and (j < G - 1 or width is None):
-            logp, child = score(child, depth, step.parent)
-        steps.append(DraftStep(child, step.parent, valid, q, q_sel, j == G and width is not None))
+        if j < G:
+            tail = children_steps(child, t, g, j + 1, index, params)
+            if tail is None:
+                logp, child = score(child, depth, step.parent)
+        steps.append(DraftStep(child, step.parent, valid, q, q_sel))
         parents = child
+    for j, (step, child) in enumerate(tail or [], start=len(steps) + 1):
+        valid = torch.isfinite(step.score) & (j <= g)[:, None]
+        steps.append(DraftStep(child, step.parent, valid, None, None, children=True))
     return steps, beams
 
 
@@ -207,8 +228,8 @@ def draft_phase(draft: torch.nn.Module, dcache: TreeCache | None, beams: Beams, 
 
 
 def draft_forwards(steps: list[DraftStep]) -> int:
-    """Draft forwards that made ``steps``: one per step but a last children step."""
-    return len(steps) - int(bool(steps) and steps[-1].children)
+    """Draft forwards that made ``steps``: one per step but the children steps that end them."""
+    return sum(not s.children for s in steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ class SearchParams:
     # relaxed: the seed of the search's random numbers (row b of the prompts draws from its
     # own stream of it, ``noise.row_streams``); None: torch's default generator
     seed: int | None = None
-    # strict: the last drafted step of a round holds every trie child of the step before it
-    # when they number at most this many per request (``drafting``); 0 = always the top N
+    # strict: a round ends with children steps (every trie child of the step before) from the
+    # first step after which every step left has at most this many per request (``drafting``);
+    # 0 = always the top N
     expand_last: int = EXPAND_LAST
     relaxed_keep: RelaxedKeep = DEFAULT_RELAXED_KEEP  # relaxed: which K beams a step keeps (settings)
 
