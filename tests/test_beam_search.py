@@ -115,3 +115,24 @@ def test_beam_search_batch_matches_single(setup):
         single = beam_search(model, [p], index, 6)
         assert single.items[0] == batch.items[b]
         torch.testing.assert_close(single.scores[0], batch.scores[b], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("width", [1, 3, 5])
+def test_a_step_breaks_ties_by_the_lowest_index_at_any_row_length(width):
+    """Beam search and strict acceptance choose among the same candidates laid out in rows of
+    different lengths (a step over one root beam: C columns; over K beams: K * C, the rest
+    -inf). Exact ties are common with bf16 logits, and topk breaks them in no fixed order, so
+    the choice must: the lowest index first, whatever the row's length (it decides which beams
+    strict speculation keeps)."""
+    from atspeed_ray.decoding.beam import Candidates, choose
+
+    g = torch.Generator().manual_seed(0)
+    C = 256
+    scores = torch.randint(0, 4, (2, C), generator=g).float() * -0.25  # many exact ties
+    for total in (C, 5 * C, 20 * C):
+        padded = torch.cat([scores, torch.full((2, total - C), float("-inf"))], 1)
+        cands = Candidates(padded, torch.arange(total).expand(2, total), torch.zeros(2, C,
+                           dtype=torch.long), C)
+        step = choose(cands, padded, width)
+        want = [sorted(range(C), key=lambda i: (-float(scores[b, i]), i))[:width] for b in range(2)]
+        assert step.flat.tolist() == want, total

@@ -118,7 +118,10 @@ def choose(cands: Candidates, key: Tensor, width: int) -> Step:
     if F < width:  # fewer candidates than beams: pad with impossible ones
         pad = key.new_full((B, width - F), float("-inf"))
         key = torch.cat([key, pad], 1)
-    flat = key.topk(width, dim=1).indices  # [B, W], sorted by key
+    # [B, W], sorted by key; a stable sort, because topk breaks ties in no fixed order (it
+    # differs by the row's length: measured, bf16 logits tie often), and strict decoding must
+    # keep the beams beam search keeps
+    flat = key.sort(dim=1, descending=True, stable=True).indices[:, :width]
     ok = flat < F
     flat_c = flat.clamp(max=F - 1)
     C = cands.num_columns
