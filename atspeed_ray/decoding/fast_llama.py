@@ -129,9 +129,10 @@ def linear(x: Tensor, w: Weight) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])  # [M, I]
     if cpu_has_amx():
         sizes = amx_calls(rows.shape[0])
-        padded = torch.cat([rows, rows.new_zeros(sum(sizes) - rows.shape[0], rows.shape[1])])
-        out = torch.cat([project(part) for part in padded.split(sizes)])[:rows.shape[0]]
-        return out.view(*x.shape[:-1], -1)
+        padded = F.pad(rows, (0, 0, 0, sum(sizes) - rows.shape[0]))  # zero rows at the end
+        parts = [project(part) for part in padded.split(sizes)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out[:rows.shape[0]].reshape(*x.shape[:-1], -1)
     if rows.shape[0] == 1:
         two = rows.expand(2, -1).contiguous()  # the GEMM path of every larger call
         return project(two)[:1].view(*x.shape[:-1], -1)
