@@ -136,6 +136,25 @@ def test_invariant_attention_is_sdpa_and_gives_a_row_the_same_bits_in_any_call(p
     assert torch.equal(moved, full[:1, :, 9:10])
 
 
+@pytest.mark.parametrize("pad", [1, 3, 17, 40])
+def test_invariant_attention_ignores_a_left_padded_prompt_block(pad):
+    """A request decoded beside longer prompts has its prompt left-padded with masked key columns;
+    its rows must keep the bits they get alone (bf16 strict answers must not depend on which
+    requests share a call: a lane-grouped sum over the prompt block changed them, 19 of 32
+    top-10 lists on the shared Beauty target at a batch of 8)."""
+    g = torch.Generator().manual_seed(pad)
+    H, Hkv, Q, P, D = 9, 3, 16, 101, 64  # SmolLM2-135M heads, a Beauty-length prompt
+    q = torch.randn(1, H, Q, D, generator=g).bfloat16()
+    k, v = (torch.randn(1, Hkv, P, D, generator=g).mul(3).bfloat16() for _ in range(2))
+    visible = torch.ones(1, Q, P, dtype=torch.bool)
+    alone = invariant_attention(q, k, v, additive_mask(visible, torch.bfloat16), 0.125)
+    junk = torch.randn(1, Hkv, pad, D, generator=g).bfloat16()
+    kp, vp = (torch.cat([junk, x], 2) for x in (k, v))
+    vis_p = torch.cat([torch.zeros(1, Q, pad, dtype=torch.bool), visible], 2)
+    padded = invariant_attention(q, kp, vp, additive_mask(vis_p, torch.bfloat16), 0.125)
+    assert torch.equal(padded, alone)
+
+
 @INVARIANT_BF16
 @pytest.mark.parametrize("pack", [False, True])
 def test_bf16_strict_search_is_exact_on_a_cpu_with_native_bf16(pack):

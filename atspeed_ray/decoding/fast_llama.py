@@ -250,8 +250,12 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: fl
         s_t = s_t.masked_fill((tree_slots < 0)[:, None, None], float("-inf"))
         m = torch.maximum(m, s_t.amax(-1))
     e_p = torch.exp(s_p - m[..., None])
-    den = e_p.sum(-1)  # [B, Hkv, G, Q']
-    num = (per_key_head(e_p) @ vf[:, :, :P]).view(B, Hkv, G, Qp, D)
+    # the sums over the prompt keys as one product with [v | 1]: a GEMM sums each output along
+    # the keys in order, so the masked (exactly 0) columns of a left-padded prompt leave a row's
+    # bits alone; a vectorised sum(-1) groups the terms by lane, which the padding shifts
+    ones = vf.new_ones(*vf.shape[:2], P, 1)
+    both = (per_key_head(e_p) @ torch.cat([vf[:, :, :P], ones], -1)).view(B, Hkv, G, Qp, D + 1)
+    num, den = both[..., :D], both[..., D]  # [B, Hkv, G, Q', D], [B, Hkv, G, Q']
     if A:
         e_t = torch.exp(s_t - m[..., None])
         for a in range(A):  # one key at a time, in column order: the sums ignore the layout

@@ -1,6 +1,6 @@
 """Does the target's own beam search give a prompt the same top-K alone and inside a batch?
-(serving/RUN.md, sixth session: bf16 on the CPU: 19 of 32 test prompts differ at a batch of 8,
-fp32: 0; left padding changes the prompt block's width, so the attention's sums over it.)
+(serving/RUN.md, sixth session: bf16 on the CPU: 19 of 32 test prompts differed at a batch of 8,
+fp32: 0, until ``invariant_attention`` summed the left-padded prompt block in order; now 0.)
 
     PYTHONPATH=$PWD python results/beauty-smollm2/bf16_batch_check.py --data DATA --target TARGET --dtype bfloat16
 """
