@@ -13,12 +13,11 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from atspeed_ray.decoding.fast_llama import table_rows
+from atspeed_ray.decoding.fast_llama import cpu_bf16_flags, table_rows
 from atspeed_ray.settings import (
     DEFAULT_COMPILE, DEFAULT_FORWARD, DEFAULT_PACK, Dtype, Forward, Precision,
 )
 
-CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
 PRECISION_DTYPE: dict[str, Dtype] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -107,17 +106,6 @@ class DeviceConfig(BaseModel):
             dev = self.torch_device()
             return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         return getattr(torch, self.dtype)
-
-
-def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
-    """The native-bf16 flags (``CPU_BF16_FLAGS``) this CPU reports (empty if none or unreadable)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return []
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                      if ln.startswith("flags")), []))
-    return [f for f in CPU_BF16_FLAGS if f in flags]
 
 
 def decoding_dtype(precision: Precision, device: torch.device,

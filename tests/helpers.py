@@ -90,7 +90,7 @@ def serving_random_pair(tmp: Path, n_prompts: int, seed: int = 3):
 
 
 # The strict grid every draft kind runs: K x (N / K) x gamma, each without children steps (cap 0)
-# and with them capped where the trie is narrow (16) and always (10,000).
+# and with them capped where the trie is narrow (16) and wide (``WIDE_CHILDREN``).
 STRICT_GRID = list(itertools.product([1, 3, 5, 10, 20], [1, 2], [1, 2, 3]))
 # children caps: off, narrow levels only, and wide (every level past a round's first drafted step
 # of these tests' catalogs, the last one always)

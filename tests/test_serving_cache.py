@@ -54,7 +54,8 @@ def run(models, prompt, index, params):
 
 
 @pytest.mark.parametrize("k,n,gamma,expand", [(5, 10, 3, 0), (3, 3, 2, 0), (10, 20, 1, 0),
-                                              (5, 10, 3, WIDE_CHILDREN), (10, 20, 2, WIDE_CHILDREN)])
+                                              (5, 10, 3, WIDE_CHILDREN),
+                                              (10, 20, 2, WIDE_CHILDREN)])
 def test_replica_caches_equal_offline_and_every_later_call_hits(small, k, n, gamma, expand):
     """Also with children steps (``expand_last``): a round that skips the draft forward leaves
     its tokens pending in the draft's cache for the next call."""

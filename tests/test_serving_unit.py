@@ -82,7 +82,8 @@ def test_remote_loop_equals_offline_speculative_and_beam_search(small):
             for p, c in zip(prompts, calls)))
         return outs, calls, prop.sizes + ver.sizes
 
-    for k, n, gamma, expand in [(5, 10, 3, 0), (3, 3, 2, 0), (5, 10, 3, WIDE_CHILDREN), (3, 3, 1, WIDE_CHILDREN)]:
+    for k, n, gamma, expand in [(5, 10, 3, 0), (3, 3, 2, 0), (5, 10, 3, WIDE_CHILDREN),
+                                (3, 3, 1, WIDE_CHILDREN)]:
         params = SearchParams(k, n, gamma, "strict", expand_last=expand)
         outs, calls, sizes = asyncio.run(run(params))
         assert max(sizes) > 1, "concurrent requests must share batched calls"

@@ -22,8 +22,8 @@ from atspeed_ray.decoding.search import SearchParams
 from atspeed_ray.decoding.verification import verify_phase
 from atspeed_ray.decoding.tree import Nodes, tree_forward
 from tests.helpers import (
-    STRICT_GRID, WIDE_CHILDREN, assert_same_as_beam_search, plackett_luce, random_catalog, random_model,
-    item_set_frequencies, random_prompts, set_tvd, strict_runs, vocab_size,
+    STRICT_GRID, WIDE_CHILDREN, assert_same_as_beam_search, plackett_luce, random_catalog,
+    random_model, item_set_frequencies, random_prompts, set_tvd, strict_runs, vocab_size,
 )
 
 CODEBOOK = [24, 24, 24, 24]

@@ -4,13 +4,13 @@ request (``G = max(g)`` draft forwards). Every step's beams and parent pointers 
 the tree the target verifies in one forward.
 
 Strict mode may end a round with *children steps* (``SearchParams.expand_last``): instead of
-the draft's top N, a drafted step holds every trie child of the step before it. From the first
-step after which every step left holds at most ``expand_last`` children per request, the round
-ends with such steps (the last alone where only it is narrow; on Beauty codes 3 and 4 below a
-drafted code 2; a round's first step is drafted unless it is its only one). They need no draft scores, so no draft forward scores them, and verification
-accepts each whenever the step before is accepted: the target's own top-K at that step can only
-be children of its top-K before it. They pay where the trie is narrow (Beauty: 1.7 children per
-prefix at the third code, 72 at the second).
+the draft's top N, a step holds every trie child of the step before it. From the first step after
+which every step left holds at most ``expand_last`` children per request, the round ends with
+such steps (the last alone where only it is narrow; on Beauty codes 3 and 4 below a drafted code
+2; a round's first step is drafted unless it is its only one). They need no draft scores, so no
+draft forward scores them, and verification accepts each whenever the step before is accepted:
+the target's own top-K at that step can only be children of its top-K before it. They pay where
+the trie is narrow (Beauty: 1.7 children per prefix at the third code, 72 at the second).
 """
 
 from __future__ import annotations
@@ -169,10 +169,9 @@ def draft_tree(score: Scorer, beams: Beams, t: Tensor, g: Tensor, index: ItemInd
     if tail is None:  # children steps from the first need no scores: pending tokens wait
         logp, beams = score(beams, t - 1, None)
     steps: list[DraftStep] = []
-    parents = beams
-    for j in range(1, G + 1):
-        if tail is not None:
-            break
+    parents, j = beams, 0
+    while tail is None and j < G:  # drafted steps, until the children steps that end the round
+        j += 1
         depth = (t + j - 1).clamp(max=L - 1)  # requests with g < j draft nothing valid here
         q = q_sel = None
         assert logp is not None

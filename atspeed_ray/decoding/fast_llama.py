@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -146,23 +147,33 @@ def amx_calls(m: int) -> list[int]:
     """The row counts (each in ``AMX_CALL_ROWS``) of the calls that ``linear`` cuts m rows into
     on an AMX CPU: the fewest padded rows (m rounded up to 32, at least 64), then the fewest
     calls."""
-    total = max(AMX_CALL_ROWS[0], -(-m // 32) * 32)
-    sizes = []
-    while total > AMX_CALL_ROWS[-1]:
-        take = AMX_CALL_ROWS[-1] if total - AMX_CALL_ROWS[-1] >= AMX_CALL_ROWS[0] else total - AMX_CALL_ROWS[0]
+    lo, hi = AMX_CALL_ROWS[0], AMX_CALL_ROWS[-1]
+    total, sizes = max(lo, -(-m // 32) * 32), []
+    while total > hi:  # whole calls of hi rows while what is left stays at least lo
+        take = hi if total - hi >= lo else total - lo
         sizes.append(take)
         total -= take
     return sizes + [total]
 
 
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
+
+
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """The native-bf16 flags (``CPU_BF16_FLAGS``) this CPU reports (empty if none or unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return []
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                      if ln.startswith("flags")), []))
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
 @functools.cache
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (/proc/cpuinfo's ``amx_bf16``; False where unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(ln.startswith("flags") and "amx_bf16" in ln.split() for ln in f)
-    except OSError:
-        return False
+    """Whether this CPU has AMX bf16 tiles (read once; ``linear`` asks on every bf16 call)."""
+    return "amx_bf16" in cpu_bf16_flags()
 
 
 def table_rows(rows: Tensor, ids: Tensor) -> Tensor:
@@ -252,7 +263,8 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: fl
     e_p = torch.exp(s_p - m[..., None])
     # the sums over the prompt keys as one product with [v | 1]: a GEMM sums each output along
     # the keys in order, so the masked (exactly 0) columns of a left-padded prompt leave a row's
-    # bits alone; a vectorised sum(-1) groups the terms by lane, which the padding shifts
+    # bits alone; a vectorised sum(-1) (or a matrix-vector product with a ones column alone)
+    # groups the terms by lane, which the padding shifts
     ones = vf.new_ones(*vf.shape[:2], P, 1)
     both = (per_key_head(e_p) @ torch.cat([vf[:, :, :P], ones], -1)).view(B, Hkv, G, Qp, D + 1)
     num, den = both[..., :D], both[..., D]  # [B, Hkv, G, Q', D], [B, Hkv, G, Q']

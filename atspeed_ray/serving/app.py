@@ -16,10 +16,11 @@ routing it also times speculation against beam search per k (``start_arms``), so
 draft clearly loses starts on the target alone (``route_start``).
 
 ``routing: adaptive`` adds the ``Routing`` deployment: the app's one router, whose plans every
-ingress replica routes from. ``graph: colocated`` deploys one ``SpeculativeModel`` (draft and target in one replica) instead
-of ``DraftModel`` + ``TargetModel``; ``graph: chained`` gives the TargetModel the DraftModel's
-handle (it drives each request's loop, ``chained.py``); ``cache: replica`` routes the model deployments with
-``affinity.AffinityRouter`` (the rounds of a request reach the replicas holding its caches).
+ingress replica routes from. ``graph: colocated`` deploys one ``SpeculativeModel`` (draft and
+target in one replica) instead of ``DraftModel`` + ``TargetModel``; ``graph: chained`` gives the
+TargetModel the DraftModel's handle (it drives each request's loop, ``chained.py``); ``cache:
+replica`` routes the model deployments with ``affinity.AffinityRouter`` (the rounds of a request
+reach the replicas holding its caches).
 """
 
 import asyncio
