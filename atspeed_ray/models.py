@@ -46,6 +46,10 @@ PRESETS: dict[str, Preset] = {
         # seconds to train; for tests and external checks
         Preset(name="tiny", target=LlamaSize(hidden_size=64, num_layers=2, num_heads=4),
                draft=LlamaSize(hidden_size=32, num_layers=1, num_heads=2)),
+        # make demo's target: deep and narrow, so that a pass costs what its layers cost
+        # (per-op overhead) for 10 or 400 tokens, as a large target's pass does on a GPU
+        Preset(name="deep", target=LlamaSize(hidden_size=32, num_layers=24, num_heads=2),
+               draft=LlamaSize(hidden_size=32, num_layers=1, num_heads=2)),
         # the CPU presets used for demos and the Beauty benchmarks on a 2-core machine
         Preset(name="cpu", target=LlamaSize(hidden_size=256, num_layers=4, num_heads=8),
                draft=LlamaSize(hidden_size=64, num_layers=2, num_heads=4)),

@@ -10,11 +10,15 @@ saying why; then the serving example. The logs of Ray, DeepSpeed and the other l
 OUT/logs/<command>.log without colour codes (--verbose, or ATSPEED_VERBOSE=1, prints them here
 too).
 
-The default target is the `tiny` preset (4.4M, trained from scratch): the whole demo took about
-7 min on 2 cores with its three LM drafts; the feature draft's stage adds 30 s of CPU time
-(measured alone, in one thread) and evaluate a fourth draft. Its pass is cheaper than a draft
-round and the per-round bookkeeping, so speculation cannot pay there (the feature draft's strict
-WS at K = 10 was 0.49x, 3.07 target calls per request).
+The default target is the `deep` preset, trained from scratch: 24 Llama layers of width 32
+(0.4M parameters). A pass of a target that narrow costs what its layers' ops cost, nearly
+whatever its tokens (prompt + 30 tree tokens 20 ms, + 90 tokens 25 ms on 2 cores), as a large
+target's pass does on a GPU: it shows what speculation buys where the passes are the cost.
+The `tiny` preset (2 layers) could not: its pass is cheaper than a round's drafting, acceptance
+and bookkeeping (about 12 ms on 2 cores), and its feature draft ran at 0.49x at K = 10 with
+3.07 target calls per request. On a 2-core AMD EPYC the pipeline took 712 s (the target's one
+epoch 178 s, evaluate 272 s) and its feature draft ran at 1.26x [1.22-1.33] at K = 10, strict
+and exact (results/demo/RUN.md, with the targets measured before choosing this one).
 ``--llm`` fine-tunes the bundled SmolLM2-135M instead (the regime where the target's pass
 dominates), with drafts cut from its first layers; it took 24 min on 2 cores (see
 results/demo-llm/RUN.md).
@@ -33,18 +37,18 @@ from atspeed_ray.pipeline import (  # noqa: E402
 )
 
 
-def tiny_config(out: str, verbose: bool) -> PipelineConfig:
-    """The 4.4M from-scratch target and preset drafts, on Ray Train + DeepSpeed, and a feature
-    draft trained in process."""
+def deep_config(out: str, verbose: bool) -> PipelineConfig:
+    """The deep, narrow from-scratch target (``deep`` preset: 24 layers of width 32) and 1-layer
+    LM drafts, on Ray Train + DeepSpeed, and a feature draft trained in process."""
     return PipelineConfig(
-        data="synthetic", out=out, preset="tiny",
-        target=StageSettings(epochs=4, micro_batch=64, lr=3e-3),
+        data="synthetic", out=out, preset="deep",
+        target=StageSettings(epochs=1, micro_batch=64, lr=3e-3, max_samples=14000),
         align=StageSettings(epochs=2, micro_batch=64, lr=3e-3),
-        teacher_k=10, teacher_samples=4000, losses=["sft", "atspeed-s", "atspeed-r"],
+        teacher_k=10, teacher_samples=3000, losses=["sft", "atspeed-s"],
         # a feature draft on the target's own top 10, in process (not on Ray Train yet)
-        feature=StageSettings(epochs=4, micro_batch=32, lr=3e-3, max_samples=2000, workers=0,
+        feature=StageSettings(epochs=5, micro_batch=32, lr=3e-3, max_samples=4000, workers=0,
                               extra=["--val-samples", "32"]),
-        eval_k=[1, 5, 10], timing_prompts=30, draft_beams="2k", verbose=verbose,
+        eval_k=[1, 10], eval_prompts=300, timing_prompts=30, draft_beams="3k", verbose=verbose,
     )
 
 
@@ -76,7 +80,7 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true", default=env_verbose(),
                    help="also print Ray's, DeepSpeed's and the libraries' logs (default: ATSPEED_VERBOSE)")
     args = p.parse_args()
-    cfg = (llm_config if args.llm else tiny_config)(args.out, args.verbose)
+    cfg = (llm_config if args.llm else deep_config)(args.out, args.verbose)
     out = run_pipeline(cfg)
     if not args.no_serve:
         serve_demo(out, verbose=cfg.verbose)

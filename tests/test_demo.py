@@ -81,15 +81,18 @@ def test_sft_then_align_makes_the_sft_draft_first_and_starts_the_others_from_it(
 def test_demo_configs_validate_and_the_llm_one_cuts_drafts_from_the_target():
     import importlib.util
 
+    from atspeed_ray.models import get_preset
+
     path = Path(__file__).resolve().parents[1] / "jobs" / "demo.py"
     spec = importlib.util.spec_from_file_location("demo", path)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    tiny, llm = demo.tiny_config("o", False), demo.llm_config("o", False)
-    assert tiny.base_model is None and tiny.draft_recipe == "teacher"
+    deep, llm = demo.deep_config("o", False), demo.llm_config("o", False)
+    assert deep.base_model is None and deep.draft_recipe == "teacher"
+    assert get_preset(deep.preset).target.num_layers >= 16  # where a pass outweighs a round's bookkeeping
     assert llm.base_model == "smollm2" and llm.draft_recipe == "sft-then-align"
     assert llm.draft_init_layers == 2 and "--code-head" in llm.align.extra
-    assert tiny.feature is not None and tiny.feature.workers == 0  # Ray Train: not yet
+    assert deep.feature is not None and deep.feature.workers == 0  # Ray Train: not yet
 
 
 def test_a_feature_draft_is_trained_in_process_and_evaluated_beside_the_lm_drafts(tmp_path):

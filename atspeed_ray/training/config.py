@@ -37,8 +37,9 @@ class TrainConfig(BaseModel):
     task: Literal["target", "align"] = Field(description="train the target, or align a draft with it")
     data: str = Field(description="prepared data folder")
     out: str = Field(description="folder for the final HF export (of the target or the draft)")
-    preset: str = Field("tiny", description="model preset (tiny, cpu, gpu) of a fresh model: its "
-                                            "target size for train-target, its draft size for align")
+    preset: str = Field("tiny", description="model preset (tiny, deep, cpu, gpu) of a fresh model: "
+                                            "its target size for train-target, its draft size for "
+                                            "align")
     draft_size: str | None = Field(
         None, description="align: the fresh draft's size as LAYERSxHIDDEN (e.g. 2x128; heads of "
                           "32 dimensions) instead of --preset's draft size")
