@@ -92,7 +92,7 @@ def test_demo_configs_validate_and_the_llm_one_cuts_drafts_from_the_target():
     assert get_preset(deep.preset).target.num_layers >= 16  # where a pass outweighs a round's bookkeeping
     assert llm.base_model == "smollm2" and llm.draft_recipe == "sft-then-align"
     assert llm.draft_init_layers == 2 and "--code-head" in llm.align.extra
-    assert deep.feature is not None and deep.feature.workers == 0  # Ray Train: not yet
+    assert deep.feature is not None and deep.feature.workers == 0  # in process: no Ray start
 
 
 def test_a_feature_draft_is_trained_in_process_and_evaluated_beside_the_lm_drafts(tmp_path):

@@ -652,6 +652,42 @@ def test_a_calibrated_start_sends_no_warm_up_down_the_slower_path(concurrency):
     assert r.choose("strict", 5).arm == "speculative" and r.choose("relaxed", 10).arm == "speculative"
 
 
+def test_a_plainly_wrong_start_moves_after_decisive_probes():
+    """A start on speculation that every probe shows wrong by about 20% (the Beauty target at
+    concurrency 1: served speculation 451 ms against 353 for the target alone, and 64 requests
+    held 4 probes, one short of ``confirm``): the traffic moves after ``decisive`` probes in a
+    row, each winning by twice the margin, not ``confirm``; probes that win by less still need
+    ``confirm``'s mean."""
+    c = RouterConfig()
+    rng = random.Random(0)
+
+    def run(spec_ms: float) -> int:
+        """Requests sent before the traffic moved to the target alone for good."""
+        router, best = Router(c, start=both_loads({10: "speculative"})), []
+
+        def send() -> tuple[Arm, Callable[[float], None]]:
+            route = router.choose("strict", 10)
+            best.append(router.best("strict", 10))
+            return route.arm, lambda ms: router.observe(route, ms)
+
+        def work(arm: Arm) -> float:
+            return (spec_ms if arm == "speculative" else 10.0) * rng.uniform(0.99, 1.01)
+
+        processor_sharing(send, work, [(1, 400)])
+        assert best[-1] == "target_only"
+        return max(i for i, arm in enumerate(best) if arm == "speculative") + 1
+
+    def after(probes: int) -> int:  # probes probe_every apart from probe_every on, then pair refs
+        return probes * c.probe_every + c.pair + 1
+
+    plain = run(13.0)  # each probe wins by about 23%
+    print(f"a plainly wrong start: the traffic moved after {plain} requests "
+          f"({after(c.decisive)}: {c.decisive} probes; {after(c.confirm)}: {c.confirm})")
+    assert plain <= after(c.decisive)
+    close = run(10.75)  # each probe wins by 5-9%, under twice the margin: confirm's mean
+    assert after(c.decisive) < close <= after(c.confirm)
+
+
 def test_ingress_replicas_route_from_the_apps_plan(monkeypatch):
     """Two ingress replicas, one app router (the ``Routing`` deployment's class, in process).
     A replica without a plan asks; the answer brings one, and its next requests go from the

@@ -40,8 +40,10 @@ app's. Latency grows with load, so it never compares latencies measured under di
   ``probe_every`` requests later; one that loses doubles the interval, up to ``probe_every *
   max_backoff`` requests;
 * **switch and trial**: when the mean ratio of the last ``confirm`` probes is under ``1 -
-  margin`` (a mean: a draft can win through its easy requests alone), the other arm takes the
-  traffic, on trial: the mean of its ``trial`` requests sent right after the switch against the
+  margin`` (a mean: a draft can win through its easy requests alone), or each of the last
+  ``decisive`` probes' ratios is under ``1 - 2 * margin`` (a start that was plainly wrong: on
+  the Beauty target at concurrency 1 every probe of the target alone won by about 20%, and 64
+  requests held 4 probes, too few for ``confirm``), the other arm takes the traffic, on trial: the mean of its ``trial`` requests sent right after the switch against the
   old arm's last ``trial`` answers. A lone probe can be faster than the same path carrying the
   traffic (speculation's draft replica idles while only probes use it): if the new arm is
   ``margin`` slower, the traffic goes back at once and the next probe waits ``probe_every *
@@ -109,6 +111,7 @@ class RouterConfig:
     warmup: int = 3  # requests of each arm in the warm-up sample
     pair: int = 5  # best-arm requests, sent right after a probe, that it is compared with
     confirm: int = 5  # probes whose mean latency ratio to their references decides a switch
+    decisive: int = 3  # ... or this many in a row, each winning by twice the margin
     trial: int = 10  # answers of each arm that check a switch (mean before against after)
     revert_backoff: int = 8  # undone switches in a row double the wait after one, up to this many times
     margin: float = 0.05  # a probe wins when its latency ratio is under 1 - margin
@@ -117,11 +120,11 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         if (self.probe_every < 2 or min(self.max_backoff, self.warmup, self.pair, self.confirm,
-                                         self.trial, self.revert_backoff) < 1
+                                         self.decisive, self.trial, self.revert_backoff) < 1
                 or not 0.0 <= self.margin < 1.0 or not 0.0 < self.alpha <= 1.0
                 or not self.stale_s > 0):
-            raise ValueError("need probe_every >= 2; max_backoff, warmup, pair, confirm, trial, "
-                             "revert_backoff >= 1; "
+            raise ValueError("need probe_every >= 2; max_backoff, warmup, pair, confirm, "
+                             "decisive, trial, revert_backoff >= 1; "
                              "0 <= margin < 1; 0 < alpha <= 1; stale_s > 0")
 
     @property
@@ -222,7 +225,7 @@ class KeyState:
     probe: Probe | None = None  # the probe in flight or waiting for its verdict
     trial: Trial | None = None
     recent: deque[float] = field(init=False)  # the best arm's last ``trial`` answers (ms)
-    ratios: deque[float] = field(init=False)  # the last ``confirm`` probes' latency / their refs' mean
+    ratios: deque[float] = field(init=False)  # the last probes' latency / their refs' mean
     probes: int = 0
     switches: int = 0
     reverts: int = 0  # switches undone by their trial
@@ -231,7 +234,7 @@ class KeyState:
     def __post_init__(self) -> None:
         self.warmup_left = 2 * self.config.warmup
         self.recent = deque(maxlen=self.config.trial)
-        self.ratios = deque(maxlen=self.config.confirm)
+        self.ratios = deque(maxlen=max(self.config.confirm, self.config.decisive))
 
     @property
     def n(self) -> int:
@@ -415,7 +418,10 @@ class Router:
             return
         ratio = p.ms / statistics.fmean(p.refs.ms)  # < 1: the other arm answered faster, same load
         st.ratios.append(ratio)
-        if len(st.ratios) == c.confirm and statistics.fmean(st.ratios) < 1 - c.margin:
+        last = list(st.ratios)[-c.decisive:]
+        decisive = len(last) == c.decisive and max(last) < 1 - 2 * c.margin
+        confirmed = list(st.ratios)[-c.confirm:]
+        if decisive or (len(confirmed) == c.confirm and statistics.fmean(confirmed) < 1 - c.margin):
             # the other arm is faster on average over the last probes: it takes the traffic, on trial
             st.trial = Trial(st.best, list(st.recent),
                              None if self.ordering else Sample(st.seq + 1, c.trial), self.clock())
