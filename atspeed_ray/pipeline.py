@@ -132,8 +132,8 @@ class StageOutput:
 
     def announce(self) -> None:
         if not self.verbose:
-            print(f"logs of Ray, DeepSpeed and the other libraries: {self.logs}/ "
-                  f"(--verbose or {VERBOSE_ENV}=1 prints them here)", flush=True)
+            print(wrap_line(f"logs of Ray, DeepSpeed and the other libraries: {self.logs}/ "
+                            f"(--verbose or {VERBOSE_ENV}=1 prints them here)"), flush=True)
 
     def path(self, command: str) -> Path:
         return self.logs / f"{command}.log"

@@ -114,10 +114,12 @@ def results_screen(folder: Path) -> str:
 
 
 def wrap_line(line: str) -> str:
-    """``line``, wrapped at ``SCREEN_WIDTH`` columns (continuation lines indented)."""
+    """``line``, wrapped at ``SCREEN_WIDTH`` columns (continuation lines indented) at its spaces
+    only: a path or a word is never cut, so a copied path still works."""
     import textwrap
 
-    return "\n".join(textwrap.wrap(line, SCREEN_WIDTH, subsequent_indent="  ")) if line else ""
+    return "\n".join(textwrap.wrap(line, SCREEN_WIDTH, subsequent_indent="  ",
+                                    break_long_words=False, break_on_hyphens=False)) if line else ""
 
 
 def command_text(argv: Sequence[str], prompt: str = "$ ") -> str:

@@ -16,9 +16,11 @@ whatever its tokens (prompt + 30 tree tokens 20 ms, + 90 tokens 25 ms on 2 cores
 target's pass does on a GPU: it shows what speculation buys where the passes are the cost.
 The `tiny` preset (2 layers) could not: its pass is cheaper than a round's drafting, acceptance
 and bookkeeping (about 12 ms on 2 cores), and its feature draft ran at 0.49x at K = 10 with
-3.07 target calls per request. On a 2-core AMD EPYC the pipeline took 712 s (the target's one
-epoch 178 s, evaluate 272 s) and its feature draft ran at 1.26x [1.22-1.33] at K = 10, strict
-and exact (results/demo/RUN.md, with the targets measured before choosing this one).
+3.07 target calls per request. On a fresh clone on a 2-core AMD EPYC `make demo` took 15 min
+in all: install 2 min, the pipeline 630 s (the target's one epoch 247 s, evaluate 179 s), the
+endpoint's start, example and stop 2 min; its feature draft ran at 1.30x [1.24-1.37] at K = 10
+(2.00 target calls per request), strict and exact (results/demo/RUN.md, with the targets
+measured before choosing this one).
 ``--llm`` fine-tunes the bundled SmolLM2-135M instead (the regime where the target's pass
 dominates), with drafts cut from its first layers; it took 24 min on 2 cores (see
 results/demo-llm/RUN.md).

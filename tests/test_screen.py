@@ -4,6 +4,7 @@ say where the full tables are, and the stage logs hold no terminal escape codes.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from atspeed_ray.pipeline import PipelineConfig, StageOutput, accuracy_note, strip_ansi
 from atspeed_ray.report import SCREEN_WIDTH, below_references, results_screen
@@ -140,3 +141,13 @@ def test_a_stage_line_wider_than_the_screen_is_wrapped_and_a_table_row_is_not(ca
     assert max(map(len, shown)) <= SCREEN_WIDTH < len(metrics)
     assert " ".join(x.strip() for x in shown[:-1]).split() == metrics.split()
     assert shown[-1] == row
+
+
+def test_the_logs_line_fits_the_screen(capsys):
+    """The demo's first line (where the libraries' logs go) wraps like the stage lines (with the
+    default ``demo_out`` it was 108 columns) at its spaces: the path stays whole on one line."""
+    for logs in (Path("demo_out/logs"), Path("/home/someone/runs/atspeed-ray-demo-2026/logs")):
+        StageOutput(logs).announce()
+        shown = capsys.readouterr().out.splitlines()
+        assert len(shown) > 1 and max(map(len, shown)) <= SCREEN_WIDTH
+        assert any(f"{logs}/" in line for line in shown)
