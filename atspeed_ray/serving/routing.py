@@ -40,10 +40,13 @@ app's. Latency grows with load, so it never compares latencies measured under di
   ``probe_every`` requests later; one that loses doubles the interval, up to ``probe_every *
   max_backoff`` requests;
 * **switch and trial**: when the mean ratio of the last ``confirm`` probes is under ``1 -
-  margin`` (a mean: a draft can win through its easy requests alone), or each of the last
-  ``decisive`` probes' ratios is under ``1 - 2 * margin`` (a start that was plainly wrong: on
-  the Beauty target at concurrency 1 every probe of the target alone won by about 20%, and 64
-  requests held 4 probes, too few for ``confirm``), the other arm takes the traffic, on trial: the mean of its ``trial`` requests sent right after the switch against the
+  margin`` (a mean: a draft can win through its easy requests alone), or, alone, each of the
+  last ``decisive`` probes' ratios is under ``1 - 2 * margin`` (a start that was plainly
+  wrong: on the Beauty target at concurrency 1 every probe of the target alone won by about
+  20%, and 64 requests held 4 probes, too few for ``confirm``; batched probes are biased toward
+  speculation, below, and a losing draft at concurrency 8 took the traffic on 3 of them: p99
+  3x; and not after a trial undid a switch: such probes lie), the other arm takes the traffic,
+  on trial: the mean of its ``trial`` requests sent right after the switch against the
   old arm's last ``trial`` answers. A lone probe can be faster than the same path carrying the
   traffic (speculation's draft replica idles while only probes use it): if the new arm is
   ``margin`` slower, the traffic goes back at once and the next probe waits ``probe_every *
@@ -215,6 +218,7 @@ class Trial:
 class KeyState:
     config: RouterConfig
     interval: int  # requests between probes (probe_every, doubled by each losing probe)
+    load: Load = "alone"  # the key's load (its probes are unbiased only alone)
     arms: dict[Arm, ArmStats] = field(default_factory=lambda: {a: ArmStats() for a in ARMS})
     best: Arm = "speculative"  # the arm that takes the traffic (once warm)
     warm: bool = False
@@ -272,7 +276,7 @@ class Router:
         c = self.config
         st = self.state.get((mode, k, load))
         if st is None:
-            st = self.state[(mode, k, load)] = KeyState(c, interval=c.probe_every)
+            st = self.state[(mode, k, load)] = KeyState(c, interval=c.probe_every, load=load)
             start = self.start.get(load, {}).get(k) if mode == "strict" else None
             learned = [s.best for (m, kk, _), s in self.state.items() if (m, kk) == (mode, k) and s.warm]
             if start is not None or learned:  # warm, on that arm; the first probe waits
@@ -419,7 +423,8 @@ class Router:
         ratio = p.ms / statistics.fmean(p.refs.ms)  # < 1: the other arm answered faster, same load
         st.ratios.append(ratio)
         last = list(st.ratios)[-c.decisive:]
-        decisive = len(last) == c.decisive and max(last) < 1 - 2 * c.margin
+        decisive = (st.load == "alone" and st.reverts_in_row == 0 and len(last) == c.decisive
+                    and max(last) < 1 - 2 * c.margin)
         confirmed = list(st.ratios)[-c.confirm:]
         if decisive or (len(confirmed) == c.confirm and statistics.fmean(confirmed) < 1 - c.margin):
             # the other arm is faster on average over the last probes: it takes the traffic, on trial
