@@ -46,8 +46,8 @@ PRESETS: dict[str, Preset] = {
         # seconds to train; for tests and external checks
         Preset(name="tiny", target=LlamaSize(hidden_size=64, num_layers=2, num_heads=4),
                draft=LlamaSize(hidden_size=32, num_layers=1, num_heads=2)),
-        # make demo's target: deep and narrow, so that a pass costs what its layers cost
-        # (per-op overhead) for 10 or 400 tokens, as a large target's pass does on a GPU
+        # make demo's target: deep and narrow, so that a pass costs what its layers' ops cost,
+        # nearly whatever its tokens (results/demo/RUN.md), as a large target's does on a GPU
         Preset(name="deep", target=LlamaSize(hidden_size=32, num_layers=24, num_heads=2),
                draft=LlamaSize(hidden_size=32, num_layers=1, num_heads=2)),
         # the CPU presets used for demos and the Beauty benchmarks on a 2-core machine

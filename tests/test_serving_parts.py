@@ -315,15 +315,19 @@ def fake_work(spec_ms: float, seed: int = 0) -> Callable[[Arm], float]:
     return work
 
 
-def routed(router: Router, probes: list[int] | None = None) -> Send:
+def routed(router: Router, probes: list[int] | None = None, best: list[Arm] | None = None,
+           load: Load = "alone") -> Send:
     """``processor_sharing``'s ``send`` through ``router`` (strict, k = 10); ``probes`` collects
-    the numbers of the requests sent as probes."""
+    the numbers of the requests sent as probes, ``best`` the router's best arm for ``load``
+    after each request is sent."""
     sent = [0]
 
     def send() -> tuple[Arm, Callable[[float], None]]:
         route = router.choose("strict", 10)
         if probes is not None and route.probe:
             probes.append(sent[0])
+        if best is not None:
+            best.append(router.best("strict", 10, load))
         sent[0] += 1
         return route.arm, lambda ms: router.observe(route, ms)
 
@@ -483,11 +487,7 @@ def test_a_draft_that_becomes_faster_takes_the_traffic_quickly(concurrency):
     c = RouterConfig()
     router, losing, winning, served = Router(c), fake_work(LOSING_MS), fake_work(WINNING_MS), [0]
     best: list[Arm] = []  # the router's best arm after each request sent
-
-    def send() -> tuple[Arm, Callable[[float], None]]:
-        route = router.choose("strict", 10)
-        best.append(router.best("strict", 10, "alone" if concurrency == 1 else "batched"))
-        return route.arm, lambda ms: router.observe(route, ms)
+    send = routed(router, best=best, load="alone" if concurrency == 1 else "batched")
 
     def work(arm: Arm) -> float:
         served[0] += 1
@@ -665,15 +665,10 @@ def test_a_plainly_wrong_start_moves_after_decisive_probes():
         """Requests sent before the traffic moved to the target alone for good."""
         router, best = Router(c, start=both_loads({10: "speculative"})), []
 
-        def send() -> tuple[Arm, Callable[[float], None]]:
-            route = router.choose("strict", 10)
-            best.append(router.best("strict", 10))
-            return route.arm, lambda ms: router.observe(route, ms)
-
         def work(arm: Arm) -> float:
             return (spec_ms if arm == "speculative" else 10.0) * rng.uniform(0.99, 1.01)
 
-        processor_sharing(send, work, [(1, 400)])
+        processor_sharing(routed(router, best=best), work, [(1, 400)])
         assert best[-1] == "target_only"
         return max(i for i, arm in enumerate(best) if arm == "speculative") + 1
 

@@ -218,7 +218,6 @@ class Trial:
 class KeyState:
     config: RouterConfig
     interval: int  # requests between probes (probe_every, doubled by each losing probe)
-    load: Load = "alone"  # the key's load (its probes are unbiased only alone)
     arms: dict[Arm, ArmStats] = field(default_factory=lambda: {a: ArmStats() for a in ARMS})
     best: Arm = "speculative"  # the arm that takes the traffic (once warm)
     warm: bool = False
@@ -276,7 +275,7 @@ class Router:
         c = self.config
         st = self.state.get((mode, k, load))
         if st is None:
-            st = self.state[(mode, k, load)] = KeyState(c, interval=c.probe_every, load=load)
+            st = self.state[(mode, k, load)] = KeyState(c, interval=c.probe_every)
             start = self.start.get(load, {}).get(k) if mode == "strict" else None
             learned = [s.best for (m, kk, _), s in self.state.items() if (m, kk) == (mode, k) and s.warm]
             if start is not None or learned:  # warm, on that arm; the first probe waits
@@ -385,7 +384,7 @@ class Router:
                     st.probe, st.next_probe = None, p.n + st.interval
                 else:
                     p.ms = ms
-                    self._verdict(st, p)
+                    self._verdict(st, p, route.load)
             return
         if route.arm != st.best:  # sent before a switch (or in the warm-up): shown only
             return
@@ -398,7 +397,7 @@ class Router:
                 else:
                     sample.ms.append(ms)
         if p is not None:
-            self._verdict(st, p)
+            self._verdict(st, p, route.load)
         if t is not None and t.after is not None and t.after.done():
             self._end_trial(st, t)
 
@@ -411,8 +410,9 @@ class Router:
         st.recent.extend(st.arms[st.best].warmup_ms)
         st.next_probe = st.n + st.interval
 
-    def _verdict(self, st: KeyState, p: Probe) -> None:
-        """The probe against the best arm's requests sent right after it, once all are in."""
+    def _verdict(self, st: KeyState, p: Probe, load: Load) -> None:
+        """The probe against the best arm's requests sent right after it, once all are in
+        (``load``: the key's; its probes are unbiased only alone)."""
         c = self.config
         if p.ms is None or not p.refs.done():
             return
@@ -422,11 +422,11 @@ class Router:
             return
         ratio = p.ms / statistics.fmean(p.refs.ms)  # < 1: the other arm answered faster, same load
         st.ratios.append(ratio)
-        last = list(st.ratios)[-c.decisive:]
-        decisive = (st.load == "alone" and st.reverts_in_row == 0 and len(last) == c.decisive
-                    and max(last) < 1 - 2 * c.margin)
-        confirmed = list(st.ratios)[-c.confirm:]
-        if decisive or (len(confirmed) == c.confirm and statistics.fmean(confirmed) < 1 - c.margin):
+        ratios = list(st.ratios)
+        decisive = (load == "alone" and st.reverts_in_row == 0 and len(ratios) >= c.decisive
+                    and max(ratios[-c.decisive:]) < 1 - 2 * c.margin)
+        confirmed = len(ratios) >= c.confirm and statistics.fmean(ratios[-c.confirm:]) < 1 - c.margin
+        if decisive or confirmed:
             # the other arm is faster on average over the last probes: it takes the traffic, on trial
             st.trial = Trial(st.best, list(st.recent),
                              None if self.ordering else Sample(st.seq + 1, c.trial), self.clock())
